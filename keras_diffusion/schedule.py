@@ -1,0 +1,235 @@
+"""Noise schedules: every formula that involves a noise level lives here.
+
+Notation follows Ho et al. 2020 ("DDPM"): `betas` are the per-step noise
+variances, `alphas = 1 - betas` and `alphas_cumprod[t] = prod_{s<=t} alphas[s]`
+(written alpha-bar_t in the paper). A clean image `x0` in [-1, 1] is noised to
+`x_t = sqrt(alpha-bar_t) x0 + sqrt(1 - alpha-bar_t) eps` (Ho 2020 eq. 4).
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
+PREDICTION_TYPES = ("epsilon", "v", "x0")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def _betas(beta_schedule, timesteps, beta_start, beta_end):
+    """Per-step betas as float32, built the way diffusers builds them so that
+    `alphas_cumprod` agrees with `DDPMScheduler` to float32 rounding."""
+    if beta_schedule == "linear":
+        betas = np.linspace(beta_start, beta_end, timesteps, dtype=np.float64)
+    elif beta_schedule == "scaled_linear":
+        # The latent-diffusion schedule: linear in sqrt(beta).
+        betas = np.linspace(beta_start**0.5, beta_end**0.5, timesteps) ** 2
+    elif beta_schedule == "cosine":
+        # Nichol & Dhariwal 2021 eq. 17, betas clipped at 0.999 to avoid a
+        # singularity at t = T.
+        def alpha_bar(u):
+            return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        betas = np.array(
+            [
+                min(1 - alpha_bar((i + 1) / timesteps) / alpha_bar(i / timesteps), 0.999)
+                for i in range(timesteps)
+            ]
+        )
+    else:  # sigmoid (Jabri et al. 2022, as in diffusers' DDPMScheduler)
+        u = np.linspace(-6, 6, timesteps)
+        betas = 1 / (1 + np.exp(-u)) * (beta_end - beta_start) + beta_start
+    return betas.astype(np.float32)
+
+
+@keras.saving.register_keras_serializable(package="keras_diffusion")
+class DiffusionSchedule(keras.layers.Layer):
+    """A discrete-time diffusion noise schedule.
+
+    Holds no weights; its tables are float32 constants whatever the dtype
+    policy, because noise levels near t = 0 and t = T lose their meaning in
+    half precision.
+
+    Args:
+        beta_schedule: one of `"linear"`, `"scaled_linear"`, `"cosine"`
+            (Nichol & Dhariwal, max beta 0.999) or `"sigmoid"`.
+        timesteps: number of training timesteps T.
+        beta_start: first beta (ignored by `"cosine"`).
+        beta_end: last beta (ignored by `"cosine"`).
+
+    Timesteps are integers in `[0, timesteps)`. Images are `(B, H, W, C)`
+    tensors in [-1, 1]; `t` is a `(B,)` integer tensor.
+
+    Example:
+
+    >>> schedule = DiffusionSchedule("cosine", timesteps=1000)
+    >>> x_t = schedule.add_noise(x0, noise, t)
+    >>> x0_hat = schedule.predict_x0(x_t, model_output, t, "epsilon")
+    """
+
+    def __init__(
+        self,
+        beta_schedule="cosine",
+        timesteps=1000,
+        beta_start=0.0001,
+        beta_end=0.02,
+        **kwargs,
+    ):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+        if beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(
+                f"beta_schedule must be one of {', '.join(BETA_SCHEDULES)}; "
+                f"got {beta_schedule!r}."
+            )
+        if isinstance(timesteps, bool) or not isinstance(timesteps, (int, np.integer)) or timesteps < 2:
+            raise ValueError(f"timesteps must be an integer >= 2; got {timesteps!r}.")
+        if not 0 < beta_start < beta_end < 1:
+            raise ValueError(
+                "beta_start and beta_end must satisfy 0 < beta_start < beta_end < 1; "
+                f"got beta_start={beta_start!r}, beta_end={beta_end!r}."
+            )
+        self.beta_schedule = beta_schedule
+        self.timesteps = int(timesteps)
+        self.beta_start = float(beta_start)
+        self.beta_end = float(beta_end)
+        self.betas = _betas(beta_schedule, self.timesteps, beta_start, beta_end)
+        # float32 cumulative product, as torch.cumprod does it in diffusers.
+        self.alphas_cumprod = np.cumprod(1.0 - self.betas, dtype=np.float32)
+
+    # ------------------------------------------------------------------ lookup
+    def alpha_bar(self, t):
+        """alpha-bar_t for integer timesteps `t`; `t < 0` means "no noise" (1.0),
+        the convention DDIM uses for the step after the last one."""
+        t = ops.convert_to_tensor(t, dtype="int32")
+        table = ops.convert_to_tensor(self.alphas_cumprod, dtype="float32")
+        value = ops.take(table, ops.maximum(t, 0))
+        return ops.where(t >= 0, value, ops.ones_like(value))
+
+    def _expand(self, values, like):
+        """Reshape a per-example `(B,)` tensor to broadcast against `like`."""
+        return ops.reshape(values, (-1,) + (1,) * (len(like.shape) - 1))
+
+    def _coefficients(self, t, like):
+        a = self._expand(self.alpha_bar(t), like)
+        return ops.sqrt(a), ops.sqrt(1.0 - a)
+
+    # ------------------------------------------------------------ forward noise
+    def add_noise(self, x0, noise, t):
+        """Sample x_t ~ q(x_t | x0) (Ho 2020 eq. 4)."""
+        x0 = ops.cast(x0, "float32")
+        sqrt_a, sqrt_1ma = self._coefficients(t, x0)
+        return sqrt_a * x0 + sqrt_1ma * ops.cast(noise, "float32")
+
+    def call(self, x0, noise, t):
+        return self.add_noise(x0, noise, t)
+
+    def snr(self, t):
+        """Signal-to-noise ratio alpha-bar_t / (1 - alpha-bar_t) (Kingma 2021)."""
+        a = self.alpha_bar(t)
+        return a / (1.0 - a)
+
+    # ------------------------------------------- prediction-type conversions
+    def target(self, x0, noise, t, prediction):
+        """The regression target for a network trained to predict `prediction`.
+
+        `"v"` is the velocity sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022,
+        section 4)."""
+        _check_prediction(prediction)
+        if prediction == "epsilon":
+            return ops.cast(noise, "float32")
+        if prediction == "x0":
+            return ops.cast(x0, "float32")
+        sqrt_a, sqrt_1ma = self._coefficients(t, x0)
+        return sqrt_a * ops.cast(noise, "float32") - sqrt_1ma * ops.cast(x0, "float32")
+
+    def predict_x0(self, x_t, output, t, prediction):
+        """Clean-image estimate from a network output (Ho 2020 eq. 15 for
+        epsilon; x0 = sqrt(a) x_t - sqrt(1 - a) v for velocity)."""
+        _check_prediction(prediction)
+        x_t = ops.cast(x_t, "float32")
+        output = ops.cast(output, "float32")
+        if prediction == "x0":
+            return output
+        sqrt_a, sqrt_1ma = self._coefficients(t, x_t)
+        if prediction == "epsilon":
+            return (x_t - sqrt_1ma * output) / sqrt_a
+        return sqrt_a * x_t - sqrt_1ma * output
+
+    def predict_epsilon(self, x_t, output, t, prediction):
+        """Noise estimate from a network output (inverse of eq. 4 given x0)."""
+        _check_prediction(prediction)
+        x_t = ops.cast(x_t, "float32")
+        output = ops.cast(output, "float32")
+        if prediction == "epsilon":
+            return output
+        sqrt_a, sqrt_1ma = self._coefficients(t, x_t)
+        if prediction == "x0":
+            return (x_t - sqrt_a * output) / sqrt_1ma
+        return sqrt_1ma * x_t + sqrt_a * output
+
+    def loss_weight(self, t, prediction, min_snr_gamma=None):
+        """Per-example loss weight for min-SNR-gamma weighting (Hang et al.
+        2023): min(SNR, gamma) expressed in the units of each target."""
+        _check_prediction(prediction)
+        if min_snr_gamma is None:
+            return ops.ones_like(self.alpha_bar(t))
+        snr = self.snr(t)
+        clipped = ops.minimum(snr, float(min_snr_gamma))
+        if prediction == "epsilon":
+            return clipped / snr
+        if prediction == "v":
+            return clipped / (snr + 1.0)
+        return clipped
+
+    # ----------------------------------------------------------- inference
+    def sampling_timesteps(self, steps, spacing="leading"):
+        """Descending integer timesteps for a `steps`-step sampler, with the
+        meaning of diffusers' `timestep_spacing` (Lin et al. 2023, table 2)."""
+        if spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(
+                f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}; got {spacing!r}."
+            )
+        check_steps(steps, self.timesteps)
+        T = self.timesteps
+        if spacing == "linspace":
+            ts = np.linspace(0, T - 1, steps).round()[::-1]
+        elif spacing == "leading":
+            ts = (np.arange(steps) * (T // steps)).round()[::-1]
+        else:
+            ts = np.round(np.arange(T, 0, -T / steps)) - 1
+        return ts.astype(np.int32)
+
+    def timestep_for_noise_std(self, std):
+        """The timestep whose noise, seen on the x0 scale, has std `std`:
+        x_t / sqrt(a) = x0 + sqrt((1 - a) / a) eps, so pick the t whose
+        sqrt((1 - a) / a) is nearest to `std` (std on the [-1, 1] scale)."""
+        a = self.alphas_cumprod.astype(np.float64)
+        ratio = np.sqrt((1 - a) / a)
+        return int(np.argmin(np.abs(ratio - float(std))))
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("dtype", None)
+        config.update(
+            beta_schedule=self.beta_schedule,
+            timesteps=self.timesteps,
+            beta_start=self.beta_start,
+            beta_end=self.beta_end,
+        )
+        return config
+
+
+def _check_prediction(prediction):
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction must be one of {', '.join(PREDICTION_TYPES)}; got {prediction!r}."
+        )
+
+
+def check_steps(steps, timesteps):
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= timesteps:
+        raise ValueError(
+            f"steps must be an integer from 1 to the schedule's timesteps ({timesteps}); got {steps!r}."
+        )
