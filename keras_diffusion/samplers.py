@@ -64,18 +64,40 @@ def sample(
     Returns:
         The final clean-image estimate, `(B, H, W, C)` float32 in [-1, 1].
     """
+    timesteps = plan_timesteps(schedule, sampler, steps, eta, timestep_spacing, start_timestep)
+    x = ops.cast(ops.convert_to_tensor(noise), "float32")
+    step_noise = draw_step_noise(x.shape, sampler, len(timesteps), eta, seed)
+    return run_sampler(
+        denoiser, schedule, x, timesteps, sampler, prediction, eta, clip_x0, step_noise
+    )
+
+
+def plan_timesteps(schedule, sampler, steps, eta=0.0, spacing="leading", start_timestep=None):
+    """Validate sampler arguments and return the descending timesteps to run."""
     check_sampler(sampler)
     check_steps(steps, schedule.timesteps)
     if eta < 0:
         raise ValueError(f"eta must be >= 0; got {eta!r}.")
-    timesteps = schedule.sampling_timesteps(steps, timestep_spacing)
+    timesteps = schedule.sampling_timesteps(steps, spacing)
     if start_timestep is not None:
         timesteps = _timesteps_from(timesteps, start_timestep)
-    x = ops.cast(ops.convert_to_tensor(noise), "float32")
+    return timesteps
+
+
+def draw_step_noise(shape, sampler, num_steps, eta, seed):
+    """All the noise a stochastic sampler adds, `(num_steps, *shape)`, or
+    None for a deterministic one. Drawn up front so the loop stays traceable."""
+    if sampler == "ddim" and eta == 0:
+        return None
+    return random.normal((num_steps,) + tuple(shape), seed=seed, dtype="float32")
+
+
+def run_sampler(denoiser, schedule, x, timesteps, sampler, prediction, eta, clip_x0, step_noise):
+    """The sampling loop itself, free of validation and randomness: safe to
+    trace inside `jax.jit` or `tf.function`."""
     if sampler == "ddpm":
         # Ancestral sampling is DDIM with eta = 1 (Song 2021, section 4.1).
         eta = 1.0
-    step_noise = _step_noise(x.shape, len(timesteps), seed) if eta > 0 else None
     return _ddim_loop(denoiser, schedule, x, timesteps, prediction, eta, clip_x0, step_noise)
 
 
@@ -84,10 +106,6 @@ def _timesteps_from(timesteps, start_timestep):
     exactly there so the first step sees the noise level it was given."""
     lower = timesteps[timesteps < start_timestep]
     return np.concatenate([[start_timestep], lower]).astype(np.int32)
-
-
-def _step_noise(shape, num_steps, seed):
-    return random.normal((num_steps,) + tuple(shape), seed=seed, dtype="float32")
 
 
 def _ddim_loop(denoiser, schedule, x, timesteps, prediction, eta, clip_x0, step_noise):

@@ -97,6 +97,7 @@ class DiffusionSchedule(keras.layers.Layer):
         self.betas = _betas(beta_schedule, self.timesteps, beta_start, beta_end)
         # float32 cumulative product, as torch.cumprod does it in diffusers.
         self.alphas_cumprod = np.cumprod(1.0 - self.betas, dtype=np.float32)
+        self.built = True  # no weights to create
 
     # ------------------------------------------------------------------ lookup
     def alpha_bar(self, t):

@@ -1,0 +1,188 @@
+"""Writing and reading images, grids and plots.
+
+Every file this package writes goes through `atomic_write`: a reader (or a
+crashed run) sees either the old file or the new one, never half of one.
+Figures are drawn on `matplotlib.figure.Figure` directly, without pyplot, so
+no GUI backend is ever touched.
+"""
+
+import functools
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from keras_diffusion.data import check_images
+
+READ_EXTENSIONS = (".png", ".jpg", ".jpeg", ".npz")
+WRITE_EXTENSIONS = (".png", ".npz")
+
+
+# ------------------------------------------------------------ atomic writes
+def atomic_write(path, write_fn):
+    """Create `path` by calling `write_fn(temp_path)` on a temporary file in
+    the same directory, then moving it into place with `os.replace`.
+
+    The temporary file keeps `path`'s extension (matplotlib and numpy pick a
+    format from it). Parent directories are created; on failure the
+    temporary file is removed and the error re-raised.
+
+    Returns:
+        `path` as a `pathlib.Path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        write_fn(temp)
+        # mkstemp makes the file 0600; give it the mode a plain open() would.
+        os.chmod(temp, 0o666 & ~_umask())
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+    return path
+
+
+@functools.cache
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# -------------------------------------------------------------------- plots
+def save_image_grid(images, path, nrow=None, title=None):
+    """Write images as one PNG grid.
+
+    Args:
+        images: `(N, H, W, C)` (or `(N, H, W)`) floats in [0, 1] or uint8;
+            anything `np.asarray` converts, such as a CPU tensor.
+        path: the PNG to write.
+        nrow: images per row; defaults to a near-square grid.
+        title: optional title above the grid.
+    """
+    from matplotlib.figure import Figure
+
+    grid = _tile(check_images(images), nrow)
+    height, width = grid.shape[:2]
+    scale = max(1, 512 // max(height, width))  # whole-pixel enlargement of small grids
+    title_inches = 0.4 if title else 0.0
+    dpi = 100
+    figure = Figure(figsize=(width * scale / dpi, height * scale / dpi + title_inches), dpi=dpi)
+    axes = figure.add_axes((0, 0, 1, height * scale / dpi / figure.get_figheight()))
+    axes.set_axis_off()
+    if grid.shape[-1] == 1:
+        axes.imshow(grid[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    else:
+        axes.imshow(grid, interpolation="nearest")
+    if title:
+        figure.suptitle(title, y=1 - 0.5 * title_inches / figure.get_figheight(), va="center")
+    return atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=dpi))
+
+
+def _tile(images, nrow, padding=2):
+    """Arrange `(N, H, W, C)` images `nrow` to a row, with a white border."""
+    count, height, width, channels = images.shape
+    columns = nrow or math.ceil(math.sqrt(count))
+    if isinstance(columns, bool) or not isinstance(columns, (int, np.integer)) or columns < 1:
+        raise ValueError(f"nrow must be a positive integer; got {nrow!r}.")
+    columns = min(int(columns), count)
+    rows = math.ceil(count / columns)
+    grid = np.ones(
+        (rows * (height + padding) + padding, columns * (width + padding) + padding, channels),
+        dtype=np.float32,
+    )
+    for index, image in enumerate(images):
+        top = padding + (index // columns) * (height + padding)
+        left = padding + (index % columns) * (width + padding)
+        grid[top : top + height, left : left + width] = image
+    return grid
+
+
+def save_loss_curve(history, path):
+    """Write a PNG of `loss` (and `val_loss`, if present) per epoch.
+
+    `history` is a dict of per-epoch lists, such as `model.fit(...).history`
+    (a `keras.callbacks.History` is accepted too).
+    """
+    from matplotlib.figure import Figure
+
+    history = getattr(history, "history", history)
+    if not history.get("loss"):
+        raise ValueError(
+            f"history must hold a non-empty 'loss' list; got keys {sorted(history)}."
+        )
+    figure = Figure(figsize=(6, 4), dpi=100)
+    axes = figure.add_subplot()
+    for key in ("loss", "val_loss"):
+        values = history.get(key)
+        if values:
+            axes.plot(range(1, len(values) + 1), values, marker="o", label=key)
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    return atomic_write(path, lambda temp: figure.savefig(temp, format="png"))
+
+
+# ------------------------------------------------------------- image files
+def read_images(path):
+    """Read images as float32 `(N, H, W, C)` in [0, 1].
+
+    A `.png`/`.jpg` gives one image (`N = 1`; grayscale keeps one channel,
+    an alpha channel is dropped); an `.npz` gives its `images` array.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    suffix = _check_extension(path, READ_EXTENSIONS, "read")
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {str(path)!r} does not exist.")
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            if "images" not in archive.files:
+                raise ValueError(
+                    f"{path} has no 'images' array; found {', '.join(archive.files) or 'none'}."
+                )
+            return check_images(archive["images"], name=f"images in {path}")
+    with Image.open(path) as image:
+        if image.mode not in ("L", "RGB"):
+            image = image.convert("L" if image.mode in ("1", "I", "I;16", "F") else "RGB")
+        array = np.asarray(image)
+    return check_images(array[np.newaxis], name=f"image in {path}")
+
+
+def write_images(path, images):
+    """Write images in [0, 1] (or uint8): one image to a `.png` (8-bit,
+    grayscale or RGB), any number to an `.npz` (float32 under `images`)."""
+    from PIL import Image
+
+    path = Path(path)
+    suffix = _check_extension(path, WRITE_EXTENSIONS, "write")
+    images = check_images(images)
+    if suffix == ".npz":
+        return atomic_write(path, lambda temp: np.savez(temp, images=images))
+    if len(images) != 1 or images.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"a PNG holds one grayscale or RGB image; got shape {images.shape}. "
+            "Use .npz for several images, or save_image_grid."
+        )
+    pixels = np.round(images[0] * 255).astype(np.uint8)
+    picture = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    return atomic_write(path, lambda temp: picture.save(temp, format="PNG"))
+
+
+def _check_extension(path, accepted, verb):
+    suffix = path.suffix.lower()
+    if suffix not in accepted:
+        raise ValueError(
+            f"cannot {verb} {str(path)!r}: the extension must be one of "
+            f"{', '.join(accepted)}; got {suffix or 'none'!r}."
+        )
+    return suffix

@@ -1,0 +1,421 @@
+"""The denoising network: a DDPM-style UNet (Ho et al. 2020, appendix B).
+
+The network maps `(x_t, t[, labels])` to an image-shaped output. It knows
+images, timesteps and class labels, and nothing about diffusion: what the
+output means (epsilon, v or x0) is the schedule's business.
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+_NORM_EPSILON = 1e-5  # as in the DDPM and diffusers UNets
+
+
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+@keras.saving.register_keras_serializable(package="keras_diffusion")
+class SinusoidalEmbedding(layers.Layer):
+    """Sinusoidal embedding of scalar timesteps (Vaswani et al. 2017, sec. 3.5;
+    Ho 2020 appendix B).
+
+    For `half = dim // 2` and `i = 0 .. half - 1`, with frequencies
+    `f_i = max_period ** (-i / half)`:
+    `emb[:, i] = sin(t f_i)` and `emb[:, half + i] = cos(t f_i)`.
+
+    Always computes in float32, whatever the dtype policy: at t ~ 1000 the
+    phases lose all precision in half precision.
+
+    Args:
+        dim: even embedding size.
+        max_period: the longest wavelength, in timesteps.
+
+    Input shape: `(B,)` integer or float timesteps.
+    Output shape: `(B, dim)` float32.
+
+    Example:
+
+    >>> emb = SinusoidalEmbedding(32)(np.array([0, 500, 999], "int32"))
+    >>> emb.shape
+    (3, 32)
+    """
+
+    def __init__(self, dim, max_period=10000.0, **kwargs):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+        if not _is_int(dim) or dim < 2 or dim % 2:
+            raise ValueError(f"dim must be an even integer >= 2; got {dim!r}.")
+        if not max_period > 1:
+            raise ValueError(f"max_period must be > 1; got {max_period!r}.")
+        self.dim = int(dim)
+        self.max_period = float(max_period)
+        half = self.dim // 2
+        self.frequencies = np.exp(
+            -math.log(self.max_period) * np.arange(half, dtype=np.float64) / half
+        ).astype(np.float32)
+
+    def call(self, t):
+        t = ops.cast(ops.reshape(t, (-1, 1)), "float32")
+        phases = t * ops.convert_to_tensor(self.frequencies[None, :], "float32")
+        return ops.concatenate([ops.sin(phases), ops.cos(phases)], axis=-1)
+
+    def compute_output_shape(self, t_shape):
+        return (t_shape[0], self.dim)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("dtype", None)
+        config.update(dim=self.dim, max_period=self.max_period)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_diffusion")
+class ResidualBlock(layers.Layer):
+    """A residual block conditioned on an embedding (Ho 2020 appendix B, the
+    `ResnetBlock2D` of diffusers).
+
+    `h = conv(silu(norm(x))) + dense(silu(embedding))`, then
+    `h = conv(dropout(silu(norm(h))))`; the output is `skip(x) + h`, where
+    `skip` is a 1x1 convolution when the channel count changes.
+
+    Args:
+        channels: output channels.
+        groups: groups of the group normalisations; must divide both the
+            input and the output channels.
+        dropout: dropout rate before the second convolution.
+
+    Call arguments:
+        x: `(B, H, W, C_in)` feature map.
+        embedding: `(B, E)` time (and class) embedding.
+        training: whether dropout is active.
+
+    Output shape: `(B, H, W, channels)`.
+
+    Example:
+
+    >>> block = ResidualBlock(64, groups=8)
+    >>> y = block(np.zeros((2, 16, 16, 32)), np.zeros((2, 128)))
+    >>> y.shape
+    (2, 16, 16, 64)
+    """
+
+    def __init__(self, channels, groups=8, dropout=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.channels = int(channels)
+        self.groups = int(groups)
+        self.dropout = float(dropout)
+        self.norm_1 = layers.GroupNormalization(groups, epsilon=_NORM_EPSILON, name="norm_1")
+        self.conv_1 = layers.Conv2D(channels, 3, padding="same", name="conv_1")
+        self.embedding_projection = layers.Dense(channels, name="embedding_projection")
+        self.norm_2 = layers.GroupNormalization(groups, epsilon=_NORM_EPSILON, name="norm_2")
+        self.dropout_layer = layers.Dropout(dropout, name="dropout")
+        self.conv_2 = layers.Conv2D(channels, 3, padding="same", name="conv_2")
+        self.skip = None
+
+    def build(self, x_shape, embedding_shape):
+        if x_shape[-1] != self.channels:
+            self.skip = layers.Conv2D(self.channels, 1, name="skip")
+            self.skip.build(x_shape)
+        hidden_shape = tuple(x_shape[:-1]) + (self.channels,)
+        self.norm_1.build(x_shape)
+        self.conv_1.build(x_shape)
+        self.embedding_projection.build(embedding_shape)
+        self.norm_2.build(hidden_shape)
+        self.conv_2.build(hidden_shape)
+
+    def call(self, x, embedding, training=None):
+        h = self.conv_1(ops.silu(self.norm_1(x)))
+        e = self.embedding_projection(ops.silu(embedding))
+        h = h + ops.expand_dims(ops.expand_dims(e, 1), 1)
+        h = self.dropout_layer(ops.silu(self.norm_2(h)), training=training)
+        h = self.conv_2(h)
+        return h + (x if self.skip is None else self.skip(x))
+
+    def compute_output_shape(self, x_shape, embedding_shape):
+        return tuple(x_shape[:-1]) + (self.channels,)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(channels=self.channels, groups=self.groups, dropout=self.dropout)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_diffusion")
+class AttentionBlock(layers.Layer):
+    """Self-attention over the H*W positions of a feature map, with a
+    residual connection (Ho 2020 appendix B; diffusers' `Attention` with
+    `residual_connection=True`).
+
+    One fused projection makes queries, keys and values; the `(B, H, W, C)`
+    map is reshaped, never transposed, to the `(B, HW, heads, C / heads)`
+    layout that `keras.ops.dot_product_attention` takes, which uses the fused
+    kernel of each backend and computes the softmax in float32.
+
+    Args:
+        heads: number of attention heads; must divide the channels.
+        groups: groups of the group normalisation.
+
+    Input shape: `(B, H, W, C)`. Output shape: same as input.
+
+    Example:
+
+    >>> AttentionBlock(heads=4, groups=8)(np.zeros((2, 8, 8, 64))).shape
+    (2, 8, 8, 64)
+    """
+
+    def __init__(self, heads=1, groups=8, **kwargs):
+        super().__init__(**kwargs)
+        self.heads = int(heads)
+        self.groups = int(groups)
+        self.norm = layers.GroupNormalization(groups, epsilon=_NORM_EPSILON, name="norm")
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels % self.heads:
+            raise ValueError(
+                f"AttentionBlock channels must be divisible by heads={self.heads}; "
+                f"got {channels} channels."
+            )
+        self.qkv = layers.Dense(3 * channels, name="qkv")
+        self.output_projection = layers.Dense(channels, name="output_projection")
+        self.norm.build(input_shape)
+        self.qkv.build(input_shape)
+        self.output_projection.build(input_shape)
+
+    def call(self, x):
+        _, height, width, channels = ops.shape(x)
+        positions = height * width
+        head_dim = channels // self.heads
+        qkv = self.qkv(self.norm(x))
+        q, k, v = ops.split(ops.reshape(qkv, (-1, positions, 3 * channels)), 3, axis=-1)
+        shape = (-1, positions, self.heads, head_dim)
+        h = ops.dot_product_attention(
+            ops.reshape(q, shape), ops.reshape(k, shape), ops.reshape(v, shape)
+        )
+        h = ops.reshape(h, (-1, height, width, channels))
+        return x + self.output_projection(h)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(heads=self.heads, groups=self.groups)
+        return config
+
+
+def _check_unet_args(
+    image_shape, widths, blocks_per_level, attention_levels, dropout,
+    num_classes, groups, embedding_dim, attention_heads,
+):
+    if len(image_shape) != 3 or not all(_is_int(d) and d > 0 for d in image_shape):
+        raise ValueError(
+            "image_shape must be (height, width, channels) with positive integers; "
+            f"got {image_shape!r}."
+        )
+    if not widths or not all(_is_int(w) and w > 0 for w in widths):
+        raise ValueError(f"widths must be a non-empty sequence of positive integers; got {widths!r}.")
+    if not _is_int(groups) or groups < 1:
+        raise ValueError(f"groups must be a positive integer; got {groups!r}.")
+    if any(w % groups for w in widths):
+        raise ValueError(
+            f"every entry of widths must be divisible by groups={groups}; got widths={widths!r}."
+        )
+    if widths[0] % 2:
+        raise ValueError(
+            "widths[0] sets the size of the sinusoidal timestep embedding and must be even; "
+            f"got widths[0]={widths[0]}."
+        )
+    factor = 2 ** (len(widths) - 1)
+    height, width, _ = image_shape
+    if height % factor or width % factor:
+        raise ValueError(
+            f"image height and width must be divisible by {factor} (2 ** (len(widths) - 1), "
+            f"one halving per level after the first, for {len(widths)} levels); "
+            f"got image_shape={image_shape!r}, i.e. {height}x{width}."
+        )
+    if not _is_int(blocks_per_level) or blocks_per_level < 1:
+        raise ValueError(f"blocks_per_level must be a positive integer; got {blocks_per_level!r}.")
+    bad_levels = [lv for lv in attention_levels if not _is_int(lv) or not 0 <= lv < len(widths)]
+    if bad_levels:
+        raise ValueError(
+            f"attention_levels must be level indices from 0 to {len(widths) - 1} "
+            f"(len(widths) - 1); got {attention_levels!r}."
+        )
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1); got {dropout!r}.")
+    if num_classes is not None and (not _is_int(num_classes) or num_classes < 1):
+        raise ValueError(f"num_classes must be None or a positive integer; got {num_classes!r}.")
+    if embedding_dim is not None and (not _is_int(embedding_dim) or embedding_dim < 1):
+        raise ValueError(f"embedding_dim must be None or a positive integer; got {embedding_dim!r}.")
+    if not _is_int(attention_heads) or attention_heads < 1:
+        raise ValueError(f"attention_heads must be a positive integer; got {attention_heads!r}.")
+    # The middle block always attends, at widths[-1].
+    for level in set(attention_levels) | {len(widths) - 1}:
+        if widths[level] % attention_heads:
+            raise ValueError(
+                f"attention_heads must divide the width of every attention level "
+                f"(and widths[-1], used by the middle block); got attention_heads="
+                f"{attention_heads} and widths[{level}]={widths[level]}."
+            )
+
+
+@keras.saving.register_keras_serializable(package="keras_diffusion")
+class UNet(keras.Model):
+    """A DDPM-style UNet (Ho 2020 appendix B; the shape of diffusers'
+    `UNet2DModel`), optionally class-conditional.
+
+    Level `i` works at resolution `H / 2**i` with `widths[i]` channels. The
+    down path runs `blocks_per_level` residual blocks per level (each followed
+    by self-attention at `attention_levels`) and halves the resolution between
+    levels with a stride-2 convolution; the middle is residual, attention,
+    residual; the up path mirrors it with `blocks_per_level + 1` residual
+    blocks per level, each fed the matching down-path activation by
+    concatenation, and doubles the resolution with nearest upsampling plus a
+    3x3 convolution. Timesteps enter through a sinusoidal embedding and a
+    two-layer MLP; class labels, when used, add a learned embedding to it.
+
+    Args:
+        image_shape: `(height, width, channels)`; height and width must be
+            divisible by `2 ** (len(widths) - 1)`.
+        widths: channels per level; each divisible by `groups`.
+        blocks_per_level: residual blocks per level on the down path.
+        attention_levels: indices of the levels that use self-attention.
+        dropout: dropout rate inside the residual blocks.
+        num_classes: number of classes for a conditional model, or `None`.
+            Label `num_classes` is the extra "null" label used for
+            classifier-free guidance.
+        groups: groups of every group normalisation.
+        embedding_dim: size of the time/class embedding; defaults to
+            `4 * widths[0]`.
+        attention_heads: heads of every attention block.
+        **kwargs: passed to `keras.Model` (e.g. `name`).
+
+    Inputs: `[x_t, t]`, or `[x_t, t, labels]` when `num_classes` is set:
+        `x_t` float `(B, H, W, C)`, `t` int32 `(B,)` timesteps and `labels`
+        int32 `(B,)` in `[0, num_classes]`.
+    Output: float32 `(B, H, W, C)`, also under a mixed-precision policy.
+
+    Example:
+
+    >>> net = UNet((28, 28, 1), widths=(32, 64, 128), num_classes=10)
+    >>> x_t = np.random.normal(size=(4, 28, 28, 1)).astype("float32")
+    >>> t = np.array([0, 10, 500, 999], "int32")
+    >>> labels = np.array([3, 1, 10, 7], "int32")  # 10 = null label
+    >>> net([x_t, t, labels]).shape
+    (4, 28, 28, 1)
+    """
+
+    def __init__(
+        self,
+        image_shape,
+        widths=(32, 64, 128),
+        blocks_per_level=2,
+        attention_levels=(2,),
+        dropout=0.0,
+        num_classes=None,
+        groups=8,
+        embedding_dim=None,
+        attention_heads=1,
+        **kwargs,
+    ):
+        image_shape = tuple(image_shape)
+        widths = tuple(widths)
+        attention_levels = tuple(attention_levels)
+        _check_unet_args(
+            image_shape, widths, blocks_per_level, attention_levels, dropout,
+            num_classes, groups, embedding_dim, attention_heads,
+        )
+        emb_dim = embedding_dim or 4 * widths[0]
+        last = len(widths) - 1
+
+        def res_block(channels, name):
+            return ResidualBlock(channels, groups=groups, dropout=dropout, name=name)
+
+        def attention(name):
+            return AttentionBlock(heads=attention_heads, groups=groups, name=name)
+
+        # === Inputs and conditioning embedding ===
+        x_t = keras.Input(shape=image_shape, name="x_t")
+        t = keras.Input(shape=(), dtype="int32", name="t")
+        inputs = [x_t, t]
+        emb = SinusoidalEmbedding(widths[0], name="timestep_embedding")(t)
+        emb = layers.Dense(emb_dim, activation="silu", name="time_mlp_1")(emb)
+        emb = layers.Dense(emb_dim, name="time_mlp_2")(emb)
+        if num_classes is not None:
+            labels = keras.Input(shape=(), dtype="int32", name="labels")
+            inputs.append(labels)
+            class_emb = layers.Embedding(num_classes + 1, emb_dim, name="class_embedding")(labels)
+            emb = layers.Add(name="add_class_embedding")([emb, class_emb])
+
+        # === Down path ===
+        h = layers.Conv2D(widths[0], 3, padding="same", name="conv_in")(x_t)
+        skips = [h]
+        for level, channels in enumerate(widths):
+            for block in range(blocks_per_level):
+                h = res_block(channels, f"down_{level}_res_{block}")(h, emb)
+                if level in attention_levels:
+                    h = attention(f"down_{level}_attn_{block}")(h)
+                skips.append(h)
+            if level != last:
+                h = layers.Conv2D(
+                    channels, 3, strides=2, padding="same", name=f"down_{level}_downsample"
+                )(h)
+                skips.append(h)
+
+        # === Middle ===
+        h = res_block(widths[-1], "mid_res_0")(h, emb)
+        h = attention("mid_attn")(h)
+        h = res_block(widths[-1], "mid_res_1")(h, emb)
+
+        # === Up path ===
+        for level in reversed(range(len(widths))):
+            for block in range(blocks_per_level + 1):
+                h = layers.Concatenate(name=f"up_{level}_concat_{block}")([h, skips.pop()])
+                h = res_block(widths[level], f"up_{level}_res_{block}")(h, emb)
+                if level in attention_levels:
+                    h = attention(f"up_{level}_attn_{block}")(h)
+            if level != 0:
+                h = layers.UpSampling2D(2, name=f"up_{level}_upsample")(h)
+                h = layers.Conv2D(
+                    widths[level], 3, padding="same", name=f"up_{level}_upsample_conv"
+                )(h)
+
+        # === Output head; float32 so the loss is computed in float32 ===
+        h = layers.GroupNormalization(groups, epsilon=_NORM_EPSILON, name="norm_out")(h)
+        h = layers.Activation("silu", name="silu_out")(h)
+        outputs = layers.Conv2D(
+            image_shape[-1], 3, padding="same", dtype="float32", name="conv_out"
+        )(h)
+
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+        # === Config ===
+        self.image_shape = image_shape
+        self.widths = widths
+        self.blocks_per_level = int(blocks_per_level)
+        self.attention_levels = attention_levels
+        self.dropout = float(dropout)
+        self.num_classes = num_classes
+        self.groups = int(groups)
+        self.embedding_dim = embedding_dim
+        self.attention_heads = int(attention_heads)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "image_shape": list(self.image_shape),
+            "widths": list(self.widths),
+            "blocks_per_level": self.blocks_per_level,
+            "attention_levels": list(self.attention_levels),
+            "dropout": self.dropout,
+            "num_classes": self.num_classes,
+            "groups": self.groups,
+            "embedding_dim": self.embedding_dim,
+            "attention_heads": self.attention_heads,
+        }

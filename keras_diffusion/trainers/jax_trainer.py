@@ -1,0 +1,67 @@
+"""JAX steps are pure functions of the state Keras passes in; the shared
+objective runs inside a `StatelessScope` that maps each variable to its
+value in that state, and the new values are read back out of the scope."""
+
+import jax
+from keras import StatelessScope
+
+
+def _read(scope, variables, old_values):
+    new_values = []
+    for variable, old in zip(variables, old_values):
+        value = scope.get_current_value(variable)
+        new_values.append(old if value is None else value)
+    return new_values
+
+
+def train_step(model, state, data):
+    trainable, non_trainable, optimizer_state, metrics_state = state
+    images, labels = model.unpack_batch(data)
+    optimizer = model.optimizer
+
+    def loss_fn(trainable, non_trainable):
+        mapping = (
+            list(zip(model.trainable_variables, trainable))
+            + list(zip(model.non_trainable_variables, non_trainable))
+            + list(zip(optimizer.variables, optimizer_state))
+        )
+        with StatelessScope(state_mapping=mapping) as scope:
+            loss = model.compute_diffusion_loss(images, labels, training=True)
+            scaled_loss = optimizer.scale_loss(loss)
+        return scaled_loss, (loss, _read(scope, model.non_trainable_variables, non_trainable))
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, (loss, non_trainable)), grads = grad_fn(trainable, non_trainable)
+    trainable, optimizer_state = optimizer.stateless_apply(optimizer_state, grads, trainable)
+
+    mapping = (
+        list(zip(model.trainable_variables, trainable))
+        + list(zip(model.non_trainable_variables, non_trainable))
+        + list(zip(model.metrics_variables, metrics_state))
+    )
+    with StatelessScope(state_mapping=mapping) as scope:
+        model.update_ema()
+        logs = model.update_loss_metric(loss)
+    non_trainable = _read(scope, model.non_trainable_variables, non_trainable)
+    metrics_state = _read(scope, model.metrics_variables, metrics_state)
+    return logs, (trainable, non_trainable, optimizer_state, metrics_state)
+
+
+def test_step(model, state, data):
+    trainable, non_trainable, metrics_state = state
+    images, labels = model.unpack_batch(data)
+    mapping = (
+        list(zip(model.trainable_variables, trainable))
+        + list(zip(model.non_trainable_variables, non_trainable))
+        + list(zip(model.metrics_variables, metrics_state))
+    )
+    with StatelessScope(state_mapping=mapping) as scope:
+        loss = model.compute_diffusion_loss(images, labels, training=False)
+        logs = model.update_loss_metric(loss)
+    non_trainable = _read(scope, model.non_trainable_variables, non_trainable)
+    metrics_state = _read(scope, model.metrics_variables, metrics_state)
+    return logs, (trainable, non_trainable, metrics_state)
+
+
+def compile_function(fn):
+    return jax.jit(fn)
