@@ -1,10 +1,14 @@
 """keras_diffusion: denoising diffusion models for Keras 3 on TensorFlow, JAX and PyTorch.
 
-Attributes load lazily, so `import keras_diffusion` does not import Keras:
-the command line can choose `KERAS_BACKEND` before Keras reads it.
+Importing the package imports its modules, which registers its classes with
+Keras so that `keras.saving.load_model` can rebuild them. The one exception is
+the `keras-diffusion` command: there the modules load on first use, after its
+`--backend` flag has set `KERAS_BACKEND` (Keras reads it once, on import).
 """
 
 import importlib
+import os
+import sys
 
 __version__ = "0.1.0"
 
@@ -12,6 +16,10 @@ _EXPORTS = {
     "DiffusionSchedule": "keras_diffusion.schedule",
     "UNet": "keras_diffusion.network",
     "DiffusionModel": "keras_diffusion.model",
+    "load_model": "keras_diffusion.model",
+    "train": "keras_diffusion.training",
+    "build_model": "keras_diffusion.training",
+    "load_config": "keras_diffusion.config",
     "sample": "keras_diffusion.samplers",
     "SAMPLERS": "keras_diffusion.samplers",
     "SampleGrid": "keras_diffusion.callbacks",
@@ -33,3 +41,20 @@ def __getattr__(name):
 
 def __dir__():
     return __all__
+
+
+def _started_as_cli():
+    return (
+        os.path.basename(sys.argv[0] if sys.argv else "") == "keras-diffusion"
+        or "keras_diffusion.cli" in getattr(sys, "orig_argv", ())
+    )
+
+
+def _import_all():
+    """Import every module, registering the classes `.keras` files name."""
+    for name in _EXPORTS:
+        __getattr__(name)
+
+
+if not _started_as_cli():
+    _import_all()

@@ -106,7 +106,7 @@ def _choice(options, nullable=False):
 
 
 def _owned_by(module, name):
-    return lambda: getattr(importlib.import_module(module), name)
+    return lambda: getattr(importlib.import_module(f"keras_diffusion.{module}"), name)
 
 
 def _flag(key, value):
@@ -149,7 +149,9 @@ def _image_size(key, value):
     if not (
         value is None
         or _is_integer(value, 1)
-        or isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_integer(side, 1) for side in value)
+        or isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(_is_integer(side, 1) for side in value)
     ):
         _fail(key, "an integer >= 1, [height, width] or null", value)
     return list(value) if isinstance(value, tuple) else value
@@ -175,13 +177,13 @@ _SCHEMA = {
         "num_classes": (None, _integer(1, nullable=True)),
     },
     "schedule": {
-        "beta_schedule": ("cosine", _choice(_owned_by("keras_diffusion.schedule", "BETA_SCHEDULES"))),
+        "beta_schedule": ("cosine", _choice(_owned_by("schedule", "BETA_SCHEDULES"))),
         "timesteps": (1000, _integer(2)),
         "beta_start": (0.0001, _number(0, 1, low_open=True, high_open=True)),
         "beta_end": (0.02, _number(0, 1, low_open=True, high_open=True)),
     },
     "model": {
-        "prediction": ("epsilon", _choice(_owned_by("keras_diffusion.schedule", "PREDICTION_TYPES"))),
+        "prediction": ("epsilon", _choice(_owned_by("schedule", "PREDICTION_TYPES"))),
         "ema_decay": (0.999, _number(0, 1, high_open=True)),
         "min_snr_gamma": (None, _number(0, low_open=True, nullable=True)),
         "label_dropout": (0.1, _number(0, 1, high_open=True)),
@@ -198,7 +200,7 @@ _SCHEMA = {
         "steps_per_epoch": (None, _integer(1, nullable=True)),
     },
     "sampling": {
-        "sampler": ("ddim", _choice(_owned_by("keras_diffusion.samplers", "SAMPLERS"))),
+        "sampler": ("ddim", _choice(_owned_by("samplers", "SAMPLERS"))),
         "steps": (50, _integer(1)),
         "num_images": (64, _integer(1)),
         "every_n_epochs": (1, _integer(0)),  # 0: no sample grids during training
@@ -265,7 +267,8 @@ def apply_override(config, override):
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"--set {key}: {text!r} is not valid YAML ({_yaml_problem(error)})") from None
+        problem = _yaml_problem(error)
+        raise ConfigError(f"--set {key}: {text!r} is not valid YAML ({problem})") from None
     for part in reversed(key.split(".")):
         value = {part: value}
     return _merge(config, value, _SCHEMA)
@@ -328,14 +331,20 @@ def _unknown_key(dotted, value=None):
     while isinstance(value, dict) and value:
         first = next(iter(value))
         dotted, value = f"{dotted}.{first}", value[first]
-    close = difflib.get_close_matches(dotted, _KEYS, n=1)
+    section, _, name = dotted.rpartition(".")
+    if section == "" or isinstance(_SCHEMA.get(section), dict):
+        # A known section: compare names within it, not whole keys, which
+        # would all look alike through the shared prefix.
+        names = list(_SCHEMA[section]) if section else list(_SCHEMA)
+        matches = difflib.get_close_matches(name, names, n=1)
+        close = [f"{section}.{match}" if section else match for match in matches]
+    else:
+        names = list(_SCHEMA)
+        same_depth = [key for key in _KEYS if key.count(".") == dotted.count(".")]
+        close = difflib.get_close_matches(dotted, same_depth, n=1)
     if close:
         return ConfigError(f"unknown config key {dotted!r}; did you mean {close[0]!r}?")
-    section = dotted.rpartition(".")[0]
-    if not isinstance(_SCHEMA.get(section), dict):
-        section = ""
-    names = [key.rpartition(".")[2] for key in _KEYS if key.rpartition(".")[0] == section]
-    where = f"in {section!r}" if section else "at the top level"
+    where = f"in {section!r}" if isinstance(_SCHEMA.get(section), dict) else "at the top level"
     return ConfigError(f"unknown config key {dotted!r}; valid keys {where}: {', '.join(names)}")
 
 

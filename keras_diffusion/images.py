@@ -88,7 +88,7 @@ def save_image_grid(images, path, nrow=None, title=None):
 def _tile(images, nrow, padding=2):
     """Arrange `(N, H, W, C)` images `nrow` to a row, with a white border."""
     count, height, width, channels = images.shape
-    columns = nrow or math.ceil(math.sqrt(count))
+    columns = math.ceil(math.sqrt(count)) if nrow is None else nrow
     if isinstance(columns, bool) or not isinstance(columns, (int, np.integer)) or columns < 1:
         raise ValueError(f"nrow must be a positive integer; got {nrow!r}.")
     columns = min(int(columns), count)
@@ -111,6 +111,7 @@ def save_loss_curve(history, path):
     (a `keras.callbacks.History` is accepted too).
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     history = getattr(history, "history", history)
     if not history.get("loss"):
@@ -123,6 +124,7 @@ def save_loss_curve(history, path):
         values = history.get(key)
         if values:
             axes.plot(range(1, len(values) + 1), values, marker="o", label=key)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("epoch")
     axes.set_ylabel("loss")
     axes.grid(alpha=0.3)

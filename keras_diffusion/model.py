@@ -351,3 +351,30 @@ def to_model_range(images):
 def from_model_range(x):
     """float32 in [-1, 1] -> numpy float32 in [0, 1]."""
     return np.clip((keras.ops.convert_to_numpy(x) + 1.0) / 2.0, 0.0, 1.0).astype("float32")
+
+
+def load_model(path):
+    """Load a `.keras` file saved from a `DiffusionModel`, on any backend.
+
+    Raises `FileNotFoundError` for a missing file and `ValueError` for a file
+    that is not a readable Keras archive or holds another kind of model.
+    """
+    import os
+    import zipfile
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model file not found: {path}")
+    if not path.endswith(".keras") or not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path} is not a Keras model archive; expected a .keras file written by "
+            "model.save or keras-diffusion train."
+        )
+    try:
+        model = keras.saving.load_model(path)
+    except Exception as error:  # a truncated or foreign archive fails in many ways
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"could not load {path} as a Keras model ({first_line}).") from error
+    if not isinstance(model, DiffusionModel):
+        raise ValueError(f"{path} holds a {type(model).__name__}, not a keras_diffusion DiffusionModel.")
+    return model

@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -186,7 +188,7 @@ def test_missing_file(tmp_path):
 
 
 def test_invalid_yaml(tmp_path):
-    with pytest.raises(ConfigError, match=r"invalid YAML in .*run.yaml: .*\(line 2, column") as info:
+    with pytest.raises(ConfigError, match=r"invalid YAML in .*run.yaml: .*\(line \d+, column \d+\)$") as info:
         load_config(_write(tmp_path, "training:\n  epochs: [1, 2\n"))
     assert "\n" not in str(info.value)
 
@@ -194,3 +196,10 @@ def test_invalid_yaml(tmp_path):
 def test_file_must_be_a_mapping(tmp_path):
     with pytest.raises(ConfigError, match="must hold a mapping of config keys; got"):
         load_config(_write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_import_leaves_backend_choice_open():
+    # The command line sets KERAS_BACKEND after reading its arguments and config.
+    code = "import sys, keras_diffusion.config, keras_diffusion.images; print('keras' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install keras-diffusion with all three backends, then run the test suite once
+# per backend. Fails if any backend fails or collects no tests.
+# Extra arguments go to pytest, e.g. `bash tests/run.sh -k sampler`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install --quiet --disable-pip-version-check -e ".[jax,torch,dev]" || exit 1
+export TF_CPP_MIN_LOG_LEVEL=2
+status=0
+for backend in tensorflow jax torch; do
+  echo "=== KERAS_BACKEND=$backend"
+  start=$(date +%s)
+  KERAS_BACKEND=$backend python -m pytest -q -p no:cacheprovider "$@"
+  rc=$?
+  echo "=== $backend: pytest exit $rc in $(( $(date +%s) - start ))s"
+  if [ "$rc" -eq 5 ]; then
+    echo "error: no tests were collected under $backend" >&2
+    status=1
+  elif [ "$rc" -ne 0 ]; then
+    status=1
+  fi
+done
+exit $status
