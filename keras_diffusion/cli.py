@@ -6,6 +6,7 @@ imported after the arguments are read, so `--backend` can set
 """
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -130,6 +131,21 @@ def _check_writable(path):
         raise CommandError(f"cannot write {path}: {existing} is not a writable directory")
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """TensorFlow's C++ logging writes to file descriptor 2 while it loads;
+    keep that off the user's terminal so errors stay one line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _one_line(error):
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= 600 else text[:597] + "..."
@@ -143,10 +159,12 @@ def main(argv=None):
                   f"backend; cannot switch to {args.backend}", file=sys.stderr)
             return 2
         os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        import keras_diffusion
+        with _quiet_stderr():
+            import keras_diffusion
 
-        keras_diffusion._import_all()
+            keras_diffusion._import_all()
         COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(f"keras-diffusion {args.command}: interrupted", file=sys.stderr)

@@ -7,6 +7,7 @@ output means (epsilon, v or x0) is the schedule's business.
 
 import math
 
+
 import keras
 import numpy as np
 from keras import layers, ops
@@ -193,9 +194,11 @@ class AttentionBlock(layers.Layer):
         qkv = self.qkv(self.norm(x))
         q, k, v = ops.split(ops.reshape(qkv, (-1, positions, 3 * channels)), 3, axis=-1)
         shape = (-1, positions, self.heads, head_dim)
-        h = ops.dot_product_attention(
-            ops.reshape(q, shape), ops.reshape(k, shape), ops.reshape(v, shape)
-        )
+        q, k, v = (ops.reshape(a, shape) for a in (q, k, v))
+        if keras.backend.backend() == "jax":
+            h = _attention(q, k, v)
+        else:
+            h = ops.dot_product_attention(q, k, v)
         h = ops.reshape(h, (-1, height, width, channels))
         return x + self.output_projection(h)
 
@@ -206,6 +209,17 @@ class AttentionBlock(layers.Layer):
         config = super().get_config()
         config.update(heads=self.heads, groups=self.groups)
         return config
+
+
+def _attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v with `(B, N, heads, d)` tensors. Used on JAX,
+    where it ran faster than `ops.dot_product_attention` on CPU and where that
+    op asks for float16 x float16 -> float32 products, which XLA's CPU
+    backend lacks. Logits and softmax are computed in float32."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = ops.einsum("bqhd,bkhd->bhqk", ops.cast(q, "float32"), ops.cast(k, "float32"))
+    weights = ops.cast(ops.softmax(logits * scale, axis=-1), v.dtype)
+    return ops.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 def _check_unet_args(

@@ -1,4 +1,6 @@
-"""Tests for the UNet and its blocks; run once per KERAS_BACKEND."""
+"""Tests for the UNet and its blocks; run once per KERAS_BACKEND.
+
+conftest.py seeds Keras before every test."""
 
 import json
 import math
@@ -12,11 +14,6 @@ from keras_diffusion.network import AttentionBlock, ResidualBlock, SinusoidalEmb
 
 TINY = dict(widths=(8, 16), blocks_per_level=1, attention_levels=(1,), groups=4)
 DIFFUSERS_TINY_PARAMS = 44_969
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    keras.utils.set_random_seed(0)
 
 
 def _inputs(shape, batch=2, num_classes=None, t=(3, 900), labels=None):

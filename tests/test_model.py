@@ -1,0 +1,217 @@
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_diffusion as kd
+
+
+def tiny_unet(shape=(16, 16, 1), num_classes=None):
+    return kd.UNet(shape, widths=(8, 16), blocks_per_level=1, attention_levels=(1,), groups=4,
+                   num_classes=num_classes)
+
+
+def tiny_model(shape=(16, 16, 1), num_classes=None, **kwargs):
+    kwargs.setdefault("schedule", kd.DiffusionSchedule("cosine", timesteps=100))
+    model = kd.DiffusionModel(tiny_unet(shape, num_classes), seed=0, **kwargs)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    return model
+
+
+def blobs(n=64, size=16, channels=1, seed=0):
+    """Images with real structure: one bright square per image."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, size, size, channels), "float32")
+    for i, (r, c) in enumerate(rng.integers(0, size - 6, (n, 2))):
+        x[i, r:r + 6, c:c + 6] = 1.0
+    return x
+
+
+def test_fit_lowers_loss_on_mnist(data_dir):
+    images, _ = kd.load_dataset("mnist", data_dir=data_dir, limit=256)
+    model = kd.DiffusionModel(tiny_unet((28, 28, 1)), kd.DiffusionSchedule("cosine", timesteps=1000), seed=0)
+    model.compile(optimizer=keras.optimizers.AdamW(2e-3))
+    history = model.fit(images, batch_size=32, epochs=5, verbose=0).history["loss"]
+    assert all(np.isfinite(history))
+    assert history[-1] < 0.7 * history[0], history
+
+
+def test_generate_shape_range_and_determinism():
+    model = tiny_model()
+    model.fit(blobs(), batch_size=16, epochs=1, verbose=0)
+    a = model.generate(3, steps=4, seed=1)
+    b = model.generate(3, steps=4, seed=1)
+    c = model.generate(3, steps=4, seed=2)
+    assert a.shape == (3, 16, 16, 1) and a.dtype == np.float32
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+    ddpm = model.generate(3, steps=4, sampler="ddpm", seed=1)
+    assert np.abs(ddpm - model.generate(3, steps=4, sampler="ddpm", seed=1)).max() == 0
+
+
+def test_generate_in_batches_matches_one_batch():
+    model = tiny_model()
+    whole = model.generate(4, steps=3, seed=5)
+    parts = model.generate(4, steps=3, seed=5, batch_size=3)
+    np.testing.assert_allclose(whole, parts, atol=1e-5)
+
+
+def test_ema_update_closed_form():
+    model = tiny_model(ema_decay=0.9)
+    before = [ops.convert_to_numpy(v) for v in model.network.trainable_variables]
+    model.fit(blobs(16), batch_size=16, epochs=1, verbose=0)
+    after = [ops.convert_to_numpy(v) for v in model.network.trainable_variables]
+    # First update: decay = min(0.9, (1 + 0) / (10 + 0)) = 0.1.
+    for ema, w0, w1 in zip(model.ema_weights, before, after):
+        np.testing.assert_allclose(ops.convert_to_numpy(ema), 0.1 * w0 + 0.9 * w1, rtol=1e-5, atol=1e-6)
+    assert float(ops.convert_to_numpy(model.ema_updates)) == 1.0
+
+
+def test_sampling_uses_ema_weights():
+    with_ema = tiny_model(ema_decay=0.999)
+    with_ema.fit(blobs(), batch_size=16, epochs=2, verbose=0)
+    raw = with_ema.generate(2, steps=3, seed=0)
+    for ema, weight in zip(with_ema.ema_weights, with_ema.network.trainable_variables):
+        ema.assign(weight)
+    assert np.abs(with_ema.generate(2, steps=3, seed=0) - raw).max() > 1e-4
+    without = tiny_model(ema_decay=None)
+    assert not hasattr(without, "ema_weights")
+    assert list(without.sampling_weights) == list(without.network.trainable_variables)
+
+
+class _Zero(keras.layers.Layer):
+    def call(self, x):
+        return ops.zeros_like(x)
+
+
+def test_x0_loss_closed_form():
+    x = keras.Input((4, 4, 1))
+    t = keras.Input((), dtype="int32")
+    network = keras.Model([x, t], _Zero()(x))
+    model = kd.DiffusionModel(network, kd.DiffusionSchedule(timesteps=10), prediction="x0", ema_decay=None)
+    images = np.full((8, 4, 4, 1), 0.75, "float32")  # x0 = 0.5 in model range
+    loss = ops.convert_to_numpy(model.compute_diffusion_loss(images))
+    assert float(loss) == pytest.approx(0.25, rel=1e-6)
+    uint8 = np.full((8, 4, 4, 1), 255, "uint8")  # x0 = 1
+    assert float(ops.convert_to_numpy(model.compute_diffusion_loss(uint8))) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_other_predictions_and_min_snr_train(prediction):
+    model = tiny_model(prediction=prediction, min_snr_gamma=5.0)
+    history = model.fit(blobs(), batch_size=16, epochs=2, verbose=0).history["loss"]
+    assert np.all(np.isfinite(history))
+
+
+def test_dataset_and_pydataset_inputs():
+    import tensorflow as tf
+
+    images = blobs(32)
+    model = tiny_model()
+    ds = tf.data.Dataset.from_tensor_slices(images).batch(16)
+    assert np.isfinite(model.fit(ds, epochs=1, verbose=0).history["loss"][0])
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return images[i * 16:(i + 1) * 16]
+
+    assert np.isfinite(model.fit(Batches(), epochs=1, verbose=0).history["loss"][0])
+    assert np.isfinite(model.evaluate(images, batch_size=16, verbose=0))
+
+
+def test_conditional_training_and_label_errors():
+    model = tiny_model(num_classes=3)
+    labels = np.arange(32) % 3
+    model.fit(blobs(32), labels, batch_size=16, epochs=1, verbose=0)
+    out = model.generate(3, steps=2, seed=0, labels=[0, 1, 2], guidance_scale=2.0)
+    assert out.shape == (3, 16, 16, 1)
+    with pytest.raises(ValueError, match="class-conditional .* so fit needs labels"):
+        model.fit(blobs(16), batch_size=16, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="label 3 is out of range; accepted: 0 to 2"):
+        model.generate(1, steps=2, labels=[3])
+    with pytest.raises(ValueError, match="unknown class name 'cat'"):
+        model.generate(1, steps=2, labels=["cat"])
+    unconditional = tiny_model()
+    with pytest.raises(ValueError, match="network is unconditional"):
+        unconditional.fit(blobs(16), labels[:16], batch_size=16, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="this model is unconditional"):
+        unconditional.generate(1, steps=2, labels=[0])
+    with pytest.raises(ValueError, match="guidance_scale=2.0 needs a class-conditional model"):
+        unconditional.generate(1, steps=2, guidance_scale=2.0)
+
+
+def test_class_names_select_labels():
+    model = tiny_model(num_classes=2, class_names=["cat", "dog"])
+    by_name = model.generate(2, steps=2, seed=0, labels=["Dog", "cat"])
+    by_index = model.generate(2, steps=2, seed=0, labels=[1, 0])
+    np.testing.assert_array_equal(by_name, by_index)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"sampler": "euler_a"}, "sampler must be one of"),
+        ({"steps": 0}, r"steps must be an integer from 1 to the schedule's timesteps \(100\); got 0"),
+        ({"steps": 101}, "got 101"),
+    ],
+)
+def test_generate_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_model().generate(2, **kwargs)
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="prediction must be one of epsilon, v, x0; got 'eps'"):
+        kd.DiffusionModel(tiny_unet(), prediction="eps")
+    with pytest.raises(ValueError, match=r"ema_decay must be in \[0, 1\) or None; got 1.5"):
+        kd.DiffusionModel(tiny_unet(), ema_decay=1.5)
+
+
+def test_save_load_round_trip_resumes_training(tmp_path):
+    model = tiny_model()
+    images = blobs()
+    model.fit(images, batch_size=16, epochs=1, verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, kd.DiffusionModel)
+    np.testing.assert_array_equal(model.generate(2, steps=3, seed=4), loaded.generate(2, steps=3, seed=4))
+    assert int(ops.convert_to_numpy(loaded.optimizer.iterations)) == 4
+    for a, b in zip(model.optimizer.variables, loaded.optimizer.variables):
+        np.testing.assert_array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))
+    loaded.fit(images, batch_size=16, epochs=1, verbose=0)
+    assert int(ops.convert_to_numpy(loaded.optimizer.iterations)) == 8
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        kd.load_model(tmp_path / "missing.keras")
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="is not a Keras model archive"):
+        kd.load_model(bad)
+    good = tmp_path / "good.keras"
+    tiny_model().save(good)
+    truncated = tmp_path / "truncated.keras"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated.keras"):
+        kd.load_model(truncated)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_training(policy):
+    keras.mixed_precision.set_dtype_policy(policy)
+    try:
+        model = tiny_model()
+        history = model.fit(blobs(32), batch_size=16, epochs=2, verbose=0).history["loss"]
+        if policy == "mixed_float16":
+            assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        assert np.all(np.isfinite(history))
+        images = model.generate(2, steps=2, seed=0)
+        assert images.dtype == np.float32 and np.isfinite(images).all()
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
