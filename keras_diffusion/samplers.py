@@ -19,7 +19,9 @@ from keras import random
 
 from keras_diffusion.schedule import check_steps
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_sde")
+# Samplers that add fresh noise at every step (DDIM too when eta > 0).
+_STOCHASTIC = ("ddpm", "dpmpp_2m_sde")
 
 
 def check_sampler(sampler):
@@ -39,6 +41,7 @@ def sample(
     timestep_spacing="leading",
     clip_x0=True,
     start_timestep=None,
+    use_karras_sigmas=False,
 ):
     """Run the reverse diffusion process from `noise` and return x0 in [-1, 1].
 
@@ -47,9 +50,14 @@ def sample(
         schedule: a `DiffusionSchedule`.
         noise: `(B, H, W, C)` starting point, normally standard Gaussian noise
             (or a noised image when `start_timestep` is given).
-        sampler: `"ddpm"` (ancestral, Ho 2020 eq. 6-7) or `"ddim"`
-            (Song 2021 eq. 12, stochastic when `eta > 0`).
-        steps: number of denoiser evaluations, 1 to `schedule.timesteps`.
+        sampler: `"ddpm"` (ancestral, Ho 2020 eq. 6-7), `"ddim"` (Song 2021
+            eq. 12, stochastic when `eta > 0`), `"euler"` or `"heun"` (Karras
+            2022 algorithm 1, first and second order), `"dpmpp_2m"` or
+            `"dpmpp_2m_sde"` (DPM-Solver++ 2M and its SDE variant, Lu 2022b;
+            good images in 10-20 steps).
+        steps: number of noise levels visited, 1 to `schedule.timesteps`;
+            one denoiser evaluation each, except `"heun"`, which makes
+            `2 * steps - 1` (as diffusers' `HeunDiscreteScheduler`).
         prediction: what the denoiser predicts: `"epsilon"`, `"v"` or `"x0"`.
         seed: integer seed for the noise the stochastic samplers add.
         eta: DDIM stochasticity; 0 is deterministic, 1 matches DDPM's variance.
@@ -60,11 +68,15 @@ def sample(
         start_timestep: when given, `noise` is taken to be x at this timestep
             and only the sampling timesteps at or below it are run (SDEdit,
             denoising).
+        use_karras_sigmas: respace the noise levels by Karras 2022 eq. 5
+            (denser near the data), for any sampler.
 
     Returns:
         The final clean-image estimate, `(B, H, W, C)` float32 in [-1, 1].
     """
-    timesteps = plan_timesteps(schedule, sampler, steps, eta, timestep_spacing, start_timestep)
+    timesteps = plan_timesteps(
+        schedule, sampler, steps, eta, timestep_spacing, start_timestep, use_karras_sigmas
+    )
     x = ops.cast(ops.convert_to_tensor(noise), "float32")
     step_noise = draw_step_noise(x.shape, sampler, len(timesteps), eta, seed)
     return run_sampler(
@@ -72,13 +84,21 @@ def sample(
     )
 
 
-def plan_timesteps(schedule, sampler, steps, eta=0.0, spacing="leading", start_timestep=None):
+def plan_timesteps(
+    schedule, sampler, steps, eta=0.0, spacing="leading", start_timestep=None,
+    use_karras_sigmas=False,
+):
     """Validate sampler arguments and return the descending timesteps to run."""
     check_sampler(sampler)
     check_steps(steps, schedule.timesteps)
     if eta < 0:
         raise ValueError(f"eta must be >= 0; got {eta!r}.")
-    timesteps = schedule.sampling_timesteps(steps, spacing)
+    if eta and sampler not in ("ddim", "ddpm"):
+        raise ValueError(
+            f"eta is a DDIM option; sampler {sampler!r} takes none (got eta={eta!r}). "
+            "For a stochastic few-step sampler use 'dpmpp_2m_sde'."
+        )
+    timesteps = schedule.sampling_timesteps(steps, spacing, use_karras_sigmas=use_karras_sigmas)
     if start_timestep is not None:
         timesteps = _timesteps_from(timesteps, start_timestep)
     return timesteps
@@ -87,7 +107,7 @@ def plan_timesteps(schedule, sampler, steps, eta=0.0, spacing="leading", start_t
 def draw_step_noise(shape, sampler, num_steps, eta, seed):
     """All the noise a stochastic sampler adds, `(num_steps, *shape)`, or
     None for a deterministic one. Drawn up front so the loop stays traceable."""
-    if sampler == "ddim" and eta == 0:
+    if sampler not in _STOCHASTIC and not (sampler == "ddim" and eta > 0):
         return None
     return random.normal((num_steps,) + tuple(shape), seed=seed, dtype="float32")
 
@@ -95,6 +115,15 @@ def draw_step_noise(shape, sampler, num_steps, eta, seed):
 def run_sampler(denoiser, schedule, x, timesteps, sampler, prediction, eta, clip_x0, step_noise):
     """The sampling loop itself, free of validation and randomness: safe to
     trace inside `jax.jit` or `tf.function`."""
+    timesteps = np.asarray(timesteps, dtype=np.int32)
+    if sampler in ("euler", "heun"):
+        loop = _euler_loop if sampler == "euler" else _heun_loop
+        return loop(denoiser, schedule, x, timesteps, prediction, clip_x0)
+    if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
+        return _dpmpp_2m_loop(
+            denoiser, schedule, x, timesteps, prediction, clip_x0,
+            step_noise if sampler == "dpmpp_2m_sde" else None,
+        )
     if sampler == "ddpm":
         # Ancestral sampling is DDIM with eta = 1 (Song 2021, section 4.1).
         eta = 1.0
@@ -117,7 +146,7 @@ def _ddim_loop(denoiser, schedule, x, timesteps, prediction, eta, clip_x0, step_
     With eta = 1 this is the DDPM posterior q(x_prev | x_t, x0) with the
     "fixed small" variance, for any subsequence of timesteps.
     """
-    batch = x.shape[0]
+    batch = ops.shape(x)[0]  # a tensor when the batch size is unknown (export)
     ts = ops.convert_to_tensor(timesteps, dtype="int32")
     ts_prev = ops.convert_to_tensor(np.append(timesteps[1:], -1), dtype="int32")
 
@@ -140,4 +169,116 @@ def _ddim_loop(denoiser, schedule, x, timesteps, prediction, eta, clip_x0, step_
         return x_prev + direction * eps + sigma * ops.take(step_noise, i, axis=0)
 
     x = ops.fori_loop(0, len(timesteps), body, x)
+    return ops.clip(x, -1.0, 1.0)
+
+
+def _predict_x0(denoiser, schedule, x, t, prediction, clip_x0):
+    """The clean-image estimate at scalar timestep `t` (a traced int32)."""
+    t_batch = ops.full((ops.shape(x)[0],), t, dtype="int32")
+    x0 = schedule.predict_x0(x, denoiser(x, t_batch), t_batch, prediction)
+    return ops.clip(x0, -1.0, 1.0) if clip_x0 else x0
+
+
+def _table(values, dtype="float32"):
+    return ops.convert_to_tensor(np.asarray(values).astype(dtype))
+
+
+def _euler_loop(denoiser, schedule, x, timesteps, prediction, clip_x0):
+    """Euler steps of the probability-flow ODE in sigma space (Karras 2022
+    algorithm 1 without the Heun correction): with y = x_t / sqrt(a) and
+    d = (y - x0) / sigma (eq. 3 for sigma(t) = t), y_next = y + (sigma_next - sigma) d.
+    The last step goes to sigma = 0, where y is the clean image."""
+    sigmas = schedule.sigmas(timesteps)
+    steps = len(timesteps)
+    ts, s, s_next = _table(timesteps, "int32"), _table(sigmas), _table(np.append(sigmas[1:], 0.0))
+    scale = _table(1.0 / np.sqrt(1.0 + sigmas**2))  # sqrt(a): y -> x_t
+
+    def body(i, y):
+        sigma = ops.take(s, i)
+        x0 = _predict_x0(denoiser, schedule, y * ops.take(scale, i), ops.take(ts, i), prediction, clip_x0)
+        return y + (ops.take(s_next, i) - sigma) * (y - x0) / sigma
+
+    y = ops.fori_loop(0, steps, body, x * float(np.sqrt(1.0 + sigmas[0] ** 2)))
+    return ops.clip(y, -1.0, 1.0)
+
+
+def _heun_loop(denoiser, schedule, x, timesteps, prediction, clip_x0):
+    """Heun's second-order method (Karras 2022 algorithm 1, deterministic):
+    an Euler step to sigma_next, then the average of the slopes at both ends.
+    Between the last noise level and sigma = 0 it takes the Euler step (the
+    slope there is undefined), as algorithm 1 and diffusers do, so `steps`
+    noise levels cost 2 * steps - 1 denoiser evaluations."""
+    sigmas = schedule.sigmas(timesteps)
+    ts, s = _table(timesteps, "int32"), _table(sigmas)
+    scale = _table(1.0 / np.sqrt(1.0 + sigmas**2))
+
+    def x0_at(y, i):
+        return _predict_x0(
+            denoiser, schedule, y * ops.take(scale, i), ops.take(ts, i), prediction, clip_x0
+        )
+
+    def body(i, y):
+        sigma, sigma_next = ops.take(s, i), ops.take(s, i + 1)
+        slope = (y - x0_at(y, i)) / sigma
+        y_euler = y + (sigma_next - sigma) * slope
+        slope_next = (y_euler - x0_at(y_euler, i + 1)) / sigma_next
+        return y + (sigma_next - sigma) * 0.5 * (slope + slope_next)
+
+    last = len(timesteps) - 1
+    y = ops.fori_loop(0, last, body, x * float(np.sqrt(1.0 + sigmas[0] ** 2)))
+    return ops.clip(x0_at(y, last), -1.0, 1.0)
+
+
+def _dpmpp_2m_tables(schedule, timesteps, sde):
+    """Per-step coefficients of DPM-Solver++(2M) (Lu 2022b, algorithm 2 and
+    eq. 8-9; the SDE variant from its appendix, as diffusers'
+    `sde-dpmsolver++` with the midpoint rule). Each step is
+
+        x_next = ratio x + gain (w_now x0_now + w_prev x0_prev) + noise_std z
+
+    with alpha = sqrt(a), sigma = sqrt(1 - a), lambda = log(alpha / sigma) and
+    h = lambda_next - lambda:
+      ODE: ratio = sigma_next / sigma,          gain = alpha_next (1 - e^-h)
+      SDE: ratio = sigma_next / sigma e^-h,     gain = alpha_next (1 - e^-2h),
+           noise_std = sigma_next sqrt(1 - e^-2h)
+    and the second-order weights w_now = 1 + 1/(2r), w_prev = -1/(2r) with
+    r = h_prev / h. The first step has no previous estimate and the last
+    (to sigma = 0, where lambda = inf) is first order, as in diffusers with
+    `final_sigmas_type="zero"`; both use w_now = 1, w_prev = 0."""
+    t_next = np.append(timesteps[1:], -1)
+    alpha_next, sigma_next = schedule.alphas_sigmas(t_next)
+    _, sigma = schedule.alphas_sigmas(timesteps)
+    lam, lam_next = schedule.lambdas(timesteps), schedule.lambdas(t_next)
+    with np.errstate(invalid="ignore", over="ignore"):
+        h = lam_next - lam
+        decay = np.exp(-h) if not sde else np.exp(-2.0 * h)  # 0 on the last step
+        ratio = sigma_next / sigma * (np.exp(-h) if sde else 1.0)
+        gain = alpha_next * (1.0 - decay)
+        noise_std = sigma_next * np.sqrt(1.0 - decay) if sde else np.zeros_like(h)
+        r = np.concatenate([[np.inf], h[:-1] / h[1:]])
+    w_prev = -0.5 / r
+    w_prev[0] = w_prev[-1] = 0.0
+    ratio[-1], noise_std[-1] = 0.0, 0.0
+    return [_table(v) for v in (ratio, gain, 1.0 - w_prev, w_prev, noise_std)]
+
+
+def _dpmpp_2m_loop(denoiser, schedule, x, timesteps, prediction, clip_x0, step_noise):
+    """DPM-Solver++(2M) (Lu 2022b): a multistep exponential integrator on
+    the data prediction; the previous x0 estimate rides in the loop state.
+    With `step_noise` it is the SDE variant, drawing z from it."""
+    ratio, gain, w_now, w_prev, noise_std = _dpmpp_2m_tables(
+        schedule, timesteps, sde=step_noise is not None
+    )
+    ts = _table(timesteps, "int32")
+
+    def body(i, state):
+        x, x0_prev = state
+        x0 = _predict_x0(denoiser, schedule, x, ops.take(ts, i), prediction, clip_x0)
+        estimate = ops.take(w_now, i) * x0 + ops.take(w_prev, i) * x0_prev
+        x_next = ops.take(ratio, i) * x + ops.take(gain, i) * estimate
+        if step_noise is not None:
+            x_next = x_next + ops.take(noise_std, i) * ops.take(step_noise, i, axis=0)
+        return x_next, x0
+
+    x, _ = ops.fori_loop(0, len(timesteps), body, (x, ops.zeros_like(x)))
     return ops.clip(x, -1.0, 1.0)

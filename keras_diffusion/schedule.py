@@ -185,9 +185,17 @@ class DiffusionSchedule(keras.layers.Layer):
         return clipped
 
     # ----------------------------------------------------------- inference
-    def sampling_timesteps(self, steps, spacing="leading"):
+    def sampling_timesteps(self, steps, spacing="leading", use_karras_sigmas=False):
         """Descending integer timesteps for a `steps`-step sampler, with the
-        meaning of diffusers' `timestep_spacing` (Lin et al. 2023, table 2)."""
+        meaning of diffusers' `timestep_spacing` (Lin et al. 2023, table 2).
+
+        With `use_karras_sigmas`, the noise levels between the first and last
+        of those timesteps are respaced by Karras 2022 eq. 5 (rho = 7) and
+        snapped to the nearest training timesteps; where two snap to the
+        same timestep it is kept once, so fewer than `steps` may remain."""
+        if use_karras_sigmas:
+            ends = self.sigmas(self.sampling_timesteps(steps, spacing)[[-1, 0]])
+            return self.timesteps_for_sigmas(self.karras_sigmas(steps, *ends))
         if spacing not in TIMESTEP_SPACINGS:
             raise ValueError(
                 f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}; got {spacing!r}."
@@ -201,6 +209,48 @@ class DiffusionSchedule(keras.layers.Layer):
         else:
             ts = np.round(np.arange(T, 0, -T / steps)) - 1
         return ts.astype(np.int32)
+
+    # ------------------------------------------- sigma (variance-exploding) view
+    # Samplers plan in numpy float64, once, before the (traced) loop; these
+    # helpers take integer timesteps with t < 0 meaning "no noise", as
+    # `alpha_bar` does.
+    def alphas_sigmas(self, t):
+        """The pair (alpha_t, sigma_t) = (sqrt(a), sqrt(1 - a)) of x_t =
+        alpha_t x0 + sigma_t eps (Lu 2022, eq. 2.1), in float64; (1, 0) for t < 0."""
+        t = np.asarray(t)
+        a = np.where(t >= 0, self.alphas_cumprod.astype(np.float64)[np.maximum(t, 0)], 1.0)
+        return np.sqrt(a), np.sqrt(1.0 - a)
+
+    def sigmas(self, t):
+        """sigma_t = sqrt((1 - a) / a), the noise level of x_t / sqrt(a) =
+        x0 + sigma_t eps (Karras 2022, eq. 1 with s(t) = sqrt(a)); 0 for t < 0."""
+        alpha, sigma = self.alphas_sigmas(t)
+        return sigma / alpha
+
+    def lambdas(self, t):
+        """Half log-SNR lambda_t = log(alpha_t / sigma_t) = -log(sigma_t), with
+        alpha_t = sqrt(a) and sigma_t = sqrt(1 - a) (Lu 2022, section 3.1);
+        +inf for t < 0."""
+        with np.errstate(divide="ignore"):
+            return -np.log(self.sigmas(t))
+
+    def karras_sigmas(self, steps, sigma_min, sigma_max, rho=7.0):
+        """`steps` noise levels from `sigma_max` down to `sigma_min`, spaced
+        as Karras 2022 eq. 5: (max^(1/rho) + i/(N-1) (min^(1/rho) - max^(1/rho)))^rho."""
+        ramp = np.linspace(0.0, 1.0, steps) if steps > 1 else np.zeros(1)
+        low, high = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+        return (high + ramp * (low - high)) ** rho
+
+    def timesteps_for_sigmas(self, sigmas):
+        """The training timesteps nearest (in log sigma) to `sigmas`, in the
+        order given, with repeats removed. Snapping keeps each step's noise
+        level exactly the one the network was trained at, so a denoiser only
+        ever sees integer timesteps."""
+        log_table = np.log(self.sigmas(np.arange(self.timesteps)))
+        log_sigmas = np.log(np.maximum(np.asarray(sigmas, np.float64), 1e-10))
+        nearest = np.abs(log_sigmas[:, None] - log_table[None, :]).argmin(axis=1)
+        _, first = np.unique(nearest, return_index=True)
+        return nearest[np.sort(first)].astype(np.int32)
 
     def timestep_for_noise_std(self, std):
         """The timestep whose noise, seen on the x0 scale, has std `std`:
