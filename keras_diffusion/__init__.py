@@ -23,9 +23,17 @@ _EXPORTS = {
     "sample": "keras_diffusion.samplers",
     "SAMPLERS": "keras_diffusion.samplers",
     "SampleGrid": "keras_diffusion.callbacks",
+    "AtomicBackupAndRestore": "keras_diffusion.callbacks",
+    "AtomicCSVLogger": "keras_diffusion.callbacks",
+    "TerminateOnNonFiniteLoss": "keras_diffusion.callbacks",
+    "NonFiniteLossError": "keras_diffusion.callbacks",
+    "distribution_scope": "keras_diffusion.distribute",
     "load_dataset": "keras_diffusion.data",
     "load_image_folder": "keras_diffusion.data",
     "save_image_grid": "keras_diffusion.images",
+    "DenoiseResult": "keras_diffusion.applications",
+    "estimate_noise_std": "keras_diffusion.applications",
+    "make_mask": "keras_diffusion.applications",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -56,5 +64,15 @@ def _import_all():
         __getattr__(name)
 
 
+def _check_backend_name():
+    # Keras' own message for a bad name does not say which names work.
+    name = os.environ.get("KERAS_BACKEND")
+    if name is not None and name not in ("tensorflow", "jax", "torch"):
+        raise ValueError(
+            f"KERAS_BACKEND is {name!r}; keras_diffusion runs on tensorflow, jax or torch."
+        )
+
+
 if not _started_as_cli():
+    _check_backend_name()
     _import_all()

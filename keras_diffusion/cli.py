@@ -38,6 +38,9 @@ def _build_parser():
     train.add_argument("--output", help="output directory (default: runs/<config name>)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set training.epochs=3")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from OUTPUT/backup after a crash, or past training.epochs "
+                            "(starts afresh when there is no backup)")
 
     sample = commands.add_parser("sample", help="generate images from a trained model")
     _common(sample)
@@ -54,6 +57,23 @@ def _build_parser():
     sample.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     sample.add_argument("--out", required=True, help="PNG grid to write")
     sample.add_argument("--npz", help="also write the images, in [0, 1], to this .npz")
+
+    export = commands.add_parser(
+        "export", help="export a trained model as a TensorFlow SavedModel (or ONNX)"
+    )
+    _common(export)
+    export.add_argument("--model", required=True, help=".keras file")
+    export.add_argument("--out", required=True,
+                        help="SavedModel directory to write (a .onnx file with --format onnx)")
+    export.add_argument("--format", choices=("tf_saved_model", "onnx"), default="tf_saved_model",
+                        help="tf_saved_model: generate/denoise/predict_noise endpoints; "
+                             "onnx: predict_noise only")
+    export.add_argument("--steps", type=int, default=50, help="sampler steps fixed in the export")
+    export.add_argument("--sampler", default="ddim")
+    export.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
+    export.add_argument("--denoise-steps", type=int, default=10,
+                        help="denoiser evaluations of the denoise endpoint")
+    _add_application_commands(commands)
     return parser
 
 
@@ -70,7 +90,7 @@ def _train(args):
 
     from keras_diffusion.training import train
 
-    train(config, output, verbose=2)
+    train(config, output, verbose=2, resume=args.resume)
     print(f"wrote {output / 'model.keras'}, {output / 'samples'}/, {output / 'history.csv'}, {output / 'loss.png'}")
 
 
@@ -112,7 +132,206 @@ def _labels(args, model):
     return [args.label[i % len(args.label)] for i in range(args.num)], None
 
 
-COMMANDS = {"train": _train, "sample": _sample}
+def _export(args):
+    if args.format == "onnx":
+        _check_suffix(args.out, (".onnx",), "--out")
+    _check_writable(args.out)
+
+    import keras
+
+    from keras_diffusion.model import load_model
+
+    model = load_model(args.model)
+    if args.format == "onnx":
+        model.export(args.out, format="onnx", verbose=False)
+        print(f"wrote predict_noise to {args.out}")
+        return
+    if keras.backend.backend() == "torch":
+        print("PyTorch cannot trace SavedModel endpoints: exporting under the TensorFlow backend")
+    model.export(args.out, steps=args.steps, sampler=args.sampler, eta=args.eta,
+                 denoise_steps=args.denoise_steps)
+    endpoints = "generate, generate_conditional" if model.conditional else "generate"
+    print(f"wrote SavedModel {args.out} ({endpoints}: {args.sampler}, {args.steps} steps; "
+          "denoise; predict_noise)")
+
+
+COMMANDS = {"train": _train, "sample": _sample, "export": _export}
+
+
+# --------------------------------------------- restoration and editing (issue 3)
+def _add_application_commands(commands):
+    denoise = _application_parser(commands, "denoise", "remove Gaussian noise from images")
+    denoise.add_argument("--sigma", type=float, default=None,
+                         help="noise std on the [0, 1] scale, in (0, 1]; estimated when omitted")
+    denoise.add_argument("--steps", type=int, default=10, help="denoiser evaluations")
+
+    inpaint = _application_parser(commands, "inpaint", "fill in the masked part of images (RePaint)")
+    inpaint.add_argument("--mask", required=True,
+                         help="mask image or .npz (white/1 = known pixel), or a built-in shape: "
+                              "center, left-half, random:P (P = fraction missing)")
+    inpaint.add_argument("--steps", type=int, default=50)
+    inpaint.add_argument("--jump-length", type=int, default=5, help="RePaint jump length")
+    inpaint.add_argument("--resamples", type=int, default=4, help="RePaint resamplings (1: none)")
+    inpaint.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity (1: DDPM)")
+    inpaint.add_argument("--seed", type=int, default=0)
+    _label_arguments(inpaint)
+
+    img2img = _application_parser(commands, "img2img", "re-imagine images (SDEdit)")
+    img2img.add_argument("--strength", type=float, default=0.5,
+                         help="in (0, 1]: how much of the input is noised away")
+    img2img.add_argument("--steps", type=int, default=50)
+    img2img.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
+    img2img.add_argument("--seed", type=int, default=0)
+    _label_arguments(img2img)
+
+    interpolate = _application_parser(
+        commands, "interpolate", "images along a path between two images or two seeds", inputs=False
+    )
+    ends = interpolate.add_mutually_exclusive_group(required=True)
+    ends.add_argument("--input", action="append", help="an end image (give two)")
+    ends.add_argument("--seeds", type=int, nargs=2, metavar=("A", "B"), help="two noise seeds")
+    interpolate.add_argument("--num", type=int, default=8, help="images, both ends included")
+    interpolate.add_argument("--steps", type=int, default=50, help="DDIM steps (inversion too)")
+    _label_arguments(interpolate)
+
+
+def _application_parser(commands, name, help, inputs=True):
+    parser = commands.add_parser(name, help=help)
+    _common(parser)
+    parser.add_argument("--model", required=True, help=".keras file")
+    if inputs:
+        parser.add_argument("--input", required=True, help="a .png/.jpg image or an .npz of images")
+    parser.add_argument("--out", required=True,
+                        help=".npz of the images, or .png (one image, or a grid of several)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    return parser
+
+
+def _label_arguments(parser):
+    parser.add_argument("--label", action="append", default=None,
+                        help="class label or name (repeatable; cycled over the images)")
+    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+
+
+def _denoise(args):
+    _check_application_paths(args)
+    if args.sigma is not None and not 0 < args.sigma <= 1:
+        raise CommandError(f"--sigma must be in (0, 1] (or omitted, to estimate it); got {args.sigma}")
+    model, images = _load_model_and_input(args, noisy=True)
+    result = model.denoise(images, sigma=args.sigma, steps=args.steps, batch_size=args.batch_size)
+    how = "estimated from the images" if result.sigma_estimated else "given"
+    _write_output(args.out, result.images, f"(sigma {result.sigma:.3g}, {how})")
+
+
+def _inpaint(args):
+    _check_application_paths(args)
+    from keras_diffusion.applications import make_mask
+    from keras_diffusion.images import READ_EXTENSIONS
+    from keras_diffusion.images import read_images
+
+    builtin = Path(args.mask).suffix.lower() not in READ_EXTENSIONS  # "random:0.5" included
+    if not builtin:
+        _check_input(args.mask, "--mask")
+
+    if builtin:
+        make_mask(args.mask, (1, 3, 3, 1))  # a bad name fails before the model loads
+    model, images = _load_model_and_input(args)
+    mask = make_mask(args.mask, images.shape, seed=args.seed) if builtin else read_images(args.mask)
+    out = model.inpaint(
+        images, mask, steps=args.steps, jump_length=args.jump_length, resamples=args.resamples,
+        eta=args.eta, seed=args.seed, labels=_cycled_labels(args, len(images)),
+        guidance_scale=args.guidance, batch_size=args.batch_size,
+    )
+    _write_output(args.out, out, f"(mask {args.mask})")
+
+
+def _img2img(args):
+    _check_application_paths(args)
+    if not 0 < args.strength <= 1:
+        raise CommandError(f"--strength must be in (0, 1]; got {args.strength}")
+    model, images = _load_model_and_input(args)
+    out = model.img2img(
+        images, strength=args.strength, steps=args.steps, eta=args.eta, seed=args.seed,
+        labels=_cycled_labels(args, len(images)), guidance_scale=args.guidance,
+        batch_size=args.batch_size,
+    )
+    _write_output(args.out, out, f"(strength {args.strength:g})")
+
+
+def _interpolate(args):
+    if args.input is not None:
+        if len(args.input) != 2:
+            raise CommandError(f"--input must be given twice (the two ends); got {len(args.input)}")
+        for path in args.input:
+            _check_input(path, "--input")
+    _check_output(args.out)
+    if args.num < 2:
+        raise CommandError(f"--num must be at least 2 (both ends included); got {args.num}")
+    from keras_diffusion.images import read_images
+    from keras_diffusion.model import load_model
+
+    model = load_model(args.model)
+    ends = args.seeds if args.input is None else [_one_image(read_images(path), path) for path in args.input]
+    frames = model.interpolate(
+        ends[0], ends[1], num=args.num, steps=args.steps, labels=_cycled_labels(args, args.num),
+        guidance_scale=args.guidance, batch_size=args.batch_size,
+    )
+    _write_output(args.out, frames, "", nrow=args.num)
+
+
+def _check_application_paths(args):
+    _check_input(args.input, "--input")
+    _check_output(args.out)
+
+
+def _check_input(path, flag):
+    from keras_diffusion.images import READ_EXTENSIONS
+
+    _check_suffix(path, READ_EXTENSIONS, flag)
+    if not Path(path).is_file():
+        raise CommandError(f"{flag} file not found: {path}")
+
+
+def _check_output(path):
+    _check_suffix(path, (".png", ".npz"), "--out")
+    _check_writable(path)
+
+
+def _load_model_and_input(args, noisy=False):
+    from keras_diffusion.images import read_images
+    from keras_diffusion.model import load_model
+
+    images = read_images(args.input, noisy=noisy)
+    return load_model(args.model), images
+
+
+def _one_image(images, path):
+    if len(images) != 1:
+        raise CommandError(f"{path} holds {len(images)} images; an end of the path must be one image")
+    return images[0]
+
+
+def _cycled_labels(args, num):
+    if args.label is None:
+        return None
+    return [args.label[i % len(args.label)] for i in range(num)]
+
+
+def _write_output(path, images, note, nrow=None):
+    """An .npz keeps every image; a .png holds one image, or else a grid."""
+    from keras_diffusion.images import save_image_grid
+    from keras_diffusion.images import write_images
+
+    if Path(path).suffix.lower() == ".png" and len(images) > 1:
+        save_image_grid(images, path, nrow=nrow)
+        what = f"a grid of {len(images)} images"
+    else:
+        write_images(path, images)
+        what = f"{len(images)} image{'s' if len(images) > 1 else ''}"
+    print(f"wrote {what} to {path}" + (f" {note}" if note else ""))
+
+
+COMMANDS.update(denoise=_denoise, inpaint=_inpaint, img2img=_img2img, interpolate=_interpolate)
 
 
 # ----------------------------------------------------------------- helpers
@@ -159,6 +378,11 @@ def main(argv=None):
                   f"backend; cannot switch to {args.backend}", file=sys.stderr)
             return 2
         os.environ["KERAS_BACKEND"] = args.backend
+    elif os.environ.get("KERAS_BACKEND", BACKENDS[0]) not in BACKENDS:
+        print(f"keras-diffusion {args.command}: error: KERAS_BACKEND is "
+              f"{os.environ['KERAS_BACKEND']!r}; accepted: {', '.join(BACKENDS)} "
+              "(or pass --backend)", file=sys.stderr)
+        return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         with _quiet_stderr():

@@ -274,13 +274,13 @@ def check_images(images, image_shape=None, name="images"):
         raise ValueError(
             f"{name} must be uint8 in [0, 255] or float in [0, 1]; got dtype {array.dtype}."
         )
-    array = array.astype(np.float32)
+    array = array.astype(np.float32, copy=False)  # a large dataset is not copied to be checked
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{name} contain NaN or Inf values.")
     low, high = float(array.min()), float(array.max())
     tolerance = 1e-3
     if low >= -tolerance and high <= 1 + tolerance:
-        return np.clip(array, 0.0, 1.0)
+        return array if low >= 0 and high <= 1 else np.clip(array, 0.0, 1.0)
     if low >= -tolerance and high <= 255 + tolerance:
         guess = "they look like [0, 255] pixel values; divide by 255 or pass uint8"
     elif low >= -1 - tolerance and high <= 1 + tolerance:

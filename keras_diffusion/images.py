@@ -25,16 +25,18 @@ def atomic_write(path, write_fn):
     """Create `path` by calling `write_fn(temp_path)` on a temporary file in
     the same directory, then moving it into place with `os.replace`.
 
-    The temporary file keeps `path`'s extension (matplotlib and numpy pick a
-    format from it). Parent directories are created; on failure the
-    temporary file is removed and the error re-raised.
+    The temporary file keeps `path`'s extensions, all of them (matplotlib
+    and numpy pick a format from the last; Keras wants `.weights.h5`). Parent
+    directories are created; on failure the temporary file is removed and the
+    error re-raised.
 
     Returns:
         `path` as a `pathlib.Path`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    suffix = "".join(path.suffixes)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(handle)
     try:
         write_fn(temp)
@@ -134,11 +136,13 @@ def save_loss_curve(history, path):
 
 
 # ------------------------------------------------------------- image files
-def read_images(path):
+def read_images(path, noisy=False):
     """Read images as float32 `(N, H, W, C)` in [0, 1].
 
     A `.png`/`.jpg` gives one image (`N = 1`; grayscale keeps one channel,
-    an alpha channel is dropped); an `.npz` gives its `images` array.
+    an alpha channel is dropped); an `.npz` gives its `images` array. With
+    `noisy=True` an `.npz` of floats is returned as it is, values outside
+    [0, 1] included, for `DiffusionModel.denoise` (which checks it).
     """
     from PIL import Image
 
@@ -152,7 +156,10 @@ def read_images(path):
                 raise ValueError(
                     f"{path} has no 'images' array; found {', '.join(archive.files) or 'none'}."
                 )
-            return check_images(archive["images"], name=f"images in {path}")
+            images = archive["images"]
+            if noisy and np.issubdtype(images.dtype, np.floating):
+                return images.astype(np.float32)
+            return check_images(images, name=f"images in {path}")
     with Image.open(path) as image:
         if image.mode not in ("L", "RGB"):
             image = image.convert("L" if image.mode in ("1", "I", "I;16", "F") else "RGB")

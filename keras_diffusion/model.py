@@ -117,6 +117,52 @@ class DiffusionModel(keras.Model):
         return self.network(inputs, training=training)
 
     # ------------------------------------------------------------ training
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """`keras.Model.fit`, which first checks numpy inputs as a whole, so
+        that a wrong shape, range, NaN or label fails at once with a message
+        saying what is accepted, not after compiling or deep into an epoch.
+
+        Images are NHWC, uint8 or float in [0, 1] (3-D `(N, H, W)` arrays
+        get a channel axis); labels, for a class-conditional network, are
+        integers 0 to `num_classes - 1`, one per image. Datasets and
+        generators are passed through unchecked.
+        """
+        if isinstance(x, np.ndarray):
+            x, y = self._check_fit_arrays(x, y)
+        return super().fit(x, y, *args, **kwargs)
+
+    def _check_fit_arrays(self, x, y):
+        from keras_diffusion.data import check_images
+
+        if x.dtype == np.uint8:
+            # Always in range; check the shape on one image, keep the memory.
+            check_images(x[:1], self.image_shape, name="x (the training images)")
+            x = x[..., np.newaxis] if x.ndim == 3 else x
+        else:
+            x = check_images(x, self.image_shape, name="x (the training images)")
+        if y is not None and not isinstance(y, np.ndarray):
+            y = np.asarray(y)
+        self.unpack_batch((x,) if y is None else (x, y))
+        if y is None:
+            return x, None
+        labels = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
+        if labels.ndim != 1 or len(labels) != len(x):
+            raise ValueError(
+                f"y (the labels) must hold one integer label per image, shape ({len(x)},); "
+                f"got shape {y.shape}."
+            )
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise TypeError(
+                f"y (the labels) must be integers 0 to {self.num_classes - 1}; got dtype {labels.dtype}."
+            )
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= self.num_classes:
+            raise ValueError(
+                f"y (the labels) holds labels from {low} to {high}; accepted: integers 0 to "
+                f"{self.num_classes - 1} (num_classes={self.num_classes})."
+            )
+        return x, labels
+
     def train_step(self, *args):
         return self._backend.train_step(self, *args)
 
@@ -188,8 +234,13 @@ class DiffusionModel(keras.Model):
         eta=0.0,
         timestep_spacing="leading",
         batch_size=None,
+        use_karras_sigmas=None,
     ):
         """Sample `num_images` images with the EMA weights.
+
+        `sampler` is one of `keras_diffusion.SAMPLERS`; `use_karras_sigmas`
+        and the other sampling arguments mean what they do in
+        `keras_diffusion.sample`. `"dpmpp_2m"` gives good images in 10-20 steps.
 
         Returns a numpy array `(num_images, H, W, C)`, float32 in [0, 1].
         The same `seed` gives the same images on the same backend.
@@ -197,7 +248,9 @@ class DiffusionModel(keras.Model):
         if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
             raise ValueError(f"num_images must be a positive integer; got {num_images!r}.")
         labels = self._check_labels(labels, num_images, guidance_scale)
-        timesteps = samplers.plan_timesteps(self.schedule, sampler, steps, eta, timestep_spacing)
+        timesteps = samplers.plan_timesteps(
+            self.schedule, sampler, steps, eta, timestep_spacing, use_karras_sigmas=use_karras_sigmas
+        )
         noise = keras.random.normal((num_images,) + self.image_shape, seed=seed)
         step_seed = None if seed is None else seed + 1
         step_noise = samplers.draw_step_noise(noise.shape, sampler, len(timesteps), eta, step_seed)
@@ -262,9 +315,11 @@ class DiffusionModel(keras.Model):
         def null_labels(x):
             return ops.full((ops.shape(x)[0],), self.num_classes, dtype="int32")
 
-        if labels is None or guidance_scale == 0:
+        # A tensor guidance scale (an exported endpoint's input) takes the general path.
+        fixed = not ops.is_tensor(guidance_scale)
+        if labels is None or (fixed and guidance_scale == 0):
             return lambda x, t: network([x, t, null_labels(x)])
-        if guidance_scale == 1:
+        if fixed and guidance_scale == 1:
             return lambda x, t: network([x, t, labels])
 
         def guided(x, t):
@@ -317,6 +372,165 @@ class DiffusionModel(keras.Model):
                 f"label {label!r} is out of range; accepted: 0 to {self.num_classes - 1}."
             )
         return index
+
+    # ------------------------------------- restoration and editing (issue 3)
+    # Thin entry points; the requests are turned into sampler runs in
+    # `keras_diffusion.applications`.
+    def denoise(self, images, sigma=None, steps=10, labels=None, guidance_scale=1.0, batch_size=None):
+        """Remove additive Gaussian noise of std `sigma` from `images`.
+
+        The noise level is matched to the diffusion timestep whose noise has
+        that std (`DiffusionSchedule.timestep_for_noise_std`), and the
+        deterministic DDIM reverse process runs from there to t = 0.
+
+        Args:
+            images: `(N, H, W, C)` noisy images: uint8, or floats on the
+                [0, 1] scale (values outside [0, 1] from the noise are fine
+                and should not be clipped away).
+            sigma: noise std on the [0, 1] scale, in (0, 1]; None estimates it
+                from the images (`applications.estimate_noise_std`, the median
+                over the batch, so denoise images of different noise levels in
+                separate calls).
+            steps: denoiser evaluations, spread evenly from the noise level
+                down to 0; 1 gives the one-shot (minimum-MSE) estimate.
+            labels, guidance_scale: for class-conditional models, as in
+                `generate`; by default the unconditional (null-label) model.
+            batch_size: images per compiled call.
+
+        Returns:
+            `DenoiseResult(images, sigma, sigma_estimated)`: float32 images in
+            [0, 1], the sigma used and whether it was estimated.
+
+        Example:
+
+        >>> result = model.denoise(noisy_images)        # sigma estimated
+        >>> result.images.shape, result.sigma
+        ((8, 28, 28, 1), 0.198...)
+        """
+        from keras_diffusion import applications
+
+        return applications.denoise(self, images, sigma, steps, labels, guidance_scale, batch_size)
+
+    def inpaint(self, images, mask, steps=50, jump_length=5, resamples=4, eta=1.0, seed=None,
+                labels=None, guidance_scale=1.0, batch_size=None):
+        """Fill in the pixels of `images` where `mask` is 0, by RePaint
+        (Lugmayr 2022): sampling with the known pixels renoised from the
+        image at every step, and `resamples - 1` jumps back of `jump_length`
+        steps after every `jump_length` steps to harmonise the two regions.
+
+        Args:
+            images: `(N, H, W, C)` float in [0, 1] or uint8.
+            mask: 1 (or True) where pixels are known, 0 where missing; shape
+                `(H, W)`, `(H, W, 1 or C)` or `(N or 1, H, W, 1 or C)`.
+                Values >= 0.5 count as known. See `applications.make_mask`
+                for the built-in shapes.
+            steps: reverse steps of one pass, 1 to the schedule's timesteps;
+                the run makes about `steps * resamples` denoiser evaluations.
+            jump_length, resamples: RePaint's j and r; `resamples=1` turns
+                resampling off.
+            eta: DDIM stochasticity of the reverse steps (1: DDPM, as RePaint).
+            seed: integer seed for all the noise.
+            labels, guidance_scale: as in `generate`.
+            batch_size: images per compiled call; by default as many as keep
+                the pre-drawn noise under 256 MiB.
+
+        Returns:
+            float32 `(N, H, W, C)` in [0, 1] whose known pixels equal the
+            input's exactly (uint8 input: its value / 255).
+        """
+        from keras_diffusion import applications
+
+        return applications.inpaint(
+            self, images, mask, steps, jump_length, resamples, eta, seed, labels,
+            guidance_scale, batch_size,
+        )
+
+    def img2img(self, images, strength=0.5, steps=50, eta=0.0, seed=None, labels=None,
+                guidance_scale=1.0, batch_size=None):
+        """Image-to-image translation by SDEdit (Meng 2022): noise `images`
+        to timestep `round(strength * (T - 1))`, then run DDIM back to t = 0.
+
+        Args:
+            images: `(N, H, W, C)` float in [0, 1] or uint8.
+            strength: in (0, 1]; how much of the image is noised away (1
+                keeps nothing of it).
+            steps: denoiser evaluations from that timestep down to 0.
+            eta: DDIM stochasticity; seed: integer seed for all the noise.
+            labels, guidance_scale: as in `generate`, e.g. to steer a
+                conditional model towards a class.
+            batch_size: images per compiled call.
+
+        Returns:
+            float32 `(N, H, W, C)` in [0, 1].
+        """
+        from keras_diffusion import applications
+
+        return applications.img2img(
+            self, images, strength, steps, eta, seed, labels, guidance_scale, batch_size
+        )
+
+    def interpolate(self, a, b, num=8, steps=50, labels=None, guidance_scale=1.0, batch_size=None):
+        """`num` images along a spherical interpolation between two noises,
+        each decoded by deterministic DDIM.
+
+        Args:
+            a, b: each an integer seed (the noise `generate` draws from it, so
+                the ends equal `generate(1, steps=steps, seed=a)`), or one
+                image `(H, W, C)` / `(1, H, W, C)` in [0, 1] or uint8, whose
+                noise is found by DDIM inversion with `steps` steps.
+            num: number of images, the two ends included (>= 2).
+            steps: DDIM steps for inversion and decoding.
+            labels, guidance_scale: as in `generate` (one label, or `num`).
+            batch_size: images per compiled call.
+
+        Returns:
+            float32 `(num, H, W, C)` in [0, 1].
+        """
+        from keras_diffusion import applications
+
+        return applications.interpolate(self, a, b, num, steps, labels, guidance_scale, batch_size)
+
+    def run_loop(self, key, loop, inputs, labels=None, guidance_scale=1.0):
+        """Run `loop(denoiser, *inputs)` compiled, with the sampling weights
+        and classifier-free guidance as in `run_sampler`; `key` names the loop
+        (with every constant it closes over) in the compile cache."""
+        key = ("loop", key, float(guidance_scale), labels is None)
+        if key not in self._compiled_samplers:
+            def run(weights, state, labels, *inputs):
+                def network(network_inputs):
+                    return self.network.stateless_call(weights, state, network_inputs, training=False)[0]
+
+                return loop(self._denoiser(network, labels, guidance_scale), *inputs)
+
+            self._compiled_samplers[key] = self._backend.compile_function(run)
+        weights = [v.value for v in self.sampling_weights]
+        state = [v.value for v in self.network.non_trainable_variables]
+        inputs = [ops.convert_to_tensor(value, dtype="float32") for value in inputs]
+        return self._compiled_samplers[key](weights, state, labels, *inputs)
+
+    # --------------------------------------------------------------- export
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None,
+               **kwargs):
+        """Export for serving (see `keras_diffusion.export`).
+
+        `format="tf_saved_model"` writes a TensorFlow SavedModel with the
+        endpoints `generate(noise)`, `denoise(images, sigma)` and
+        `predict_noise(x_t, t)` (and `generate_conditional(noise, labels,
+        guidance)` for a class-conditional model), which
+        `tf.saved_model.load` serves without keras_diffusion. Keyword
+        arguments `steps`, `sampler`, `eta`, `timestep_spacing` and
+        `denoise_steps` fix the sampling loop. Under PyTorch the export runs
+        in a subprocess with the TensorFlow backend. `format="onnx"` writes
+        `predict_noise` only.
+
+        Example:
+
+        >>> model.export("exported", steps=25)
+        >>> images = tf.saved_model.load("exported").generate(tf.random.normal((4, 28, 28, 1)))
+        """
+        from keras_diffusion.export import export_model
+
+        return export_model(self, filepath, format, verbose, input_signature, **kwargs)
 
     # -------------------------------------------------------- serialisation
     def get_config(self):

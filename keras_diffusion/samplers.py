@@ -22,6 +22,10 @@ from keras_diffusion.schedule import check_steps
 SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_sde")
 # Samplers that add fresh noise at every step (DDIM too when eta > 0).
 _STOCHASTIC = ("ddpm", "dpmpp_2m_sde")
+# Samplers that default to Karras sigmas: the multistep solvers lose much of
+# their accuracy on uniformly spaced timesteps, whose steps in lambda grow
+# sharply near t = 0 (measured in tests/test_fast_samplers.py).
+_KARRAS_BY_DEFAULT = ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde")
 
 
 def check_sampler(sampler):
@@ -41,7 +45,7 @@ def sample(
     timestep_spacing="leading",
     clip_x0=True,
     start_timestep=None,
-    use_karras_sigmas=False,
+    use_karras_sigmas=None,
 ):
     """Run the reverse diffusion process from `noise` and return x0 in [-1, 1].
 
@@ -69,7 +73,9 @@ def sample(
             and only the sampling timesteps at or below it are run (SDEdit,
             denoising).
         use_karras_sigmas: respace the noise levels by Karras 2022 eq. 5
-            (denser near the data), for any sampler.
+            (denser near the data), for any sampler. None (the default)
+            turns it on for `"euler"`, `"heun"` and the DPM-Solver++
+            samplers and off for `"ddpm"` and `"ddim"`.
 
     Returns:
         The final clean-image estimate, `(B, H, W, C)` float32 in [-1, 1].
@@ -86,9 +92,10 @@ def sample(
 
 def plan_timesteps(
     schedule, sampler, steps, eta=0.0, spacing="leading", start_timestep=None,
-    use_karras_sigmas=False,
+    use_karras_sigmas=None,
 ):
-    """Validate sampler arguments and return the descending timesteps to run."""
+    """Validate sampler arguments and return the descending timesteps to run
+    (see `sample` for the arguments)."""
     check_sampler(sampler)
     check_steps(steps, schedule.timesteps)
     if eta < 0:
@@ -98,6 +105,8 @@ def plan_timesteps(
             f"eta is a DDIM option; sampler {sampler!r} takes none (got eta={eta!r}). "
             "For a stochastic few-step sampler use 'dpmpp_2m_sde'."
         )
+    if use_karras_sigmas is None:
+        use_karras_sigmas = sampler in _KARRAS_BY_DEFAULT
     timesteps = schedule.sampling_timesteps(steps, spacing, use_karras_sigmas=use_karras_sigmas)
     if start_timestep is not None:
         timesteps = _timesteps_from(timesteps, start_timestep)
@@ -137,7 +146,28 @@ def _timesteps_from(timesteps, start_timestep):
     return np.concatenate([[start_timestep], lower]).astype(np.int32)
 
 
-def _ddim_loop(denoiser, schedule, x, timesteps, prediction, eta, clip_x0, step_noise):
+def run_ddim_from(denoiser, schedule, x, start_timestep, plan, prediction, clip_x0=True):
+    """Deterministic DDIM from `x` at `start_timestep`, an int32 scalar
+    *tensor*: a noise level known only at run time, as in an exported
+    model's `denoise`. `plan(t)` gives the descending timesteps (numpy)
+    for a start at `t`, e.g. `lambda t: partial_timesteps(t, 10)`; it is
+    tabulated for every start, so the steps are exactly those `run_sampler`
+    takes over `plan(t)`, in a loop whose length is a tensor."""
+    plans = [np.asarray(plan(t), dtype=np.int32) for t in range(schedule.timesteps)]
+    width = max(len(p) for p in plans)
+    table = np.full((len(plans), width), -1, dtype=np.int32)  # -1 pads past the last step
+    for t, p in enumerate(plans):
+        table[t, : len(p)] = p
+    start = ops.cast(start_timestep, "int32")
+    timesteps = ops.take(ops.convert_to_tensor(table), start, axis=0)
+    num_steps = ops.take(ops.convert_to_tensor([len(p) for p in plans], dtype="int32"), start)
+    return _ddim_loop(
+        denoiser, schedule, x, timesteps, prediction, 0.0, clip_x0, None, num_steps=num_steps
+    )
+
+
+def _ddim_loop(denoiser, schedule, x, timesteps, prediction, eta, clip_x0, step_noise,
+               num_steps=None):
     """Generalised DDIM update (Song 2021 eq. 12 with sigma from eq. 16):
 
     x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
@@ -145,10 +175,13 @@ def _ddim_loop(denoiser, schedule, x, timesteps, prediction, eta, clip_x0, step_
 
     With eta = 1 this is the DDPM posterior q(x_prev | x_t, x0) with the
     "fixed small" variance, for any subsequence of timesteps.
+
+    `timesteps` may be an int32 tensor of which only the first `num_steps`
+    (a tensor too) are run; see `run_ddim_from`.
     """
     batch = ops.shape(x)[0]  # a tensor when the batch size is unknown (export)
     ts = ops.convert_to_tensor(timesteps, dtype="int32")
-    ts_prev = ops.convert_to_tensor(np.append(timesteps[1:], -1), dtype="int32")
+    ts_prev = ops.concatenate([ts[1:], ops.full((1,), -1, dtype="int32")])
 
     def body(i, x):
         t = ops.take(ts, i)
@@ -168,7 +201,7 @@ def _ddim_loop(denoiser, schedule, x, timesteps, prediction, eta, clip_x0, step_
         direction = ops.sqrt(ops.maximum(1.0 - a_prev - sigma**2, 0.0))
         return x_prev + direction * eps + sigma * ops.take(step_noise, i, axis=0)
 
-    x = ops.fori_loop(0, len(timesteps), body, x)
+    x = ops.fori_loop(0, len(timesteps) if num_steps is None else num_steps, body, x)
     return ops.clip(x, -1.0, 1.0)
 
 
@@ -249,14 +282,14 @@ def _dpmpp_2m_tables(schedule, timesteps, sde):
     alpha_next, sigma_next = schedule.alphas_sigmas(t_next)
     _, sigma = schedule.alphas_sigmas(timesteps)
     lam, lam_next = schedule.lambdas(timesteps), schedule.lambdas(t_next)
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         h = lam_next - lam
         decay = np.exp(-h) if not sde else np.exp(-2.0 * h)  # 0 on the last step
         ratio = sigma_next / sigma * (np.exp(-h) if sde else 1.0)
         gain = alpha_next * (1.0 - decay)
         noise_std = sigma_next * np.sqrt(1.0 - decay) if sde else np.zeros_like(h)
         r = np.concatenate([[np.inf], h[:-1] / h[1:]])
-    w_prev = -0.5 / r
+        w_prev = -0.5 / r
     w_prev[0] = w_prev[-1] = 0.0
     ratio[-1], noise_std[-1] = 0.0, 0.0
     return [_table(v) for v in (ratio, gain, 1.0 - w_prev, w_prev, noise_std)]
@@ -282,3 +315,143 @@ def _dpmpp_2m_loop(denoiser, schedule, x, timesteps, prediction, clip_x0, step_n
 
     x, _ = ops.fori_loop(0, len(timesteps), body, (x, ops.zeros_like(x)))
     return ops.clip(x, -1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------
+# Restoration loops: RePaint inpainting and DDIM inversion (issue 3). Used by
+# `keras_diffusion.applications`; like the samplers above they are pure
+# keras.ops over a denoiser, with all noise passed in, so a model can compile them.
+# ----------------------------------------------------------------------------
+def partial_timesteps(start_timestep, steps):
+    """`steps` descending timesteps evenly spaced from `start_timestep` down
+    to 0 (fewer when that range holds fewer integers): the plan for a reverse
+    process that starts part-way, from an image noised to `start_timestep`
+    (denoising, SDEdit)."""
+    ts = np.unique(np.round(np.linspace(int(start_timestep), 0, steps)).astype(np.int32))
+    return ts[::-1].copy()
+
+
+def repaint_timesteps(timesteps, jump_length=10, resamples=10):
+    """RePaint's resampling plan (Lugmayr 2022, section 4.2 and the authors'
+    `get_schedule_jump`) over descending sampling `timesteps`.
+
+    Returns `(t_from, t_to)`, int32 arrays with one entry per transition. A
+    transition with `t_to < t_from` is a reverse step (`t_to = -1`: the last
+    one, to the clean image); one with `t_to > t_from` is a forward jump of
+    one sampling step. After every `jump_length` reverse steps the plan goes
+    back up `jump_length` steps, `resamples - 1` times, so it makes about
+    `len(timesteps) * resamples` reverse steps; `resamples=1` is plain sampling.
+    """
+    for name, value in (("jump_length", jump_length), ("resamples", resamples)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    n = len(timesteps)
+    levels = np.append(np.asarray(timesteps, dtype=np.int32)[::-1], -1)  # index -1 -> -1
+    jumps = {k: resamples - 1 for k in range(0, n - jump_length, jump_length)}
+    k, path = n - 1, [n - 1]
+    while k >= 0:
+        k -= 1
+        path.append(k)
+        if jumps.get(k, 0) > 0:
+            jumps[k] -= 1
+            for _ in range(jump_length):
+                k += 1
+                path.append(k)
+    path = levels[np.array(path)]
+    return path[:-1].copy(), path[1:].copy()
+
+
+def repaint(denoiser, schedule, x, known, mask, t_from, t_to, jump_noise, step_noise,
+            prediction, eta=1.0, clip_x0=True):
+    """Inpaint by RePaint (Lugmayr 2022, algorithm 1) from `x` at `t_from[0]`.
+
+    Reverse steps are generalised DDIM steps (eta = 1: DDPM, as in the
+    paper) whose known pixels are replaced by the known image noised to the
+    new level: x_prev = m q(x_prev | known) + (1 - m) p(x_prev | x_t). A run
+    of forward jumps is drawn in one go with `schedule.renoise`, which has
+    the law of the one-step forward noisings composed; so each loop
+    iteration is "jump (often by zero steps), then one reverse step", with no
+    branch for a compiler to trace.
+
+    Args:
+        known: `(B, H, W, C)` image in [-1, 1]; only its known pixels matter.
+        mask: broadcastable to `known`, 1 where pixels are known, 0 elsewhere.
+        t_from, t_to: the transitions of `repaint_timesteps`.
+        jump_noise, step_noise: `(R, B, H, W, C)` standard normal, R the
+            number of reverse steps (`sum(t_to < t_from)`). One step-noise
+            draw serves both regions: the known pixels' renoising and the
+            unknown pixels' DDPM noise touch disjoint pixels.
+
+    Returns:
+        x0 in [-1, 1]; the caller composites the known pixels exactly.
+    """
+    plan = _repaint_steps(t_from, t_to)
+    starts, ts, ts_prev = (ops.convert_to_tensor(levels, dtype="int32") for levels in plan)
+    x = ops.cast(ops.convert_to_tensor(x), "float32")
+    jump_noise = ops.convert_to_tensor(jump_noise, dtype="float32")
+    step_noise = ops.convert_to_tensor(step_noise, dtype="float32")
+    known, mask = ops.cast(known, "float32"), ops.cast(mask, "float32")
+    batch = ops.shape(x)[0]
+
+    def body(i, x):
+        t, t_prev = ops.take(ts, i), ops.take(ts_prev, i)
+        z = ops.take(step_noise, i, axis=0)
+        # A zero-step jump is exact: a / a == 1, so x is kept as it is.
+        x = schedule.renoise(x, ops.take(jump_noise, i, axis=0), ops.take(starts, i), t)
+        x_prev = _ddim_step(denoiser, schedule, x, t, t_prev, prediction, eta, clip_x0, z)
+        known_prev = schedule.add_noise(known, z, ops.full((batch,), t_prev, dtype="int32"))
+        return mask * known_prev + (1.0 - mask) * x_prev
+
+    return ops.clip(ops.fori_loop(0, len(plan[0]), body, x), -1.0, 1.0)
+
+
+def _repaint_steps(t_from, t_to):
+    """Fold a RePaint plan into reverse steps: for each, the level x is at,
+    the level the forward jumps before it reach, and the level it steps to."""
+    starts, ts, ts_prev = [], [], []
+    level = int(t_from[0])
+    for t, t_next in zip(np.asarray(t_from), np.asarray(t_to)):
+        if t_next < t:
+            starts.append(level)
+            ts.append(int(t))
+            ts_prev.append(int(t_next))
+            level = int(t_next)
+    return np.array(starts, np.int32), np.array(ts, np.int32), np.array(ts_prev, np.int32)
+
+
+def ddim_invert(denoiser, schedule, x0, timesteps, prediction):
+    """Deterministic DDIM run backwards (Song 2021 section 4.3): climb from
+    the clean `x0` up the descending sampling `timesteps` to the x_T that
+    DDIM with eta = 0 maps back to (about) `x0`.
+
+    Each step predicts epsilon at the level it climbs to and moves along it,
+    x_t = sqrt(a_t) x0_hat + sqrt(1 - a_t) eps (eq. 12 solved for x_t), the
+    approximation diffusers' `DDIMInverseScheduler` makes.
+    """
+    x0 = ops.cast(ops.convert_to_tensor(x0), "float32")
+    batch = ops.shape(x0)[0]
+    ascending = np.asarray(timesteps, dtype=np.int32)[::-1]
+    ts = ops.convert_to_tensor(ascending.copy(), dtype="int32")
+    ts_prev = ops.convert_to_tensor(np.append(-1, ascending[:-1]).astype(np.int32), dtype="int32")
+
+    def body(i, x):
+        t = ops.full((batch,), ops.take(ts, i), dtype="int32")
+        t_prev = ops.full((batch,), ops.take(ts_prev, i), dtype="int32")
+        eps = schedule.predict_epsilon(x, denoiser(x, t), t, prediction)
+        return schedule.add_noise(schedule.predict_x0(x, eps, t_prev, "epsilon"), eps, t)
+
+    return ops.fori_loop(0, len(ascending), body, x0)
+
+
+def _ddim_step(denoiser, schedule, x, t, t_prev, prediction, eta, clip_x0, z):
+    """One generalised DDIM update between traced scalar timesteps, the
+    update of `_ddim_loop` (Song 2021 eq. 12 and 16)."""
+    t_batch = ops.full((ops.shape(x)[0],), t, dtype="int32")
+    x0 = schedule.predict_x0(x, denoiser(x, t_batch), t_batch, prediction)
+    if clip_x0:
+        x0 = ops.clip(x0, -1.0, 1.0)
+    eps = schedule.predict_epsilon(x, x0, t_batch, "x0")
+    a, a_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
+    sigma = eta * ops.sqrt((1.0 - a_prev) / (1.0 - a) * (1.0 - a / a_prev))
+    direction = ops.sqrt(ops.maximum(1.0 - a_prev - sigma**2, 0.0))
+    return ops.sqrt(a_prev) * x0 + direction * eps + sigma * z

@@ -255,10 +255,33 @@ class DiffusionSchedule(keras.layers.Layer):
     def timestep_for_noise_std(self, std):
         """The timestep whose noise, seen on the x0 scale, has std `std`:
         x_t / sqrt(a) = x0 + sqrt((1 - a) / a) eps, so pick the t whose
-        sqrt((1 - a) / a) is nearest to `std` (std on the [-1, 1] scale)."""
+        sqrt((1 - a) / a) is nearest to `std` (std on the [-1, 1] scale).
+
+        A number gives an int; a tensor (the `sigma` input of an exported
+        model) gives an int32 scalar tensor, chosen in float32."""
         a = self.alphas_cumprod.astype(np.float64)
         ratio = np.sqrt((1 - a) / a)
+        if ops.is_tensor(std):
+            table = ops.convert_to_tensor(ratio.astype(np.float32))
+            return ops.cast(ops.argmin(ops.abs(table - ops.cast(std, "float32"))), "int32")
         return int(np.argmin(np.abs(ratio - float(std))))
+
+    def x_t_from_noisy(self, noisy, t):
+        """x_t for an image that already carries Gaussian noise, `noisy =
+        x0 + std eps` with std matched to `t` by `timestep_for_noise_std`:
+        scaling by sqrt(a) turns that variance-exploding view into Ho 2020
+        eq. 4, x_t = sqrt(a) x0 + sqrt(1 - a) eps (Song 2021b, section 3.4)."""
+        noisy = ops.cast(noisy, "float32")
+        return ops.sqrt(self._expand(self.alpha_bar(t), noisy)) * noisy
+
+    def renoise(self, x_t, noise, t, t_next):
+        """Sample x_{t_next} ~ q(x_{t_next} | x_t) for `t_next > t`: Ho 2020
+        eq. 2 composed over the steps between them, with mean
+        sqrt(a_next / a) x_t and variance 1 - a_next / a (the forward jump of
+        RePaint, Lugmayr 2022 algorithm 1 line 10)."""
+        x_t = ops.cast(x_t, "float32")
+        ratio = self._expand(self.alpha_bar(t_next) / self.alpha_bar(t), x_t)
+        return ops.sqrt(ratio) * x_t + ops.sqrt(1.0 - ratio) * ops.cast(noise, "float32")
 
     def get_config(self):
         config = super().get_config()

@@ -4,18 +4,28 @@ This is what `keras-diffusion train` runs; Python users can call `train`
 directly with a config from `load_config`.
 """
 
+import importlib.util
 import os
+import re
 from pathlib import Path
 
 import keras
 
+from keras_diffusion.callbacks import AtomicBackupAndRestore
+from keras_diffusion.callbacks import AtomicCSVLogger
 from keras_diffusion.callbacks import SampleGrid
+from keras_diffusion.callbacks import TerminateOnNonFiniteLoss
+from keras_diffusion.callbacks import read_backup_record
+from keras_diffusion.config import ConfigError
+from keras_diffusion.config import load_config
 from keras_diffusion.config import save_config
 from keras_diffusion.config import validate
 from keras_diffusion.data import CLASS_NAMES
 from keras_diffusion.data import load_dataset
 from keras_diffusion.data import load_image_folder
+from keras_diffusion.distribute import distribution_scope
 from keras_diffusion.images import atomic_write
+from keras_diffusion.images import save_loss_curve
 from keras_diffusion.model import DiffusionModel
 from keras_diffusion.network import UNet
 from keras_diffusion.schedule import DiffusionSchedule
@@ -88,42 +98,167 @@ def build_optimizer(config, total_steps):
     return keras.optimizers.AdamW(learning_rate=lr, weight_decay=training["weight_decay"])
 
 
-def train(config, output_dir, verbose="auto"):
+def train(config, output_dir, verbose="auto", resume=False):
     """Train the model `config` describes and write, under `output_dir`:
-    `model.keras`, `config.yaml`, `history.csv`, `loss.png` and
-    `samples/epoch_NNNN.png`. Returns the trained model."""
+    `model.keras`, `config.yaml`, `history.csv`, `loss.png`,
+    `samples/epoch_NNNN.png`, `backup/` (the training state after the last
+    completed epoch) and, with `tensorboard: true`, `tensorboard/`. Every
+    file is written atomically. Returns the trained model.
+
+    With `resume=True` training continues from `backup/` when there is one
+    (after a crash, or to train a finished run further: raise
+    `training.epochs`), and starts afresh when there is none. Without it, an
+    `output_dir` holding a backup is refused rather than overwritten.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN or infinite; the message
+            names the last good backup, and nothing after it was saved.
+        ConfigError: `distribute` cannot be used on this backend, or a
+            resumed run's network, schedule or model settings changed.
+    """
     config = validate(config)
     output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    record = _check_resume(config, output, resume)
+    if config["tensorboard"] and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "tensorboard: true needs the tensorboard package; install it with "
+            "pip install 'keras-diffusion[tensorboard]' or set tensorboard to false"
+        )
     training, sampling = config["training"], config["sampling"]
     keras.utils.set_random_seed(config["seed"])
     keras.mixed_precision.set_dtype_policy(training["precision"])
     try:
-        x, y, image_shape, class_names = load_training_data(config)
-        model = build_model(config, image_shape, class_names)
-        steps = training["steps_per_epoch"] or _steps_per_epoch(x, training["batch_size"])
-        model.compile(
-            optimizer=build_optimizer(config, steps * training["epochs"]),
-            jit_compile=training["jit_compile"],
-        )
-        save_config(config, output / "config.yaml")
-        callbacks = [keras.callbacks.CSVLogger(str(output / "history.csv"), append=True)]
-        if sampling["every_n_epochs"]:
-            callbacks.append(SampleGrid(
-                output / "samples", every_n_epochs=sampling["every_n_epochs"],
-                num_images=sampling["num_images"], steps=sampling["steps"],
-                sampler=sampling["sampler"], seed=sampling["seed"],
-                guidance_scale=sampling["guidance_scale"], loss_curve_dir=output,
-            ))
-        model.fit(
-            x, y, batch_size=None if y is None and not hasattr(x, "shape") else training["batch_size"],
-            epochs=training["epochs"], steps_per_epoch=training["steps_per_epoch"],
-            shuffle=True, callbacks=callbacks, verbose=verbose,
-        )
-        save_model(model, output / "model.keras")
+        with distribution_scope(config["distribute"]) as replicas:
+            x, y, image_shape, class_names = load_training_data(config)
+            x, y = _share_evenly(x, y, replicas, training["batch_size"])
+            model = build_model(config, image_shape, class_names)
+            steps = training["steps_per_epoch"] or _steps_per_epoch(x, training["batch_size"])
+            model.compile(
+                optimizer=build_optimizer(config, steps * training["epochs"]),
+                jit_compile=training["jit_compile"],
+            )
+            _remove_stale_temporaries(output)
+            save_config(config, output / "config.yaml")
+            history, callbacks = _training_callbacks(config, output)
+            model.fit(
+                x, y, batch_size=None if y is None and not hasattr(x, "shape") else training["batch_size"],
+                epochs=training["epochs"], steps_per_epoch=training["steps_per_epoch"],
+                shuffle=True, callbacks=callbacks, verbose=verbose,
+            )
+            save_model(model, output / "model.keras")
+            if record is not None and sampling["every_n_epochs"] and history.rows:
+                # SampleGrid saw only the resumed epochs; draw the whole run.
+                save_loss_curve(history.history, output / "loss.png")
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
     return model
+
+
+def _training_callbacks(config, output):
+    """The CSV history and the callbacks `train` passes to `fit`. The guard
+    comes first, so that a NaN stops the step before anything is written;
+    the backup comes last, so that an epoch is recorded as done only after
+    its row and grid are written."""
+    sampling = config["sampling"]
+    backup = AtomicBackupAndRestore(output / "backup", delete_checkpoint=False)
+    history = AtomicCSVLogger(output / "history.csv")
+    callbacks = [TerminateOnNonFiniteLoss(backup), history]
+    if sampling["every_n_epochs"]:
+        callbacks.append(SampleGrid(
+            output / "samples", every_n_epochs=sampling["every_n_epochs"],
+            num_images=sampling["num_images"], steps=sampling["steps"],
+            sampler=sampling["sampler"], seed=sampling["seed"],
+            guidance_scale=sampling["guidance_scale"], loss_curve_dir=output,
+            tensorboard_dir=output / "tensorboard" / "samples" if config["tensorboard"] else None,
+        ))
+    if config["tensorboard"]:
+        callbacks.append(keras.callbacks.TensorBoard(
+            log_dir=str(output / "tensorboard"), write_graph=False, update_freq="epoch",
+        ))
+    return history, callbacks + [backup]
+
+
+# Settings a resumed run must share with the run it continues: they fix the
+# variables in the backup, or what the model learns.
+_RESUME_KEYS = ("network", "schedule", "model", "training.precision", "data.dataset", "data.image_size")
+
+
+def _check_resume(config, output, resume):
+    """The record of the backup to resume from, or None to start afresh;
+    raises before any work if `output` cannot be used as asked."""
+    record = read_backup_record(output / "backup")
+    if record is None:
+        if resume and (output / "model.keras").exists():
+            raise ValueError(
+                f"cannot resume {output}: it holds model.keras but no backup/ to resume from; "
+                "train without resume (--resume) to start over, which overwrites model.keras, "
+                "or choose another output directory."
+            )
+        return None
+    if not resume:
+        raise ValueError(
+            f"{output} holds a run backed up after epoch {record['epoch']}: continue it with "
+            "resume=True (--resume on the command line), or choose another output directory."
+        )
+    saved_path = output / "config.yaml"
+    if saved_path.exists():
+        saved = load_config(saved_path)
+        for key in _RESUME_KEYS:
+            before, now = _lookup(saved, key), _lookup(config, key)
+            if before != now:
+                changed = _first_difference(key, before, now)
+                raise ConfigError(
+                    f"cannot resume {output}: {changed[0]} is {changed[2]!r} now but was "
+                    f"{changed[1]!r} in the interrupted run ({saved_path}); keep the network, "
+                    "schedule, model, precision and dataset settings when resuming."
+                )
+    return record
+
+
+def _lookup(config, dotted):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def _first_difference(key, before, now):
+    if isinstance(before, dict):
+        for name in before:
+            if before[name] != now.get(name):
+                return f"{key}.{name}", before[name], now.get(name)
+    return key, before, now
+
+
+def _share_evenly(x, y, replicas, batch_size):
+    """With several devices, each takes an equal share of every batch: the
+    batch size must divide evenly, and arrays are cut to a multiple of the
+    device count so that the last, smaller batch divides too."""
+    if replicas == 1:
+        return x, y
+    if batch_size % replicas:
+        raise ConfigError(
+            f"training.batch_size must be a multiple of the number of devices ({replicas}) "
+            f"with distribute=data_parallel; got {batch_size}"
+        )
+    if hasattr(x, "shape") and len(x) % replicas:
+        keep = len(x) - len(x) % replicas
+        x, y = x[:keep], (None if y is None else y[:keep])
+    return x, y
+
+
+# atomic_write's temporaries: ".<name>.<8 random characters><name's suffixes>".
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}(?P<suffix>(\.[^.]+)*)$")
+
+
+def _remove_stale_temporaries(output):
+    """Delete temporaries a killed run left in `output` and `output/samples`."""
+    for directory in (output, output / "samples"):
+        if not directory.is_dir():
+            continue
+        for path in directory.iterdir():
+            match = _TEMPORARY.match(path.name)
+            if match and path.is_file() and match["name"].endswith(match["suffix"]):
+                path.unlink()
 
 
 def save_model(model, path):

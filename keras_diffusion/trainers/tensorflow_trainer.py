@@ -1,12 +1,18 @@
+import contextlib
+
 import tensorflow as tf
 
 
 def train_step(model, data):
     images, labels = model.unpack_batch(data)
+    replicas = _replicas()
     with tf.GradientTape() as tape:
-        loss = model.compute_diffusion_loss(images, labels, training=True)
+        with _noise_per_replica(model, replicas):
+            loss = model.compute_diffusion_loss(images, labels, training=True)
         # scale_loss is the identity unless the optimizer is a LossScaleOptimizer.
-        scaled_loss = model.optimizer.scale_loss(loss)
+        # Under tf.distribute the optimizer sums the replicas' gradients, so
+        # divide by their number to average over the global batch.
+        scaled_loss = model.optimizer.scale_loss(loss) / replicas
     variables = model.trainable_variables
     gradients = tape.gradient(scaled_loss, variables)
     model.optimizer.apply(gradients, variables)
@@ -16,10 +22,36 @@ def train_step(model, data):
 
 def test_step(model, data):
     images, labels = model.unpack_batch(data)
-    loss = model.compute_diffusion_loss(images, labels, training=False)
+    with _noise_per_replica(model, _replicas()):
+        loss = model.compute_diffusion_loss(images, labels, training=False)
     return model.update_loss_metric(loss)
+
+
+def _replicas():
+    context = tf.distribute.get_replica_context()
+    return context.num_replicas_in_sync if context is not None else 1
+
+
+@contextlib.contextmanager
+def _noise_per_replica(model, replicas):
+    """Under MirroredStrategy every replica starts from the same seed state,
+    so each would draw the same timesteps and noise for its share of the
+    batch. Offset the key of each replica's copy of the state by the replica
+    id while the loss is computed, then take the offset off again: replicas
+    draw their own noise, and the copies stay equal (an assignment in replica
+    context changes only that replica's copy)."""
+    if replicas == 1:
+        yield
+        return
+    state = model.seed_generator.state
+    replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+    offset = tf.stack([tf.cast(replica, state.dtype), tf.constant(0, state.dtype)])
+    state.assign(state.value + offset)
+    yield
+    state.assign(state.value - offset)
 
 
 def compile_function(fn):
     # Plain graph mode: on CPU, TF without XLA ran this UNet faster than with it.
-    return tf.function(fn, reduce_retracing=True)
+    # No autograph: the loops are keras.ops.fori_loop, already graph ops.
+    return tf.function(fn, reduce_retracing=True, autograph=False)

@@ -1,0 +1,287 @@
+"""Training and sampling throughput of keras_diffusion, per backend and
+precision, optionally side by side with Hugging Face diffusers.
+
+    python benchmarks/throughput.py --vs-diffusers --write docs/performance.md
+
+Each backend runs in its own subprocess (Keras reads KERAS_BACKEND once per
+process). With `--vs-diffusers` a diffusers `UNet2DModel` of the same shape is
+measured in a subprocess before the first backend and after each one, so
+every ratio compares measurements taken minutes apart on the same machine;
+our/their ratios use the mean of the diffusers runs. Needs the `bench` extra
+(`pip install -e .[jax,torch,bench]`).
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The reference UNet of issue 5: 3,939,393 parameters, as diffusers' UNet2DModel below.
+MODELS = {
+    "mnist": dict(image_shape=(28, 28, 1), widths=(32, 64, 128), blocks_per_level=2,
+                  attention_levels=(2,), groups=8, dropout=0.0),
+    # The DDPM CIFAR-10 UNet (Ho 2020, appendix B): 35.7M parameters.
+    "cifar10": dict(image_shape=(32, 32, 3), widths=(128, 256, 256, 256), blocks_per_level=2,
+                    attention_levels=(1,), groups=32, dropout=0.1),
+}
+
+
+# ----------------------------------------------------------------- workers
+def _timed(fn, repeats):
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def run_ours(args):
+    """Measure keras_diffusion on the backend this process was started with."""
+    import keras
+    import numpy as np
+
+    import keras_diffusion as kd
+
+    spec = MODELS[args.model]
+    keras.utils.set_random_seed(0)
+    keras.mixed_precision.set_dtype_policy(args.precision)
+    net_args = {k: v for k, v in spec.items() if k != "image_shape"}
+    network = kd.UNet(spec["image_shape"], **net_args)
+    model = kd.DiffusionModel(network, kd.DiffusionSchedule("linear", timesteps=1000), seed=0)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-4), jit_compile=args.jit_compile)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.batch * args.train_steps,) + spec["image_shape"], dtype="uint8")
+
+    def fit(steps):
+        return model.fit(images[: args.batch * steps], batch_size=args.batch, epochs=1,
+                         shuffle=False, verbose=0).history["loss"][-1]
+
+    start = time.perf_counter()
+    fit(args.warmup_steps)  # compiles, then warms up
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    loss = fit(args.train_steps)
+    train_s = (time.perf_counter() - start) / args.train_steps
+    result = dict(
+        library="keras_diffusion", backend=keras.backend.backend(), precision=args.precision,
+        params=int(network.count_params()), batch=args.batch,
+        train_images_per_s=args.batch / train_s, first_fit_s=compile_s, loss=float(loss),
+    )
+    for name, sampler, steps in (("ddim50", "ddim", 50), ("dpmpp20", "dpmpp_2m", 20)):
+        def generate():
+            return model.generate(args.sample_batch, steps=steps, sampler=sampler, seed=0)
+
+        generate()  # compile
+        result[f"{name}_images_per_s"] = args.sample_batch / _timed(generate, args.sample_repeats)
+    result["forward_gflops_per_image"] = _forward_gflops(network, spec["image_shape"])
+    return result
+
+
+def _forward_gflops(network, image_shape):
+    """Forward-pass GFLOP per image as the backend's own counter sees it
+    (torch's FlopCounterMode, XLA's cost analysis); None on TensorFlow."""
+    import keras
+    import numpy as np
+
+    x = np.zeros((1,) + image_shape, "float32")
+    t = np.zeros((1,), "int32")
+    backend = keras.backend.backend()
+    if backend == "torch":
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            network([x, t])
+        return counter.get_total_flops() / 1e9
+    if backend == "jax":
+        import jax
+
+        weights = [v.value for v in network.trainable_variables]
+        state = [v.value for v in network.non_trainable_variables]
+
+        def forward(weights, x, t):
+            return network.stateless_call(weights, state, [x, t])[0]
+
+        cost = jax.jit(forward).lower(weights, x, t).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", 0.0)) / 1e9
+    return None
+
+
+def run_diffusers(args):
+    """The same measurements for diffusers' UNet2DModel, trained the way its
+    `train_unconditional.py` example does (DDPMScheduler noise, MSE on
+    epsilon, AdamW, EMAModel) and sampled with DDIMPipeline."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDIMPipeline
+    from diffusers import DDIMScheduler
+    from diffusers import DDPMScheduler
+    from diffusers import UNet2DModel
+    from diffusers.training_utils import EMAModel
+
+    spec = MODELS[args.model]
+    torch.manual_seed(0)
+    height, width, channels = spec["image_shape"]
+    levels = len(spec["widths"])
+    down = ["AttnDownBlock2D" if i in spec["attention_levels"] else "DownBlock2D" for i in range(levels)]
+    unet = UNet2DModel(
+        sample_size=height, in_channels=channels, out_channels=channels,
+        layers_per_block=spec["blocks_per_level"], block_out_channels=spec["widths"],
+        down_block_types=down, up_block_types=[b.replace("Down", "Up") for b in reversed(down)],
+        norm_num_groups=spec["groups"], dropout=spec["dropout"],
+    )
+    params = sum(p.numel() for p in unet.parameters())
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    ema = EMAModel(unet.parameters(), decay=0.999)
+    autocast = args.precision == "mixed_bfloat16"
+    images = torch.rand(args.batch, channels, height, width) * 2 - 1
+
+    def train_step():
+        noise = torch.randn_like(images)
+        t = torch.randint(0, 1000, (args.batch,))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            pred = unet(noise_scheduler.add_noise(images, noise, t), t).sample
+        loss = F.mse_loss(pred.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema.step(unet.parameters())
+        return loss
+
+    unet.train()
+    start = time.perf_counter()
+    for _ in range(args.warmup_steps):
+        train_step()
+    first = time.perf_counter() - start
+    train_s = _timed(train_step, args.train_steps)
+    unet.eval()
+    pipeline = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
+    pipeline.set_progress_bar_config(disable=True)
+
+    def generate():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return pipeline(batch_size=args.sample_batch, num_inference_steps=50, output_type="np")
+
+    generate()
+    return dict(
+        library="diffusers", backend="torch", precision=args.precision, params=int(params),
+        batch=args.batch, train_images_per_s=args.batch / train_s, first_fit_s=first,
+        ddim50_images_per_s=args.sample_batch / _timed(generate, args.sample_repeats),
+    )
+
+
+# ------------------------------------------------------------------ driver
+def _spawn(args, library, backend, precision):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    command = [sys.executable, __file__, "--worker", library, "--precision", precision]
+    for key in ("model", "batch", "sample_batch", "train_steps", "warmup_steps", "sample_repeats"):
+        command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    command += ["--jit-compile", str(args.jit_compile).lower()]
+    print(f"... {library} {backend} {precision}", file=sys.stderr, flush=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        sys.stderr.write(done.stderr[-3000:])
+        raise SystemExit(f"{library} on {backend} failed (exit {done.returncode})")
+    return json.loads(lines[-1])
+
+
+def _fmt(value, digits=1):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def table(results, theirs):
+    """Markdown table of the results, with ratios to the mean diffusers run."""
+    def mean(key, precision):
+        values = [r[key] for r in theirs if r["precision"] == precision]
+        return sum(values) / len(values) if values else None
+
+    header = ("| library | backend | precision | params | train img/s | vs diffusers | "
+              "DDIM-50 img/s | DPM++(2M)-20 img/s | DPM++-20 vs diffusers DDIM-50 |")
+    rows = [header, "|" + " --- |" * 9]
+    for r in results:
+        base_train = mean("train_images_per_s", r["precision"])
+        base_ddim = mean("ddim50_images_per_s", r["precision"])
+        train_ratio = r["train_images_per_s"] / base_train if base_train and r["library"] != "diffusers" else None
+        dpm = r.get("dpmpp20_images_per_s")
+        rows.append(
+            f"| {r['library']} | {r['backend']} | {r['precision']} | {r['params']:,} | "
+            f"{_fmt(r['train_images_per_s'])} | {_fmt(train_ratio, 2)}x | {_fmt(r['ddim50_images_per_s'], 2)} | "
+            f"{_fmt(dpm, 2)} | {_fmt(dpm / base_ddim if dpm and base_ddim else None, 2)}x |"
+        )
+    return "\n".join(rows)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", default="tensorflow,jax,torch")
+    parser.add_argument("--precisions", default="float32",
+                        help="comma-separated: float32, mixed_bfloat16, mixed_float16")
+    parser.add_argument("--model", default="mnist", choices=sorted(MODELS))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--sample-batch", type=int, default=16)
+    parser.add_argument("--train-steps", type=int, default=6, help="timed training steps")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps (compilation)")
+    parser.add_argument("--sample-repeats", type=int, default=1)
+    parser.add_argument("--jit-compile", default="auto", help="passed to model.compile: auto, true, false")
+    parser.add_argument("--vs-diffusers", action="store_true")
+    parser.add_argument("--write", help="also write the table to this Markdown file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.jit_compile = {"true": True, "false": False}.get(str(args.jit_compile).lower(), "auto")
+
+    if args.worker:
+        result = run_diffusers(args) if args.worker == "diffusers" else run_ours(args)
+        print(json.dumps(result), flush=True)
+        return
+
+    ours, theirs = [], []
+    for precision in args.precisions.split(","):
+        if args.vs_diffusers and precision != "mixed_float16":  # no fp16 autocast on CPU torch
+            theirs.append(_spawn(args, "diffusers", "torch", precision))
+        for backend in args.backends.split(","):
+            ours.append(_spawn(args, "keras_diffusion", backend, precision))
+            if args.vs_diffusers and precision != "mixed_float16":
+                theirs.append(_spawn(args, "diffusers", "torch", precision))
+    text = table(ours + theirs, theirs)
+    command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
+    print(text)
+    if theirs:
+        counts = sorted({(r["library"], r["params"]) for r in ours + theirs})
+        print("parameters: " + ", ".join(f"{lib} {n:,}" for lib, n in counts))
+    if args.write:
+        _write_report(Path(args.write), text, command, ours + theirs)
+
+
+def _write_report(path, text, command, results):
+    import keras  # noqa: F401 (version only)
+
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    lines = [
+        "# Performance",
+        "",
+        f"Measured with `{command}` on {machine} ({time.strftime('%Y-%m-%d')}).",
+        "",
+        text,
+        "",
+        "Raw results (JSON lines):",
+        "",
+        "```",
+        *[json.dumps(r) for r in results],
+        "```",
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""Export a `DiffusionModel` for serving, from any backend.
+
+`export_saved_model` writes a TensorFlow SavedModel whose endpoints need
+nothing of keras_diffusion or Keras when loaded: `tf.saved_model.load(path)`
+alone serves them. Images are NHWC float32 and the batch size `B` is free.
+
+| endpoint | inputs | output |
+| --- | --- | --- |
+| `generate` | `noise` (B, H, W, C) standard normal | images (B, H, W, C) in [0, 1] |
+| `generate_conditional` (conditional models) | `noise`, `labels` (B,) int32, `guidance` () float32 | images in [0, 1] |
+| `denoise` | `images` (B, H, W, C) in [0, 1], `sigma` () float32 | images in [0, 1] |
+| `predict_noise` | `x_t` (B, H, W, C) in [-1, 1], `t` (B,) int32 (, `labels` (B,) int32 when conditional) | epsilon (B, H, W, C) |
+
+`generate` runs the sampler loop that `DiffusionModel.generate` runs, with
+the sampler and number of steps fixed at export; a stochastic sampler
+(`"ddpm"`, `"dpmpp_2m_sde"`, DDIM with `eta > 0`) takes its per-step noise as
+a second input, `step_noise` (steps, B, H, W, C), so the artifact holds no
+random state. `denoise` takes `sigma`, the noise std on the [0, 1] scale, at
+run time. `generate` and `denoise` of a conditional model use its null
+label. Every endpoint uses the sampling (EMA) weights, and for the same
+noise `generate` and `denoise` match `DiffusionModel.generate` / `.denoise`
+within 1e-4.
+
+TensorFlow exports natively and JAX through `jax2tf` inside
+`keras.export.ExportArchive`. PyTorch cannot trace these endpoints into a
+SavedModel, so under PyTorch the model is saved to a temporary `.keras` file
+and exported by a Python subprocess running the TensorFlow backend (custom
+layers in the network must then be registered on import of their module).
+
+`export_onnx` writes one network evaluation, `predict_noise`, as ONNX through
+Keras' own `export(format="onnx")`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+
+import keras
+from keras import ops
+
+from keras_diffusion import samplers
+from keras_diffusion.schedule import check_steps
+
+# The subprocess that exports a `.keras` file under the TensorFlow backend.
+_TENSORFLOW_EXPORT = (
+    "import json, sys\n"
+    "from keras_diffusion.export import _export_file\n"
+    "_export_file(*json.loads(sys.argv[1]))\n"
+)
+
+
+def export_model(model, filepath, format="tf_saved_model", verbose=None, input_signature=None,
+                 **kwargs):
+    """What `DiffusionModel.export` does; see there."""
+    if format == "tf_saved_model":
+        if input_signature is not None:
+            raise ValueError(
+                "input_signature does not apply to a diffusion SavedModel: its endpoints "
+                "(generate, denoise, predict_noise) define their own inputs. Leave it out."
+            )
+        return export_saved_model(model, filepath, verbose=bool(verbose), **kwargs)
+    if format == "onnx":
+        return export_onnx(model, filepath, verbose=verbose, input_signature=input_signature,
+                           **kwargs)
+    raise ValueError(
+        f"format must be 'tf_saved_model' (generate, denoise and predict_noise endpoints) "
+        f"or 'onnx' (predict_noise); got {format!r}."
+    )
+
+
+def export_saved_model(
+    model,
+    path,
+    steps=50,
+    sampler="ddim",
+    eta=0.0,
+    timestep_spacing="leading",
+    denoise_steps=10,
+    verbose=False,
+):
+    """Write `model` as a TensorFlow SavedModel with the endpoints listed in
+    this module's docstring.
+
+    Args:
+        model: a `DiffusionModel`.
+        path: the SavedModel directory to write.
+        steps: sampler steps of `generate` and `generate_conditional`.
+        sampler: one of `keras_diffusion.SAMPLERS`.
+        eta: DDIM stochasticity, as in `DiffusionModel.generate`.
+        timestep_spacing: as in `DiffusionModel.generate`.
+        denoise_steps: denoiser evaluations of `denoise`, spread from the
+            noise level down to 0 as in `DiffusionModel.denoise` (whose
+            default, 10, it shares).
+        verbose: print the endpoints Keras wrote.
+
+    Under PyTorch the export runs in a subprocess with the TensorFlow backend
+    (the model is passed through a temporary `.keras` file).
+    """
+    options = dict(steps=steps, sampler=sampler, eta=eta, timestep_spacing=timestep_spacing,
+                   denoise_steps=denoise_steps)
+    # Validate here, so a bad argument fails before any work (or subprocess).
+    timesteps = samplers.plan_timesteps(model.schedule, sampler, steps, eta, timestep_spacing)
+    check_steps(denoise_steps, model.schedule.timesteps)
+    if keras.backend.backend() == "torch":
+        return _export_under_tensorflow(model, path, options)
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    archive.track(_SamplingVariables(model))
+    for name, fn, signature in _endpoints(model, timesteps, sampler, eta, denoise_steps):
+        archive.add_endpoint(name, fn, signature, **_jax2tf_options(signature))
+    # Serving needs no gradients; tracing them would trace every loop again.
+    no_gradients = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+    archive.write_out(os.fspath(path), options=no_gradients, verbose=verbose)
+
+
+def _endpoints(model, timesteps, sampler, eta, denoise_steps):
+    """`(name, fn, input_signature)` of each SavedModel endpoint."""
+    image = (None,) + model.image_shape
+    spec = {
+        "noise": _spec("noise", image),
+        "step_noise": _spec("step_noise", (len(timesteps),) + image),
+        "labels": _spec("labels", (None,), "int32"),
+        "guidance": _spec("guidance", ()),
+        "images": _spec("images", image),
+        "sigma": _spec("sigma", ()),
+        "x_t": _spec("x_t", image),
+        "t": _spec("t", (None,), "int32"),
+    }
+
+    def sample(noise, step_noise=None, labels=None, guidance=1.0):
+        # The very loop `DiffusionModel.generate` compiles: same numerics.
+        sample_batch = model._sampling_function(timesteps, sampler, eta, guidance, True)
+        return _unit_range(sample_batch(*_weights(model), noise, step_noise, labels))
+
+    if samplers.draw_step_noise((1,), sampler, 1, eta, 0) is None:
+        def generate(noise):
+            return sample(noise)
+
+        def generate_conditional(noise, labels, guidance):
+            return sample(noise, None, labels, guidance)
+
+        noises = ["noise"]
+    else:  # a stochastic sampler takes its per-step noise as an input
+        def generate(noise, step_noise):
+            return sample(noise, step_noise)
+
+        def generate_conditional(noise, step_noise, labels, guidance):
+            return sample(noise, step_noise, labels, guidance)
+
+        noises = ["noise", "step_noise"]
+
+    def denoise(images, sigma):
+        # As DiffusionModel.denoise: noise of std sigma on the [0, 1] scale
+        # is 2 sigma on the model's, the noise of some timestep t, from which
+        # DDIM runs; here t is found at run time (in float32).
+        t = model.schedule.timestep_for_noise_std(2.0 * sigma)
+        x_t = model.schedule.x_t_from_noisy(ops.cast(images, "float32") * 2.0 - 1.0, t)
+        x0 = samplers.run_ddim_from(
+            _denoiser(model), model.schedule, x_t, t,
+            lambda start: samplers.partial_timesteps(start, denoise_steps), model.prediction,
+        )
+        return _unit_range(x0)
+
+    def predict_noise(x_t, t, labels=None):
+        inputs = [x_t, t] if labels is None else [x_t, t, labels]
+        output = _network(model)(inputs)
+        return model.schedule.predict_epsilon(x_t, output, t, model.prediction)
+
+    labels = ["labels"] if model.conditional else []
+    endpoints = [("generate", generate, noises)]
+    if model.conditional:
+        endpoints.append(("generate_conditional", generate_conditional, noises + labels + ["guidance"]))
+    endpoints += [("denoise", denoise, ["images", "sigma"]),
+                  ("predict_noise", predict_noise, ["x_t", "t"] + labels)]
+    return [(name, fn, [spec[i] for i in inputs]) for name, fn, inputs in endpoints]
+
+
+class _SamplingVariables(keras.layers.Layer):
+    """The variables the endpoints read: the sampling (EMA) weights and the
+    network's non-trainable state. Tracked instead of the model, the archive
+    saves neither the raw weights nor the optimizer, and does not walk the
+    model's Python caches (its compiled samplers, which TensorFlow cannot
+    save)."""
+
+    def __init__(self, model):
+        super().__init__(name="sampling_variables")
+        self.weights_used = list(model.sampling_weights)
+        self.state_used = list(model.network.non_trainable_variables)
+        self.built = True
+
+
+def _spec(name, shape, dtype="float32"):
+    return keras.InputSpec(shape=shape, dtype=dtype, name=name)
+
+
+def _weights(model):
+    """The values `model.run_sampler` passes its compiled loop: (EMA weights,
+    non-trainable state). Inside an export trace they are the traced values."""
+    return (
+        [v.value for v in model.sampling_weights],
+        [v.value for v in model.network.non_trainable_variables],
+    )
+
+
+def _network(model):
+    """`inputs -> output` of the network with the sampling (EMA) weights."""
+    weights, state = _weights(model)
+
+    def network(inputs):
+        return model.network.stateless_call(weights, state, inputs, training=False)[0]
+
+    return network
+
+
+def _denoiser(model):
+    """The unconditional `(x_t, t) -> output` denoiser the samplers take."""
+    return model._denoiser(_network(model), None, 1.0)
+
+
+def _unit_range(x):
+    """[-1, 1] -> [0, 1], clipped: the tensor twin of `model.from_model_range`."""
+    return ops.clip((x + 1.0) / 2.0, 0.0, 1.0)
+
+
+def _jax2tf_options(signature):
+    """Under JAX, name every free dimension `batch`, so that inputs such as
+    `noise` (B, ...) and `step_noise` (steps, B, ...) share one batch size,
+    and leave gradients out: serving needs none, and `denoise`'s loop, whose
+    length is an input, has no reverse-mode derivative in JAX."""
+    if keras.backend.backend() != "jax":
+        return {}
+    shapes = [
+        "(" + ", ".join("batch" if d is None else str(d) for d in spec.shape) + ")"
+        for spec in signature
+    ]
+    return {"jax2tf_kwargs": {"polymorphic_shapes": shapes, "with_gradient": False}}
+
+
+# ------------------------------------------------------ PyTorch: via TF
+def _export_under_tensorflow(model, path, options):
+    """Save `model` to a temporary `.keras` file and export it from a Python
+    subprocess running the TensorFlow backend."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, env.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory() as temp:
+        model_path = os.path.join(temp, "model.keras")
+        model.save(model_path)
+        arguments = json.dumps([model_path, os.path.abspath(os.fspath(path)), options])
+        result = subprocess.run(
+            [sys.executable, "-c", _TENSORFLOW_EXPORT, arguments],
+            env=env, capture_output=True, text=True,
+        )
+    if result.returncode:
+        lines = result.stderr.strip().splitlines()
+        raise RuntimeError(
+            "exporting under the TensorFlow backend failed: "
+            + (lines[-1] if lines else f"exit code {result.returncode}")
+        )
+
+
+def _export_file(model_path, path, options):
+    from keras_diffusion.model import load_model
+
+    export_saved_model(load_model(model_path), path, **options)
+
+
+# ------------------------------------------------------------------ ONNX
+def export_onnx(model, path, verbose=None, input_signature=None, **kwargs):
+    """Write `predict_noise` (one network evaluation with the EMA weights,
+    returning epsilon) as ONNX, through Keras' `export(format="onnx")`.
+
+    Keras converts with tf2onnx under TensorFlow, jax2onnx under JAX and
+    `torch.onnx` (TorchScript) under PyTorch. The inputs are `x_t` (B, H, W,
+    C) float32 in [-1, 1], `t` (B,) int32 (and `labels` (B,) int32 for a
+    conditional model), with the batch size free on every backend.
+    """
+    predictor = _NoisePredictor(model)
+    if input_signature is None:
+        input_signature = [_predictor_inputs(model)]
+    with warnings.catch_warnings():
+        if keras.backend.backend() == "torch":
+            import torch
+
+            # The trace fixes Python-level checks on static shapes; that is intended.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        predictor.export(os.fspath(path), format="onnx", verbose=verbose,
+                         input_signature=input_signature, **kwargs)
+
+
+def _predictor_inputs(model):
+    specs = [_spec("x_t", (None,) + model.image_shape), _spec("t", (None,), "int32")]
+    return specs + ([_spec("labels", (None,), "int32")] if model.conditional else [])
+
+
+class _NoisePredictor(keras.Model):
+    """`[x_t, t(, labels)] -> epsilon` with a copy of the network holding the
+    sampling (EMA) weights: a plain Keras model that every ONNX converter
+    can trace."""
+
+    def __init__(self, model, **kwargs):
+        kwargs.setdefault("name", "noise_predictor")
+        super().__init__(**kwargs)
+        self.network = keras.saving.deserialize_keras_object(
+            keras.saving.serialize_keras_object(model.network)
+        )
+        for copy, value in zip(self.network.trainable_variables, model.sampling_weights):
+            copy.assign(ops.convert_to_numpy(value))
+        for copy, value in zip(self.network.non_trainable_variables,
+                               model.network.non_trainable_variables):
+            copy.assign(ops.convert_to_numpy(value))
+        self.schedule = model.schedule
+        self.prediction = model.prediction
+        example = [ops.zeros((1,) + model.image_shape), ops.zeros((1,), "int32")]
+        if model.conditional:
+            example.append(ops.zeros((1,), "int32"))
+        self(example)  # build, so the exporters see a called model
+
+    def call(self, inputs):
+        x_t, t = inputs[0], inputs[1]
+        return self.schedule.predict_epsilon(x_t, self.network(inputs), t, self.prediction)

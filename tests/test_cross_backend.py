@@ -1,0 +1,108 @@
+"""Saved files do not care which backend wrote them: a `.keras` file and a
+`.weights.h5` file saved under this run's backend load under the other two,
+and the network's output (raw and EMA weights) agrees within 1e-4.
+
+Each backend's run of the suite checks the files its own backend writes, in
+one subprocess per other backend (each sets its own `KERAS_BACKEND`), so
+the three runs together cover the 3x3 matrix in six subprocesses.
+`keras-diffusion sample --backend X` on a model trained under Y is
+`test_cli.py::test_sample_under_another_backend_matches`.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+from keras import ops
+
+import keras_diffusion as kd
+from conftest import BACKEND
+from test_model import tiny_model
+
+ATOL = 1e-4
+BACKENDS = ("tensorflow", "jax", "torch")
+
+# Loads both files from the folder in argv[1] and writes <backend>.npz there.
+_LOAD_AND_EVALUATE = """
+import sys
+import keras
+import numpy as np
+import keras_diffusion as kd
+
+folder = sys.argv[1]
+data = np.load(folder + "/inputs.npz")
+inputs = [data["x_t"], data["t"], data["labels"]]
+
+def outputs(model):
+    ema = [v.value for v in model.sampling_weights]
+    state = [v.value for v in model.network.non_trainable_variables]
+    raw = model.network(inputs)
+    smoothed = model.network.stateless_call(ema, state, inputs)[0]
+    return keras.ops.convert_to_numpy(raw), keras.ops.convert_to_numpy(smoothed)
+
+loaded = kd.load_model(folder + "/model.keras")
+rebuilt = kd.DiffusionModel.from_config(loaded.get_config())
+rebuilt.load_weights(folder + "/model.weights.h5")
+keras_raw, keras_ema = outputs(loaded)
+h5_raw, h5_ema = outputs(rebuilt)
+iterations = keras.ops.convert_to_numpy(loaded.optimizer.iterations)
+np.savez(folder + "/" + keras.backend.backend() + ".npz", keras_raw=keras_raw,
+         keras_ema=keras_ema, h5_raw=h5_raw, h5_ema=h5_ema, iterations=iterations)
+"""
+
+
+def _evaluate(model, inputs):
+    ema = [v.value for v in model.sampling_weights]
+    state = [v.value for v in model.network.non_trainable_variables]
+    raw = ops.convert_to_numpy(model.network(inputs))
+    smoothed = ops.convert_to_numpy(model.network.stateless_call(ema, state, inputs)[0])
+    return raw, smoothed
+
+
+def test_saved_files_load_under_the_other_backends(tmp_path):
+    model = tiny_model(num_classes=3)
+    # Optimizer state, and EMA weights unlike the raw ones, as in a trained model.
+    model.optimizer.build(model.trainable_variables)
+    model.optimizer.iterations.assign(7)
+    for i, ema in enumerate(model.ema_weights):
+        ema.assign(ops.convert_to_numpy(ema) * 0.9 + 0.01 * (i % 3))
+    rng = np.random.default_rng(0)
+    inputs = [rng.normal(size=(3, 16, 16, 1)).astype("float32"),
+              np.array([0, 42, 99], "int32"), np.array([0, 2, 3], "int32")]
+    np.savez(tmp_path / "inputs.npz", x_t=inputs[0], t=inputs[1], labels=inputs[2])
+    model.save(tmp_path / "model.keras")
+    model.save_weights(tmp_path / "model.weights.h5")
+    raw, smoothed = _evaluate(model, inputs)
+    assert np.abs(raw - smoothed).max() > 1e-3  # the check below tells them apart
+
+    others = [b for b in BACKENDS if b != BACKEND]
+    processes = {
+        backend: subprocess.Popen(
+            [sys.executable, "-c", _LOAD_AND_EVALUATE, str(tmp_path)],
+            env=dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for backend in others
+    }
+    for backend, process in processes.items():
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, f"under {backend}:\n{stderr[-3000:]}"
+    for backend in others:
+        result = np.load(tmp_path / f"{backend}.npz")
+        assert int(result["iterations"]) == 7, backend
+        for name, expected in (("keras_raw", raw), ("keras_ema", smoothed),
+                               ("h5_raw", raw), ("h5_ema", smoothed)):
+            difference = np.abs(result[name] - expected).max()
+            assert difference <= ATOL, f"{BACKEND} -> {backend}, {name}: {difference:.2e}"
+
+
+def test_weights_file_loads_into_a_rebuilt_model(tmp_path):
+    """The same round trip within this backend: what the subprocesses do."""
+    model = tiny_model(num_classes=3)
+    model.save_weights(tmp_path / "model.weights.h5")
+    rebuilt = kd.DiffusionModel.from_config(model.get_config())
+    rebuilt.load_weights(tmp_path / "model.weights.h5")
+    inputs = [np.zeros((1, 16, 16, 1), "float32"), np.array([5], "int32"), np.array([1], "int32")]
+    for a, b in zip(_evaluate(model, inputs), _evaluate(rebuilt, inputs)):
+        np.testing.assert_array_equal(a, b)

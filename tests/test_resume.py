@@ -1,0 +1,216 @@
+"""Resuming: a killed `keras-diffusion train` continues where it stopped, and
+the backup callback restores the whole training state."""
+
+import csv
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_diffusion as kd
+from keras_diffusion import cli
+from conftest import BACKEND
+from conftest import DATA_DIR
+from keras_diffusion.callbacks import read_backup_record
+
+HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+# The smallest network that trains: one level, no attention. 32 MNIST images
+# in batches of 8 are 4 steps an epoch.
+TINY = ["network.widths=[8]", "network.attention_levels=[]", "data.limit=32",
+        "training.batch_size=8", "training.learning_rate=0.003"]
+
+
+def tiny_unet(shape=(8, 8, 1)):
+    return kd.UNet(shape, widths=(8,), blocks_per_level=1, attention_levels=(), groups=4)
+
+
+def tiny_model(shape=(8, 8, 1), **kwargs):
+    model = kd.DiffusionModel(tiny_unet(shape), kd.DiffusionSchedule("cosine", timesteps=100),
+                              seed=0, **kwargs)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    return model
+
+
+def squares(n=32, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, size, size, 1), "float32")
+    for i, (r, c) in enumerate(rng.integers(0, size - 3, (n, 2))):
+        x[i, r:r + 3, c:c + 3] = 1.0
+    return x
+
+
+def history_rows(output):
+    with open(output / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def temporaries(output):
+    return [p for p in output.rglob(".*") if p.is_file()]
+
+
+def _values(variables):
+    return [ops.convert_to_numpy(v).copy() for v in variables]
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashAtEpoch(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise _Crash()
+
+
+def test_backup_restores_the_whole_training_state(tmp_path):
+    model = tiny_model()
+    x = squares()
+    backup = kd.AtomicBackupAndRestore(tmp_path / "backup")
+    with pytest.raises(_Crash):
+        model.fit(x, batch_size=8, epochs=3, verbose=0, callbacks=[backup, _CrashAtEpoch(2)])
+    record = read_backup_record(tmp_path / "backup")
+    assert record["epoch"] == 2 and record["iterations"] == 8
+    state = [v for v in model.optimizer.variables if v.name != "learning_rate"]
+    saved = {
+        "weights": _values(model.weights),
+        "optimizer": _values(state),
+        "rng": _values([model.seed_generator.state]),
+    }
+    # A new process would build the model afresh: scramble everything, and
+    # compile with a lower learning rate, which the restore must keep.
+    for variable in model.weights + state + [model.seed_generator.state]:
+        variable.assign(np.zeros(variable.shape, variable.dtype))
+    model.optimizer.learning_rate = 5e-4
+
+    class Check(keras.callbacks.Callback):
+        # After the backup's on_train_begin; JAX hides the variables once the
+        # first step starts.
+        def on_train_begin(self, logs=None):
+            for key, variables in (("weights", self.model.weights),
+                                   ("optimizer", state),
+                                   ("rng", [self.model.seed_generator.state])):
+                assert len(saved[key]) == len(variables)
+                for want, got in zip(saved[key], _values(variables)):
+                    np.testing.assert_array_equal(want, got, err_msg=key)
+            assert np.isclose(float(ops.convert_to_numpy(self.model.optimizer.learning_rate)), 5e-4)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.first_epoch = getattr(self, "first_epoch", epoch)
+
+    check = Check()
+    history = model.fit(x, batch_size=8, epochs=3, verbose=0, callbacks=[backup, check])
+    assert check.first_epoch == 2 and len(history.history["loss"]) == 1
+    assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 12
+    assert float(ops.convert_to_numpy(model.ema_updates)) == 12.0
+    assert not (tmp_path / "backup").exists(), "delete_checkpoint=True removes the backup"
+
+
+def test_a_failed_backup_write_keeps_the_previous_backup(tmp_path, monkeypatch):
+    model = tiny_model()
+    backup = kd.AtomicBackupAndRestore(tmp_path / "backup", delete_checkpoint=False)
+    model.fit(squares(16), batch_size=8, epochs=1, verbose=0, callbacks=[backup])
+    before = read_backup_record(tmp_path / "backup")
+
+    def dies_half_way(filepath, overwrite=True):
+        Path(filepath).write_bytes(b"\x89HDF half a file")
+        raise KeyboardInterrupt  # as close to a kill as a test gets
+
+    monkeypatch.setattr(model, "save_weights", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(squares(16), batch_size=8, epochs=2, verbose=0, callbacks=[backup])
+    assert read_backup_record(tmp_path / "backup") == before
+    assert sorted(os.listdir(tmp_path / "backup")) == ["backup.json", before["weights"]]
+
+
+def _train_command(output, *extra):
+    sets = [arg for key in TINY + ["training.epochs=2", "sampling.every_n_epochs=0"]
+            for arg in ("--set", key)]
+    return [sys.executable, "-m", "keras_diffusion.cli", "train", "--config", str(SMOKE),
+            "--data-dir", str(DATA_DIR), "--output", str(output), *sets, *extra]
+
+
+@pytest.mark.skipif(not (DATA_DIR / "mnist.npz").exists(), reason="needs the shared MNIST file")
+def test_cli_killed_mid_epoch_resumes(tmp_path, capsys):
+    output = tmp_path / "run"
+    env = dict(os.environ, KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="2")
+    process = subprocess.Popen(_train_command(output), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 400
+        while read_backup_record(output / "backup") is None:
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no backup within 400 s"
+            time.sleep(0.01)
+        # The backup is the last thing an epoch does: the run is now starting
+        # the second epoch (4 steps), and the kill lands in it.
+        time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be killed"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+
+    record = read_backup_record(output / "backup")
+    assert record["epoch"] == 1 and record["iterations"] == 4
+    assert not (output / "model.keras").exists()
+    rows = history_rows(output)
+    # The history is written before the backup: it may be one epoch ahead.
+    assert [row["epoch"] for row in rows][:record["epoch"]] == [str(e) for e in range(record["epoch"])]
+    before = [float(row["loss"]) for row in rows[:record["epoch"]]]
+
+    assert cli.main(_train_command(output)[3:]) == 2  # without --resume: refused, in-process
+    assert "continue it with resume=True (--resume" in capsys.readouterr().err
+
+    logging = ["--set", "tensorboard=true"] if HAVE_TENSORBOARD else []
+    resumed = subprocess.run(_train_command(output, "--resume", *logging), env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Epoch 1/2" not in resumed.stdout and "Epoch 2/2" in resumed.stdout
+
+    rows = history_rows(output)
+    assert [row["epoch"] for row in rows] == ["0", "1"]
+    losses = [float(row["loss"]) for row in rows]
+    assert losses[:len(before)] == before, "rows of finished epochs are kept as they were"
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    model = kd.load_model(output / "model.keras")
+    assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 8
+    assert float(ops.convert_to_numpy(model.ema_updates)) == 8.0
+    assert read_backup_record(output / "backup")["epoch"] == 2
+    assert json.loads(json.dumps(record))  # the record is plain JSON
+    assert not temporaries(output), temporaries(output)
+    if HAVE_TENSORBOARD:
+        assert "epoch_loss" in _summary_tags(output / "tensorboard" / "train")
+
+
+@pytest.mark.skipif(not HAVE_TENSORBOARD, reason="needs the tensorboard package")
+def test_sample_grid_logs_images_for_tensorboard(tmp_path):
+    grid = kd.SampleGrid(tmp_path / "samples", num_images=2, steps=1, tensorboard_dir=tmp_path / "tb")
+    grid.set_model(tiny_model())
+    grid.write_grid(3)
+    assert (tmp_path / "samples" / "epoch_0003.png").exists()
+    assert _summary_tags(tmp_path / "tb") == {"samples"}
+
+
+def _summary_tags(directory):
+    import tensorflow as tf
+
+    tags = set()
+    for path in Path(directory).glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            tags.update(value.tag for value in event.summary.value)
+    return tags
