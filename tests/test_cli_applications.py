@@ -126,6 +126,17 @@ def conditional_model(files):
     return path
 
 
+def test_sample_a_row_per_class_with_guidance(conditional_model, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    code, stdout, err = _main(
+        ["sample", "--model", conditional_model, "--labels", "all", "--num", 10,
+         "--guidance", 2.0, "--steps", 2, "--npz", tmp_path / "grid.npz", "--out", out], capsys,
+    )
+    assert code == 0, err
+    assert "wrote 10 images" in stdout and out.is_file()
+    assert read_images(tmp_path / "grid.npz").shape == (10, 28, 28, 1)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -143,13 +154,16 @@ def conditional_model(files):
         (["interpolate", "--seeds", "1", "2", "--num", "1"], "--num must be at least 2"),
         (["img2img", "--model", "CONDITIONAL", "--label", "cat"],
          "unknown class name 'cat'; accepted: 0, 1, 2"),
+        (["sample", "--model", "CONDITIONAL", "--label", "cat"], "unknown class name 'cat'"),
+        (["sample", "--label", "3"], "labels were given, but this model is unconditional"),
+        (["sample", "--guidance", "2"], "needs a class-conditional model"),
     ],
 )
 def test_bad_input_gives_one_error_line(files, conditional_model, capsys, tmp_path, args, message):
     write_images(tmp_path / "mask10.png", np.ones((1, 10, 10, 1), "float32"))
     command, options = args[0], list(args[1:])
     defaults = {"--model": files["model"], "--out": tmp_path / "out.png"}
-    if command != "interpolate":
+    if command not in ("interpolate", "sample"):
         defaults["--input"] = files["root"] / "digit.png"
     for flag, value in defaults.items():
         if flag not in options:

@@ -146,3 +146,26 @@ def test_bad_arguments(kwargs, match):
     schedule = DiffusionSchedule("linear", timesteps=100)
     with pytest.raises(ValueError, match=match):
         kd.sample(gaussian_denoiser(schedule), schedule, np.zeros((1, 2, 2, 1), "float32"), **kwargs)
+
+
+def test_ddim_from_a_start_known_only_at_run_time():
+    """The loop an exported `denoise` runs, whose start is a tensor, takes
+    exactly the steps `run_sampler` takes over the plan for that start."""
+    from keras_diffusion import samplers
+
+    schedule = DiffusionSchedule("cosine", timesteps=100)
+    denoiser = gaussian_denoiser(schedule)
+    x = ops.convert_to_tensor(np.random.default_rng(0).normal(size=(2, 4, 4, 1)), "float32")
+
+    def plan(start):
+        return samplers.partial_timesteps(start, 4)
+
+    for start in (0, 2, 37, 99):
+        expected = samplers.run_sampler(
+            denoiser, schedule, x, plan(start), "ddim", "epsilon", 0.0, True, None
+        )
+        got = samplers.run_ddim_from(
+            denoiser, schedule, x, ops.convert_to_tensor(start, "int32"), plan, "epsilon"
+        )
+        np.testing.assert_allclose(ops.convert_to_numpy(got), ops.convert_to_numpy(expected),
+                                   atol=1e-6)

@@ -148,3 +148,11 @@ def test_bad_prediction_and_steps():
         schedule.sampling_timesteps(101)
     with pytest.raises(ValueError, match="timestep_spacing must be one of leading, trailing, linspace"):
         schedule.sampling_timesteps(10, "even")
+
+
+def test_timestep_for_noise_std_takes_a_tensor():
+    """An exported `denoise` matches its sigma input to a timestep in-graph."""
+    schedule = DiffusionSchedule("cosine", timesteps=1000)
+    for std in (0.05, 0.4, 2.0, 50.0):
+        t = schedule.timestep_for_noise_std(ops.convert_to_tensor(std, "float32"))
+        assert int(ops.convert_to_numpy(t)) == schedule.timestep_for_noise_std(std)
