@@ -7,8 +7,15 @@ Each backend runs in its own subprocess (Keras reads KERAS_BACKEND once per
 process). With `--vs-diffusers` a diffusers `UNet2DModel` of the same shape is
 measured in a subprocess before the first backend and after each one, so
 every ratio compares measurements taken minutes apart on the same machine;
-our/their ratios use the mean of the diffusers runs. Needs the `bench` extra
-(`pip install -e .[jax,torch,bench]`).
+our/their ratios use the mean of the diffusers float32 runs (the baseline of
+issue 5). Needs the `bench` extra (`pip install -e .[jax,torch,bench]`).
+
+Training images/s: `model.fit` over `--train-steps` batches after a first
+`fit` that compiles and warms up. Sampling images/s: one `generate` call of
+`--sample-batch` images after a first call that compiles. TFLOP/s counts the
+forward pass as each framework's own FLOP counter sees it (XLA's cost
+analysis on JAX, `FlopCounterMode` on PyTorch) and a training step as three
+forward passes.
 """
 
 import argparse
@@ -79,7 +86,19 @@ def run_ours(args):
         generate()  # compile
         result[f"{name}_images_per_s"] = args.sample_batch / _timed(generate, args.sample_repeats)
     result["forward_gflops_per_image"] = _forward_gflops(network, spec["image_shape"])
+    result["device"] = _device_name()
     return result
+
+
+def _device_name():
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
 def _forward_gflops(network, image_shape):
@@ -127,6 +146,7 @@ def run_diffusers(args):
 
     spec = MODELS[args.model]
     torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     height, width, channels = spec["image_shape"]
     levels = len(spec["widths"])
     down = ["AttnDownBlock2D" if i in spec["attention_levels"] else "DownBlock2D" for i in range(levels)]
@@ -135,18 +155,32 @@ def run_diffusers(args):
         layers_per_block=spec["blocks_per_level"], block_out_channels=spec["widths"],
         down_block_types=down, up_block_types=[b.replace("Down", "Up") for b in reversed(down)],
         norm_num_groups=spec["groups"], dropout=spec["dropout"],
-    )
+    ).to(device)
     params = sum(p.numel() for p in unet.parameters())
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(torch.zeros(1, channels, height, width, device=device), torch.zeros(1, device=device))
+    forward_gflops = counter.get_total_flops() / 1e9
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     ema = EMAModel(unet.parameters(), decay=0.999)
     autocast = args.precision == "mixed_bfloat16"
-    images = torch.rand(args.batch, channels, height, width) * 2 - 1
+    images = torch.rand(args.batch, channels, height, width, device=device) * 2 - 1
 
+    def synced(fn):
+        def run():
+            out = fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+        return run
+
+    @synced
     def train_step():
         noise = torch.randn_like(images)
-        t = torch.randint(0, 1000, (args.batch,))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        t = torch.randint(0, 1000, (args.batch,), device=device)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             pred = unet(noise_scheduler.add_noise(images, noise, t), t).sample
         loss = F.mse_loss(pred.float(), noise)
         optimizer.zero_grad(set_to_none=True)
@@ -165,15 +199,18 @@ def run_diffusers(args):
     pipeline = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
     pipeline.set_progress_bar_config(disable=True)
 
+    @synced
     def generate():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             return pipeline(batch_size=args.sample_batch, num_inference_steps=50, output_type="np")
 
     generate()
     return dict(
         library="diffusers", backend="torch", precision=args.precision, params=int(params),
         batch=args.batch, train_images_per_s=args.batch / train_s, first_fit_s=first,
+        loss=float(train_step()),
         ddim50_images_per_s=args.sample_batch / _timed(generate, args.sample_repeats),
+        forward_gflops_per_image=forward_gflops, device=_device_name(),
     )
 
 
@@ -198,23 +235,28 @@ def _fmt(value, digits=1):
 
 
 def table(results, theirs):
-    """Markdown table of the results, with ratios to the mean diffusers run."""
-    def mean(key, precision):
-        values = [r[key] for r in theirs if r["precision"] == precision]
+    """Markdown table of the results, with ratios to the mean diffusers
+    float32 run (or, without one, the mean diffusers run)."""
+    baseline = [r for r in theirs if r["precision"] == "float32"] or theirs
+
+    def mean(key):
+        values = [r[key] for r in baseline]
         return sum(values) / len(values) if values else None
 
-    header = ("| library | backend | precision | params | train img/s | vs diffusers | "
-              "DDIM-50 img/s | DPM++(2M)-20 img/s | DPM++-20 vs diffusers DDIM-50 |")
-    rows = [header, "|" + " --- |" * 9]
+    base_train, base_ddim = mean("train_images_per_s"), mean("ddim50_images_per_s")
+    header = ("| library | backend | precision | params | train img/s | train vs diffusers fp32 | "
+              "train TFLOP/s | DDIM-50 img/s | DPM++(2M)-20 img/s | DPM++-20 vs diffusers DDIM-50 |")
+    rows = [header, "|" + " --- |" * 10]
     for r in results:
-        base_train = mean("train_images_per_s", r["precision"])
-        base_ddim = mean("ddim50_images_per_s", r["precision"])
-        train_ratio = r["train_images_per_s"] / base_train if base_train and r["library"] != "diffusers" else None
+        ratio = r["train_images_per_s"] / base_train if base_train else None
+        gflops = r.get("forward_gflops_per_image")
+        tflops = 3 * gflops * r["train_images_per_s"] / 1e3 if gflops else None
         dpm = r.get("dpmpp20_images_per_s")
         rows.append(
             f"| {r['library']} | {r['backend']} | {r['precision']} | {r['params']:,} | "
-            f"{_fmt(r['train_images_per_s'])} | {_fmt(train_ratio, 2)}x | {_fmt(r['ddim50_images_per_s'], 2)} | "
-            f"{_fmt(dpm, 2)} | {_fmt(dpm / base_ddim if dpm and base_ddim else None, 2)}x |"
+            f"{_fmt(r['train_images_per_s'])} | {_fmt(ratio, 2)}x | {_fmt(tflops, 3)} | "
+            f"{_fmt(r['ddim50_images_per_s'], 2)} | {_fmt(dpm, 2)} | "
+            f"{_fmt(dpm / base_ddim if dpm and base_ddim else None, 2)}x |"
         )
     return "\n".join(rows)
 
@@ -245,12 +287,14 @@ def main():
 
     ours, theirs = [], []
     for precision in args.precisions.split(","):
-        if args.vs_diffusers and precision != "mixed_float16":  # no fp16 autocast on CPU torch
-            theirs.append(_spawn(args, "diffusers", "torch", precision))
+        # diffusers runs at float32 (the baseline) or bfloat16 autocast.
+        theirs_precision = "mixed_bfloat16" if precision == "mixed_bfloat16" else "float32"
+        if args.vs_diffusers:
+            theirs.append(_spawn(args, "diffusers", "torch", theirs_precision))
         for backend in args.backends.split(","):
             ours.append(_spawn(args, "keras_diffusion", backend, precision))
-            if args.vs_diffusers and precision != "mixed_float16":
-                theirs.append(_spawn(args, "diffusers", "torch", precision))
+            if args.vs_diffusers:
+                theirs.append(_spawn(args, "diffusers", "torch", theirs_precision))
     text = table(ours + theirs, theirs)
     command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
     print(text)
@@ -261,26 +305,34 @@ def main():
         _write_report(Path(args.write), text, command, ours + theirs)
 
 
-def _write_report(path, text, command, results):
-    import keras  # noqa: F401 (version only)
+BEGIN, END = "<!-- throughput results: begin -->", "<!-- throughput results: end -->"
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    lines = [
-        "# Performance",
-        "",
-        f"Measured with `{command}` on {machine} ({time.strftime('%Y-%m-%d')}).",
+
+def _write_report(path, text, command, results):
+    """Put the table between the BEGIN/END markers of `path` (keeping the
+    prose around them), or write a new file holding only the table."""
+    devices = sorted({r.get("device") or "?" for r in results})
+    block = "\n".join([
+        BEGIN,
+        f"Measured with `{command}` on {', '.join(devices)}, {time.strftime('%Y-%m-%d %H:%M')}.",
         "",
         text,
         "",
-        "Raw results (JSON lines):",
+        "<details><summary>Raw results (JSON lines)</summary>",
         "",
         "```",
         *[json.dumps(r) for r in results],
         "```",
-        "",
-    ]
+        "</details>",
+        END,
+    ])
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+    else:
+        new = "# Performance\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    path.write_text(new)
 
 
 if __name__ == "__main__":

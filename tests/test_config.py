@@ -198,8 +198,13 @@ def test_file_must_be_a_mapping(tmp_path):
         load_config(_write(tmp_path, "- 1\n- 2\n"))
 
 
-def test_import_leaves_backend_choice_open():
-    # The command line sets KERAS_BACKEND after reading its arguments and config.
-    code = "import sys, keras_diffusion.config, keras_diffusion.images; print('keras' in sys.modules)"
+def test_cli_import_leaves_backend_choice_open():
+    # Started as the `keras-diffusion` command, the package defers its imports so
+    # that --backend can set KERAS_BACKEND after the arguments are read.
+    code = (
+        "import sys; sys.argv = ['keras-diffusion']; "
+        "import keras_diffusion.cli, keras_diffusion.config, keras_diffusion.images; "
+        "print('keras' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
