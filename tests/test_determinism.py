@@ -1,5 +1,5 @@
 """Same seed, same backend: the same first-epoch losses and the same samples,
-bit for bit (the settings this needs are in docs/reliability.md)."""
+bit for bit (the settings this needs are in the README, "Determinism")."""
 
 import keras
 import numpy as np
