@@ -87,7 +87,7 @@ class DiffusionModel(keras.Model):
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self._backend = backend_module()
-        self._compiled_samplers = {}
+        self._compiled_samplers = _FunctionCache()
         if self.ema_decay:
             self.ema_weights = [
                 self.add_weight(
@@ -552,6 +552,23 @@ class DiffusionModel(keras.Model):
         config["network"] = keras.saving.deserialize_keras_object(config["network"])
         config["schedule"] = keras.saving.deserialize_keras_object(config["schedule"])
         return cls(**config)
+
+
+class _FunctionCache:
+    """Compiled sampling functions by key. Not a dict: TensorFlow would track
+    a dict attribute of the model and then refuse to save it (tuple keys)."""
+
+    def __init__(self):
+        self._functions = {}
+
+    def __contains__(self, key):
+        return key in self._functions
+
+    def __getitem__(self, key):
+        return self._functions[key]
+
+    def __setitem__(self, key, function):
+        self._functions[key] = function
 
 
 def to_model_range(images):
