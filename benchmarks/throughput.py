@@ -217,8 +217,16 @@ def run_diffusers(args):
 # ------------------------------------------------------------------ driver
 def _spawn(args, library, backend, precision):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    if args.threads:
+        # The same CPU thread budget for every framework: OpenMP (PyTorch), TF's
+        # pools, and XLA's Eigen pool (which only has an on/off switch).
+        n = str(args.threads)
+        env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, TF_NUM_INTRAOP_THREADS=n, TF_NUM_INTEROP_THREADS="1")
+        if args.threads == 1:
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                                " intra_op_parallelism_threads=1").strip()
     command = [sys.executable, __file__, "--worker", library, "--precision", precision]
-    for key in ("model", "batch", "sample_batch", "train_steps", "warmup_steps", "sample_repeats"):
+    for key in ("model", "batch", "sample_batch", "train_steps", "warmup_steps", "sample_repeats", "threads"):
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     command += ["--jit-compile", str(args.jit_compile).lower()]
     print(f"... {library} {backend} {precision}", file=sys.stderr, flush=True)
@@ -273,7 +281,12 @@ def main():
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps (compilation)")
     parser.add_argument("--sample-repeats", type=int, default=1)
     parser.add_argument("--jit-compile", default="auto", help="passed to model.compile: auto, true, false")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads per framework (0: each framework's default); 1 gives steadier "
+                             "ratios on a shared machine")
     parser.add_argument("--vs-diffusers", action="store_true")
+    parser.add_argument("--diffusers-precision", choices=("float32", "mixed_bfloat16"),
+                        help="run diffusers at this precision whatever --precisions says")
     parser.add_argument("--write", help="also write the table to this Markdown file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
@@ -281,6 +294,10 @@ def main():
     args.jit_compile = {"true": True, "false": False}.get(str(args.jit_compile).lower(), "auto")
 
     if args.worker:
+        if args.threads and (args.worker == "diffusers" or os.environ.get("KERAS_BACKEND") == "torch"):
+            import torch
+
+            torch.set_num_threads(args.threads)
         result = run_diffusers(args) if args.worker == "diffusers" else run_ours(args)
         print(json.dumps(result), flush=True)
         return
@@ -288,7 +305,8 @@ def main():
     ours, theirs = [], []
     for precision in args.precisions.split(","):
         # diffusers runs at float32 (the baseline) or bfloat16 autocast.
-        theirs_precision = "mixed_bfloat16" if precision == "mixed_bfloat16" else "float32"
+        theirs_precision = args.diffusers_precision or (
+            "mixed_bfloat16" if precision == "mixed_bfloat16" else "float32")
         if args.vs_diffusers:
             theirs.append(_spawn(args, "diffusers", "torch", theirs_precision))
         for backend in args.backends.split(","):

@@ -125,6 +125,8 @@ def run_sampler(denoiser, schedule, x, timesteps, sampler, prediction, eta, clip
     """The sampling loop itself, free of validation and randomness: safe to
     trace inside `jax.jit` or `tf.function`."""
     timesteps = np.asarray(timesteps, dtype=np.int32)
+    if step_noise is None and (sampler in _STOCHASTIC or (sampler == "ddim" and eta > 0)):
+        raise ValueError(f"sampler {sampler!r} needs step_noise; draw it with draw_step_noise.")
     if sampler in ("euler", "heun"):
         loop = _euler_loop if sampler == "euler" else _heun_loop
         return loop(denoiser, schedule, x, timesteps, prediction, clip_x0)
