@@ -18,9 +18,10 @@ On the first --num test images of each dataset whose model is given:
   pixels of `model.inpaint` (RePaint) and of scikit-image's biharmonic
   inpainting.
 
-PSNR is per image (peak 1.0) and then averaged; so is SSIM. The table goes to
-stdout, and with --write into the file between the `restoration-results`
-markers (the whole file is created if it has none).
+PSNR is per image (peak 1.0) and then averaged; so is SSIM. The tables go to
+stdout, and with --write into the file, each dataset's between its own
+`restoration-results:<dataset>` markers (appended when they are missing), so
+one dataset can be re-measured without touching the other.
 """
 
 import argparse
@@ -33,7 +34,6 @@ import numpy as np
 
 SIGMAS = (0.1, 0.2, 0.3)
 MASKS = ("center", "random:0.5")
-MARKERS = ("<!-- restoration-results:start -->", "<!-- restoration-results:end -->")
 
 
 def main():
@@ -42,21 +42,20 @@ def main():
 
     import keras_diffusion as kd
 
-    sections = []
-    for dataset, model_path in (("mnist", args.mnist_model), ("cifar10", args.cifar10_model)):
-        if model_path is None:
-            continue
+    datasets = [(name, path) for name, path in (("mnist", args.mnist_model),
+                                                 ("cifar10", args.cifar10_model)) if path]
+    if not datasets:
+        sys.exit("give --mnist-model and/or --cifar10-model")
+    for dataset, model_path in datasets:
         model = kd.load_model(model_path)
         clean, _ = kd.load_dataset(dataset, data_dir=args.data_dir, split="test", limit=args.num)
         print(f"{dataset}: {len(clean)} images, model {model_path}", flush=True)
-        sections.append((dataset, model_path, denoising(model, clean, args), inpainting(model, clean, args)))
-    if not sections:
-        sys.exit("give --mnist-model and/or --cifar10-model")
-    text = report(sections, args, keras.backend.backend())
-    print(text)
-    if args.write:
-        write_between_markers(Path(args.write), text)
-        print(f"wrote {args.write}")
+        text = report(dataset, model_path, len(clean), denoising(model, clean, args),
+                      inpainting(model, clean, args), args, keras.backend.backend())
+        print(text)
+        if args.write:
+            write_between_markers(Path(args.write), dataset, text)
+            print(f"wrote {args.write}")
 
 
 def _parse():
@@ -175,23 +174,21 @@ def biharmonic_inpaint(images, known):
 
 
 # ------------------------------------------------------------------- report
-def report(sections, args, backend):
+def report(dataset, model_path, num, denoise_rows, inpaint_rows, args, backend):
     command = "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
     lines = [
-        f"Made by `{command}` (Keras backend: {backend}; {time.strftime('%Y-%m-%d')}).",
-        "",
+        f"### {dataset}: denoising, first {num} test images", "",
+        f"Made by `{command}` (model `{model_path}`, Keras backend {backend}, "
+        f"{time.strftime('%Y-%m-%d')}). Best method per noise level in bold.", "",
+        "| sigma | method | PSNR (dB) | SSIM | s / image |", "|---|---|---|---|---|",
     ]
-    for dataset, model_path, denoise_rows, inpaint_rows in sections:
-        lines += [f"### {dataset}: denoising, {args.num} test images (model `{model_path}`)", "",
-                  "| sigma | method | PSNR (dB) | SSIM | s / image |", "|---|---|---|---|---|"]
-        lines += [_row(sigma, name, f"{p:.2f}", f"{s:.3f}", f"{t:.4f}")
-                  for sigma, name, p, s, t in _bold_best(denoise_rows, group=0, value=2)]
-        lines += ["", f"### {dataset}: inpainting, PSNR over the missing pixels", "",
-                  "| mask | method | PSNR (dB) | s / image |", "|---|---|---|---|"]
-        lines += [_row(kind, name, f"{p:.2f}", f"{t:.4f}")
-                  for kind, name, p, t in _bold_best(inpaint_rows, group=0, value=2)]
-        lines += [""] + _verdicts(dataset, denoise_rows, inpaint_rows) + [""]
-    return "\n".join(lines)
+    lines += [_row(sigma, name, f"{p:.2f}", f"{s:.3f}", f"{t:.4f}")
+              for sigma, name, p, s, t in _bold_best(denoise_rows, group=0, value=2)]
+    lines += ["", f"### {dataset}: inpainting, PSNR over the missing pixels", "",
+              "| mask | method | PSNR (dB) | s / image |", "|---|---|---|---|"]
+    lines += [_row(kind, name, f"{p:.2f}", f"{t:.4f}")
+              for kind, name, p, t in _bold_best(inpaint_rows, group=0, value=2)]
+    return "\n".join(lines + [""] + _verdicts(dataset, denoise_rows, inpaint_rows))
 
 
 def _row(*cells):
@@ -230,16 +227,17 @@ def _verdicts(dataset, denoise_rows, inpaint_rows):
     return out
 
 
-def write_between_markers(path, text):
-    start, end = MARKERS
+def write_between_markers(path, dataset, text):
+    start, end = (f"<!-- restoration-results:{dataset}:{edge} -->" for edge in ("start", "end"))
     block = f"{start}\n{text}\n{end}"
-    if path.is_file() and start in path.read_text() and end in path.read_text():
-        before, rest = path.read_text().split(start, 1)
-        after = rest.split(end, 1)[1]
-        path.write_text(before + block + after)
+    old = path.read_text() if path.is_file() else "# Restoration benchmark\n"
+    if start in old and end in old:
+        before, rest = old.split(start, 1)
+        new = before + block + rest.split(end, 1)[1]
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"# Restoration benchmark\n\n{block}\n")
+        new = old.rstrip("\n") + f"\n\n{block}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)
 
 
 if __name__ == "__main__":
