@@ -235,6 +235,7 @@ def _spawn(args, library, backend, precision):
     if done.returncode or not lines:
         sys.stderr.write(done.stderr[-3000:])
         raise SystemExit(f"{library} on {backend} failed (exit {done.returncode})")
+    print(lines[-1], file=sys.stderr, flush=True)  # partial results survive an interrupted run
     return json.loads(lines[-1])
 
 
