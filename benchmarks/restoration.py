@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _markdown import write_between_markers
 
 SIGMAS = (0.1, 0.2, 0.3)
 MASKS = ("center", "random:0.5")
@@ -54,7 +55,8 @@ def main():
                       inpainting(model, clean, args), args, keras.backend.backend())
         print(text)
         if args.write:
-            write_between_markers(Path(args.write), dataset, text)
+            write_between_markers(Path(args.write), f"restoration-results:{dataset}", text,
+                                  "Restoration benchmark")
             print(f"wrote {args.write}")
 
 
@@ -225,19 +227,6 @@ def _verdicts(dataset, denoise_rows, inpaint_rows):
             out.append(f"- {dataset}, {group} {key}: {ours[1]} ({ours[2]:.2f} dB) {verdict} "
                        f"{theirs[1]} ({theirs[2]:.2f} dB).")
     return out
-
-
-def write_between_markers(path, dataset, text):
-    start, end = (f"<!-- restoration-results:{dataset}:{edge} -->" for edge in ("start", "end"))
-    block = f"{start}\n{text}\n{end}"
-    old = path.read_text() if path.is_file() else "# Restoration benchmark\n"
-    if start in old and end in old:
-        before, rest = old.split(start, 1)
-        new = before + block + rest.split(end, 1)[1]
-    else:
-        new = old.rstrip("\n") + f"\n\n{block}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ _EXPORTS = {
     "sample": "keras_diffusion.samplers",
     "SAMPLERS": "keras_diffusion.samplers",
     "SampleGrid": "keras_diffusion.callbacks",
+    "SampleQuality": "keras_diffusion.callbacks",
     "AtomicBackupAndRestore": "keras_diffusion.callbacks",
     "AtomicCSVLogger": "keras_diffusion.callbacks",
     "TerminateOnNonFiniteLoss": "keras_diffusion.callbacks",
@@ -36,10 +37,15 @@ _EXPORTS = {
     "make_mask": "keras_diffusion.applications",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+# Submodules reached as attributes: `kd.metrics.fid(...)`.
+_SUBMODULES = ("metrics",)
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["__version__"]
 
 
 def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"keras_diffusion.{name}")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
@@ -60,7 +66,7 @@ def _started_as_cli():
 
 def _import_all():
     """Import every module, registering the classes `.keras` files name."""
-    for name in _EXPORTS:
+    for name in (*_EXPORTS, *_SUBMODULES):
         __getattr__(name)
 
 

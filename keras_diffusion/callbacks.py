@@ -51,8 +51,7 @@ class SampleGrid(keras.callbacks.Callback):
         tensorboard_dir=None,
     ):
         super().__init__()
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be a positive integer; got {every_n_epochs!r}.")
+        _check_every(every_n_epochs)
         self.directory = os.fspath(directory)
         self.every_n_epochs = every_n_epochs
         self.num_images = num_images
@@ -116,6 +115,60 @@ class SampleGrid(keras.callbacks.Callback):
         with self._writer.as_default():
             tf.summary.image("samples", np.asarray(images), step=step, max_outputs=len(images))
         self._writer.flush()
+
+
+def _check_every(every_n_epochs):
+    if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+        raise ValueError(f"every_n_epochs must be a positive integer; got {every_n_epochs!r}.")
+
+
+class SampleQuality(keras.callbacks.Callback):
+    """Score EMA samples with FID and KID every `every_n_epochs` epochs (and
+    after the last), adding `fid`, `kid` and, for a class-conditional model,
+    `label_accuracy` to the epoch's logs, so that the progress bar,
+    `history.csv`, `History` and TensorBoard show quality next to the loss.
+    Put it before the loggers in the callback list.
+
+    The samples use a fixed seed, so successive scores differ only through
+    the weights. A few hundred samples make a noisy, biased FID (it falls as
+    the sample count grows); compare scores made with the same count.
+
+    Args:
+        reference_images: real images in [0, 1], e.g. the test split.
+        feature_net: a built-in feature net name, a `.weights.h5` path or a
+            `keras_diffusion.metrics.FeatureNet`.
+        every_n_epochs: how often to score.
+        num_images, steps, sampler, seed, guidance_scale: how to sample.
+    """
+
+    def __init__(self, reference_images, feature_net="mnist", every_n_epochs=5, num_images=500,
+                 steps=20, sampler="dpmpp_2m", seed=0, guidance_scale=1.0):
+        super().__init__()
+        from keras_diffusion import metrics
+
+        _check_every(every_n_epochs)
+        self.every_n_epochs = every_n_epochs
+        self.num_images, self.steps, self.sampler = num_images, steps, sampler
+        self.seed, self.guidance_scale = seed, guidance_scale
+        self.feature_net = metrics.get_feature_net(feature_net)
+        self.reference_features = self.feature_net.features(reference_images)
+        self.scores = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        last = self.params and epoch + 1 == self.params.get("epochs")
+        if (epoch + 1) % self.every_n_epochs and not last:
+            return
+        from keras_diffusion.metrics import score_model
+
+        scores = score_model(
+            self.model, feature_net=self.feature_net, reference_features=self.reference_features,
+            num_images=self.num_images, steps=self.steps, sampler=self.sampler, seed=self.seed,
+            guidance_scale=self.guidance_scale if self.model.conditional else 1.0,
+            kid_subset_size=self.num_images,
+        )
+        self.scores[epoch] = scores
+        if logs is not None:
+            logs.update({key: scores[key] for key in ("fid", "kid", "label_accuracy") if key in scores})
 
 
 class AtomicCSVLogger(keras.callbacks.Callback):

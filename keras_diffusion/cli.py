@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 BACKENDS = ("tensorflow", "jax", "torch")
+DATASETS = ("mnist", "fashion_mnist", "cifar10")  # keras_diffusion.data.DATASETS, without Keras
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,6 +74,25 @@ def _build_parser():
     export.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
     export.add_argument("--denoise-steps", type=int, default=10,
                         help="denoiser evaluations of the denoise endpoint")
+    evaluate = commands.add_parser(
+        "evaluate", help="score a model's samples with FID and KID against the test split"
+    )
+    _common(evaluate)
+    evaluate.add_argument("--model", required=True, help=".keras file")
+    evaluate.add_argument("--num", type=int, default=10000, help="samples to generate and score")
+    evaluate.add_argument("--sampler", default="dpmpp_2m")
+    evaluate.add_argument("--steps", type=int, default=20)
+    evaluate.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--guidance", type=float, default=1.0,
+                          help="classifier-free guidance scale (conditional models)")
+    evaluate.add_argument("--batch-size", type=int, default=None)
+    evaluate.add_argument("--dataset", choices=DATASETS,
+                          help="the model's dataset (default: from config.yaml beside the model)")
+    evaluate.add_argument("--data-dir", help="directory holding <dataset>.npz (offline use)")
+    evaluate.add_argument("--feature-net", help="a .weights.h5 from benchmarks/train_feature_net.py "
+                                                "(default: the built-in one for the dataset)")
+    evaluate.add_argument("--json", help="also write the scores to this .json file")
     _add_application_commands(commands)
     return parser
 
@@ -155,7 +175,43 @@ def _export(args):
           "denoise; predict_noise)")
 
 
-COMMANDS = {"train": _train, "sample": _sample, "export": _export}
+def _evaluate(args):
+    if args.json:
+        _check_suffix(args.json, (".json",), "--json")
+        _check_writable(args.json)
+    if args.num < 2:
+        raise CommandError(f"--num must be at least 2; got {args.num}")
+    import json
+
+    from keras_diffusion.config import dataset_of_run
+    from keras_diffusion.data import load_dataset
+    from keras_diffusion.images import atomic_write
+    from keras_diffusion.metrics import get_feature_net
+    from keras_diffusion.metrics import score_model
+    from keras_diffusion.model import load_model
+
+    dataset = args.dataset or dataset_of_run(args.model)
+    feature_net = get_feature_net(args.feature_net or dataset)
+    reference, _ = load_dataset(dataset, args.data_dir, split="test")
+    model = load_model(args.model)
+    scores = score_model(
+        model, reference, feature_net=feature_net, num_images=args.num, steps=args.steps,
+        sampler=args.sampler, seed=args.seed, guidance_scale=args.guidance, eta=args.eta,
+        batch_size=args.batch_size,
+    )
+    line = f"FID {scores['fid']:.3f}  KID {scores['kid']:.5f} ± {scores['kid_std']:.5f}"
+    if "label_accuracy" in scores:
+        line += f"  label accuracy {scores['label_accuracy']:.2%}"
+    print(f"{line}  ({args.num} samples, {args.sampler} {args.steps} steps, "
+          f"{scores['seconds']:.0f} s; vs {len(reference)} {dataset} test images; "
+          f"feature net {feature_net.name}, test accuracy {feature_net.test_accuracy:.2%})")
+    if args.json:
+        record = dict(scores, dataset=dataset, sampler=args.sampler, steps=args.steps,
+                      guidance=args.guidance, seed=args.seed, model=str(args.model))
+        atomic_write(args.json, lambda temp: Path(temp).write_text(json.dumps(record, indent=2) + "\n"))
+
+
+COMMANDS = {"train": _train, "sample": _sample, "export": _export, "evaluate": _evaluate}
 
 
 # --------------------------------------------- restoration and editing (issue 3)

@@ -207,6 +207,13 @@ _SCHEMA = {
         "seed": (0, _integer(0)),
         "guidance_scale": (1.0, _number(0)),
     },
+    "evaluation": {  # FID/KID of EMA samples, logged with the loss
+        "every_n_epochs": (0, _integer(0)),  # 0: off
+        "num_images": (500, _integer(2)),
+        "sampler": ("dpmpp_2m", _choice(_owned_by("samplers", "SAMPLERS"))),
+        "steps": (20, _integer(1)),
+        "feature_net": (None, _path),  # null: the built-in one for data.dataset
+    },
     "distribute": (None, _choice(("data_parallel",), nullable=True)),
     "tensorboard": (False, _flag),
 }
@@ -306,6 +313,22 @@ def save_config(config, path):
     return atomic_write(path, lambda temp: Path(temp).write_text(text))
 
 
+def dataset_of_run(model_path):
+    """The built-in dataset a model was trained on, read from the
+    `config.yaml` that `keras-diffusion train` wrote beside it."""
+    config_path = Path(model_path).parent / "config.yaml"
+    try:
+        data = yaml.safe_load(config_path.read_text()).get("data", {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        data = {}
+    if data.get("image_folder") or data.get("dataset") not in DATASETS:
+        raise ConfigError(
+            f"cannot tell which dataset {model_path} was trained on (no usable {config_path}); "
+            f"pass --dataset ({', '.join(DATASETS)})"
+        )
+    return data["dataset"]
+
+
 # ---------------------------------------------------------------- helpers
 def _merge(config, update, schema, prefix=""):
     """`update` merged over a deep copy of `config`, section by section."""
@@ -381,6 +404,18 @@ def _check_consistency(config):
         raise ConfigError(
             "sampling.guidance_scale other than 1.0 needs a class-conditional network "
             f"(network.num_classes); got {sampling['guidance_scale']!r} with num_classes null"
+        )
+    evaluation = config["evaluation"]
+    if evaluation["every_n_epochs"] and evaluation["steps"] > schedule["timesteps"]:
+        raise ConfigError(
+            f"evaluation.steps must be at most schedule.timesteps ({schedule['timesteps']}); "
+            f"got {evaluation['steps']!r}"
+        )
+    if evaluation["every_n_epochs"] and config["data"]["image_folder"] is not None:
+        raise ConfigError(
+            "evaluation.every_n_epochs needs a built-in data.dataset to score against; with "
+            "data.image_folder, set it to 0 and pass keras_diffusion.SampleQuality your own "
+            "reference images and feature net from Python"
         )
     if config["data"]["image_folder"] is not None and config["data"]["image_size"] is None:
         raise ConfigError("data.image_size must be set when data.image_folder is set; got null")

@@ -14,6 +14,7 @@ import keras
 from keras_diffusion.callbacks import AtomicBackupAndRestore
 from keras_diffusion.callbacks import AtomicCSVLogger
 from keras_diffusion.callbacks import SampleGrid
+from keras_diffusion.callbacks import SampleQuality
 from keras_diffusion.callbacks import TerminateOnNonFiniteLoss
 from keras_diffusion.callbacks import read_backup_record
 from keras_diffusion.config import ConfigError
@@ -156,13 +157,24 @@ def train(config, output_dir, verbose="auto", resume=False):
 
 def _training_callbacks(config, output):
     """The CSV history and the callbacks `train` passes to `fit`. The guard
-    comes first, so that a NaN stops the step before anything is written;
+    comes first, so that a NaN stops the step before anything is written,
+    then the sample scores, so that the history records them;
     the backup comes last, so that an epoch is recorded as done only after
     its row and grid are written."""
     sampling = config["sampling"]
     backup = AtomicBackupAndRestore(output / "backup", delete_checkpoint=False)
     history = AtomicCSVLogger(output / "history.csv")
-    callbacks = [TerminateOnNonFiniteLoss(backup), history]
+    callbacks = [TerminateOnNonFiniteLoss(backup)]
+    evaluation = config["evaluation"]
+    if evaluation["every_n_epochs"]:
+        reference, _ = load_dataset(config["data"]["dataset"], config["data"]["data_dir"], split="test")
+        callbacks.append(SampleQuality(
+            reference, feature_net=evaluation["feature_net"] or config["data"]["dataset"],
+            every_n_epochs=evaluation["every_n_epochs"], num_images=evaluation["num_images"],
+            steps=evaluation["steps"], sampler=evaluation["sampler"], seed=sampling["seed"],
+            guidance_scale=sampling["guidance_scale"],
+        ))
+    callbacks.append(history)  # after the scores, which it records
     if sampling["every_n_epochs"]:
         callbacks.append(SampleGrid(
             output / "samples", every_n_epochs=sampling["every_n_epochs"],
