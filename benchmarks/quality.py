@@ -82,14 +82,14 @@ def table(name, dataset, rows, args, net, command, backend):
         f"against the {dataset} test split with the built-in `{net.name}` feature net "
         f"(test accuracy {net.test_accuracy:.2%}).",
         "",
-        "| sampler | steps | FID | KID (x1e3) | " + ("label accuracy | " if conditional else "")
+        "| sampler | steps | FID | KID | " + ("label accuracy | " if conditional else "")
         + "sampling s |",
         "|---|---|---|---|" + ("---|" if conditional else "") + "---|",
     ]
     for sampler, steps, scores in rows:
         lines.append(
-            f"| {sampler} | {steps} | {scores['fid']:.3f} | {1e3 * scores['kid']:.2f} ± "
-            f"{1e3 * scores['kid_std']:.2f} | "
+            f"| {sampler} | {steps} | {scores['fid']:.3f} | {scores['kid']:.4f} ± "
+            f"{scores['kid_std']:.4f} | "
             + (f"{scores['label_accuracy']:.2%} | " if conditional else "")
             + f"{scores['seconds']:.0f} |"
         )
