@@ -34,7 +34,7 @@ def model_for(args, config, overrides=()):
     settings = [
         f"data.data_dir={args.data_dir or 'null'}", "training.epochs=1",
         f"training.steps_per_epoch={args.train_steps}", "sampling.every_n_epochs=0",
-        "training.warmup_steps=0", *overrides,
+        "training.warmup_steps=0", "evaluation.every_n_epochs=0", *overrides,
     ]
     print(f"training a small model for {args.train_steps} steps with configs/{config}.yaml "
           f"into {output}/ (pass --model to use a trained one)")

@@ -21,6 +21,7 @@ matrix square root lose too much in float32.
 """
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -311,7 +312,8 @@ def score_model(
 
     Returns:
         dict with `fid`, `kid`, `kid_std`, `num_images`, `seconds` (sampling
-        time) and, for a conditional model, `label_accuracy`.
+        time) and, for a conditional model, `label_accuracy`; the scores are
+        NaN when the samples are not finite (diverged weights).
     """
     import time
 
@@ -342,6 +344,12 @@ def score_model(
     images = model.generate(num_images, steps=steps, sampler=sampler, seed=seed, labels=labels,
                             guidance_scale=guidance_scale, eta=eta, batch_size=batch_size)
     seconds = time.perf_counter() - started
+    if not np.all(np.isfinite(images)):
+        # Diverged weights: the scores are undefined, which is what training logs should show.
+        undefined = {"fid": math.nan, "kid": math.nan, "kid_std": math.nan}
+        if labels is not None:
+            undefined["label_accuracy"] = math.nan
+        return dict(undefined, num_images=int(num_images), seconds=seconds)
     reference = reference_images if reference_features is None else None
     scores = score_images(images, reference, net, labels=labels, reference_features=reference_features,
                           kid_subset_size=kid_subset_size, seed=seed)

@@ -195,3 +195,14 @@ def test_evaluate_command_errors(smoke_run, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
     result = run_cli("evaluate", "--model", smoke_run / "model.keras", "--num", 1)
     assert result.returncode == 2 and "--num must be at least 2" in result.stderr
+
+
+def test_score_model_reports_nan_for_diverged_samples():
+    from types import SimpleNamespace
+
+    diverged = SimpleNamespace(
+        image_shape=(28, 28, 1), conditional=True, num_classes=10,
+        generate=lambda num, **kwargs: np.full((num, 28, 28, 1), np.nan, np.float32),
+    )
+    scores = metrics.score_model(diverged, reference_features=np.zeros((4, 128)), num_images=4)
+    assert all(np.isnan(scores[key]) for key in ("fid", "kid", "kid_std", "label_accuracy"))
