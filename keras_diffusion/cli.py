@@ -11,8 +11,9 @@ import os
 import sys
 from pathlib import Path
 
+from keras_diffusion.data import DATASETS  # numpy only: Keras still loads after --backend
+
 BACKENDS = ("tensorflow", "jax", "torch")
-DATASETS = ("mnist", "fashion_mnist", "cifar10")  # keras_diffusion.data.DATASETS, without Keras
 
 
 class _Parser(argparse.ArgumentParser):

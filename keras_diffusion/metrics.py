@@ -23,6 +23,7 @@ matrix square root lose too much in float32.
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import keras
@@ -90,7 +91,6 @@ class FeatureNet:
         self.batch_size = batch_size
         self.network = build_feature_net(self.image_shape, self.num_classes, tuple(record["widths"]))
         self.network.load_weights(weights)
-        self._forward = None
 
     def __repr__(self):
         return (f"FeatureNet({self.name!r}: {self.image_shape}, {self.num_classes} classes, "
@@ -315,8 +315,6 @@ def score_model(
         time) and, for a conditional model, `label_accuracy`; the scores are
         NaN when the samples are not finite (diverged weights).
     """
-    import time
-
     if (reference_images is None) == (reference_features is None):
         raise ValueError("pass exactly one of reference_images and reference_features.")
     net = get_feature_net(feature_net)
@@ -350,9 +348,9 @@ def score_model(
         if labels is not None:
             undefined["label_accuracy"] = math.nan
         return dict(undefined, num_images=int(num_images), seconds=seconds)
-    reference = reference_images if reference_features is None else None
-    scores = score_images(images, reference, net, labels=labels, reference_features=reference_features,
-                          kid_subset_size=kid_subset_size, seed=seed)
+    scores = score_images(images, reference_images, net, labels=labels,
+                          reference_features=reference_features, kid_subset_size=kid_subset_size,
+                          seed=seed)
     return dict(scores, num_images=int(num_images), seconds=seconds)
 
 
