@@ -6,9 +6,9 @@ precision, optionally side by side with Hugging Face diffusers.
 Each backend runs in its own subprocess (Keras reads KERAS_BACKEND once per
 process). With `--vs-diffusers` a diffusers `UNet2DModel` of the same shape is
 measured in a subprocess before the first backend and after each one, so
-every ratio compares measurements taken minutes apart on the same machine;
-our/their ratios use the mean of the diffusers float32 runs (the baseline of
-issue 5). Needs the `bench` extra (`pip install -e .[jax,torch,bench]`).
+each of our runs is compared with the diffusers runs just before and after it
+(minutes apart on the same machine), and also with the mean of all diffusers
+float32 runs, the baseline a bfloat16 run of ours has to beat. Needs the `bench` extra (`pip install -e .[jax,torch,bench]`).
 
 Training images/s: `model.fit` over `--train-steps` batches after a first
 `fit` that compiles and warms up. Sampling images/s: one `generate` call of
@@ -243,31 +243,52 @@ def _fmt(value, digits=1):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def table(results, theirs):
-    """Markdown table of the results, with ratios to the mean diffusers
-    float32 run (or, without one, the mean diffusers run)."""
-    baseline = [r for r in theirs if r["precision"] == "float32"] or theirs
+def table(runs):
+    """Markdown table of our runs, in the order they were measured.
 
-    def mean(key):
-        values = [r[key] for r in baseline]
+    Each of our runs is compared with the diffusers runs measured just before
+    and just after it (same precision: the interleaved, like-for-like ratio)
+    and with the mean of all diffusers float32 runs (the issue's baseline,
+    which is what a bfloat16 run of ours has to beat)."""
+    theirs_fp32 = [r for r in runs if r["library"] == "diffusers" and r["precision"] == "float32"]
+
+    def mean(rows, key):
+        values = [r[key] for r in rows if r.get(key)]
         return sum(values) / len(values) if values else None
 
-    base_train, base_ddim = mean("train_images_per_s"), mean("ddim50_images_per_s")
-    header = ("| library | backend | precision | params | train img/s | train vs diffusers fp32 | "
-              "train TFLOP/s | DDIM-50 img/s | DPM++(2M)-20 img/s | DPM++-20 vs diffusers DDIM-50 |")
-    rows = [header, "|" + " --- |" * 10]
-    for r in results:
-        ratio = r["train_images_per_s"] / base_train if base_train else None
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    fp32_train = mean(theirs_fp32, "train_images_per_s")
+    fp32_ddim = mean(theirs_fp32, "ddim50_images_per_s")
+    header = ("| backend | precision | train img/s | diffusers train img/s (before, after) | "
+              "train vs adjacent diffusers | train vs diffusers fp32 | train TFLOP/s | "
+              "DDIM-50 img/s | DPM++(2M)-20 img/s | diffusers DDIM-50 img/s (before, after) | "
+              "DPM++-20 vs adjacent diffusers DDIM-50 | DPM++-20 vs diffusers fp32 DDIM-50 |")
+    rows = [header, "|" + " --- |" * 12]
+    for i, r in enumerate(runs):
+        if r["library"] != "keras_diffusion":
+            continue
+        before = next((x for x in reversed(runs[:i]) if x["library"] == "diffusers"), None)
+        after = next((x for x in runs[i + 1:] if x["library"] == "diffusers"), None)
+        adjacent = [x for x in (before, after) if x]
         gflops = r.get("forward_gflops_per_image")
         tflops = 3 * gflops * r["train_images_per_s"] / 1e3 if gflops else None
         dpm = r.get("dpmpp20_images_per_s")
+        pair = lambda key: ", ".join(_fmt(x[key], 2 if "ddim" in key else 1) for x in adjacent) or "-"
         rows.append(
-            f"| {r['library']} | {r['backend']} | {r['precision']} | {r['params']:,} | "
-            f"{_fmt(r['train_images_per_s'])} | {_fmt(ratio, 2)}x | {_fmt(tflops, 3)} | "
-            f"{_fmt(r['ddim50_images_per_s'], 2)} | {_fmt(dpm, 2)} | "
-            f"{_fmt(dpm / base_ddim if dpm and base_ddim else None, 2)}x |"
+            f"| {r['backend']} | {r['precision']} | {_fmt(r['train_images_per_s'])} | "
+            f"{pair('train_images_per_s')} | "
+            f"{_fmt(ratio(r['train_images_per_s'], mean(adjacent, 'train_images_per_s')), 2)}x | "
+            f"{_fmt(ratio(r['train_images_per_s'], fp32_train), 2)}x | {_fmt(tflops, 3)} | "
+            f"{_fmt(r['ddim50_images_per_s'], 2)} | {_fmt(dpm, 2)} | {pair('ddim50_images_per_s')} | "
+            f"{_fmt(ratio(dpm, mean(adjacent, 'ddim50_images_per_s')), 2)}x | "
+            f"{_fmt(ratio(dpm, fp32_ddim), 2)}x |"
         )
-    return "\n".join(rows)
+    if theirs_fp32:
+        rows += ["", f"diffusers float32, mean of {len(theirs_fp32)} runs: training "
+                     f"{_fmt(fp32_train)} img/s, DDIM-50 {_fmt(fp32_ddim, 2)} img/s."]
+    return "\n".join(rows).replace("| -x |", "| - |")
 
 
 def main():
@@ -289,6 +310,8 @@ def main():
     parser.add_argument("--diffusers-precision", choices=("float32", "mixed_bfloat16"),
                         help="run diffusers at this precision whatever --precisions says")
     parser.add_argument("--write", help="also write the table to this Markdown file")
+    parser.add_argument("--results", help="JSON lines of an earlier run, in the order measured "
+                        "(as --write records them): print the table again without measuring")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -303,25 +326,27 @@ def main():
         print(json.dumps(result), flush=True)
         return
 
-    ours, theirs = [], []
-    for precision in args.precisions.split(","):
-        # diffusers runs at float32 (the baseline) or bfloat16 autocast.
-        theirs_precision = args.diffusers_precision or (
-            "mixed_bfloat16" if precision == "mixed_bfloat16" else "float32")
-        if args.vs_diffusers:
-            theirs.append(_spawn(args, "diffusers", "torch", theirs_precision))
-        for backend in args.backends.split(","):
-            ours.append(_spawn(args, "keras_diffusion", backend, precision))
+    if args.results:  # re-render a table from an earlier run's JSON lines
+        runs = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    else:
+        runs = []  # in the order measured: the table pairs each run with its neighbours
+        for precision in args.precisions.split(","):
+            # diffusers runs at float32 (the baseline) or bfloat16 autocast.
+            theirs_precision = args.diffusers_precision or (
+                "mixed_bfloat16" if precision == "mixed_bfloat16" else "float32")
             if args.vs_diffusers:
-                theirs.append(_spawn(args, "diffusers", "torch", theirs_precision))
-    text = table(ours + theirs, theirs)
+                runs.append(_spawn(args, "diffusers", "torch", theirs_precision))
+            for backend in args.backends.split(","):
+                runs.append(_spawn(args, "keras_diffusion", backend, precision))
+                if args.vs_diffusers:
+                    runs.append(_spawn(args, "diffusers", "torch", theirs_precision))
+    text = table(runs)
     command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
     print(text)
-    if theirs:
-        counts = sorted({(r["library"], r["params"]) for r in ours + theirs})
-        print("parameters: " + ", ".join(f"{lib} {n:,}" for lib, n in counts))
+    counts = sorted({(r["library"], r["params"]) for r in runs})
+    print("parameters: " + ", ".join(f"{lib} {n:,}" for lib, n in counts))
     if args.write:
-        _write_report(Path(args.write), text, command, ours + theirs)
+        _write_report(Path(args.write), text, command, runs)
 
 
 BEGIN, END = "<!-- throughput results: begin -->", "<!-- throughput results: end -->"
