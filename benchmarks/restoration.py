@@ -194,19 +194,16 @@ def report(dataset, model_path, num, denoise_rows, inpaint_rows, args, backend):
         f"Made by `{command}` (model `{model_path}`, Keras backend {backend}, "
         f"{time.strftime('%Y-%m-%d')}). Best method per noise level in bold.", "",
     ]
-    if subset < num:
-        lines += [
-            f"BM3D ran on the first {subset} images only; the last two score columns are every "
-            f"method on those {subset} images, and the bold marks and verdicts use them.", "",
-            f"| sigma | method | PSNR (dB) | SSIM | PSNR, first {subset} | SSIM, first {subset} | s / image |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        lines += [_row(sigma, name, *_scores(full), f"{p:.2f}", f"{s:.3f}", f"{t:.4f}")
-                  for sigma, name, p, s, t, full in _bold_best(denoise_rows, group=0, value=2)]
-    else:
-        lines += ["| sigma | method | PSNR (dB) | SSIM | s / image |", "|---|---|---|---|---|"]
-        lines += [_row(sigma, name, f"{p:.2f}", f"{s:.3f}", f"{t:.4f}")
-                  for sigma, name, p, s, t, _ in _bold_best(denoise_rows, group=0, value=2)]
+    partial = subset < num  # BM3D saw a prefix: add every method's scores on it
+    if partial:
+        lines += [f"BM3D ran on the first {subset} images only; the last two score columns are every "
+                  f"method on those {subset} images, and the bold marks and verdicts use them.", ""]
+    head = ["sigma", "method", "PSNR (dB)", "SSIM"]
+    head += [f"PSNR, first {subset}", f"SSIM, first {subset}"] if partial else []
+    lines += [_row(*head, "s / image"), _row(*["---"] * (len(head) + 1)).replace(" ", "")]
+    for sigma, name, p, s, t, full in _bold_best(denoise_rows, group=0, value=2):
+        scores = _scores(full) + (f"{p:.2f}", f"{s:.3f}") if partial else (f"{p:.2f}", f"{s:.3f}")
+        lines.append(_row(sigma, name, *scores, f"{t:.4f}"))
     lines += ["", f"### {dataset}: inpainting, PSNR over the missing pixels", "",
               "| mask | method | PSNR (dB) | s / image |", "|---|---|---|---|"]
     lines += [_row(kind, name, f"{p:.2f}", f"{t:.4f}")

@@ -8,7 +8,8 @@ process). With `--vs-diffusers` a diffusers `UNet2DModel` of the same shape is
 measured in a subprocess before the first backend and after each one, so
 each of our runs is compared with the diffusers runs just before and after it
 (minutes apart on the same machine), and also with the mean of all diffusers
-float32 runs, the baseline a bfloat16 run of ours has to beat. Needs the `bench` extra (`pip install -e .[jax,torch,bench]`).
+float32 runs, the baseline a bfloat16 run of ours has to beat. Needs the
+`bench` extra (`pip install -e .[jax,torch,bench]`).
 
 Training images/s: `model.fit` over `--train-steps` batches after a first
 `fit` that compiles and warms up. Sampling images/s: one `generate` call of
@@ -239,8 +240,8 @@ def _spawn(args, library, backend, precision):
     return json.loads(lines[-1])
 
 
-def _fmt(value, digits=1):
-    return "-" if value is None else f"{value:.{digits}f}"
+def _fmt(value, digits=1, suffix=""):
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
 
 
 def table(runs):
@@ -275,20 +276,23 @@ def table(runs):
         gflops = r.get("forward_gflops_per_image")
         tflops = 3 * gflops * r["train_images_per_s"] / 1e3 if gflops else None
         dpm = r.get("dpmpp20_images_per_s")
-        pair = lambda key: ", ".join(_fmt(x[key], 2 if "ddim" in key else 1) for x in adjacent) or "-"
+
+        def pair(key, digits):
+            return ", ".join(_fmt(x[key], digits) for x in adjacent) or "-"
+
         rows.append(
             f"| {r['backend']} | {r['precision']} | {_fmt(r['train_images_per_s'])} | "
-            f"{pair('train_images_per_s')} | "
-            f"{_fmt(ratio(r['train_images_per_s'], mean(adjacent, 'train_images_per_s')), 2)}x | "
-            f"{_fmt(ratio(r['train_images_per_s'], fp32_train), 2)}x | {_fmt(tflops, 3)} | "
-            f"{_fmt(r['ddim50_images_per_s'], 2)} | {_fmt(dpm, 2)} | {pair('ddim50_images_per_s')} | "
-            f"{_fmt(ratio(dpm, mean(adjacent, 'ddim50_images_per_s')), 2)}x | "
-            f"{_fmt(ratio(dpm, fp32_ddim), 2)}x |"
+            f"{pair('train_images_per_s', 1)} | "
+            f"{_fmt(ratio(r['train_images_per_s'], mean(adjacent, 'train_images_per_s')), 2, 'x')} | "
+            f"{_fmt(ratio(r['train_images_per_s'], fp32_train), 2, 'x')} | {_fmt(tflops, 3)} | "
+            f"{_fmt(r['ddim50_images_per_s'], 2)} | {_fmt(dpm, 2)} | {pair('ddim50_images_per_s', 2)} | "
+            f"{_fmt(ratio(dpm, mean(adjacent, 'ddim50_images_per_s')), 2, 'x')} | "
+            f"{_fmt(ratio(dpm, fp32_ddim), 2, 'x')} |"
         )
     if theirs_fp32:
         rows += ["", f"diffusers float32, mean of {len(theirs_fp32)} runs: training "
                      f"{_fmt(fp32_train)} img/s, DDIM-50 {_fmt(fp32_ddim, 2)} img/s."]
-    return "\n".join(rows).replace("| -x |", "| - |")
+    return "\n".join(rows)
 
 
 def main():
