@@ -77,7 +77,7 @@ def export_saved_model(
     steps=50,
     sampler="ddim",
     eta=0.0,
-    timestep_spacing="leading",
+    timestep_spacing="linspace",
     denoise_steps=10,
     verbose=False,
 ):

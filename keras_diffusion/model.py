@@ -232,7 +232,7 @@ class DiffusionModel(keras.Model):
         labels=None,
         guidance_scale=1.0,
         eta=0.0,
-        timestep_spacing="leading",
+        timestep_spacing="linspace",
         batch_size=None,
         use_karras_sigmas=None,
     ):

@@ -42,7 +42,7 @@ def sample(
     prediction="epsilon",
     seed=None,
     eta=0.0,
-    timestep_spacing="leading",
+    timestep_spacing="linspace",
     clip_x0=True,
     start_timestep=None,
     use_karras_sigmas=None,
@@ -65,8 +65,13 @@ def sample(
         prediction: what the denoiser predicts: `"epsilon"`, `"v"` or `"x0"`.
         seed: integer seed for the noise the stochastic samplers add.
         eta: DDIM stochasticity; 0 is deterministic, 1 matches DDPM's variance.
-        timestep_spacing: `"leading"`, `"trailing"` or `"linspace"`, as in
-            diffusers.
+        timestep_spacing: `"linspace"` (the default), `"leading"` or
+            `"trailing"`, as in diffusers. `"linspace"` starts at the last
+            training timestep, where x_T really is pure noise, and ends at 0;
+            `"leading"` starts a step short of it (t = 950 of 1000 at 20
+            steps), which Lin et al. 2023 show costs sample quality. On the
+            MNIST model of `docs/quality.md` DPM-Solver++ at 20 steps scores
+            FID 8.0 leading and 6.4 linspace.
         clip_x0: clip each clean-image estimate to [-1, 1] (diffusers'
             `clip_sample`).
         start_timestep: when given, `noise` is taken to be x at this timestep
@@ -91,7 +96,7 @@ def sample(
 
 
 def plan_timesteps(
-    schedule, sampler, steps, eta=0.0, spacing="leading", start_timestep=None,
+    schedule, sampler, steps, eta=0.0, spacing="linspace", start_timestep=None,
     use_karras_sigmas=None,
 ):
     """Validate sampler arguments and return the descending timesteps to run

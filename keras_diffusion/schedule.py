@@ -185,17 +185,25 @@ class DiffusionSchedule(keras.layers.Layer):
         return clipped
 
     # ----------------------------------------------------------- inference
-    def sampling_timesteps(self, steps, spacing="leading", use_karras_sigmas=False):
+    def sampling_timesteps(self, steps, spacing="linspace", use_karras_sigmas=False):
         """Descending integer timesteps for a `steps`-step sampler, with the
         meaning of diffusers' `timestep_spacing` (Lin et al. 2023, table 2).
 
         With `use_karras_sigmas`, the noise levels between the first and last
         of those timesteps are respaced by Karras 2022 eq. 5 (rho = 7) and
         snapped to the nearest training timesteps; where two snap to the
-        same timestep it is kept once, so fewer than `steps` may remain."""
+        same timestep it is kept once, so fewer than `steps` may remain.
+        A plan that starts at the last training timestep (`"trailing"`,
+        `"linspace"`) keeps that start, where x_T is pure noise, and respaces
+        only the rest: the last timestep's sigma is ~2e4 on the cosine
+        schedule, and a ramp from there would spend most steps at noise
+        levels the network cannot tell apart."""
         if use_karras_sigmas:
-            ends = self.sigmas(self.sampling_timesteps(steps, spacing)[[-1, 0]])
-            return self.timesteps_for_sigmas(self.karras_sigmas(steps, *ends))
+            plan = self.sampling_timesteps(steps, spacing)
+            if len(plan) > 2 and plan[0] == self.timesteps - 1:
+                rest = self.karras_sigmas(steps - 1, *self.sigmas(plan[[-1, 1]]))
+                return np.concatenate([plan[:1], self.timesteps_for_sigmas(rest)]).astype(np.int32)
+            return self.timesteps_for_sigmas(self.karras_sigmas(steps, *self.sigmas(plan[[-1, 0]])))
         if spacing not in TIMESTEP_SPACINGS:
             raise ValueError(
                 f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}; got {spacing!r}."
@@ -203,7 +211,8 @@ class DiffusionSchedule(keras.layers.Layer):
         check_steps(steps, self.timesteps)
         T = self.timesteps
         if spacing == "linspace":
-            ts = np.linspace(0, T - 1, steps).round()[::-1]
+            # One step starts from pure noise, not at t = 0 (where diffusers' linspace puts it).
+            ts = np.linspace(0, T - 1, steps).round()[::-1] if steps > 1 else np.array([T - 1])
         elif spacing == "leading":
             ts = (np.arange(steps) * (T // steps)).round()[::-1]
         else:

@@ -81,7 +81,8 @@ def test_ddim_matches_diffusers_ddim_scheduler():
     expected = [0.090168, 0.149973, 0.209777, 0.269582, 0.329386, 0.389191, 0.448995, 0.5088]
     schedule = DiffusionSchedule("linear", timesteps=1000)
     noise = np.linspace(-2, 2, 8).reshape(2, 2, 2, 1).astype("float32")
-    out = kd.sample(gaussian_denoiser(schedule), schedule, noise, sampler="ddim", steps=10, clip_x0=False)
+    out = kd.sample(gaussian_denoiser(schedule), schedule, noise, sampler="ddim", steps=10,
+                    timestep_spacing="leading", clip_x0=False)
     np.testing.assert_allclose(ops.convert_to_numpy(out).ravel(), expected, atol=1e-5)
 
 
