@@ -10,6 +10,7 @@ import functools
 import math
 import os
 import tempfile
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -66,15 +67,27 @@ def save_image_grid(images, path, nrow=None, title=None):
             anything `np.asarray` converts, such as a CPU tensor.
         path: the PNG to write.
         nrow: images per row; defaults to a near-square grid.
-        title: optional title above the grid.
+        title: optional title above the grid, wrapped to the grid's width.
     """
+    figure = _grid_figure(check_images(images), nrow, title)
+    return atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=figure.dpi))
+
+
+_TITLE_POINTS = 10
+
+
+def _grid_figure(images, nrow, title):
     from matplotlib.figure import Figure
 
-    grid = _tile(check_images(images), nrow)
+    grid = _tile(images, nrow)
     height, width = grid.shape[:2]
     scale = max(1, 512 // max(height, width))  # whole-pixel enlargement of small grids
-    title_inches = 0.4 if title else 0.0
     dpi = 100
+    # A title wider than a narrow grid is wrapped at spaces, not clipped; 0.6 em
+    # is a generous mean character width for matplotlib's default font.
+    width_points = width * scale / dpi * 72
+    lines = textwrap.wrap(title or "", max(8, int(width_points / (0.6 * _TITLE_POINTS))))
+    title_inches = 0.2 + 0.2 * len(lines) if lines else 0.0
     figure = Figure(figsize=(width * scale / dpi, height * scale / dpi + title_inches), dpi=dpi)
     axes = figure.add_axes((0, 0, 1, height * scale / dpi / figure.get_figheight()))
     axes.set_axis_off()
@@ -82,9 +95,10 @@ def save_image_grid(images, path, nrow=None, title=None):
         axes.imshow(grid[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     else:
         axes.imshow(grid, interpolation="nearest")
-    if title:
-        figure.suptitle(title, y=1 - 0.5 * title_inches / figure.get_figheight(), va="center")
-    return atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=dpi))
+    if lines:
+        figure.suptitle("\n".join(lines), y=1 - 0.5 * title_inches / figure.get_figheight(),
+                        va="center", fontsize=_TITLE_POINTS)
+    return figure
 
 
 def _tile(images, nrow, padding=2):

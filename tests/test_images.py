@@ -28,6 +28,23 @@ def test_image_grid_written_and_readable(tmp_path, channels):
     assert _files(tmp_path / "nested") == ["grid.png"]
 
 
+@pytest.mark.parametrize("columns,lines", [(3, 2), (8, 1)])
+def test_grid_title_is_wrapped_inside_the_figure(columns, lines):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from keras_diffusion.images import _grid_figure
+
+    title = "random:0.5 mask | inpainted | original"
+    # 8 rows, as the examples write: a 3-column grid is then 184 pixels wide.
+    figure = _grid_figure(np.zeros((8 * columns, 28, 28, 1), np.float32), columns, title)
+    FigureCanvasAgg(figure).draw()
+    text = figure.get_suptitle()
+    assert text.replace("\n", " ") == title and text.count("\n") == lines - 1
+    extent = figure._suptitle.get_window_extent()
+    assert extent.x0 >= 0 and extent.x1 <= figure.bbox.width
+    assert extent.y0 >= figure.axes[0].get_window_extent().y1 and extent.y1 <= figure.bbox.height
+
+
 def test_image_grid_accepts_uint8_and_keeps_pixels(tmp_path):
     # One white image on a white border should come out white.
     save_image_grid(np.full((1, 4, 4, 1), 255, np.uint8), tmp_path / "grid.png")
