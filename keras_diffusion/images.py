@@ -81,7 +81,7 @@ def _grid_figure(images, nrow, title):
 
     grid = _tile(images, nrow)
     height, width = grid.shape[:2]
-    scale = max(1, 512 // max(height, width))  # whole-pixel enlargement of small grids
+    scale = max(1, round(512 / max(height, width)))  # whole-pixel enlargement of small grids
     dpi = 100
     # A title wider than a narrow grid is wrapped at spaces, not clipped; 0.6 em
     # is a generous mean character width for matplotlib's default font.

@@ -45,6 +45,12 @@ def test_grid_title_is_wrapped_inside_the_figure(columns, lines):
     assert extent.y0 >= figure.axes[0].get_window_extent().y1 and extent.y1 <= figure.bbox.height
 
 
+def test_small_grids_are_enlarged_to_about_512_pixels(tmp_path):
+    # 8 rows of 32x32 images with 2-pixel borders: 274 pixels tall, drawn at 2x.
+    path = save_image_grid(np.zeros((24, 32, 32, 3), np.float32), tmp_path / "grid.png", nrow=3)
+    assert matplotlib.image.imread(path).shape[:2] == (548, 208)
+
+
 def test_image_grid_accepts_uint8_and_keeps_pixels(tmp_path):
     # One white image on a white border should come out white.
     save_image_grid(np.full((1, 4, 4, 1), 255, np.uint8), tmp_path / "grid.png")
