@@ -83,13 +83,13 @@ def _grid_figure(images, nrow, title):
     height, width = grid.shape[:2]
     scale = max(1, round(512 / max(height, width)))  # whole-pixel enlargement of small grids
     dpi = 100
+    width_inches, height_inches = width * scale / dpi, height * scale / dpi
     # A title wider than a narrow grid is wrapped at spaces, not clipped; 0.6 em
     # is a generous mean character width for matplotlib's default font.
-    width_points = width * scale / dpi * 72
-    lines = textwrap.wrap(title or "", max(8, int(width_points / (0.6 * _TITLE_POINTS))))
+    lines = textwrap.wrap(title or "", max(8, int(width_inches * 72 / (0.6 * _TITLE_POINTS))))
     title_inches = 0.2 + 0.2 * len(lines) if lines else 0.0
-    figure = Figure(figsize=(width * scale / dpi, height * scale / dpi + title_inches), dpi=dpi)
-    axes = figure.add_axes((0, 0, 1, height * scale / dpi / figure.get_figheight()))
+    figure = Figure(figsize=(width_inches, height_inches + title_inches), dpi=dpi)
+    axes = figure.add_axes((0, 0, 1, height_inches / figure.get_figheight()))
     axes.set_axis_off()
     if grid.shape[-1] == 1:
         axes.imshow(grid[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")

@@ -200,10 +200,9 @@ class DiffusionSchedule(keras.layers.Layer):
         levels the network cannot tell apart."""
         if use_karras_sigmas:
             plan = self.sampling_timesteps(steps, spacing)
-            if len(plan) > 2 and plan[0] == self.timesteps - 1:
-                rest = self.karras_sigmas(steps - 1, *self.sigmas(plan[[-1, 1]]))
-                return np.concatenate([plan[:1], self.timesteps_for_sigmas(rest)]).astype(np.int32)
-            return self.timesteps_for_sigmas(self.karras_sigmas(steps, *self.sigmas(plan[[-1, 0]])))
+            keep = int(len(plan) > 2 and plan[0] == self.timesteps - 1)  # the pure-noise start
+            ramp = self.karras_sigmas(steps - keep, *self.sigmas(plan[[-1, keep]]))
+            return np.concatenate([plan[:keep], self.timesteps_for_sigmas(ramp)])
         if spacing not in TIMESTEP_SPACINGS:
             raise ValueError(
                 f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}; got {spacing!r}."
