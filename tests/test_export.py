@@ -13,6 +13,9 @@ from keras import ops
 import keras_diffusion as kd
 from conftest import BACKEND
 from conftest import run_cli
+from test_file_format import ATOL as FORMAT_ATOL
+from test_file_format import MODEL
+from test_file_format import recorded
 from test_model import tiny_model
 
 # The SavedModel runs TensorFlow's kernels (under JAX through jax2tf, under
@@ -31,24 +34,16 @@ SAMPLER = "ddpm" if BACKEND == "jax" else "ddim"
 
 @pytest.fixture(scope="module")
 def model():
-    """A tiny conditional model whose EMA weights differ from its raw ones,
-    so a test sees which the export uses."""
-    keras.utils.set_random_seed(0)
-    model = tiny_model(num_classes=3, prediction="v")
-    for i, ema in enumerate(model.ema_weights):
-        ema.assign(ops.convert_to_numpy(ema) * 0.9 + 0.01 * (i % 3))
-    return model
+    """The 0.1.0 file of test_file_format: a tiny conditional model whose EMA
+    weights differ from its raw ones, so a test sees which the export uses."""
+    return kd.load_model(MODEL)
 
 
-@pytest.fixture(scope="module")
-def exported(model, tmp_path_factory):
+def export_and_load(model, folder):
+    """The export each backend's run makes, loaded for serving."""
     import tensorflow as tf
 
-    folder = tmp_path_factory.mktemp("export")
     path = folder / "saved_model"
-    # Export after sampling, as after training with SampleGrid: the model then
-    # holds compiled samplers (the call below reuses this one).
-    model.generate(2, steps=STEPS, sampler=SAMPLER, seed=3)
     if BACKEND == "torch":
         model.save(folder / "model.keras")
         result = run_cli("export", "--model", folder / "model.keras", "--out", path,
@@ -58,6 +53,29 @@ def exported(model, tmp_path_factory):
     else:
         model.export(path, steps=STEPS, sampler=SAMPLER, denoise_steps=STEPS)
     return tf.saved_model.load(str(path))
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    # Export after sampling, as after training with SampleGrid: the model then
+    # holds compiled samplers (the call below reuses this one).
+    model.generate(2, steps=STEPS, sampler=SAMPLER, seed=3)
+    return export_and_load(model, tmp_path_factory.mktemp("export"))
+
+
+def export_outputs(exported):
+    """What each endpoint returns for fixed inputs; recorded for 0.1.0."""
+    rng = np.random.default_rng(0)
+    noisy = (rng.uniform(size=(3, 16, 16, 1)) > 0.5) + SIGMA * rng.normal(size=(3, 16, 16, 1))
+    x_t = rng.normal(size=(4, 16, 16, 1)).astype("float32")
+    return {
+        "export_generate": exported.generate(*_noise(2, 3)).numpy(),
+        "export_generate_conditional": exported.generate_conditional(
+            *_noise(3, 4), np.array([0, 2, 1], "int32"), 2.5).numpy(),
+        "export_denoise": exported.denoise(noisy.astype("float32"), SIGMA).numpy(),
+        "export_predict_noise": exported.predict_noise(
+            x_t, np.array([0, 10, 50, 99], "int32"), np.array([0, 1, 2, 3], "int32")).numpy(),
+    }
 
 
 def _max_diff(a, b):
@@ -168,3 +186,10 @@ def test_onnx_predict_noise_matches(model, exported, tmp_path):
     t, labels = np.array([1, 40, 99], "int32"), np.array([2, 0, 3], "int32")
     (output,) = session.run(None, {"x_t": x_t, "t": t, "labels": labels})
     assert _max_diff(output, exported.predict_noise(x_t, t, labels).numpy()) <= ATOL
+
+
+def test_export_of_the_0_1_file_serves_as_0_1_did(exported):
+    expected = recorded()
+    for name, value in export_outputs(exported).items():
+        difference = _max_diff(value, expected[name])
+        assert difference <= FORMAT_ATOL, f"{name}: differs from 0.1.0 by {difference:.2e}"
