@@ -2,9 +2,10 @@
 inpainting (RePaint), image-to-image (SDEdit) and interpolation.
 
 Each function turns a user's request (a noisy image, a mask, a strength, two
-endpoints) into one sampler run; `DiffusionModel.denoise`, `inpaint`,
-`img2img` and `interpolate` call them. Noise-level formulas live in
-`DiffusionSchedule`, the loops in `samplers`.
+endpoints) into runs of the sampling pipeline (`keras_diffusion.pipeline`);
+`DiffusionModel.denoise`, `inpaint`, `img2img` and `interpolate` call them.
+Noise-level formulas live in `DiffusionSchedule`, the loops in `samplers`.
+They work on any model of the pipeline's protocol.
 
 Images go in as NHWC float32 in [0, 1] or uint8 (noisy floats given to
 `denoise` may stray outside [0, 1]) and come out as float32 numpy arrays in
@@ -16,10 +17,14 @@ from typing import NamedTuple
 import keras
 import numpy as np
 
+from keras_diffusion import pipeline
 from keras_diffusion import samplers
+from keras_diffusion.checks import check_integer
+from keras_diffusion.checks import is_integer
+from keras_diffusion.checks import is_number
 from keras_diffusion.data import check_images
-from keras_diffusion.model import from_model_range
-from keras_diffusion.model import to_model_range
+from keras_diffusion.pipeline import from_model_range
+from keras_diffusion.pipeline import to_model_range
 from keras_diffusion.schedule import check_steps
 
 MASK_SHAPES = ("center", "left-half", "random:P")
@@ -47,7 +52,8 @@ class DenoiseResult(NamedTuple):
 
 
 # ------------------------------------------------------------------ denoise
-def denoise(model, images, sigma=None, steps=10, labels=None, guidance_scale=1.0, batch_size=None):
+def denoise(model, images, *, sigma=None, steps=10, labels=None, guidance_scale=1.0,
+            batch_size=None):
     """See `DiffusionModel.denoise`."""
     noisy = _check_noisy_images(images, model.image_shape)
     estimated = sigma is None
@@ -61,13 +67,13 @@ def denoise(model, images, sigma=None, steps=10, labels=None, guidance_scale=1.0
     else:
         _check_sigma(sigma)
     check_steps(steps, model.schedule.timesteps)
-    labels = model._check_labels(labels, len(noisy), guidance_scale)
+    labels = pipeline.check_labels(model, labels, len(noisy), guidance_scale)
     # On the model's [-1, 1] scale the noise std doubles.
     t = model.schedule.timestep_for_noise_std(2.0 * float(sigma))
     x_t = model.schedule.x_t_from_noisy(to_model_range(noisy), t)
-    x0 = model.run_sampler(
-        x_t, samplers.partial_timesteps(t, steps), "ddim", 0.0, labels, guidance_scale,
-        batch_size=batch_size,
+    x0 = pipeline.run_sampler(
+        model, x_t, timesteps=samplers.partial_timesteps(t, steps), sampler="ddim",
+        labels=labels, guidance_scale=guidance_scale, batch_size=batch_size,
     )
     return DenoiseResult(from_model_range(x0), float(sigma), estimated)
 
@@ -122,7 +128,7 @@ def _binomial_blur(x, axis):
 
 
 # ------------------------------------------------------------------ inpaint
-def inpaint(model, images, mask, steps=50, jump_length=5, resamples=4, eta=1.0, seed=None,
+def inpaint(model, images, mask, *, steps=50, jump_length=5, resamples=4, eta=1.0, seed=None,
             labels=None, guidance_scale=1.0, batch_size=None):
     """See `DiffusionModel.inpaint`."""
     images = check_images(images, model.image_shape)
@@ -131,18 +137,11 @@ def inpaint(model, images, mask, steps=50, jump_length=5, resamples=4, eta=1.0, 
         raise ValueError(f"eta must be >= 0; got {eta!r}.")
     timesteps = samplers.plan_timesteps(model.schedule, "ddim", steps)
     t_from, t_to = samplers.repaint_timesteps(timesteps, jump_length, resamples)
-    labels = model._check_labels(labels, len(images), guidance_scale)
+    labels = pipeline.check_labels(model, labels, len(images), guidance_scale)
     reverse_steps = int(np.sum(t_to < t_from))
     pixels = int(np.prod(images.shape[1:]))
     batch_size = batch_size or max(1, min(len(images), _NOISE_BUDGET // (2 * reverse_steps * pixels)))
-    key = ("repaint", tuple(t_from.tolist()), tuple(t_to.tolist()), float(eta))
-
-    def loop(denoiser, x, known_x, mask_x, jump_noise, step_noise):
-        return samplers.repaint(
-            denoiser, model.schedule, x, known_x, mask_x, t_from, t_to, jump_noise, step_noise,
-            model.prediction, eta,
-        )
-
+    plan = dict(t_from=t_from, t_to=t_to, eta=float(eta))
     seeds = keras.random.SeedGenerator(seed)
     outputs = []
     for part in _batches(len(images), batch_size):
@@ -151,9 +150,9 @@ def inpaint(model, images, mask, steps=50, jump_length=5, resamples=4, eta=1.0, 
         jump_noise = keras.random.normal((reverse_steps,) + shape, seed=seeds)
         step_noise = keras.random.normal((reverse_steps,) + shape, seed=seeds)
         inputs = [x, to_model_range(images[part]), known[part].astype("float32"), jump_noise, step_noise]
-        x0 = model.run_loop(
-            key, loop, inputs,
-            None if labels is None else labels[part], guidance_scale,
+        x0 = pipeline.run_loop(
+            model, samplers.repaint, inputs, constants=plan, batch_axes=(0, 0, 0, 1, 1),
+            labels=None if labels is None else labels[part], guidance_scale=guidance_scale,
         )
         outputs.append(from_model_range(x0))
     # Composite in [0, 1] so the known pixels come back bit for bit.
@@ -197,41 +196,49 @@ def make_mask(kind, shape, seed=0):
 
 
 # ------------------------------------------------------------------ img2img
-def img2img(model, images, strength=0.5, steps=50, eta=0.0, seed=None, labels=None,
+def img2img(model, images, *, strength=0.5, steps=50, eta=0.0, seed=None, labels=None,
             guidance_scale=1.0, batch_size=None):
     """See `DiffusionModel.img2img`."""
     images = check_images(images, model.image_shape)
-    if isinstance(strength, bool) or not isinstance(strength, (int, float, np.number)) or not 0 < strength <= 1:
+    if not is_number(strength) or not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1]; got {strength!r}.")
     check_steps(steps, model.schedule.timesteps)
     if eta < 0:
         raise ValueError(f"eta must be >= 0; got {eta!r}.")
-    labels = model._check_labels(labels, len(images), guidance_scale)
+    labels = pipeline.check_labels(model, labels, len(images), guidance_scale)
     t = int(round(float(strength) * (model.schedule.timesteps - 1)))
     noise = keras.random.normal(images.shape, seed=seed)
     t_batch = np.full((len(images),), t, dtype="int32")
     x_t = model.schedule.add_noise(to_model_range(images), noise, t_batch)
     timesteps = samplers.partial_timesteps(t, steps)
     step_seed = None if seed is None else seed + 1
-    step_noise = samplers.draw_step_noise(images.shape, "ddim", len(timesteps), eta, step_seed)
-    x0 = model.run_sampler(x_t, timesteps, "ddim", eta, labels, guidance_scale, step_noise, batch_size)
+    step_noise = samplers.draw_step_noise(
+        images.shape, "ddim", len(timesteps), eta=eta, seed=step_seed
+    )
+    x0 = pipeline.run_sampler(
+        model, x_t, timesteps=timesteps, sampler="ddim", eta=eta, labels=labels,
+        guidance_scale=guidance_scale, step_noise=step_noise, batch_size=batch_size,
+    )
     return from_model_range(x0)
 
 
 # -------------------------------------------------------------- interpolate
-def interpolate(model, a, b, num=8, steps=50, labels=None, guidance_scale=1.0, batch_size=None):
+def interpolate(model, a, b, *, num=8, steps=50, labels=None, guidance_scale=1.0,
+                batch_size=None):
     """See `DiffusionModel.interpolate`."""
-    if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 2:
-        raise ValueError(f"num must be an integer >= 2 (the two ends included); got {num!r}.")
+    check_integer("num", num, low=2, note=" (the two ends included)")
     timesteps = samplers.plan_timesteps(model.schedule, "ddim", steps)
-    labels = model._check_labels(labels, num, guidance_scale)
+    labels = pipeline.check_labels(model, labels, num, guidance_scale)
     ends = [
         _endpoint_noise(model, end, name, timesteps, None if labels is None else labels[index:index + 1],
                         guidance_scale)
         for name, end, index in (("a", a, 0), ("b", b, num - 1))
     ]
     noise = keras.ops.convert_to_tensor(slerp(ends[0], ends[1], np.linspace(0.0, 1.0, num)))
-    x0 = model.run_sampler(noise, timesteps, "ddim", 0.0, labels, guidance_scale, batch_size=batch_size)
+    x0 = pipeline.run_sampler(
+        model, noise, timesteps=timesteps, sampler="ddim", labels=labels,
+        guidance_scale=guidance_scale, batch_size=batch_size,
+    )
     return from_model_range(x0)
 
 
@@ -257,18 +264,16 @@ def _endpoint_noise(model, end, name, timesteps, labels, guidance_scale):
     """x_T for one end of an interpolation: the noise an integer seed draws
     (as `generate` draws it), or an image's DDIM inversion."""
     shape = (1,) + tuple(model.image_shape)
-    if isinstance(end, (int, np.integer)) and not isinstance(end, bool):
+    if is_integer(end):
         return keras.ops.convert_to_numpy(keras.random.normal(shape, seed=int(end)))
     image = np.asarray(end)
     image = check_images(image[np.newaxis] if image.ndim == 3 else image, model.image_shape, name=name)
     if len(image) != 1:
         raise ValueError(f"{name} must be one image or an integer seed; got {len(image)} images.")
-
-    def loop(denoiser, x0):
-        return samplers.ddim_invert(denoiser, model.schedule, x0, timesteps, model.prediction)
-
-    key = ("ddim_invert", tuple(timesteps.tolist()))
-    x_t = model.run_loop(key, loop, [to_model_range(image)], labels, guidance_scale)
+    x_t = pipeline.run_loop(
+        model, samplers.ddim_invert, [to_model_range(image)], constants=dict(timesteps=timesteps),
+        labels=labels, guidance_scale=guidance_scale,
+    )
     return keras.ops.convert_to_numpy(x_t)
 
 
@@ -292,7 +297,7 @@ def _check_noisy_images(images, image_shape):
 
 
 def _check_sigma(sigma):
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.number)) or not 0 < sigma <= 1:
+    if not is_number(sigma) or not 0 < sigma <= 1:
         raise ValueError(
             f"sigma must be in (0, 1] (the noise std on the [0, 1] image scale), or None to "
             f"estimate it; got {sigma!r}."

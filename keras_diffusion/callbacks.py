@@ -9,6 +9,7 @@ import os
 import keras
 import numpy as np
 
+from keras_diffusion.checks import check_integer
 from keras_diffusion.images import atomic_write
 from keras_diffusion.images import save_image_grid
 from keras_diffusion.images import save_loss_curve
@@ -118,8 +119,7 @@ class SampleGrid(keras.callbacks.Callback):
 
 
 def _check_every(every_n_epochs):
-    if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-        raise ValueError(f"every_n_epochs must be a positive integer; got {every_n_epochs!r}.")
+    check_integer("every_n_epochs", every_n_epochs)
 
 
 class SampleQuality(keras.callbacks.Callback):

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_diffusion.checks import check_integer
+from keras_diffusion.checks import is_integer
+
 DATA_DIR_ENV = "KERAS_DIFFUSION_DATA_DIR"
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 SPLITS = ("train", "test")
@@ -82,10 +85,7 @@ def load_dataset(name, data_dir=None, split="train", limit=None):
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {name!r}.")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}.")
-    if limit is not None and (
-        isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1
-    ):
-        raise ValueError(f"limit must be a positive integer or None; got {limit!r}.")
+    check_integer("limit", limit, allow_none=True)
     if data_dir is None:
         data_dir = os.environ.get(DATA_DIR_ENV) or None
     if data_dir is None:
@@ -154,7 +154,7 @@ def label_to_index(label, dataset_or_names):
             )
         names = list(dataset_or_names)
     index = None
-    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+    if is_integer(label):
         index = int(label)
     elif isinstance(label, str):
         text = label.strip()
@@ -291,3 +291,36 @@ def check_images(images, image_shape=None, name="images"):
         f"{name} must be float in [0, 1] or uint8 in [0, 255]; got floats in "
         f"[{low:.4g}, {high:.4g}]: {guess}."
     )
+
+
+def check_training_images(x, image_shape):
+    """Training images for `fit`: `x` checked as a whole (uint8 only for
+    its shape, on one image, to keep the memory), with a channel axis added
+    to `(N, H, W)` arrays."""
+    name = "x (the training images)"
+    if x.dtype == np.uint8:
+        check_images(x[:1], image_shape, name=name)
+        return x[..., np.newaxis] if x.ndim == 3 else x
+    return check_images(x, image_shape, name=name)
+
+
+def check_training_labels(y, num_images, num_classes):
+    """`y` for `fit`: one integer label 0 to `num_classes - 1` per image,
+    as a `(num_images,)` array (a `(num_images, 1)` column is accepted)."""
+    labels = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
+    if labels.ndim != 1 or len(labels) != num_images:
+        raise ValueError(
+            f"y (the labels) must hold one integer label per image, shape ({num_images},); "
+            f"got shape {y.shape}."
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise TypeError(
+            f"y (the labels) must be integers 0 to {num_classes - 1}; got dtype {labels.dtype}."
+        )
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise ValueError(
+            f"y (the labels) holds labels from {low} to {high}; accepted: integers 0 to "
+            f"{num_classes - 1} (num_classes={num_classes})."
+        )
+    return labels

@@ -1,4 +1,8 @@
-"""Export a `DiffusionModel` for serving, from any backend.
+"""Export a diffusion model for serving, from any backend.
+
+It works on any model of the sampling pipeline's protocol
+(`keras_diffusion.pipeline`), and its endpoints trace the very functions
+the pipeline compiles for sampling in Python.
 
 `export_saved_model` writes a TensorFlow SavedModel whose endpoints need
 nothing of keras_diffusion or Keras when loaded: `tf.saved_model.load(path)`
@@ -41,18 +45,21 @@ import warnings
 import keras
 from keras import ops
 
+from keras_diffusion import pipeline
 from keras_diffusion import samplers
 from keras_diffusion.schedule import check_steps
 
 # The subprocess that exports a `.keras` file under the TensorFlow backend.
 _TENSORFLOW_EXPORT = (
     "import json, sys\n"
-    "from keras_diffusion.export import _export_file\n"
-    "_export_file(*json.loads(sys.argv[1]))\n"
+    "import keras_diffusion\n"
+    "from keras_diffusion.export import export_saved_model\n"
+    "model_path, path, options = json.loads(sys.argv[1])\n"
+    "export_saved_model(keras_diffusion.load_model(model_path), path, **options)\n"
 )
 
 
-def export_model(model, filepath, format="tf_saved_model", verbose=None, input_signature=None,
+def export_model(model, filepath, *, format="tf_saved_model", verbose=None, input_signature=None,
                  **kwargs):
     """What `DiffusionModel.export` does; see there."""
     if format == "tf_saved_model":
@@ -74,6 +81,7 @@ def export_model(model, filepath, format="tf_saved_model", verbose=None, input_s
 def export_saved_model(
     model,
     path,
+    *,
     steps=50,
     sampler="ddim",
     eta=0.0,
@@ -102,7 +110,9 @@ def export_saved_model(
     options = dict(steps=steps, sampler=sampler, eta=eta, timestep_spacing=timestep_spacing,
                    denoise_steps=denoise_steps)
     # Validate here, so a bad argument fails before any work (or subprocess).
-    timesteps = samplers.plan_timesteps(model.schedule, sampler, steps, eta, timestep_spacing)
+    timesteps = samplers.plan_timesteps(
+        model.schedule, sampler, steps, eta=eta, spacing=timestep_spacing
+    )
     check_steps(denoise_steps, model.schedule.timesteps)
     if keras.backend.backend() == "torch":
         return _export_under_tensorflow(model, path, options)
@@ -110,14 +120,17 @@ def export_saved_model(
 
     archive = keras.export.ExportArchive()
     archive.track(_SamplingVariables(model))
-    for name, fn, signature in _endpoints(model, timesteps, sampler, eta, denoise_steps):
+    endpoints = _endpoints(
+        model, timesteps=timesteps, sampler=sampler, eta=eta, denoise_steps=denoise_steps
+    )
+    for name, fn, signature in endpoints:
         archive.add_endpoint(name, fn, signature, **_jax2tf_options(signature))
     # Serving needs no gradients; tracing them would trace every loop again.
     no_gradients = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
     archive.write_out(os.fspath(path), options=no_gradients, verbose=verbose)
 
 
-def _endpoints(model, timesteps, sampler, eta, denoise_steps):
+def _endpoints(model, *, timesteps, sampler, eta, denoise_steps):
     """`(name, fn, input_signature)` of each SavedModel endpoint."""
     image = (None,) + model.image_shape
     spec = {
@@ -131,12 +144,17 @@ def _endpoints(model, timesteps, sampler, eta, denoise_steps):
         "t": _spec("t", (None,), "int32"),
     }
 
+    constants = dict(timesteps=timesteps, sampler=sampler, eta=float(eta), clip_x0=True)
+
     def sample(noise, step_noise=None, labels=None, guidance=1.0):
         # The very loop `DiffusionModel.generate` compiles: same numerics.
-        sample_batch = model._sampling_function(timesteps, sampler, eta, guidance, True)
-        return _unit_range(sample_batch(*_weights(model), noise, step_noise, labels))
+        run = pipeline.loop_function(
+            model, samplers.run_sampler, constants=constants, guidance_scale=guidance
+        )
+        weights, state = pipeline.sampling_state(model)
+        return pipeline.unit_range(run(weights, state, labels, noise, step_noise))
 
-    if samplers.draw_step_noise((1,), sampler, 1, eta, 0) is None:
+    if not samplers.SAMPLERS[sampler].needs_noise(eta):
         def generate(noise):
             return sample(noise)
 
@@ -160,19 +178,20 @@ def _endpoints(model, timesteps, sampler, eta, denoise_steps):
         t = model.schedule.timestep_for_noise_std(2.0 * sigma)
         x_t = model.schedule.x_t_from_noisy(ops.cast(images, "float32") * 2.0 - 1.0, t)
         x0 = samplers.run_ddim_from(
-            _denoiser(model), model.schedule, x_t, t,
-            lambda start: samplers.partial_timesteps(start, denoise_steps), model.prediction,
+            pipeline.denoiser(model, _network(model), None, 1.0), model.schedule, x_t, t,
+            plan=lambda start: samplers.partial_timesteps(start, denoise_steps),
+            prediction=model.prediction,
         )
-        return _unit_range(x0)
+        return pipeline.unit_range(x0)
 
     def predict_noise(x_t, t, labels=None):
         inputs = [x_t, t] if labels is None else [x_t, t, labels]
         output = _network(model)(inputs)
         return model.schedule.predict_epsilon(x_t, output, t, model.prediction)
 
-    labels = ["labels"] if model.conditional else []
+    labels = ["labels"] if model.num_classes is not None else []
     endpoints = [("generate", generate, noises)]
-    if model.conditional:
+    if model.num_classes is not None:
         endpoints.append(("generate_conditional", generate_conditional, noises + labels + ["guidance"]))
     endpoints += [("denoise", denoise, ["images", "sigma"]),
                   ("predict_noise", predict_noise, ["x_t", "t"] + labels)]
@@ -197,33 +216,9 @@ def _spec(name, shape, dtype="float32"):
     return keras.InputSpec(shape=shape, dtype=dtype, name=name)
 
 
-def _weights(model):
-    """The values `model.run_sampler` passes its compiled loop: (EMA weights,
-    non-trainable state). Inside an export trace they are the traced values."""
-    return (
-        [v.value for v in model.sampling_weights],
-        [v.value for v in model.network.non_trainable_variables],
-    )
-
-
 def _network(model):
     """`inputs -> output` of the network with the sampling (EMA) weights."""
-    weights, state = _weights(model)
-
-    def network(inputs):
-        return model.network.stateless_call(weights, state, inputs, training=False)[0]
-
-    return network
-
-
-def _denoiser(model):
-    """The unconditional `(x_t, t) -> output` denoiser the samplers take."""
-    return model._denoiser(_network(model), None, 1.0)
-
-
-def _unit_range(x):
-    """[-1, 1] -> [0, 1], clipped: the tensor twin of `model.from_model_range`."""
-    return ops.clip((x + 1.0) / 2.0, 0.0, 1.0)
+    return pipeline.network_function(model, *pipeline.sampling_state(model))
 
 
 def _jax2tf_options(signature):
@@ -263,14 +258,8 @@ def _export_under_tensorflow(model, path, options):
         )
 
 
-def _export_file(model_path, path, options):
-    from keras_diffusion.model import load_model
-
-    export_saved_model(load_model(model_path), path, **options)
-
-
 # ------------------------------------------------------------------ ONNX
-def export_onnx(model, path, verbose=None, input_signature=None, **kwargs):
+def export_onnx(model, path, *, verbose=None, input_signature=None, **kwargs):
     """Write `predict_noise` (one network evaluation with the EMA weights,
     returning epsilon) as ONNX, through Keras' `export(format="onnx")`.
 
@@ -294,7 +283,7 @@ def export_onnx(model, path, verbose=None, input_signature=None, **kwargs):
 
 def _predictor_inputs(model):
     specs = [_spec("x_t", (None,) + model.image_shape), _spec("t", (None,), "int32")]
-    return specs + ([_spec("labels", (None,), "int32")] if model.conditional else [])
+    return specs + ([_spec("labels", (None,), "int32")] if model.num_classes is not None else [])
 
 
 class _NoisePredictor(keras.Model):
@@ -316,7 +305,7 @@ class _NoisePredictor(keras.Model):
         self.schedule = model.schedule
         self.prediction = model.prediction
         example = [ops.zeros((1,) + model.image_shape), ops.zeros((1,), "int32")]
-        if model.conditional:
+        if model.num_classes is not None:
             example.append(ops.zeros((1,), "int32"))
         self(example)  # build, so the exporters see a called model
 

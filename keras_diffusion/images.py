@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_diffusion.checks import check_integer
 from keras_diffusion.data import check_images
 
 READ_EXTENSIONS = (".png", ".jpg", ".jpeg", ".npz")
@@ -105,8 +106,7 @@ def _tile(images, nrow, padding=2):
     """Arrange `(N, H, W, C)` images `nrow` to a row, with a white border."""
     count, height, width, channels = images.shape
     columns = math.ceil(math.sqrt(count)) if nrow is None else nrow
-    if isinstance(columns, bool) or not isinstance(columns, (int, np.integer)) or columns < 1:
-        raise ValueError(f"nrow must be a positive integer; got {nrow!r}.")
+    check_integer("nrow", columns)
     columns = min(int(columns), count)
     rows = math.ceil(count / columns)
     grid = np.ones(

@@ -29,6 +29,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_diffusion.checks import check_integer
 from keras_diffusion.data import check_images
 
 FEATURE_NET_DIR = Path(__file__).parent / "feature_nets"
@@ -323,8 +324,7 @@ def score_model(
             f"the model makes {tuple(model.image_shape)} images but feature net {net.name!r} "
             f"scores {net.image_shape} images; pass the feature net of the model's dataset."
         )
-    if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 2:
-        raise ValueError(f"num_images must be an integer >= 2; got {num_images!r}.")
+    check_integer("num_images", num_images, low=2)
     labels = None
     if model.conditional:
         if model.num_classes != net.num_classes:

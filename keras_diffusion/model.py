@@ -4,13 +4,15 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_diffusion import samplers
-from keras_diffusion.schedule import PREDICTION_TYPES
+from keras_diffusion import backend
+from keras_diffusion import pipeline
+from keras_diffusion.data import check_training_images
+from keras_diffusion.data import check_training_labels
 from keras_diffusion.schedule import DiffusionSchedule
-from keras_diffusion.trainers import backend_module
+from keras_diffusion.schedule import check_prediction
 
 
-@keras.saving.register_keras_serializable(package="keras_diffusion")
+@keras.saving.register_keras_serializable(package="keras_diffusion", name="DiffusionModel")
 class DiffusionModel(keras.Model):
     """A denoising diffusion model: a network, a noise schedule and an
     exponential moving average (EMA) of the network's weights.
@@ -57,10 +59,7 @@ class DiffusionModel(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if prediction not in PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction must be one of {', '.join(PREDICTION_TYPES)}; got {prediction!r}."
-            )
+        check_prediction(prediction)
         if ema_decay is not None and not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) or None; got {ema_decay!r}.")
         if not 0 <= label_dropout < 1:
@@ -86,8 +85,7 @@ class DiffusionModel(keras.Model):
         self.class_names = list(class_names) if class_names is not None else None
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.loss_tracker = keras.metrics.Mean(name="loss")
-        self._backend = backend_module()
-        self._compiled_samplers = _FunctionCache()
+        self._backend = backend.current()
         if self.ema_decay:
             self.ema_weights = [
                 self.add_weight(
@@ -128,40 +126,12 @@ class DiffusionModel(keras.Model):
         generators are passed through unchecked.
         """
         if isinstance(x, np.ndarray):
-            x, y = self._check_fit_arrays(x, y)
+            x = check_training_images(x, self.image_shape)
+            y = None if y is None else np.asarray(y)
+            self.unpack_batch((x,) if y is None else (x, y))
+            if y is not None:
+                y = check_training_labels(y, len(x), self.num_classes)
         return super().fit(x, y, *args, **kwargs)
-
-    def _check_fit_arrays(self, x, y):
-        from keras_diffusion.data import check_images
-
-        if x.dtype == np.uint8:
-            # Always in range; check the shape on one image, keep the memory.
-            check_images(x[:1], self.image_shape, name="x (the training images)")
-            x = x[..., np.newaxis] if x.ndim == 3 else x
-        else:
-            x = check_images(x, self.image_shape, name="x (the training images)")
-        if y is not None and not isinstance(y, np.ndarray):
-            y = np.asarray(y)
-        self.unpack_batch((x,) if y is None else (x, y))
-        if y is None:
-            return x, None
-        labels = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
-        if labels.ndim != 1 or len(labels) != len(x):
-            raise ValueError(
-                f"y (the labels) must hold one integer label per image, shape ({len(x)},); "
-                f"got shape {y.shape}."
-            )
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise TypeError(
-                f"y (the labels) must be integers 0 to {self.num_classes - 1}; got dtype {labels.dtype}."
-            )
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= self.num_classes:
-            raise ValueError(
-                f"y (the labels) holds labels from {low} to {high}; accepted: integers 0 to "
-                f"{self.num_classes - 1} (num_classes={self.num_classes})."
-            )
-        return x, labels
 
     def train_step(self, *args):
         return self._backend.train_step(self, *args)
@@ -187,7 +157,7 @@ class DiffusionModel(keras.Model):
         """The diffusion objective, shared by every backend's train step:
         noise the batch at uniformly drawn timesteps and regress the
         prediction target with (optionally min-SNR weighted) MSE."""
-        x0 = to_model_range(images)
+        x0 = pipeline.to_model_range(images)
         batch = ops.shape(x0)[0]
         t = keras.random.randint(
             (batch,), 0, self.schedule.timesteps, dtype="int32", seed=self.seed_generator
@@ -241,141 +211,28 @@ class DiffusionModel(keras.Model):
         `sampler` is one of `keras_diffusion.SAMPLERS`; `use_karras_sigmas`
         and the other sampling arguments mean what they do in
         `keras_diffusion.sample`. `"dpmpp_2m"` gives good images in 10-20 steps.
+        `labels` (conditional models): one label for all images or one per
+        image, as indices or class names; `guidance_scale` weighs
+        classifier-free guidance (1: plain conditional, 0: unconditional).
 
         Returns a numpy array `(num_images, H, W, C)`, float32 in [0, 1].
         The same `seed` gives the same images on the same backend.
         """
-        if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
-            raise ValueError(f"num_images must be a positive integer; got {num_images!r}.")
-        labels = self._check_labels(labels, num_images, guidance_scale)
-        timesteps = samplers.plan_timesteps(
-            self.schedule, sampler, steps, eta, timestep_spacing, use_karras_sigmas=use_karras_sigmas
+        x0 = pipeline.sample(
+            self, num_images, steps=steps, sampler=sampler, seed=seed, labels=labels,
+            guidance_scale=guidance_scale, eta=eta, timestep_spacing=timestep_spacing,
+            batch_size=batch_size, use_karras_sigmas=use_karras_sigmas,
         )
-        noise = keras.random.normal((num_images,) + self.image_shape, seed=seed)
-        step_seed = None if seed is None else seed + 1
-        step_noise = samplers.draw_step_noise(noise.shape, sampler, len(timesteps), eta, step_seed)
-        x0 = self.run_sampler(
-            noise, timesteps, sampler, eta, labels, guidance_scale, step_noise, batch_size
-        )
-        return from_model_range(x0)
-
-    def run_sampler(
-        self, x, timesteps, sampler, eta=0.0, labels=None, guidance_scale=1.0,
-        step_noise=None, batch_size=None, clip_x0=True,
-    ):
-        """Run a compiled sampling loop from `x` (at `timesteps[0]`) over
-        `timesteps` with the EMA weights, in batches of `batch_size`.
-        Returns x0 in [-1, 1] as a tensor."""
-        key = (sampler, tuple(int(t) for t in timesteps), float(eta),
-               float(guidance_scale), labels is None, clip_x0)
-        if key not in self._compiled_samplers:
-            self._compiled_samplers[key] = self._backend.compile_function(
-                self._sampling_function(timesteps, sampler, eta, guidance_scale, clip_x0)
-            )
-        fn = self._compiled_samplers[key]
-        weights = [v.value for v in self.sampling_weights]
-        state = [v.value for v in self.network.non_trainable_variables]
-        n = x.shape[0]
-        batch_size = batch_size or n
-        outputs = []
-        for start in range(0, n, batch_size):
-            part = slice(start, start + batch_size)
-            outputs.append(fn(
-                weights, state, x[part],
-                None if step_noise is None else step_noise[:, part],
-                None if labels is None else labels[part],
-            ))
-        return outputs[0] if len(outputs) == 1 else ops.concatenate(outputs, axis=0)
+        return pipeline.from_model_range(x0)
 
     @property
     def sampling_weights(self):
         """The weights sampling uses: the EMA weights when EMA is on."""
         return self.ema_weights if self.ema_decay else self.network.trainable_variables
 
-    def _sampling_function(self, timesteps, sampler, eta, guidance_scale, clip_x0):
-        def sample_batch(weights, state, x, step_noise, labels):
-            def network(inputs):
-                return self.network.stateless_call(weights, state, inputs, training=False)[0]
-
-            denoiser = self._denoiser(network, labels, guidance_scale)
-            return samplers.run_sampler(
-                denoiser, self.schedule, x, timesteps, sampler, self.prediction,
-                eta, clip_x0, step_noise,
-            )
-
-        return sample_batch
-
-    def _denoiser(self, network, labels, guidance_scale):
-        """Wrap the network as a `(x_t, t) -> output` denoiser, applying
-        classifier-free guidance: uncond + w (cond - uncond) (Ho & Salimans
-        2022 eq. 6, written so w = 0 is unconditional and w = 1 conditional)."""
-        if not self.conditional:
-            return lambda x, t: network([x, t])
-
-        def null_labels(x):
-            return ops.full((ops.shape(x)[0],), self.num_classes, dtype="int32")
-
-        # A tensor guidance scale (an exported endpoint's input) takes the general path.
-        fixed = not ops.is_tensor(guidance_scale)
-        if labels is None or (fixed and guidance_scale == 0):
-            return lambda x, t: network([x, t, null_labels(x)])
-        if fixed and guidance_scale == 1:
-            return lambda x, t: network([x, t, labels])
-
-        def guided(x, t):
-            both = network([
-                ops.concatenate([x, x], axis=0),
-                ops.concatenate([t, t], axis=0),
-                ops.concatenate([labels, null_labels(x)], axis=0),
-            ])
-            cond, uncond = ops.split(ops.cast(both, "float32"), 2, axis=0)
-            return uncond + guidance_scale * (cond - uncond)
-
-        return guided
-
-    def _check_labels(self, labels, num_images, guidance_scale):
-        if not self.conditional:
-            if labels is not None:
-                raise ValueError(
-                    "labels were given, but this model is unconditional (its network has no "
-                    "num_classes); generate without labels."
-                )
-            if guidance_scale != 1.0:
-                raise ValueError(
-                    f"guidance_scale={guidance_scale!r} needs a class-conditional model; "
-                    "this model is unconditional, so leave guidance_scale at 1.0."
-                )
-            return None
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0; got {guidance_scale!r}.")
-        if labels is None:
-            return None
-        if isinstance(labels, (int, np.integer, str)):
-            labels = [labels] * num_images
-        labels = [self._label_index(label) for label in labels]
-        if len(labels) != num_images:
-            raise ValueError(
-                f"labels must have one entry per image ({num_images}); got {len(labels)}."
-            )
-        return ops.convert_to_tensor(np.asarray(labels, dtype="int32"))
-
-    def _label_index(self, label):
-        if isinstance(label, str) and not label.isdigit():
-            names = [name.lower() for name in (self.class_names or [])]
-            if label.lower() not in names:
-                accepted = ", ".join(self.class_names) if self.class_names else "integers only"
-                raise ValueError(f"unknown class name {label!r}; accepted: {accepted}.")
-            return names.index(label.lower())
-        index = int(label)
-        if not 0 <= index < self.num_classes:
-            raise ValueError(
-                f"label {label!r} is out of range; accepted: 0 to {self.num_classes - 1}."
-            )
-        return index
-
-    # ------------------------------------- restoration and editing (issue 3)
-    # Thin entry points; the requests are turned into sampler runs in
-    # `keras_diffusion.applications`.
+    # ------------------------------------------- restoration and editing
+    # Thin entry points; `keras_diffusion.applications` turns the requests
+    # into pipeline runs.
     def denoise(self, images, sigma=None, steps=10, labels=None, guidance_scale=1.0, batch_size=None):
         """Remove additive Gaussian noise of std `sigma` from `images`.
 
@@ -409,7 +266,8 @@ class DiffusionModel(keras.Model):
         """
         from keras_diffusion import applications
 
-        return applications.denoise(self, images, sigma, steps, labels, guidance_scale, batch_size)
+        return applications.denoise(self, images, sigma=sigma, steps=steps, labels=labels,
+                                    guidance_scale=guidance_scale, batch_size=batch_size)
 
     def inpaint(self, images, mask, steps=50, jump_length=5, resamples=4, eta=1.0, seed=None,
                 labels=None, guidance_scale=1.0, batch_size=None):
@@ -441,8 +299,9 @@ class DiffusionModel(keras.Model):
         from keras_diffusion import applications
 
         return applications.inpaint(
-            self, images, mask, steps, jump_length, resamples, eta, seed, labels,
-            guidance_scale, batch_size,
+            self, images, mask, steps=steps, jump_length=jump_length, resamples=resamples,
+            eta=eta, seed=seed, labels=labels, guidance_scale=guidance_scale,
+            batch_size=batch_size,
         )
 
     def img2img(self, images, strength=0.5, steps=50, eta=0.0, seed=None, labels=None,
@@ -466,7 +325,8 @@ class DiffusionModel(keras.Model):
         from keras_diffusion import applications
 
         return applications.img2img(
-            self, images, strength, steps, eta, seed, labels, guidance_scale, batch_size
+            self, images, strength=strength, steps=steps, eta=eta, seed=seed, labels=labels,
+            guidance_scale=guidance_scale, batch_size=batch_size,
         )
 
     def interpolate(self, a, b, num=8, steps=50, labels=None, guidance_scale=1.0, batch_size=None):
@@ -488,25 +348,8 @@ class DiffusionModel(keras.Model):
         """
         from keras_diffusion import applications
 
-        return applications.interpolate(self, a, b, num, steps, labels, guidance_scale, batch_size)
-
-    def run_loop(self, key, loop, inputs, labels=None, guidance_scale=1.0):
-        """Run `loop(denoiser, *inputs)` compiled, with the sampling weights
-        and classifier-free guidance as in `run_sampler`; `key` names the loop
-        (with every constant it closes over) in the compile cache."""
-        key = ("loop", key, float(guidance_scale), labels is None)
-        if key not in self._compiled_samplers:
-            def run(weights, state, labels, *inputs):
-                def network(network_inputs):
-                    return self.network.stateless_call(weights, state, network_inputs, training=False)[0]
-
-                return loop(self._denoiser(network, labels, guidance_scale), *inputs)
-
-            self._compiled_samplers[key] = self._backend.compile_function(run)
-        weights = [v.value for v in self.sampling_weights]
-        state = [v.value for v in self.network.non_trainable_variables]
-        inputs = [ops.convert_to_tensor(value, dtype="float32") for value in inputs]
-        return self._compiled_samplers[key](weights, state, labels, *inputs)
+        return applications.interpolate(self, a, b, num=num, steps=steps, labels=labels,
+                                        guidance_scale=guidance_scale, batch_size=batch_size)
 
     # --------------------------------------------------------------- export
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None,
@@ -530,7 +373,8 @@ class DiffusionModel(keras.Model):
         """
         from keras_diffusion.export import export_model
 
-        return export_model(self, filepath, format, verbose, input_signature, **kwargs)
+        return export_model(self, filepath, format=format, verbose=verbose,
+                            input_signature=input_signature, **kwargs)
 
     # -------------------------------------------------------- serialisation
     def get_config(self):
@@ -552,36 +396,6 @@ class DiffusionModel(keras.Model):
         config["network"] = keras.saving.deserialize_keras_object(config["network"])
         config["schedule"] = keras.saving.deserialize_keras_object(config["schedule"])
         return cls(**config)
-
-
-class _FunctionCache:
-    """Compiled sampling functions by key. Not a dict: TensorFlow would track
-    a dict attribute of the model and then refuse to save it (tuple keys)."""
-
-    def __init__(self):
-        self._functions = {}
-
-    def __contains__(self, key):
-        return key in self._functions
-
-    def __getitem__(self, key):
-        return self._functions[key]
-
-    def __setitem__(self, key, function):
-        self._functions[key] = function
-
-
-def to_model_range(images):
-    """[0, 1] floats or uint8 at the API boundary -> float32 in [-1, 1]."""
-    images = ops.convert_to_tensor(images)
-    if "int" in str(images.dtype):
-        images = ops.cast(images, "float32") / 255.0
-    return ops.cast(images, "float32") * 2.0 - 1.0
-
-
-def from_model_range(x):
-    """float32 in [-1, 1] -> numpy float32 in [0, 1]."""
-    return np.clip((keras.ops.convert_to_numpy(x) + 1.0) / 2.0, 0.0, 1.0).astype("float32")
 
 
 def load_model(path):

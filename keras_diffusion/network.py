@@ -7,73 +7,50 @@ output means (epsilon, v or x0) is the schedule's business.
 
 import math
 
-
 import keras
 import numpy as np
 from keras import layers, ops
 
+from keras_diffusion import backend
+from keras_diffusion.checks import check_integer
+from keras_diffusion.checks import is_integer
+
 _NORM_EPSILON = 1e-5  # as in the DDPM and diffusers UNets
 
 
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _on_torch():
-    return keras.backend.backend() == "torch"
-
-
-@keras.saving.register_keras_serializable(package="keras_diffusion")
+# The class names `_GroupNormalization` and `_Conv2D` are part of the file
+# format: a `.keras` file stores the weights of a functional model's layers
+# under their snake-cased class names. The registered names are public; the
+# old ones stay registered so that 0.1.0 files load.
+@keras.saving.register_keras_serializable(package="keras_diffusion", name="GroupNormalization")
 class _GroupNormalization(layers.GroupNormalization):
     """Keras' `GroupNormalization` over the last (channel) axis, the same
-    function and weights. On PyTorch it runs as one fused kernel,
-    `torch.nn.functional.group_norm` on a channels-last view of the NHWC map
-    (no copy): Keras' generic version takes about ten elementwise passes and
-    was 3-4x slower forward+backward on CPU, the largest cost in a train step."""
+    function and weights, run on the backend's fused kernel where it has one
+    (`keras_diffusion.backend.group_normalization`)."""
 
     def call(self, x):
-        if not _on_torch() or self.axis not in (-1, len(x.shape) - 1) or not (self.scale and self.center):
-            return super().call(x)
-        import torch.nn.functional as F
-
-        perm = (0, x.ndim - 1) + tuple(range(1, x.ndim - 1))
-        y = F.group_norm(x.permute(perm), self.groups, self.gamma.value.to(x.dtype),
-                         self.beta.value.to(x.dtype), self.epsilon)
-        return y.permute((0,) + tuple(range(2, x.ndim)) + (1,))
+        y = backend.group_normalization(self, x)
+        return super().call(x) if y is NotImplemented else y
 
 
-@keras.saving.register_keras_serializable(package="keras_diffusion")
+@keras.saving.register_keras_serializable(package="keras_diffusion", name="Conv2D")
 class _Conv2D(layers.Conv2D):
     """Keras' `Conv2D` (NHWC, "same" or "valid" padding), the same function
-    and weights. On PyTorch it calls `conv2d` on channels-last views of the
-    input and kernel, which oneDNN runs without the two layout copies Keras'
-    generic path makes per call; "same" padding is TensorFlow's (extra row and
-    column at the end when the total is odd), padded explicitly then."""
+    and weights, run on the backend's faster path where it has one
+    (`keras_diffusion.backend.conv2d`)."""
 
     def call(self, x):
-        if not _on_torch() or self.data_format != "channels_last" or self.groups != 1 or max(
-            self.dilation_rate
-        ) != 1:
-            return super().call(x)
-        import torch.nn.functional as F
-
-        pads = [0, 0, 0, 0]
-        if self.padding == "same":
-            for axis, (size, k, stride) in enumerate(zip(x.shape[1:3], self.kernel_size, self.strides)):
-                total = max((-(-size // stride) - 1) * stride + k - size, 0)
-                pads[2 - 2 * axis: 4 - 2 * axis] = [total // 2, total - total // 2]
-        x = x.permute(0, 3, 1, 2)
-        if pads[0] == pads[1] and pads[2] == pads[3]:
-            padding = (pads[2], pads[0])
-        else:
-            x, padding = F.pad(x, pads), 0
-        kernel = self.kernel.value.to(x.dtype).permute(3, 2, 0, 1)
-        bias = self.bias.value.to(x.dtype) if self.use_bias else None
-        y = F.conv2d(x, kernel, bias, self.strides, padding).permute(0, 2, 3, 1)
-        return self.activation(y) if self.activation is not None else y
+        y = backend.conv2d(self, x)
+        return super().call(x) if y is NotImplemented else y
 
 
-@keras.saving.register_keras_serializable(package="keras_diffusion")
+keras.saving.get_custom_objects().update({
+    "keras_diffusion>_GroupNormalization": _GroupNormalization,
+    "keras_diffusion>_Conv2D": _Conv2D,
+})
+
+
+@keras.saving.register_keras_serializable(package="keras_diffusion", name="SinusoidalEmbedding")
 class SinusoidalEmbedding(layers.Layer):
     """Sinusoidal embedding of scalar timesteps (Vaswani et al. 2017, sec. 3.5;
     Ho 2020 appendix B).
@@ -102,7 +79,7 @@ class SinusoidalEmbedding(layers.Layer):
     def __init__(self, dim, max_period=10000.0, **kwargs):
         kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
-        if not _is_int(dim) or dim < 2 or dim % 2:
+        if not is_integer(dim) or dim < 2 or dim % 2:
             raise ValueError(f"dim must be an even integer >= 2; got {dim!r}.")
         if not max_period > 1:
             raise ValueError(f"max_period must be > 1; got {max_period!r}.")
@@ -128,7 +105,7 @@ class SinusoidalEmbedding(layers.Layer):
         return config
 
 
-@keras.saving.register_keras_serializable(package="keras_diffusion")
+@keras.saving.register_keras_serializable(package="keras_diffusion", name="ResidualBlock")
 class ResidualBlock(layers.Layer):
     """A residual block conditioned on an embedding (Ho 2020 appendix B, the
     `ResnetBlock2D` of diffusers).
@@ -199,7 +176,7 @@ class ResidualBlock(layers.Layer):
         return config
 
 
-@keras.saving.register_keras_serializable(package="keras_diffusion")
+@keras.saving.register_keras_serializable(package="keras_diffusion", name="AttentionBlock")
 class AttentionBlock(layers.Layer):
     """Self-attention over the H*W positions of a feature map, with a
     residual connection (Ho 2020 appendix B; diffusers' `Attention` with
@@ -249,10 +226,7 @@ class AttentionBlock(layers.Layer):
         q, k, v = ops.split(ops.reshape(qkv, (-1, positions, 3 * channels)), 3, axis=-1)
         shape = (-1, positions, self.heads, head_dim)
         q, k, v = (ops.reshape(a, shape) for a in (q, k, v))
-        if keras.backend.backend() == "jax":
-            h = _attention(q, k, v)
-        else:
-            h = ops.dot_product_attention(q, k, v)
+        h = backend.attention(q, k, v)
         h = ops.reshape(h, (-1, height, width, channels))
         return x + self.output_projection(h)
 
@@ -265,30 +239,18 @@ class AttentionBlock(layers.Layer):
         return config
 
 
-def _attention(q, k, v):
-    """softmax(q k^T / sqrt(d)) v with `(B, N, heads, d)` tensors. Used on JAX,
-    where it ran faster than `ops.dot_product_attention` on CPU and where that
-    op asks for float16 x float16 -> float32 products, which XLA's CPU
-    backend lacks. Logits and softmax are computed in float32."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = ops.einsum("bqhd,bkhd->bhqk", ops.cast(q, "float32"), ops.cast(k, "float32"))
-    weights = ops.cast(ops.softmax(logits * scale, axis=-1), v.dtype)
-    return ops.einsum("bhqk,bkhd->bqhd", weights, v)
-
-
 def _check_unet_args(
     image_shape, widths, blocks_per_level, attention_levels, dropout,
     num_classes, groups, embedding_dim, attention_heads,
 ):
-    if len(image_shape) != 3 or not all(_is_int(d) and d > 0 for d in image_shape):
+    if len(image_shape) != 3 or not all(is_integer(d) and d > 0 for d in image_shape):
         raise ValueError(
             "image_shape must be (height, width, channels) with positive integers; "
             f"got {image_shape!r}."
         )
-    if not widths or not all(_is_int(w) and w > 0 for w in widths):
+    if not widths or not all(is_integer(w) and w > 0 for w in widths):
         raise ValueError(f"widths must be a non-empty sequence of positive integers; got {widths!r}.")
-    if not _is_int(groups) or groups < 1:
-        raise ValueError(f"groups must be a positive integer; got {groups!r}.")
+    check_integer("groups", groups)
     if any(w % groups for w in widths):
         raise ValueError(
             f"every entry of widths must be divisible by groups={groups}; got widths={widths!r}."
@@ -306,9 +268,8 @@ def _check_unet_args(
             f"one halving per level after the first, for {len(widths)} levels); "
             f"got image_shape={image_shape!r}, i.e. {height}x{width}."
         )
-    if not _is_int(blocks_per_level) or blocks_per_level < 1:
-        raise ValueError(f"blocks_per_level must be a positive integer; got {blocks_per_level!r}.")
-    bad_levels = [lv for lv in attention_levels if not _is_int(lv) or not 0 <= lv < len(widths)]
+    check_integer("blocks_per_level", blocks_per_level)
+    bad_levels = [lv for lv in attention_levels if not is_integer(lv) or not 0 <= lv < len(widths)]
     if bad_levels:
         raise ValueError(
             f"attention_levels must be level indices from 0 to {len(widths) - 1} "
@@ -316,12 +277,9 @@ def _check_unet_args(
         )
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1); got {dropout!r}.")
-    if num_classes is not None and (not _is_int(num_classes) or num_classes < 1):
-        raise ValueError(f"num_classes must be None or a positive integer; got {num_classes!r}.")
-    if embedding_dim is not None and (not _is_int(embedding_dim) or embedding_dim < 1):
-        raise ValueError(f"embedding_dim must be None or a positive integer; got {embedding_dim!r}.")
-    if not _is_int(attention_heads) or attention_heads < 1:
-        raise ValueError(f"attention_heads must be a positive integer; got {attention_heads!r}.")
+    check_integer("num_classes", num_classes, allow_none=True)
+    check_integer("embedding_dim", embedding_dim, allow_none=True)
+    check_integer("attention_heads", attention_heads)
     # The middle block always attends, at widths[-1].
     for level in set(attention_levels) | {len(widths) - 1}:
         if widths[level] % attention_heads:
@@ -332,7 +290,7 @@ def _check_unet_args(
             )
 
 
-@keras.saving.register_keras_serializable(package="keras_diffusion")
+@keras.saving.register_keras_serializable(package="keras_diffusion", name="UNet")
 class UNet(keras.Model):
     """A DDPM-style UNet (Ho 2020 appendix B; the shape of diffusers'
     `UNet2DModel`), optionally class-conditional.

@@ -13,24 +13,44 @@ loop body free of random state and the result identical whether the loop is
 compiled or not.
 """
 
+import dataclasses
+from types import MappingProxyType
+from typing import Callable
+
 import numpy as np
 from keras import ops
 from keras import random
 
+from keras_diffusion.checks import check_integer
 from keras_diffusion.schedule import check_steps
 
-SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_sde")
-# Samplers that add fresh noise at every step (DDIM too when eta > 0).
-_STOCHASTIC = ("ddpm", "dpmpp_2m_sde")
-# Samplers that default to Karras sigmas: the multistep solvers lose much of
-# their accuracy on uniformly spaced timesteps, whose steps in lambda grow
-# sharply near t = 0 (measured in tests/test_fast_samplers.py).
-_KARRAS_BY_DEFAULT = ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde")
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """What the rest of the library asks of a sampler; one row of `SAMPLERS`.
+
+    Attributes:
+        loop: `loop(denoiser, schedule, x, step_noise, *, timesteps,
+            prediction, eta, clip_x0) -> x0`, the traceable sampling loop.
+        stochastic: adds fresh noise at every step, whatever `eta`.
+        karras: spaces its noise levels by Karras 2022 eq. 5 by default.
+        takes_eta: accepts the DDIM stochasticity `eta` (noise when > 0).
+    """
+
+    loop: Callable
+    stochastic: bool
+    karras: bool
+    takes_eta: bool
+
+    def needs_noise(self, eta):
+        """Whether a run with this `eta` draws per-step noise."""
+        return self.stochastic or (self.takes_eta and eta > 0)
 
 
 def check_sampler(sampler):
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}.")
+    return SAMPLERS[sampler]
 
 
 def sample(
@@ -86,64 +106,62 @@ def sample(
         The final clean-image estimate, `(B, H, W, C)` float32 in [-1, 1].
     """
     timesteps = plan_timesteps(
-        schedule, sampler, steps, eta, timestep_spacing, start_timestep, use_karras_sigmas
+        schedule, sampler, steps, eta=eta, spacing=timestep_spacing,
+        start_timestep=start_timestep, use_karras_sigmas=use_karras_sigmas,
     )
     x = ops.cast(ops.convert_to_tensor(noise), "float32")
-    step_noise = draw_step_noise(x.shape, sampler, len(timesteps), eta, seed)
+    step_noise = draw_step_noise(x.shape, sampler, len(timesteps), eta=eta, seed=seed)
     return run_sampler(
-        denoiser, schedule, x, timesteps, sampler, prediction, eta, clip_x0, step_noise
+        denoiser, schedule, x, step_noise, timesteps=timesteps, sampler=sampler,
+        prediction=prediction, eta=eta, clip_x0=clip_x0,
     )
 
 
 def plan_timesteps(
-    schedule, sampler, steps, eta=0.0, spacing="linspace", start_timestep=None,
+    schedule, sampler, steps, *, eta=0.0, spacing="linspace", start_timestep=None,
     use_karras_sigmas=None,
 ):
     """Validate sampler arguments and return the descending timesteps to run
     (see `sample` for the arguments)."""
-    check_sampler(sampler)
+    spec = check_sampler(sampler)
     check_steps(steps, schedule.timesteps)
     if eta < 0:
         raise ValueError(f"eta must be >= 0; got {eta!r}.")
-    if eta and sampler not in ("ddim", "ddpm"):
+    if eta and not spec.takes_eta:
         raise ValueError(
             f"eta is a DDIM option; sampler {sampler!r} takes none (got eta={eta!r}). "
             "For a stochastic few-step sampler use 'dpmpp_2m_sde'."
         )
     if use_karras_sigmas is None:
-        use_karras_sigmas = sampler in _KARRAS_BY_DEFAULT
+        use_karras_sigmas = spec.karras
     timesteps = schedule.sampling_timesteps(steps, spacing, use_karras_sigmas=use_karras_sigmas)
     if start_timestep is not None:
         timesteps = _timesteps_from(timesteps, start_timestep)
     return timesteps
 
 
-def draw_step_noise(shape, sampler, num_steps, eta, seed):
+def draw_step_noise(shape, sampler, num_steps, *, eta, seed):
     """All the noise a stochastic sampler adds, `(num_steps, *shape)`, or
     None for a deterministic one. Drawn up front so the loop stays traceable."""
-    if sampler not in _STOCHASTIC and not (sampler == "ddim" and eta > 0):
+    if not SAMPLERS[sampler].needs_noise(eta):
         return None
     return random.normal((num_steps,) + tuple(shape), seed=seed, dtype="float32")
 
 
-def run_sampler(denoiser, schedule, x, timesteps, sampler, prediction, eta, clip_x0, step_noise):
+def run_sampler(denoiser, schedule, x, step_noise=None, *, timesteps, sampler, prediction,
+                eta=0.0, clip_x0=True):
     """The sampling loop itself, free of validation and randomness: safe to
-    trace inside `jax.jit` or `tf.function`."""
-    timesteps = np.asarray(timesteps, dtype=np.int32)
-    if step_noise is None and (sampler in _STOCHASTIC or (sampler == "ddim" and eta > 0)):
+    trace inside `jax.jit` or `tf.function`. `step_noise` is what
+    `draw_step_noise` drew (None for a deterministic run)."""
+    spec = SAMPLERS[sampler]
+    if not spec.needs_noise(eta):
+        step_noise = None
+    elif step_noise is None:
         raise ValueError(f"sampler {sampler!r} needs step_noise; draw it with draw_step_noise.")
-    if sampler in ("euler", "heun"):
-        loop = _euler_loop if sampler == "euler" else _heun_loop
-        return loop(denoiser, schedule, x, timesteps, prediction, clip_x0)
-    if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
-        return _dpmpp_2m_loop(
-            denoiser, schedule, x, timesteps, prediction, clip_x0,
-            step_noise if sampler == "dpmpp_2m_sde" else None,
-        )
-    if sampler == "ddpm":
-        # Ancestral sampling is DDIM with eta = 1 (Song 2021, section 4.1).
-        eta = 1.0
-    return _ddim_loop(denoiser, schedule, x, timesteps, prediction, eta, clip_x0, step_noise)
+    return spec.loop(
+        denoiser, schedule, x, step_noise, timesteps=np.asarray(timesteps, dtype=np.int32),
+        prediction=prediction, eta=eta, clip_x0=clip_x0,
+    )
 
 
 def _timesteps_from(timesteps, start_timestep):
@@ -153,7 +171,7 @@ def _timesteps_from(timesteps, start_timestep):
     return np.concatenate([[start_timestep], lower]).astype(np.int32)
 
 
-def run_ddim_from(denoiser, schedule, x, start_timestep, plan, prediction, clip_x0=True):
+def run_ddim_from(denoiser, schedule, x, start_timestep, *, plan, prediction, clip_x0=True):
     """Deterministic DDIM from `x` at `start_timestep`, an int32 scalar
     *tensor*: a noise level known only at run time, as in an exported
     model's `denoise`. `plan(t)` gives the descending timesteps (numpy)
@@ -169,50 +187,61 @@ def run_ddim_from(denoiser, schedule, x, start_timestep, plan, prediction, clip_
     timesteps = ops.take(ops.convert_to_tensor(table), start, axis=0)
     num_steps = ops.take(ops.convert_to_tensor([len(p) for p in plans], dtype="int32"), start)
     return _ddim_loop(
-        denoiser, schedule, x, timesteps, prediction, 0.0, clip_x0, None, num_steps=num_steps
+        denoiser, schedule, x, None, timesteps=timesteps, prediction=prediction, eta=0.0,
+        clip_x0=clip_x0, num_steps=num_steps,
     )
 
 
-def _ddim_loop(denoiser, schedule, x, timesteps, prediction, eta, clip_x0, step_noise,
+def _ddim_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta, clip_x0,
                num_steps=None):
-    """Generalised DDIM update (Song 2021 eq. 12 with sigma from eq. 16):
-
-    x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
-    sigma  = eta sqrt((1 - a_prev) / (1 - a)) sqrt(1 - a / a_prev).
-
-    With eta = 1 this is the DDPM posterior q(x_prev | x_t, x0) with the
-    "fixed small" variance, for any subsequence of timesteps.
+    """Generalised DDIM (Song 2021 eq. 12), one `_ddim_step` per timestep;
+    `step_noise` None for the deterministic run (eta = 0).
 
     `timesteps` may be an int32 tensor of which only the first `num_steps`
     (a tensor too) are run; see `run_ddim_from`.
     """
-    batch = ops.shape(x)[0]  # a tensor when the batch size is unknown (export)
     ts = ops.convert_to_tensor(timesteps, dtype="int32")
     ts_prev = ops.concatenate([ts[1:], ops.full((1,), -1, dtype="int32")])
 
     def body(i, x):
-        t = ops.take(ts, i)
-        t_prev = ops.take(ts_prev, i)
-        t_batch = ops.full((batch,), t, dtype="int32")
-        output = denoiser(x, t_batch)
-        x0 = schedule.predict_x0(x, output, t_batch, prediction)
-        if clip_x0:
-            x0 = ops.clip(x0, -1.0, 1.0)
-        eps = schedule.predict_epsilon(x, x0, t_batch, "x0")
-        a = schedule.alpha_bar(t)
-        a_prev = schedule.alpha_bar(t_prev)
-        x_prev = ops.sqrt(a_prev) * x0
-        if step_noise is None:
-            return x_prev + ops.sqrt(1.0 - a_prev) * eps
-        sigma = eta * ops.sqrt((1.0 - a_prev) / (1.0 - a) * (1.0 - a / a_prev))
-        direction = ops.sqrt(ops.maximum(1.0 - a_prev - sigma**2, 0.0))
-        return x_prev + direction * eps + sigma * ops.take(step_noise, i, axis=0)
+        z = None if step_noise is None else ops.take(step_noise, i, axis=0)
+        return _ddim_step(denoiser, schedule, x, ops.take(ts, i), ops.take(ts_prev, i),
+                          prediction=prediction, eta=eta, clip_x0=clip_x0, z=z)
 
     x = ops.fori_loop(0, len(timesteps) if num_steps is None else num_steps, body, x)
     return ops.clip(x, -1.0, 1.0)
 
 
-def _predict_x0(denoiser, schedule, x, t, prediction, clip_x0):
+def _ancestral_loop(denoiser, schedule, x, step_noise, **options):
+    """DDPM's ancestral sampling (Ho 2020 algorithm 2) is DDIM with eta = 1
+    (Song 2021, section 4.1), for any subsequence of timesteps."""
+    return _ddim_loop(denoiser, schedule, x, step_noise, **{**options, "eta": 1.0})
+
+
+def _ddim_step(denoiser, schedule, x, t, t_prev, *, prediction, eta, clip_x0, z):
+    """One generalised DDIM update between traced scalar timesteps (Song
+    2021 eq. 12 with sigma from eq. 16):
+
+    x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
+    sigma  = eta sqrt((1 - a_prev) / (1 - a)) sqrt(1 - a / a_prev).
+
+    With eta = 1 this is the DDPM posterior q(x_prev | x_t, x0) with the
+    "fixed small" variance. `z` None: the deterministic step (sigma = 0)."""
+    t_batch = ops.full((ops.shape(x)[0],), t, dtype="int32")
+    x0 = schedule.predict_x0(x, denoiser(x, t_batch), t_batch, prediction)
+    if clip_x0:
+        x0 = ops.clip(x0, -1.0, 1.0)
+    eps = schedule.predict_epsilon(x, x0, t_batch, "x0")
+    a, a_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
+    x_prev = ops.sqrt(a_prev) * x0
+    if z is None:
+        return x_prev + ops.sqrt(1.0 - a_prev) * eps
+    sigma = eta * ops.sqrt((1.0 - a_prev) / (1.0 - a) * (1.0 - a / a_prev))
+    direction = ops.sqrt(ops.maximum(1.0 - a_prev - sigma**2, 0.0))
+    return x_prev + direction * eps + sigma * z
+
+
+def _predict_x0(denoiser, schedule, x, t, *, prediction, clip_x0):
     """The clean-image estimate at scalar timestep `t` (a traced int32)."""
     t_batch = ops.full((ops.shape(x)[0],), t, dtype="int32")
     x0 = schedule.predict_x0(x, denoiser(x, t_batch), t_batch, prediction)
@@ -223,7 +252,7 @@ def _table(values, dtype="float32"):
     return ops.convert_to_tensor(np.asarray(values).astype(dtype))
 
 
-def _euler_loop(denoiser, schedule, x, timesteps, prediction, clip_x0):
+def _euler_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta, clip_x0):
     """Euler steps of the probability-flow ODE in sigma space (Karras 2022
     algorithm 1 without the Heun correction): with y = x_t / sqrt(a) and
     d = (y - x0) / sigma (eq. 3 for sigma(t) = t), y_next = y + (sigma_next - sigma) d.
@@ -235,14 +264,15 @@ def _euler_loop(denoiser, schedule, x, timesteps, prediction, clip_x0):
 
     def body(i, y):
         sigma = ops.take(s, i)
-        x0 = _predict_x0(denoiser, schedule, y * ops.take(scale, i), ops.take(ts, i), prediction, clip_x0)
+        x0 = _predict_x0(denoiser, schedule, y * ops.take(scale, i), ops.take(ts, i),
+                         prediction=prediction, clip_x0=clip_x0)
         return y + (ops.take(s_next, i) - sigma) * (y - x0) / sigma
 
     y = ops.fori_loop(0, steps, body, x * float(np.sqrt(1.0 + sigmas[0] ** 2)))
     return ops.clip(y, -1.0, 1.0)
 
 
-def _heun_loop(denoiser, schedule, x, timesteps, prediction, clip_x0):
+def _heun_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta, clip_x0):
     """Heun's second-order method (Karras 2022 algorithm 1, deterministic):
     an Euler step to sigma_next, then the average of the slopes at both ends.
     Between the last noise level and sigma = 0 it takes the Euler step (the
@@ -253,9 +283,8 @@ def _heun_loop(denoiser, schedule, x, timesteps, prediction, clip_x0):
     scale = _table(1.0 / np.sqrt(1.0 + sigmas**2))
 
     def x0_at(y, i):
-        return _predict_x0(
-            denoiser, schedule, y * ops.take(scale, i), ops.take(ts, i), prediction, clip_x0
-        )
+        return _predict_x0(denoiser, schedule, y * ops.take(scale, i), ops.take(ts, i),
+                           prediction=prediction, clip_x0=clip_x0)
 
     def body(i, y):
         sigma, sigma_next = ops.take(s, i), ops.take(s, i + 1)
@@ -302,7 +331,7 @@ def _dpmpp_2m_tables(schedule, timesteps, sde):
     return [_table(v) for v in (ratio, gain, 1.0 - w_prev, w_prev, noise_std)]
 
 
-def _dpmpp_2m_loop(denoiser, schedule, x, timesteps, prediction, clip_x0, step_noise):
+def _dpmpp_2m_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta, clip_x0):
     """DPM-Solver++(2M) (Lu 2022b): a multistep exponential integrator on
     the data prediction; the previous x0 estimate rides in the loop state.
     With `step_noise` it is the SDE variant, drawing z from it."""
@@ -313,7 +342,8 @@ def _dpmpp_2m_loop(denoiser, schedule, x, timesteps, prediction, clip_x0, step_n
 
     def body(i, state):
         x, x0_prev = state
-        x0 = _predict_x0(denoiser, schedule, x, ops.take(ts, i), prediction, clip_x0)
+        x0 = _predict_x0(denoiser, schedule, x, ops.take(ts, i), prediction=prediction,
+                         clip_x0=clip_x0)
         estimate = ops.take(w_now, i) * x0 + ops.take(w_prev, i) * x0_prev
         x_next = ops.take(ratio, i) * x + ops.take(gain, i) * estimate
         if step_noise is not None:
@@ -322,6 +352,21 @@ def _dpmpp_2m_loop(denoiser, schedule, x, timesteps, prediction, clip_x0, step_n
 
     x, _ = ops.fori_loop(0, len(timesteps), body, (x, ops.zeros_like(x)))
     return ops.clip(x, -1.0, 1.0)
+
+
+# The table every question about a sampler is answered from. The multistep
+# solvers default to Karras sigmas: on uniformly spaced timesteps their steps
+# in lambda grow sharply near t = 0 and they lose much of their accuracy
+# (measured in tests/test_fast_samplers.py). `ddpm` accepts eta and ignores
+# it: ancestral sampling is eta = 1.
+SAMPLERS = MappingProxyType({
+    "ddpm": Sampler(_ancestral_loop, stochastic=True, karras=False, takes_eta=True),
+    "ddim": Sampler(_ddim_loop, stochastic=False, karras=False, takes_eta=True),
+    "euler": Sampler(_euler_loop, stochastic=False, karras=True, takes_eta=False),
+    "heun": Sampler(_heun_loop, stochastic=False, karras=True, takes_eta=False),
+    "dpmpp_2m": Sampler(_dpmpp_2m_loop, stochastic=False, karras=True, takes_eta=False),
+    "dpmpp_2m_sde": Sampler(_dpmpp_2m_loop, stochastic=True, karras=True, takes_eta=False),
+})
 
 
 # ----------------------------------------------------------------------------
@@ -349,9 +394,8 @@ def repaint_timesteps(timesteps, jump_length=10, resamples=10):
     back up `jump_length` steps, `resamples - 1` times, so it makes about
     `len(timesteps) * resamples` reverse steps; `resamples=1` is plain sampling.
     """
-    for name, value in (("jump_length", jump_length), ("resamples", resamples)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    check_integer("jump_length", jump_length)
+    check_integer("resamples", resamples)
     n = len(timesteps)
     levels = np.append(np.asarray(timesteps, dtype=np.int32)[::-1], -1)  # index -1 -> -1
     jumps = {k: resamples - 1 for k in range(0, n - jump_length, jump_length)}
@@ -368,7 +412,7 @@ def repaint_timesteps(timesteps, jump_length=10, resamples=10):
     return path[:-1].copy(), path[1:].copy()
 
 
-def repaint(denoiser, schedule, x, known, mask, t_from, t_to, jump_noise, step_noise,
+def repaint(denoiser, schedule, x, known, mask, jump_noise, step_noise, *, t_from, t_to,
             prediction, eta=1.0, clip_x0=True):
     """Inpaint by RePaint (Lugmayr 2022, algorithm 1) from `x` at `t_from[0]`.
 
@@ -405,7 +449,8 @@ def repaint(denoiser, schedule, x, known, mask, t_from, t_to, jump_noise, step_n
         z = ops.take(step_noise, i, axis=0)
         # A zero-step jump is exact: a / a == 1, so x is kept as it is.
         x = schedule.renoise(x, ops.take(jump_noise, i, axis=0), ops.take(starts, i), t)
-        x_prev = _ddim_step(denoiser, schedule, x, t, t_prev, prediction, eta, clip_x0, z)
+        x_prev = _ddim_step(denoiser, schedule, x, t, t_prev, prediction=prediction, eta=eta,
+                            clip_x0=clip_x0, z=z)
         known_prev = schedule.add_noise(known, z, ops.full((batch,), t_prev, dtype="int32"))
         return mask * known_prev + (1.0 - mask) * x_prev
 
@@ -426,7 +471,7 @@ def _repaint_steps(t_from, t_to):
     return np.array(starts, np.int32), np.array(ts, np.int32), np.array(ts_prev, np.int32)
 
 
-def ddim_invert(denoiser, schedule, x0, timesteps, prediction):
+def ddim_invert(denoiser, schedule, x0, *, timesteps, prediction):
     """Deterministic DDIM run backwards (Song 2021 section 4.3): climb from
     the clean `x0` up the descending sampling `timesteps` to the x_T that
     DDIM with eta = 0 maps back to (about) `x0`.
@@ -449,16 +494,3 @@ def ddim_invert(denoiser, schedule, x0, timesteps, prediction):
 
     return ops.fori_loop(0, len(ascending), body, x0)
 
-
-def _ddim_step(denoiser, schedule, x, t, t_prev, prediction, eta, clip_x0, z):
-    """One generalised DDIM update between traced scalar timesteps, the
-    update of `_ddim_loop` (Song 2021 eq. 12 and 16)."""
-    t_batch = ops.full((ops.shape(x)[0],), t, dtype="int32")
-    x0 = schedule.predict_x0(x, denoiser(x, t_batch), t_batch, prediction)
-    if clip_x0:
-        x0 = ops.clip(x0, -1.0, 1.0)
-    eps = schedule.predict_epsilon(x, x0, t_batch, "x0")
-    a, a_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
-    sigma = eta * ops.sqrt((1.0 - a_prev) / (1.0 - a) * (1.0 - a / a_prev))
-    direction = ops.sqrt(ops.maximum(1.0 - a_prev - sigma**2, 0.0))
-    return ops.sqrt(a_prev) * x0 + direction * eps + sigma * z

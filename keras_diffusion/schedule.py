@@ -12,6 +12,9 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_diffusion.checks import check_integer
+from keras_diffusion.checks import is_integer
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v", "x0")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -43,7 +46,7 @@ def _betas(beta_schedule, timesteps, beta_start, beta_end):
     return betas.astype(np.float32)
 
 
-@keras.saving.register_keras_serializable(package="keras_diffusion")
+@keras.saving.register_keras_serializable(package="keras_diffusion", name="DiffusionSchedule")
 class DiffusionSchedule(keras.layers.Layer):
     """A discrete-time diffusion noise schedule.
 
@@ -83,8 +86,7 @@ class DiffusionSchedule(keras.layers.Layer):
                 f"beta_schedule must be one of {', '.join(BETA_SCHEDULES)}; "
                 f"got {beta_schedule!r}."
             )
-        if isinstance(timesteps, bool) or not isinstance(timesteps, (int, np.integer)) or timesteps < 2:
-            raise ValueError(f"timesteps must be an integer >= 2; got {timesteps!r}.")
+        check_integer("timesteps", timesteps, low=2)
         if not 0 < beta_start < beta_end < 1:
             raise ValueError(
                 "beta_start and beta_end must satisfy 0 < beta_start < beta_end < 1; "
@@ -137,7 +139,7 @@ class DiffusionSchedule(keras.layers.Layer):
 
         `"v"` is the velocity sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022,
         section 4)."""
-        _check_prediction(prediction)
+        check_prediction(prediction)
         if prediction == "epsilon":
             return ops.cast(noise, "float32")
         if prediction == "x0":
@@ -148,7 +150,7 @@ class DiffusionSchedule(keras.layers.Layer):
     def predict_x0(self, x_t, output, t, prediction):
         """Clean-image estimate from a network output (Ho 2020 eq. 15 for
         epsilon; x0 = sqrt(a) x_t - sqrt(1 - a) v for velocity)."""
-        _check_prediction(prediction)
+        check_prediction(prediction)
         x_t = ops.cast(x_t, "float32")
         output = ops.cast(output, "float32")
         if prediction == "x0":
@@ -160,7 +162,7 @@ class DiffusionSchedule(keras.layers.Layer):
 
     def predict_epsilon(self, x_t, output, t, prediction):
         """Noise estimate from a network output (inverse of eq. 4 given x0)."""
-        _check_prediction(prediction)
+        check_prediction(prediction)
         x_t = ops.cast(x_t, "float32")
         output = ops.cast(output, "float32")
         if prediction == "epsilon":
@@ -173,7 +175,7 @@ class DiffusionSchedule(keras.layers.Layer):
     def loss_weight(self, t, prediction, min_snr_gamma=None):
         """Per-example loss weight for min-SNR-gamma weighting (Hang et al.
         2023): min(SNR, gamma) expressed in the units of each target."""
-        _check_prediction(prediction)
+        check_prediction(prediction)
         if min_snr_gamma is None:
             return ops.ones_like(self.alpha_bar(t))
         snr = self.snr(t)
@@ -303,7 +305,7 @@ class DiffusionSchedule(keras.layers.Layer):
         return config
 
 
-def _check_prediction(prediction):
+def check_prediction(prediction):
     if prediction not in PREDICTION_TYPES:
         raise ValueError(
             f"prediction must be one of {', '.join(PREDICTION_TYPES)}; got {prediction!r}."
@@ -311,7 +313,7 @@ def _check_prediction(prediction):
 
 
 def check_steps(steps, timesteps):
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= timesteps:
+    if not is_integer(steps) or not 1 <= steps <= timesteps:
         raise ValueError(
             f"steps must be an integer from 1 to the schedule's timesteps ({timesteps}); got {steps!r}."
         )

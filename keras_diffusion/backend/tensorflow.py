@@ -1,3 +1,6 @@
+"""TensorFlow: train and test steps under `GradientTape` (averaging the
+replicas' gradients under `tf.distribute`), and graph-mode sampling."""
+
 import contextlib
 
 import tensorflow as tf

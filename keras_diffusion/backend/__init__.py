@@ -1,0 +1,60 @@
+"""Everything that differs between TensorFlow, JAX and PyTorch, one small
+module per backend (the way Keras keeps `keras/src/backend/<name>/`).
+
+Each module exposes `train_step`, `test_step` and `compile_function`, all
+calling the one backend-agnostic objective
+(`DiffusionModel.compute_diffusion_loss`), and may provide faster kernels
+for the network's layers:
+
+- `group_normalization(layer, x)` and `conv2d(layer, x)`: the layer's
+  function on the backend's fused kernel, or `NotImplemented` where the
+  layer's settings fall outside what the kernel covers;
+- `attention(q, k, v)`: softmax(q k^T / sqrt(d)) v for `(B, N, heads, d)`.
+
+The functions here pick the current backend's version or fall back to the
+generic `keras.ops` one. No other module branches on the backend.
+"""
+
+import functools
+import importlib
+
+import keras
+from keras import ops
+
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def current():
+    """The module of the running Keras backend."""
+    return _module(keras.backend.backend())
+
+
+@functools.cache
+def _module(name):
+    if name not in BACKENDS:
+        raise ValueError(
+            f"keras_diffusion supports the tensorflow, jax and torch backends; "
+            f"KERAS_BACKEND is {name!r}."
+        )
+    return importlib.import_module(f"keras_diffusion.backend.{name}")
+
+
+def group_normalization(layer, x):
+    """`layer(x)` for a `GroupNormalization` layer on a fused kernel, or
+    `NotImplemented` (the caller then runs Keras' own)."""
+    kernel = getattr(current(), "group_normalization", None)
+    return NotImplemented if kernel is None else kernel(layer, x)
+
+
+def conv2d(layer, x):
+    """`layer(x)` for a `Conv2D` layer on a faster path, or `NotImplemented`."""
+    kernel = getattr(current(), "conv2d", None)
+    return NotImplemented if kernel is None else kernel(layer, x)
+
+
+def attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v over `(B, N, heads, d)` tensors: the
+    backend's own version, else `keras.ops.dot_product_attention`, which uses
+    each backend's fused kernel and computes the softmax in float32."""
+    kernel = getattr(current(), "attention", None)
+    return ops.dot_product_attention(q, k, v) if kernel is None else kernel(q, k, v)

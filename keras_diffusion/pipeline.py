@@ -1,0 +1,277 @@
+"""The sampling pipeline: the one place that turns a model into a denoiser
+and runs sampling loops on it.
+
+It owns the image range at the API boundary ([0, 1] floats or uint8 outside,
+[-1, 1] inside), label checking and class names, classifier-free guidance,
+calling the network with the sampling (EMA) weights, the cache of compiled
+loops and batched runs. `DiffusionModel.generate`, `keras_diffusion.
+applications` and `keras_diffusion.export` all go through it.
+
+It works on any model that offers this protocol, and imports no model class:
+
+- `network`: a Keras model called as `network([x_t, t])`, or as
+  `network([x_t, t, labels])` when the model is class-conditional; the
+  pipeline runs it with `stateless_call`.
+- `schedule`: a `DiffusionSchedule`; `prediction`: what the network
+  predicts, `"epsilon"`, `"v"` or `"x0"`.
+- `sampling_weights`: the variables to sample with, matching
+  `network.trainable_variables` one for one (EMA weights, or the raw ones).
+- `num_classes`: the number of classes of a conditional network (label
+  `num_classes` is the null label of classifier-free guidance), or None;
+  `class_names`: a list of names for the classes, or None.
+- `image_shape`: `(H, W, C)` of what the samplers run on.
+
+A *loop* is a function `loop(denoiser, schedule, *inputs, prediction=...,
+**constants)` of pure `keras.ops` (the samplers and the restoration loops of
+`keras_diffusion.samplers`): `inputs` are tensors that may change from call
+to call, `constants` are Python values (numbers, strings, numpy arrays) that
+fix the traced program. `run_loop` compiles each loop once per set of
+constants; the cache key is built here from the loop and every constant it
+receives, so no caller can forget one.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_diffusion import backend
+from keras_diffusion import samplers
+from keras_diffusion.checks import check_integer
+
+
+# ----------------------------------------------------------------- ranges
+def to_model_range(images):
+    """[0, 1] floats or uint8 at the API boundary -> float32 in [-1, 1]."""
+    images = ops.convert_to_tensor(images)
+    if "int" in str(images.dtype):
+        images = ops.cast(images, "float32") / 255.0
+    return ops.cast(images, "float32") * 2.0 - 1.0
+
+
+def from_model_range(x):
+    """float32 in [-1, 1] -> numpy float32 in [0, 1]."""
+    return np.clip((ops.convert_to_numpy(x) + 1.0) / 2.0, 0.0, 1.0).astype("float32")
+
+
+def unit_range(x):
+    """[-1, 1] -> [0, 1], clipped, as a tensor: `from_model_range` inside a
+    traced function (an exported endpoint)."""
+    return ops.clip((x + 1.0) / 2.0, 0.0, 1.0)
+
+
+# ----------------------------------------------------- labels and guidance
+def check_guidance(model, guidance_scale):
+    """Classifier-free guidance needs a class-conditional model; a scale
+    below 0 means nothing."""
+    if model.num_classes is None:
+        if guidance_scale != 1.0:
+            raise ValueError(
+                f"guidance_scale={guidance_scale!r} needs a class-conditional model; "
+                "this model is unconditional, so leave guidance_scale at 1.0."
+            )
+    elif guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0; got {guidance_scale!r}.")
+
+
+def check_labels(model, labels, num_images, guidance_scale):
+    """The labels of a request as an int32 tensor `(num_images,)`, or None
+    for the null label. `labels` is None, one label for every image, or one
+    per image; a label is an index or, when the model has `class_names`, a
+    name (any case)."""
+    check_guidance(model, guidance_scale)
+    if model.num_classes is None:
+        if labels is not None:
+            raise ValueError(
+                "labels were given, but this model is unconditional (its network has no "
+                "num_classes); generate without labels."
+            )
+        return None
+    if labels is None:
+        return None
+    if isinstance(labels, (int, np.integer, str)):
+        labels = [labels] * num_images
+    labels = [_label_index(model, label) for label in labels]
+    if len(labels) != num_images:
+        raise ValueError(
+            f"labels must have one entry per image ({num_images}); got {len(labels)}."
+        )
+    return ops.convert_to_tensor(np.asarray(labels, dtype="int32"))
+
+
+def _label_index(model, label):
+    if isinstance(label, str) and not label.isdigit():
+        names = [name.lower() for name in (model.class_names or [])]
+        if label.lower() not in names:
+            accepted = ", ".join(model.class_names) if model.class_names else "integers only"
+            raise ValueError(f"unknown class name {label!r}; accepted: {accepted}.")
+        return names.index(label.lower())
+    index = int(label)
+    if not 0 <= index < model.num_classes:
+        raise ValueError(
+            f"label {label!r} is out of range; accepted: 0 to {model.num_classes - 1}."
+        )
+    return index
+
+
+# ---------------------------------------------------- the network, guided
+def sampling_state(model):
+    """`(weights, state)`: the values of the sampling weights and of the
+    network's non-trainable variables, as `stateless_call` takes them.
+    Inside an export trace they are the traced values."""
+    return (
+        [v.value for v in model.sampling_weights],
+        [v.value for v in model.network.non_trainable_variables],
+    )
+
+
+def network_function(model, weights, state):
+    """`inputs -> output` of the network with the given weight values."""
+
+    def network(inputs):
+        return model.network.stateless_call(weights, state, inputs, training=False)[0]
+
+    return network
+
+
+def denoiser(model, network, labels, guidance_scale):
+    """Wrap `network` as the `(x_t, t) -> output` denoiser the samplers take,
+    applying classifier-free guidance: uncond + w (cond - uncond) (Ho &
+    Salimans 2022 eq. 6, written so w = 0 is unconditional and w = 1
+    conditional). `labels` None: the null label. `guidance_scale` may be a
+    tensor (an exported endpoint's input)."""
+    if model.num_classes is None:
+        return lambda x, t: network([x, t])
+
+    def null_labels(x):
+        return ops.full((ops.shape(x)[0],), model.num_classes, dtype="int32")
+
+    fixed = not ops.is_tensor(guidance_scale)
+    if labels is None or (fixed and guidance_scale == 0):
+        return lambda x, t: network([x, t, null_labels(x)])
+    if fixed and guidance_scale == 1:
+        return lambda x, t: network([x, t, labels])
+
+    def guided(x, t):
+        both = network([
+            ops.concatenate([x, x], axis=0),
+            ops.concatenate([t, t], axis=0),
+            ops.concatenate([labels, null_labels(x)], axis=0),
+        ])
+        cond, uncond = ops.split(ops.cast(both, "float32"), 2, axis=0)
+        return uncond + guidance_scale * (cond - uncond)
+
+    return guided
+
+
+# ------------------------------------------------------- compiled runs
+def loop_function(model, loop, *, constants, guidance_scale):
+    """`run(weights, state, labels, *inputs)`: `loop` over the guided
+    network, uncompiled. `run_loop` compiles it; an export traces it."""
+
+    def run(weights, state, labels, *inputs):
+        guided = denoiser(model, network_function(model, weights, state), labels, guidance_scale)
+        return loop(guided, model.schedule, *inputs, prediction=model.prediction, **constants)
+
+    return run
+
+
+class _CompiledLoops:
+    """A model's compiled loops by key. Not a dict attribute: TensorFlow
+    would track a dict on the model and then refuse to save it."""
+
+    def __init__(self):
+        self.functions = {}
+
+
+def run_loop(model, loop, inputs, *, constants=None, labels=None, guidance_scale=1.0,
+             batch_size=None, batch_axes=None):
+    """Run `loop` compiled, with the sampling weights and guidance, in
+    batches of `batch_size` images.
+
+    Args:
+        model: a model of the protocol in this module's docstring.
+        loop: see this module's docstring.
+        inputs: tensors, or None for an absent one; float32.
+        constants: keyword arguments of `loop` that fix the program.
+        labels: int32 `(N,)` from `check_labels`, or None.
+        guidance_scale: classifier-free guidance weight.
+        batch_size: images per compiled call; None runs all at once.
+        batch_axes: the batch axis of each input (default 0 for all):
+            per-step noise `(steps, N, ...)` is split along axis 1.
+
+    Returns:
+        The loop's output for all N images, concatenated along axis 0.
+    """
+    constants = dict(constants or {})
+    key = (loop, _freeze(constants), float(guidance_scale), labels is None)
+    compiled = model.__dict__.setdefault("_compiled_loops", _CompiledLoops()).functions
+    if key not in compiled:
+        compiled[key] = backend.current().compile_function(
+            loop_function(model, loop, constants=constants, guidance_scale=guidance_scale)
+        )
+    function = compiled[key]
+    weights, state = sampling_state(model)
+    inputs = [None if x is None else ops.convert_to_tensor(x, dtype="float32") for x in inputs]
+    batch_axes = batch_axes or (0,) * len(inputs)
+    total = next(x.shape[axis] for x, axis in zip(inputs, batch_axes) if x is not None)
+    if not batch_size or batch_size >= total:
+        return function(weights, state, labels, *inputs)
+    outputs = []
+    for start in range(0, total, batch_size):
+        part = slice(start, start + batch_size)
+        parts = [None if x is None else x[(slice(None),) * axis + (part,)]
+                 for x, axis in zip(inputs, batch_axes)]
+        outputs.append(function(weights, state, None if labels is None else labels[part], *parts))
+    return ops.concatenate(outputs, axis=0)
+
+
+def _freeze(value):
+    """A hashable stand-in for a constant, equal exactly when the constant is."""
+    if isinstance(value, dict):
+        return tuple(sorted((name, _freeze(item)) for name, item in value.items()))
+    if isinstance(value, np.ndarray):
+        return ("array", str(value.dtype), value.shape, value.tobytes())
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(item) for item in value)
+    if isinstance(value, (bool, str, type(None))):
+        return value
+    if isinstance(value, (int, float, np.number)):
+        return float(value) if isinstance(value, (float, np.floating)) else int(value)
+    raise TypeError(
+        f"a loop constant must be a number, string, bool, None, numpy array, list or tuple; "
+        f"got {type(value).__name__}."
+    )
+
+
+def run_sampler(model, x, *, timesteps, sampler, eta=0.0, labels=None, guidance_scale=1.0,
+                step_noise=None, batch_size=None, clip_x0=True):
+    """Run a sampler from `x` (at `timesteps[0]`) over `timesteps`: x0 in
+    [-1, 1] as a tensor. `step_noise` as `samplers.draw_step_noise` draws it."""
+    return run_loop(
+        model, samplers.run_sampler, [x, step_noise],
+        constants=dict(timesteps=np.asarray(timesteps, dtype=np.int32), sampler=sampler,
+                       eta=float(eta), clip_x0=clip_x0),
+        labels=labels, guidance_scale=guidance_scale, batch_size=batch_size, batch_axes=(0, 1),
+    )
+
+
+def sample(model, num_images, *, steps=50, sampler="ddim", seed=None, labels=None,
+           guidance_scale=1.0, eta=0.0, timestep_spacing="linspace", batch_size=None,
+           use_karras_sigmas=None):
+    """`num_images` samples from pure noise, in the model's range [-1, 1];
+    the arguments are those of `DiffusionModel.generate`."""
+    check_integer("num_images", num_images)
+    labels = check_labels(model, labels, num_images, guidance_scale)
+    timesteps = samplers.plan_timesteps(
+        model.schedule, sampler, steps, eta=eta, spacing=timestep_spacing,
+        use_karras_sigmas=use_karras_sigmas,
+    )
+    noise = keras.random.normal((num_images,) + tuple(model.image_shape), seed=seed)
+    step_seed = None if seed is None else seed + 1
+    step_noise = samplers.draw_step_noise(
+        noise.shape, sampler, len(timesteps), eta=eta, seed=step_seed
+    )
+    return run_sampler(
+        model, noise, timesteps=timesteps, sampler=sampler, eta=eta, labels=labels,
+        guidance_scale=guidance_scale, step_noise=step_noise, batch_size=batch_size,
+    )
