@@ -158,8 +158,7 @@ def _export(args):
         _check_suffix(args.out, (".onnx",), "--out")
     _check_writable(args.out)
 
-    import keras
-
+    from keras_diffusion import backend
     from keras_diffusion.model import load_model
 
     model = load_model(args.model)
@@ -167,7 +166,7 @@ def _export(args):
         model.export(args.out, format="onnx", verbose=False)
         print(f"wrote predict_noise to {args.out}")
         return
-    if keras.backend.backend() == "torch":
+    if not backend.traces_saved_models():
         print("PyTorch cannot trace SavedModel endpoints: exporting under the TensorFlow backend")
     model.export(args.out, steps=args.steps, sampler=args.sampler, eta=args.eta,
                  denoise_steps=args.denoise_steps)

@@ -15,14 +15,13 @@ share of each batch; the gradients are averaged over the whole batch.
 """
 
 import contextlib
-import os
 
 import keras
 
+from keras_diffusion import backend
 from keras_diffusion.config import ConfigError
 
 DISTRIBUTE_OPTIONS = ("data_parallel",)
-_MULTI_HOST_JAX = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES")
 
 
 @contextlib.contextmanager
@@ -41,43 +40,13 @@ def distribution_scope(distribute):
         raise ConfigError(
             f"distribute must be one of {', '.join(DISTRIBUTE_OPTIONS)} or null; got {distribute!r}"
         )
-    backend = keras.backend.backend()
-    if backend == "jax":
-        with _jax_data_parallel() as replicas:
-            yield replicas
-    elif backend == "tensorflow":
-        strategy = _tf_strategy()
-        with strategy.scope():
-            yield strategy.num_replicas_in_sync
-    else:
+    data_parallel = backend.data_parallel()
+    if data_parallel is None:
         raise ConfigError(
-            f"distribute=data_parallel is not available on the {backend} backend: Keras 3 "
-            "distributes fit() only on JAX (keras.distribution.DataParallel) and TensorFlow "
-            "(tf.distribute.MirroredStrategy); use --backend jax or --backend tensorflow, or set "
-            "distribute to null to train on one device"
+            f"distribute=data_parallel is not available on the {keras.backend.backend()} "
+            "backend: Keras 3 distributes fit() only on JAX (keras.distribution.DataParallel) "
+            "and TensorFlow (tf.distribute.MirroredStrategy); use --backend jax or --backend "
+            "tensorflow, or set distribute to null to train on one device"
         )
-
-
-@contextlib.contextmanager
-def _jax_data_parallel():
-    if any(os.environ.get(name) for name in _MULTI_HOST_JAX):
-        import jax
-
-        if not getattr(jax.distributed, "is_initialized", lambda: False)():
-            keras.distribution.initialize()
-    previous = keras.distribution.distribution()
-    distribution = keras.distribution.DataParallel()
-    keras.distribution.set_distribution(distribution)
-    try:
-        yield len(distribution.device_mesh.devices.reshape(-1))
-    finally:
-        keras.distribution.set_distribution(previous)
-
-
-def _tf_strategy():
-    import tensorflow as tf
-
-    if os.environ.get("TF_CONFIG"):
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-    return tf.distribute.MirroredStrategy([device.name for device in devices])
+    with data_parallel() as replicas:
+        yield replicas

@@ -40,11 +40,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import warnings
 
 import keras
 from keras import ops
 
+from keras_diffusion import backend
 from keras_diffusion import pipeline
 from keras_diffusion import samplers
 from keras_diffusion.schedule import check_steps
@@ -114,7 +114,7 @@ def export_saved_model(
         model.schedule, sampler, steps, eta=eta, spacing=timestep_spacing
     )
     check_steps(denoise_steps, model.schedule.timesteps)
-    if keras.backend.backend() == "torch":
+    if not backend.traces_saved_models():
         return _export_under_tensorflow(model, path, options)
     import tensorflow as tf
 
@@ -124,7 +124,7 @@ def export_saved_model(
         model, timesteps=timesteps, sampler=sampler, eta=eta, denoise_steps=denoise_steps
     )
     for name, fn, signature in endpoints:
-        archive.add_endpoint(name, fn, signature, **_jax2tf_options(signature))
+        archive.add_endpoint(name, fn, signature, **backend.endpoint_options(signature))
     # Serving needs no gradients; tracing them would trace every loop again.
     no_gradients = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
     archive.write_out(os.fspath(path), options=no_gradients, verbose=verbose)
@@ -221,21 +221,7 @@ def _network(model):
     return pipeline.network_function(model, *pipeline.sampling_state(model))
 
 
-def _jax2tf_options(signature):
-    """Under JAX, name every free dimension `batch`, so that inputs such as
-    `noise` (B, ...) and `step_noise` (steps, B, ...) share one batch size,
-    and leave gradients out: serving needs none, and `denoise`'s loop, whose
-    length is an input, has no reverse-mode derivative in JAX."""
-    if keras.backend.backend() != "jax":
-        return {}
-    shapes = [
-        "(" + ", ".join("batch" if d is None else str(d) for d in spec.shape) + ")"
-        for spec in signature
-    ]
-    return {"jax2tf_kwargs": {"polymorphic_shapes": shapes, "with_gradient": False}}
-
-
-# ------------------------------------------------------ PyTorch: via TF
+# ------------------------------------------- PyTorch: through TensorFlow
 def _export_under_tensorflow(model, path, options):
     """Save `model` to a temporary `.keras` file and export it from a Python
     subprocess running the TensorFlow backend."""
@@ -271,12 +257,7 @@ def export_onnx(model, path, *, verbose=None, input_signature=None, **kwargs):
     predictor = _NoisePredictor(model)
     if input_signature is None:
         input_signature = [_predictor_inputs(model)]
-    with warnings.catch_warnings():
-        if keras.backend.backend() == "torch":
-            import torch
-
-            # The trace fixes Python-level checks on static shapes; that is intended.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+    with backend.onnx_export_context():
         predictor.export(os.fspath(path), format="onnx", verbose=verbose,
                          input_signature=input_signature, **kwargs)
 

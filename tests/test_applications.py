@@ -170,9 +170,11 @@ def test_repaint_without_resampling_or_known_pixels_is_ancestral_sampling():
     x, step_noise = ops.convert_to_tensor(noise[0]), ops.convert_to_tensor(noise[1:11])
     zeros = np.zeros_like(noise[0])
     out = samplers.repaint(
-        denoiser, schedule, x, zeros, zeros, t_from, t_to, noise[11:], step_noise, "epsilon"
+        denoiser, schedule, x, zeros, zeros, noise[11:], step_noise, t_from=t_from, t_to=t_to,
+        prediction="epsilon",
     )
-    ref = samplers.run_sampler(denoiser, schedule, x, timesteps, "ddpm", "epsilon", 1.0, True, step_noise)
+    ref = samplers.run_sampler(denoiser, schedule, x, step_noise, timesteps=timesteps,
+                               sampler="ddpm", prediction="epsilon")
     np.testing.assert_allclose(ops.convert_to_numpy(out), ops.convert_to_numpy(ref), atol=1e-5)
 
 

@@ -108,8 +108,9 @@ def test_dpmpp_2m_sde_matches_diffusers():
     step_noise = np.cos(np.arange(8)[None] * 1.7 + np.arange(10)[:, None]).astype("float32")
     out = samplers.run_sampler(
         gaussian_denoiser(schedule), schedule, ops.convert_to_tensor(noise),
-        schedule.sampling_timesteps(10, "leading"), "dpmpp_2m_sde", "epsilon", 0.0, False,
         ops.convert_to_tensor(step_noise.reshape(10, 2, 2, 2, 1)),
+        timesteps=schedule.sampling_timesteps(10, "leading"), sampler="dpmpp_2m_sde",
+        prediction="epsilon", clip_x0=False,
     )
     np.testing.assert_allclose(ops.convert_to_numpy(out).ravel(), expected, atol=1e-5)
 

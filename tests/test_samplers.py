@@ -166,10 +166,11 @@ def test_ddim_from_a_start_known_only_at_run_time():
 
     for start in (0, 2, 37, 99):
         expected = samplers.run_sampler(
-            denoiser, schedule, x, plan(start), "ddim", "epsilon", 0.0, True, None
+            denoiser, schedule, x, timesteps=plan(start), sampler="ddim", prediction="epsilon"
         )
         got = samplers.run_ddim_from(
-            denoiser, schedule, x, ops.convert_to_tensor(start, "int32"), plan, "epsilon"
+            denoiser, schedule, x, ops.convert_to_tensor(start, "int32"), plan=plan,
+            prediction="epsilon"
         )
         np.testing.assert_allclose(ops.convert_to_numpy(got), ops.convert_to_numpy(expected),
                                    atol=1e-6)

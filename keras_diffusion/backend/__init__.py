@@ -9,12 +9,16 @@ for the network's layers:
 - `group_normalization(layer, x)` and `conv2d(layer, x)`: the layer's
   function on the backend's fused kernel, or `NotImplemented` where the
   layer's settings fall outside what the kernel covers;
-- `attention(q, k, v)`: softmax(q k^T / sqrt(d)) v for `(B, N, heads, d)`.
+- `attention(q, k, v)`: softmax(q k^T / sqrt(d)) v for `(B, N, heads, d)`;
+
+and what export and distribution need to know: `endpoint_options`,
+`TRACES_SAVED_MODELS`, `onnx_export_context` and `data_parallel`.
 
 The functions here pick the current backend's version or fall back to the
 generic `keras.ops` one. No other module branches on the backend.
 """
 
+import contextlib
 import functools
 import importlib
 
@@ -58,3 +62,30 @@ def attention(q, k, v):
     each backend's fused kernel and computes the softmax in float32."""
     kernel = getattr(current(), "attention", None)
     return ops.dot_product_attention(q, k, v) if kernel is None else kernel(q, k, v)
+
+
+# ------------------------------------------------------- export, distribution
+def traces_saved_models():
+    """Whether `keras.export.ExportArchive` can trace the sampling endpoints
+    into a SavedModel under this backend (PyTorch cannot)."""
+    return getattr(current(), "TRACES_SAVED_MODELS", True)
+
+
+def endpoint_options(signature):
+    """Extra keyword arguments of `ExportArchive.add_endpoint` for an
+    endpoint of this input signature."""
+    options = getattr(current(), "endpoint_options", None)
+    return {} if options is None else options(signature)
+
+
+def onnx_export_context():
+    """A context to run Keras' ONNX export in (silencing the backend's
+    expected tracing warnings)."""
+    context = getattr(current(), "onnx_export_context", None)
+    return contextlib.nullcontext() if context is None else context()
+
+
+def data_parallel():
+    """A context manager that makes `fit` split each batch over the local
+    devices, yielding their number; None where Keras cannot (PyTorch)."""
+    return getattr(current(), "data_parallel", None)

@@ -3,9 +3,12 @@ objective runs inside a `StatelessScope` that maps each variable to its
 value in that state, and the new values are read back out of the scope.
 Also the attention the network uses under JAX."""
 
+import contextlib
 import math
+import os
 
 import jax
+import keras
 from keras import StatelessScope
 from keras import ops
 
@@ -80,3 +83,34 @@ def attention(q, k, v):
     logits = ops.einsum("bqhd,bkhd->bhqk", ops.cast(q, "float32"), ops.cast(k, "float32"))
     weights = ops.cast(ops.softmax(logits * scale, axis=-1), v.dtype)
     return ops.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def endpoint_options(signature):
+    """Name every free dimension `batch`, so that inputs such as `noise`
+    (B, ...) and `step_noise` (steps, B, ...) share one batch size, and leave
+    gradients out: serving needs none, and `denoise`'s loop, whose length is
+    an input, has no reverse-mode derivative in JAX."""
+    shapes = [
+        "(" + ", ".join("batch" if d is None else str(d) for d in spec.shape) + ")"
+        for spec in signature
+    ]
+    return {"jax2tf_kwargs": {"polymorphic_shapes": shapes, "with_gradient": False}}
+
+
+_MULTI_HOST = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES")
+
+
+@contextlib.contextmanager
+def data_parallel():
+    """`keras.distribution.DataParallel` over every device (of every host,
+    when Keras' multi-host variables are set)."""
+    if any(os.environ.get(name) for name in _MULTI_HOST):
+        if not getattr(jax.distributed, "is_initialized", lambda: False)():
+            keras.distribution.initialize()
+    previous = keras.distribution.distribution()
+    distribution = keras.distribution.DataParallel()
+    keras.distribution.set_distribution(distribution)
+    try:
+        yield len(distribution.device_mesh.devices.reshape(-1))
+    finally:
+        keras.distribution.set_distribution(previous)

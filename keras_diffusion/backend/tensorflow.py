@@ -2,6 +2,7 @@
 replicas' gradients under `tf.distribute`), and graph-mode sampling."""
 
 import contextlib
+import os
 
 import tensorflow as tf
 
@@ -58,3 +59,16 @@ def compile_function(fn):
     # Plain graph mode: on CPU, TF without XLA ran this UNet faster than with it.
     # No autograph: the loops are keras.ops.fori_loop, already graph ops.
     return tf.function(fn, reduce_retracing=True, autograph=False)
+
+
+@contextlib.contextmanager
+def data_parallel():
+    """`tf.distribute.MirroredStrategy` over the local GPUs (else the CPUs),
+    or `MultiWorkerMirroredStrategy` when `TF_CONFIG` names several hosts."""
+    if os.environ.get("TF_CONFIG"):
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    else:
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        strategy = tf.distribute.MirroredStrategy([device.name for device in devices])
+    with strategy.scope():
+        yield strategy.num_replicas_in_sync

@@ -1,10 +1,16 @@
 """PyTorch: eager train and test steps, `no_grad` sampling, and channels-last
 kernels for the network's group normalisation and convolutions."""
 
+import contextlib
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
+
+# ExportArchive cannot trace PyTorch into a SavedModel; export.py then
+# re-exports under TensorFlow in a subprocess.
+TRACES_SAVED_MODELS = False
 
 
 
@@ -70,3 +76,11 @@ def conv2d(layer, x):
     bias = layer.bias.value.to(x.dtype) if layer.use_bias else None
     y = F.conv2d(x, kernel, bias, layer.strides, padding).permute(0, 2, 3, 1)
     return layer.activation(y) if layer.activation is not None else y
+
+
+@contextlib.contextmanager
+def onnx_export_context():
+    """The trace fixes Python-level checks on static shapes; that is intended."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
