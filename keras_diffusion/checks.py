@@ -27,3 +27,17 @@ def check_integer(name, value, *, low=1, allow_none=False, note=""):
     if allow_none:
         expected += " or None"
     raise ValueError(f"{name} must be {expected}{note}; got {value!r}.")
+
+
+def check_guidance(guidance_scale, num_classes):
+    """Classifier-free guidance (a scale other than 1) needs a
+    class-conditional model (`num_classes` not None); a scale below 0 means
+    nothing."""
+    if num_classes is None:
+        if guidance_scale != 1.0:
+            raise ValueError(
+                f"guidance_scale={guidance_scale!r} needs a class-conditional model; "
+                "this model is unconditional, so leave guidance_scale at 1.0."
+            )
+    elif guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0; got {guidance_scale!r}.")

@@ -32,9 +32,14 @@ def _common(parser):
 def _build_parser():
     parser = _Parser(prog="keras-diffusion", description="Train and sample diffusion models with Keras 3.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (help, add_arguments, _) in COMMANDS.items():
+        command = commands.add_parser(name, help=help)
+        _common(command)
+        add_arguments(command)
+    return parser
 
-    train = commands.add_parser("train", help="train a model from a YAML config")
-    _common(train)
+
+def _train_arguments(train):
     train.add_argument("--config", required=True, help="YAML config (see configs/)")
     train.add_argument("--data-dir", help="directory holding <dataset>.npz (offline use)")
     train.add_argument("--output", help="output directory (default: runs/<config name>)")
@@ -44,8 +49,8 @@ def _build_parser():
                        help="continue from OUTPUT/backup after a crash, or past training.epochs "
                             "(starts afresh when there is no backup)")
 
-    sample = commands.add_parser("sample", help="generate images from a trained model")
-    _common(sample)
+
+def _sample_arguments(sample):
     sample.add_argument("--model", required=True, help=".keras file")
     sample.add_argument("--num", type=int, default=16, help="number of images")
     sample.add_argument("--steps", type=int, default=50)
@@ -60,10 +65,8 @@ def _build_parser():
     sample.add_argument("--out", required=True, help="PNG grid to write")
     sample.add_argument("--npz", help="also write the images, in [0, 1], to this .npz")
 
-    export = commands.add_parser(
-        "export", help="export a trained model as a TensorFlow SavedModel (or ONNX)"
-    )
-    _common(export)
+
+def _export_arguments(export):
     export.add_argument("--model", required=True, help=".keras file")
     export.add_argument("--out", required=True,
                         help="SavedModel directory to write (a .onnx file with --format onnx)")
@@ -75,10 +78,9 @@ def _build_parser():
     export.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
     export.add_argument("--denoise-steps", type=int, default=10,
                         help="denoiser evaluations of the denoise endpoint")
-    evaluate = commands.add_parser(
-        "evaluate", help="score a model's samples with FID and KID against the test split"
-    )
-    _common(evaluate)
+
+
+def _evaluate_arguments(evaluate):
     evaluate.add_argument("--model", required=True, help=".keras file")
     evaluate.add_argument("--num", type=int, default=10000, help="samples to generate and score")
     evaluate.add_argument("--sampler", default="dpmpp_2m")
@@ -94,8 +96,6 @@ def _build_parser():
     evaluate.add_argument("--feature-net", help="a .weights.h5 from benchmarks/train_feature_net.py "
                                                 "(default: the built-in one for the dataset)")
     evaluate.add_argument("--json", help="also write the scores to this .json file")
-    _add_application_commands(commands)
-    return parser
 
 
 # ---------------------------------------------------------------- commands
@@ -211,17 +211,18 @@ def _evaluate(args):
         atomic_write(args.json, lambda temp: Path(temp).write_text(json.dumps(record, indent=2) + "\n"))
 
 
-COMMANDS = {"train": _train, "sample": _sample, "export": _export, "evaluate": _evaluate}
 
 
-# --------------------------------------------- restoration and editing (issue 3)
-def _add_application_commands(commands):
-    denoise = _application_parser(commands, "denoise", "remove Gaussian noise from images")
+# ------------------------------------------------- restoration and editing
+def _denoise_arguments(denoise):
+    _application_arguments(denoise)
     denoise.add_argument("--sigma", type=float, default=None,
                          help="noise std on the [0, 1] scale, in (0, 1]; estimated when omitted")
     denoise.add_argument("--steps", type=int, default=10, help="denoiser evaluations")
 
-    inpaint = _application_parser(commands, "inpaint", "fill in the masked part of images (RePaint)")
+
+def _inpaint_arguments(inpaint):
+    _application_arguments(inpaint)
     inpaint.add_argument("--mask", required=True,
                          help="mask image or .npz (white/1 = known pixel), or a built-in shape: "
                               "center, left-half, random:P (P = fraction missing)")
@@ -232,7 +233,9 @@ def _add_application_commands(commands):
     inpaint.add_argument("--seed", type=int, default=0)
     _label_arguments(inpaint)
 
-    img2img = _application_parser(commands, "img2img", "re-imagine images (SDEdit)")
+
+def _img2img_arguments(img2img):
+    _application_arguments(img2img)
     img2img.add_argument("--strength", type=float, default=0.5,
                          help="in (0, 1]: how much of the input is noised away")
     img2img.add_argument("--steps", type=int, default=50)
@@ -240,9 +243,9 @@ def _add_application_commands(commands):
     img2img.add_argument("--seed", type=int, default=0)
     _label_arguments(img2img)
 
-    interpolate = _application_parser(
-        commands, "interpolate", "images along a path between two images or two seeds", inputs=False
-    )
+
+def _interpolate_arguments(interpolate):
+    _application_arguments(interpolate, inputs=False)
     ends = interpolate.add_mutually_exclusive_group(required=True)
     ends.add_argument("--input", action="append", help="an end image (give two)")
     ends.add_argument("--seeds", type=int, nargs=2, metavar=("A", "B"), help="two noise seeds")
@@ -251,16 +254,13 @@ def _add_application_commands(commands):
     _label_arguments(interpolate)
 
 
-def _application_parser(commands, name, help, inputs=True):
-    parser = commands.add_parser(name, help=help)
-    _common(parser)
+def _application_arguments(parser, inputs=True):
     parser.add_argument("--model", required=True, help=".keras file")
     if inputs:
         parser.add_argument("--input", required=True, help="a .png/.jpg image or an .npz of images")
     parser.add_argument("--out", required=True,
                         help=".npz of the images, or .png (one image, or a grid of several)")
     parser.add_argument("--batch-size", type=int, default=None)
-    return parser
 
 
 def _label_arguments(parser):
@@ -387,7 +387,20 @@ def _write_output(path, images, note, nrow=None):
     print(f"wrote {what} to {path}" + (f" {note}" if note else ""))
 
 
-COMMANDS.update(denoise=_denoise, inpaint=_inpaint, img2img=_img2img, interpolate=_interpolate)
+# The one command table: name -> (help, its arguments, what runs it).
+COMMANDS = {
+    "train": ("train a model from a YAML config", _train_arguments, _train),
+    "sample": ("generate images from a trained model", _sample_arguments, _sample),
+    "export": ("export a trained model as a TensorFlow SavedModel (or ONNX)", _export_arguments,
+               _export),
+    "evaluate": ("score a model's samples with FID and KID against the test split",
+                 _evaluate_arguments, _evaluate),
+    "denoise": ("remove Gaussian noise from images", _denoise_arguments, _denoise),
+    "inpaint": ("fill in the masked part of images (RePaint)", _inpaint_arguments, _inpaint),
+    "img2img": ("re-imagine images (SDEdit)", _img2img_arguments, _img2img),
+    "interpolate": ("images along a path between two images or two seeds",
+                    _interpolate_arguments, _interpolate),
+}
 
 
 # ----------------------------------------------------------------- helpers
@@ -445,7 +458,8 @@ def main(argv=None):
             import keras_diffusion
 
             keras_diffusion._import_all()
-        COMMANDS[args.command](args)
+        _, _, run = COMMANDS[args.command]
+        run(args)
     except KeyboardInterrupt:
         print(f"keras-diffusion {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -9,14 +9,22 @@ Every mistake raises `ConfigError` with a one-line message that names the
 key, what it accepts and what it got, e.g.
 `unknown config key 'trainig.epochs'; did you mean 'training.epochs'?`.
 
-Importing this module does not import Keras; `validate` does (the schedule
-and sampler names it checks against live in modules that use Keras), so a
-caller that chooses `KERAS_BACKEND` must do so before validating.
+The sections that describe objects (`network`, `schedule`, `model`) hold
+the objects' own arguments: their defaults are read from the constructors'
+signatures, and their values are checked by the objects' own rules
+(`check_unet_arguments`, `DiffusionSchedule`, `check_model_arguments`), so
+no rule is written twice. Here only types are checked (YAML reads `1e-4` as
+a string) and the settings that span sections.
+
+Importing this module does not import Keras; `default_config` and `validate`
+do (the defaults and rules live in modules that use Keras), so a caller that
+chooses `KERAS_BACKEND` must do so before calling them.
 """
 
 import copy
 import difflib
 import importlib
+import inspect
 import math
 import os
 from pathlib import Path
@@ -129,8 +137,9 @@ def _path(key, value):
     return str(value)
 
 
-def _integer_list(low, allow_empty):
-    expected = f"a {'' if allow_empty else 'non-empty '}list of integers >= {low}"
+def _integer_list(low=None, allow_empty=True):
+    expected = (f"a {'' if allow_empty else 'non-empty '}list of integers"
+                + (f" >= {low}" if low is not None else ""))
 
     def check(key, value):
         if (
@@ -157,6 +166,27 @@ def _image_size(key, value):
     return list(value) if isinstance(value, tuple) else value
 
 
+class _Signature:
+    """A default that lives in a signature: the argument of the config key's
+    name in `owner` ("module:Class" or "module:Class.method")."""
+
+    def __init__(self, owner):
+        self.owner = owner
+
+    def value(self, argument):
+        module, _, path = self.owner.partition(":")
+        target = importlib.import_module(f"keras_diffusion.{module}")
+        for name in path.split("."):
+            target = getattr(target, name)
+        default = inspect.signature(target).parameters[argument].default
+        return list(default) if isinstance(default, tuple) else default
+
+
+_UNET = _Signature("network:UNet")
+_SCHEDULE = _Signature("schedule:DiffusionSchedule")
+_MODEL = _Signature("model:DiffusionModel")
+_GENERATE = _Signature("model:DiffusionModel.generate")
+
 # ------------------------------------------------------------------ schema
 # Sections are dicts; leaves are (default, check).
 _SCHEMA = {
@@ -169,24 +199,24 @@ _SCHEMA = {
         "image_size": (None, _image_size),
     },
     "network": {
-        "widths": ([32, 64, 128], _integer_list(1, allow_empty=False)),
-        "blocks_per_level": (2, _integer(1)),
-        "attention_levels": ([2], _integer_list(0, allow_empty=True)),
-        "dropout": (0.0, _number(0, 1, high_open=True)),
-        "groups": (8, _integer(1)),
-        "num_classes": (None, _integer(1, nullable=True)),
+        "widths": (_UNET, _integer_list()),
+        "blocks_per_level": (_UNET, _integer()),
+        "attention_levels": (_UNET, _integer_list()),
+        "dropout": (_UNET, _number()),
+        "groups": (_UNET, _integer()),
+        "num_classes": (_UNET, _integer(nullable=True)),
     },
     "schedule": {
-        "beta_schedule": ("cosine", _choice(_owned_by("schedule", "BETA_SCHEDULES"))),
-        "timesteps": (1000, _integer(2)),
-        "beta_start": (0.0001, _number(0, 1, low_open=True, high_open=True)),
-        "beta_end": (0.02, _number(0, 1, low_open=True, high_open=True)),
+        "beta_schedule": (_SCHEDULE, _choice(_owned_by("schedule", "BETA_SCHEDULES"))),
+        "timesteps": (_SCHEDULE, _integer()),
+        "beta_start": (_SCHEDULE, _number()),
+        "beta_end": (_SCHEDULE, _number()),
     },
     "model": {
-        "prediction": ("epsilon", _choice(_owned_by("schedule", "PREDICTION_TYPES"))),
-        "ema_decay": (0.999, _number(0, 1, high_open=True)),
-        "min_snr_gamma": (None, _number(0, low_open=True, nullable=True)),
-        "label_dropout": (0.1, _number(0, 1, high_open=True)),
+        "prediction": (_MODEL, _choice(_owned_by("schedule", "PREDICTION_TYPES"))),
+        "ema_decay": (_MODEL, _number(nullable=True)),
+        "min_snr_gamma": (_MODEL, _number(nullable=True)),
+        "label_dropout": (_MODEL, _number()),
     },
     "training": {
         "batch_size": (128, _integer(1)),
@@ -200,12 +230,12 @@ _SCHEMA = {
         "steps_per_epoch": (None, _integer(1, nullable=True)),
     },
     "sampling": {
-        "sampler": ("ddim", _choice(_owned_by("samplers", "SAMPLERS"))),
-        "steps": (50, _integer(1)),
+        "sampler": (_GENERATE, _choice(_owned_by("samplers", "SAMPLERS"))),
+        "steps": (_GENERATE, _integer(1)),
         "num_images": (64, _integer(1)),
         "every_n_epochs": (1, _integer(0)),  # 0: no sample grids during training
         "seed": (0, _integer(0)),
-        "guidance_scale": (1.0, _number(0)),
+        "guidance_scale": (_GENERATE, _number(0)),
     },
     "evaluation": {  # FID/KID of EMA samples, logged with the loss
         "every_n_epochs": (0, _integer(0)),  # 0: off
@@ -233,9 +263,12 @@ _KEYS = tuple(_dotted_keys(_SCHEMA))
 def default_config():
     """A fresh nested dict holding every key at its default."""
 
+    def default(key, value):
+        return value.value(key) if isinstance(value, _Signature) else copy.deepcopy(value)
+
     def defaults(schema):
         return {
-            key: defaults(entry) if isinstance(entry, dict) else copy.deepcopy(entry[0])
+            key: defaults(entry) if isinstance(entry, dict) else default(key, entry[0])
             for key, entry in schema.items()
         }
 
@@ -377,40 +410,44 @@ def _yaml_problem(error):
     return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
 
 
-def _check_consistency(config):
+def _check_objects(config):
+    """The object sections, by the rules of the objects they build; the
+    message names the section, then the argument as the object does."""
+    from keras_diffusion.checks import check_guidance
+    from keras_diffusion.model import check_model_arguments
+    from keras_diffusion.network import check_unet_arguments
+    from keras_diffusion.schedule import DiffusionSchedule
+    from keras_diffusion.schedule import check_steps
+
     network, schedule, sampling = config["network"], config["schedule"], config["sampling"]
-    levels = len(network["widths"])
-    if any(level >= levels for level in network["attention_levels"]):
-        raise ConfigError(
-            f"network.attention_levels must index network.widths (0 to {levels - 1}); "
-            f"got {network['attention_levels']!r}"
+    evaluation = config["evaluation"]
+    checks = [
+        ("network", lambda: check_unet_arguments(image_shape=None, **network)),
+        ("schedule", lambda: DiffusionSchedule(**schedule)),
+        ("model", lambda: check_model_arguments(**config["model"])),
+        ("sampling.steps", lambda: check_steps(sampling["steps"], schedule["timesteps"])),
+    ]
+    if evaluation["every_n_epochs"]:
+        checks.append(
+            ("evaluation.steps", lambda: check_steps(evaluation["steps"], schedule["timesteps"]))
         )
-    if any(width % network["groups"] for width in network["widths"]):
-        raise ConfigError(
-            f"network.widths must be multiples of network.groups ({network['groups']}); "
-            f"got {network['widths']!r}"
-        )
-    if schedule["beta_start"] >= schedule["beta_end"]:
-        raise ConfigError(
-            f"schedule.beta_start must be below schedule.beta_end; got "
-            f"{schedule['beta_start']!r} and {schedule['beta_end']!r}"
-        )
-    if sampling["steps"] > schedule["timesteps"]:
-        raise ConfigError(
-            f"sampling.steps must be at most schedule.timesteps ({schedule['timesteps']}); "
-            f"got {sampling['steps']!r}"
-        )
-    if sampling["guidance_scale"] != 1.0 and network["num_classes"] is None:
+    for section, check in checks:
+        try:
+            check()
+        except ValueError as error:
+            raise ConfigError(f"{section}: {error}") from None
+    try:
+        check_guidance(sampling["guidance_scale"], network["num_classes"])
+    except ValueError:
         raise ConfigError(
             "sampling.guidance_scale other than 1.0 needs a class-conditional network "
             f"(network.num_classes); got {sampling['guidance_scale']!r} with num_classes null"
-        )
+        ) from None
+
+
+def _check_consistency(config):
+    _check_objects(config)
     evaluation = config["evaluation"]
-    if evaluation["every_n_epochs"] and evaluation["steps"] > schedule["timesteps"]:
-        raise ConfigError(
-            f"evaluation.steps must be at most schedule.timesteps ({schedule['timesteps']}); "
-            f"got {evaluation['steps']!r}"
-        )
     if evaluation["every_n_epochs"] and config["data"]["image_folder"] is not None:
         raise ConfigError(
             "evaluation.every_n_epochs needs a built-in data.dataset to score against; with "

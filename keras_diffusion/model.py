@@ -59,13 +59,8 @@ class DiffusionModel(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        check_prediction(prediction)
-        if ema_decay is not None and not 0 <= ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1) or None; got {ema_decay!r}.")
-        if not 0 <= label_dropout < 1:
-            raise ValueError(f"label_dropout must be in [0, 1); got {label_dropout!r}.")
-        if min_snr_gamma is not None and min_snr_gamma <= 0:
-            raise ValueError(f"min_snr_gamma must be > 0 or None; got {min_snr_gamma!r}.")
+        check_model_arguments(prediction=prediction, ema_decay=ema_decay,
+                              min_snr_gamma=min_snr_gamma, label_dropout=label_dropout)
         self.network = network
         self.schedule = schedule if schedule is not None else DiffusionSchedule()
         self.prediction = prediction
@@ -396,6 +391,18 @@ class DiffusionModel(keras.Model):
         config["network"] = keras.saving.deserialize_keras_object(config["network"])
         config["schedule"] = keras.saving.deserialize_keras_object(config["schedule"])
         return cls(**config)
+
+
+def check_model_arguments(*, prediction, ema_decay, min_snr_gamma, label_dropout):
+    """The rules of `DiffusionModel`'s training arguments (the config's
+    `model` section is checked by them too)."""
+    check_prediction(prediction)
+    if ema_decay is not None and not 0 <= ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1) or None; got {ema_decay!r}.")
+    if not 0 <= label_dropout < 1:
+        raise ValueError(f"label_dropout must be in [0, 1); got {label_dropout!r}.")
+    if min_snr_gamma is not None and min_snr_gamma <= 0:
+        raise ValueError(f"min_snr_gamma must be > 0 or None; got {min_snr_gamma!r}.")
 
 
 def load_model(path):

@@ -239,11 +239,15 @@ class AttentionBlock(layers.Layer):
         return config
 
 
-def _check_unet_args(
-    image_shape, widths, blocks_per_level, attention_levels, dropout,
-    num_classes, groups, embedding_dim, attention_heads,
+def check_unet_arguments(
+    *, image_shape, widths, blocks_per_level, attention_levels, dropout, num_classes, groups,
+    embedding_dim=None, attention_heads=1,
 ):
-    if len(image_shape) != 3 or not all(is_integer(d) and d > 0 for d in image_shape):
+    """The rules of `UNet`'s arguments (the config's `network` section is
+    checked by them too); `image_shape` None skips the rules about it."""
+    if image_shape is not None and (
+        len(image_shape) != 3 or not all(is_integer(d) and d > 0 for d in image_shape)
+    ):
         raise ValueError(
             "image_shape must be (height, width, channels) with positive integers; "
             f"got {image_shape!r}."
@@ -261,7 +265,7 @@ def _check_unet_args(
             f"got widths[0]={widths[0]}."
         )
     factor = 2 ** (len(widths) - 1)
-    height, width, _ = image_shape
+    height, width, _ = image_shape or (factor, factor, 1)
     if height % factor or width % factor:
         raise ValueError(
             f"image height and width must be divisible by {factor} (2 ** (len(widths) - 1), "
@@ -352,9 +356,10 @@ class UNet(keras.Model):
         image_shape = tuple(image_shape)
         widths = tuple(widths)
         attention_levels = tuple(attention_levels)
-        _check_unet_args(
-            image_shape, widths, blocks_per_level, attention_levels, dropout,
-            num_classes, groups, embedding_dim, attention_heads,
+        check_unet_arguments(
+            image_shape=image_shape, widths=widths, blocks_per_level=blocks_per_level,
+            attention_levels=attention_levels, dropout=dropout, num_classes=num_classes,
+            groups=groups, embedding_dim=embedding_dim, attention_heads=attention_heads,
         )
         emb_dim = embedding_dim or 4 * widths[0]
         last = len(widths) - 1

@@ -36,6 +36,7 @@ from keras import ops
 
 from keras_diffusion import backend
 from keras_diffusion import samplers
+from keras_diffusion.checks import check_guidance
 from keras_diffusion.checks import check_integer
 
 
@@ -60,25 +61,12 @@ def unit_range(x):
 
 
 # ----------------------------------------------------- labels and guidance
-def check_guidance(model, guidance_scale):
-    """Classifier-free guidance needs a class-conditional model; a scale
-    below 0 means nothing."""
-    if model.num_classes is None:
-        if guidance_scale != 1.0:
-            raise ValueError(
-                f"guidance_scale={guidance_scale!r} needs a class-conditional model; "
-                "this model is unconditional, so leave guidance_scale at 1.0."
-            )
-    elif guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0; got {guidance_scale!r}.")
-
-
 def check_labels(model, labels, num_images, guidance_scale):
     """The labels of a request as an int32 tensor `(num_images,)`, or None
     for the null label. `labels` is None, one label for every image, or one
     per image; a label is an index or, when the model has `class_names`, a
     name (any case)."""
-    check_guidance(model, guidance_scale)
+    check_guidance(guidance_scale, model.num_classes)
     if model.num_classes is None:
         if labels is not None:
             raise ValueError(
