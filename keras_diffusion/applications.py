@@ -54,7 +54,39 @@ class DenoiseResult(NamedTuple):
 # ------------------------------------------------------------------ denoise
 def denoise(model, images, *, sigma=None, steps=10, labels=None, guidance_scale=1.0,
             batch_size=None):
-    """See `DiffusionModel.denoise`."""
+    """Remove additive Gaussian noise of std `sigma` from `images`.
+
+    The noise level is matched to the diffusion timestep whose noise has
+    that std (`DiffusionSchedule.timestep_for_noise_std`), and the
+    deterministic DDIM reverse process runs from there to t = 0.
+
+    Args:
+        model: a `DiffusionModel`, or any model of the sampling pipeline's
+            protocol (`keras_diffusion.pipeline`).
+        images: `(N, H, W, C)` noisy images: uint8, or floats on the
+            [0, 1] scale (values outside [0, 1] from the noise are fine
+            and should not be clipped away).
+        sigma: noise std on the [0, 1] scale, in (0, 1]; None estimates it
+            from the images (`applications.estimate_noise_std`, the median
+            over the batch, so denoise images of different noise levels in
+            separate calls).
+        steps: denoiser evaluations, spread evenly from the noise level
+            down to 0; 1 gives the one-shot (minimum-MSE) estimate.
+        labels, guidance_scale: for class-conditional models, as in
+            `DiffusionModel.generate`; by default the unconditional
+            (null-label) model.
+        batch_size: images per compiled call.
+
+    Returns:
+        `DenoiseResult(images, sigma, sigma_estimated)`: float32 images in
+        [0, 1], the sigma used and whether it was estimated.
+
+    Example:
+
+    >>> result = model.denoise(noisy_images)        # sigma estimated
+    >>> result.images.shape, result.sigma
+    ((8, 28, 28, 1), 0.198...)
+    """
     noisy = _check_noisy_images(images, model.image_shape)
     estimated = sigma is None
     if estimated:
@@ -130,7 +162,33 @@ def _binomial_blur(x, axis):
 # ------------------------------------------------------------------ inpaint
 def inpaint(model, images, mask, *, steps=50, jump_length=5, resamples=4, eta=1.0, seed=None,
             labels=None, guidance_scale=1.0, batch_size=None):
-    """See `DiffusionModel.inpaint`."""
+    """Fill in the pixels of `images` where `mask` is 0, by RePaint
+    (Lugmayr 2022): sampling with the known pixels renoised from the
+    image at every step, and `resamples - 1` jumps back of `jump_length`
+    steps after every `jump_length` steps to harmonise the two regions.
+
+    Args:
+        model: a `DiffusionModel`, or any model of the sampling pipeline's
+            protocol (`keras_diffusion.pipeline`).
+        images: `(N, H, W, C)` float in [0, 1] or uint8.
+        mask: 1 (or True) where pixels are known, 0 where missing; shape
+            `(H, W)`, `(H, W, 1 or C)` or `(N or 1, H, W, 1 or C)`.
+            Values >= 0.5 count as known. See `applications.make_mask`
+            for the built-in shapes.
+        steps: reverse steps of one pass, 1 to the schedule's timesteps;
+            the run makes about `steps * resamples` denoiser evaluations.
+        jump_length, resamples: RePaint's j and r; `resamples=1` turns
+            resampling off.
+        eta: DDIM stochasticity of the reverse steps (1: DDPM, as RePaint).
+        seed: integer seed for all the noise.
+        labels, guidance_scale: as in `DiffusionModel.generate`.
+        batch_size: images per compiled call; by default as many as keep
+            the pre-drawn noise under 256 MiB.
+
+    Returns:
+        float32 `(N, H, W, C)` in [0, 1] whose known pixels equal the
+        input's exactly (uint8 input: its value / 255).
+    """
     images = check_images(images, model.image_shape)
     known = _check_mask(mask, images.shape)
     if eta < 0:
@@ -198,7 +256,24 @@ def make_mask(kind, shape, seed=0):
 # ------------------------------------------------------------------ img2img
 def img2img(model, images, *, strength=0.5, steps=50, eta=0.0, seed=None, labels=None,
             guidance_scale=1.0, batch_size=None):
-    """See `DiffusionModel.img2img`."""
+    """Image-to-image translation by SDEdit (Meng 2022): noise `images`
+    to timestep `round(strength * (T - 1))`, then run DDIM back to t = 0.
+
+    Args:
+        model: a `DiffusionModel`, or any model of the sampling pipeline's
+            protocol (`keras_diffusion.pipeline`).
+        images: `(N, H, W, C)` float in [0, 1] or uint8.
+        strength: in (0, 1]; how much of the image is noised away (1
+            keeps nothing of it).
+        steps: denoiser evaluations from that timestep down to 0.
+        eta: DDIM stochasticity; seed: integer seed for all the noise.
+        labels, guidance_scale: as in `DiffusionModel.generate`, e.g. to steer a
+            conditional model towards a class.
+        batch_size: images per compiled call.
+
+    Returns:
+        float32 `(N, H, W, C)` in [0, 1].
+    """
     images = check_images(images, model.image_shape)
     if not is_number(strength) or not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1]; got {strength!r}.")
@@ -225,7 +300,24 @@ def img2img(model, images, *, strength=0.5, steps=50, eta=0.0, seed=None, labels
 # -------------------------------------------------------------- interpolate
 def interpolate(model, a, b, *, num=8, steps=50, labels=None, guidance_scale=1.0,
                 batch_size=None):
-    """See `DiffusionModel.interpolate`."""
+    """`num` images along a spherical interpolation between two noises,
+    each decoded by deterministic DDIM.
+
+    Args:
+        model: a `DiffusionModel`, or any model of the sampling pipeline's
+            protocol (`keras_diffusion.pipeline`).
+        a, b: each an integer seed (the noise `generate` draws from it, so
+            the ends equal `generate(1, steps=steps, seed=a)`), or one
+            image `(H, W, C)` / `(1, H, W, C)` in [0, 1] or uint8, whose
+            noise is found by DDIM inversion with `steps` steps.
+        num: number of images, the two ends included (>= 2).
+        steps: DDIM steps for inversion and decoding.
+        labels, guidance_scale: as in `DiffusionModel.generate` (one label, or `num`).
+        batch_size: images per compiled call.
+
+    Returns:
+        float32 `(num, H, W, C)` in [0, 1].
+    """
     check_integer("num", num, low=2, note=" (the two ends included)")
     timesteps = samplers.plan_timesteps(model.schedule, "ddim", steps)
     labels = pipeline.check_labels(model, labels, num, guidance_scale)

@@ -231,33 +231,7 @@ class DiffusionModel(keras.Model):
     def denoise(self, images, sigma=None, steps=10, labels=None, guidance_scale=1.0, batch_size=None):
         """Remove additive Gaussian noise of std `sigma` from `images`.
 
-        The noise level is matched to the diffusion timestep whose noise has
-        that std (`DiffusionSchedule.timestep_for_noise_std`), and the
-        deterministic DDIM reverse process runs from there to t = 0.
-
-        Args:
-            images: `(N, H, W, C)` noisy images: uint8, or floats on the
-                [0, 1] scale (values outside [0, 1] from the noise are fine
-                and should not be clipped away).
-            sigma: noise std on the [0, 1] scale, in (0, 1]; None estimates it
-                from the images (`applications.estimate_noise_std`, the median
-                over the batch, so denoise images of different noise levels in
-                separate calls).
-            steps: denoiser evaluations, spread evenly from the noise level
-                down to 0; 1 gives the one-shot (minimum-MSE) estimate.
-            labels, guidance_scale: for class-conditional models, as in
-                `generate`; by default the unconditional (null-label) model.
-            batch_size: images per compiled call.
-
-        Returns:
-            `DenoiseResult(images, sigma, sigma_estimated)`: float32 images in
-            [0, 1], the sigma used and whether it was estimated.
-
-        Example:
-
-        >>> result = model.denoise(noisy_images)        # sigma estimated
-        >>> result.images.shape, result.sigma
-        ((8, 28, 28, 1), 0.198...)
+        Arguments, return value and details: `keras_diffusion.applications.denoise`.
         """
         from keras_diffusion import applications
 
@@ -271,25 +245,7 @@ class DiffusionModel(keras.Model):
         image at every step, and `resamples - 1` jumps back of `jump_length`
         steps after every `jump_length` steps to harmonise the two regions.
 
-        Args:
-            images: `(N, H, W, C)` float in [0, 1] or uint8.
-            mask: 1 (or True) where pixels are known, 0 where missing; shape
-                `(H, W)`, `(H, W, 1 or C)` or `(N or 1, H, W, 1 or C)`.
-                Values >= 0.5 count as known. See `applications.make_mask`
-                for the built-in shapes.
-            steps: reverse steps of one pass, 1 to the schedule's timesteps;
-                the run makes about `steps * resamples` denoiser evaluations.
-            jump_length, resamples: RePaint's j and r; `resamples=1` turns
-                resampling off.
-            eta: DDIM stochasticity of the reverse steps (1: DDPM, as RePaint).
-            seed: integer seed for all the noise.
-            labels, guidance_scale: as in `generate`.
-            batch_size: images per compiled call; by default as many as keep
-                the pre-drawn noise under 256 MiB.
-
-        Returns:
-            float32 `(N, H, W, C)` in [0, 1] whose known pixels equal the
-            input's exactly (uint8 input: its value / 255).
+        Arguments, return value and details: `keras_diffusion.applications.inpaint`.
         """
         from keras_diffusion import applications
 
@@ -304,18 +260,7 @@ class DiffusionModel(keras.Model):
         """Image-to-image translation by SDEdit (Meng 2022): noise `images`
         to timestep `round(strength * (T - 1))`, then run DDIM back to t = 0.
 
-        Args:
-            images: `(N, H, W, C)` float in [0, 1] or uint8.
-            strength: in (0, 1]; how much of the image is noised away (1
-                keeps nothing of it).
-            steps: denoiser evaluations from that timestep down to 0.
-            eta: DDIM stochasticity; seed: integer seed for all the noise.
-            labels, guidance_scale: as in `generate`, e.g. to steer a
-                conditional model towards a class.
-            batch_size: images per compiled call.
-
-        Returns:
-            float32 `(N, H, W, C)` in [0, 1].
+        Arguments, return value and details: `keras_diffusion.applications.img2img`.
         """
         from keras_diffusion import applications
 
@@ -328,18 +273,7 @@ class DiffusionModel(keras.Model):
         """`num` images along a spherical interpolation between two noises,
         each decoded by deterministic DDIM.
 
-        Args:
-            a, b: each an integer seed (the noise `generate` draws from it, so
-                the ends equal `generate(1, steps=steps, seed=a)`), or one
-                image `(H, W, C)` / `(1, H, W, C)` in [0, 1] or uint8, whose
-                noise is found by DDIM inversion with `steps` steps.
-            num: number of images, the two ends included (>= 2).
-            steps: DDIM steps for inversion and decoding.
-            labels, guidance_scale: as in `generate` (one label, or `num`).
-            batch_size: images per compiled call.
-
-        Returns:
-            float32 `(num, H, W, C)` in [0, 1].
+        Arguments, return value and details: `keras_diffusion.applications.interpolate`.
         """
         from keras_diffusion import applications
 
