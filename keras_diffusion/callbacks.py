@@ -1,4 +1,5 @@
-"""Training callbacks."""
+"""Training callbacks: sample grids and sample quality during training,
+crash-safe backups and history, and a guard that stops on a non-finite loss."""
 
 import csv
 import io

@@ -1,4 +1,14 @@
-"""`DiffusionModel`: the Keras model a user trains with `fit` and samples from."""
+"""`DiffusionModel`: the Keras model a user trains with `fit` and samples from.
+
+It owns training (the loss, shared by the backends' train steps in
+`keras_diffusion.backend`, and the EMA of the weights) and serialisation.
+Sampling goes through `keras_diffusion.pipeline`, for which the model offers
+the pipeline's protocol (`network`, `schedule`, `prediction`,
+`sampling_weights`, `num_classes`, `class_names`, `image_shape`); `denoise`,
+`inpaint`, `img2img`, `interpolate` and `export` are thin wrappers over
+`keras_diffusion.applications` and `keras_diffusion.export`, imported when
+called.
+"""
 
 import keras
 import numpy as np

@@ -11,6 +11,15 @@ The loop runs through `keras.ops.fori_loop`, so a caller that traces it (a
 draw all their noise before the loop from one integer seed, which keeps the
 loop body free of random state and the result identical whether the loop is
 compiled or not.
+
+`SAMPLERS` is the one table of what each sampler is: its loop, whether it is
+stochastic, whether it uses Karras sigmas by default, whether it takes `eta`.
+Every question about a sampler elsewhere is answered from it. The restoration
+loops (RePaint, DDIM inversion) sit at the end of the module, with the DDIM
+step they share with the DDIM sampler.
+
+Callers that hold a model go through `keras_diffusion.pipeline`, which turns
+the model into a denoiser and compiles the loops.
 """
 
 import dataclasses
