@@ -33,6 +33,24 @@ def test_defaults():
     assert validate(config) == config
 
 
+def test_object_sections_default_to_the_constructors_defaults():
+    """One place for each default: the signature of the object it builds."""
+    import inspect
+
+    import keras_diffusion as kd
+
+    def default(target, name):
+        value = inspect.signature(target).parameters[name].default
+        return list(value) if isinstance(value, tuple) else value
+
+    config = default_config()
+    for section, target in (("network", kd.UNet), ("schedule", kd.DiffusionSchedule),
+                            ("model", kd.DiffusionModel)):
+        assert config[section] == {name: default(target, name) for name in config[section]}
+    for name in ("sampler", "steps", "guidance_scale"):
+        assert config["sampling"][name] == default(kd.DiffusionModel.generate, name)
+
+
 def test_default_config_is_a_fresh_copy():
     default_config()["network"]["widths"].append(256)
     assert default_config()["network"]["widths"] == [32, 64, 128]
