@@ -37,8 +37,8 @@ _EXPORTS = {
     "make_mask": "keras_diffusion.applications",
 }
 
-# Submodules reached as attributes: `kd.metrics.fid(...)`.
-_SUBMODULES = ("metrics",)
+# Submodules reached as attributes: `kd.metrics.fid(...)`, `kd.pipeline.sample(...)`.
+_SUBMODULES = ("metrics", "pipeline")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["__version__"]
 
