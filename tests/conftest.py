@@ -123,5 +123,4 @@ def smoke_run(tmp_path_factory):
         code = cli.main(["train", "--config", str(SMOKE), "--data-dir", str(DATA_DIR),
                          "--output", str(output)])
     assert code == 0, stderr.getvalue()[-3000:]
-    assert "Epoch 1/1" in stdout.getvalue()
     return output
