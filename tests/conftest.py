@@ -2,10 +2,79 @@ import os
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
+from keras import ops
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+import keras_diffusion as kd
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = ROOT.parent / "shared" / "data"
 BACKEND = keras.backend.backend()
+SMOKE = ROOT / "configs" / "smoke.yaml"
+# The smallest network that trains: one level, no attention. 32 MNIST images
+# in batches of 8 are 4 steps an epoch.
+TINY = ["network.widths=[8]", "network.attention_levels=[]", "data.limit=32",
+        "training.batch_size=8", "training.learning_rate=0.003"]
+
+
+# ------------------------------------------------------- small models, data
+def tiny_unet(shape=(16, 16, 1), num_classes=None):
+    """Two levels with attention: every kind of block the UNet has."""
+    return kd.UNet(shape, widths=(8, 16), blocks_per_level=1, attention_levels=(1,), groups=4,
+                   num_classes=num_classes)
+
+
+def tiny_model(shape=(16, 16, 1), num_classes=None, **kwargs):
+    kwargs.setdefault("schedule", kd.DiffusionSchedule("cosine", timesteps=100))
+    model = kd.DiffusionModel(tiny_unet(shape, num_classes), seed=0, **kwargs)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    return model
+
+
+def one_level_unet(shape=(8, 8, 1), num_classes=None):
+    """The smallest UNet: one level, no attention."""
+    return kd.UNet(shape, widths=(8,), blocks_per_level=1, attention_levels=(), groups=4,
+                   num_classes=num_classes)
+
+
+def one_level_model(shape=(8, 8, 1), num_classes=None, **kwargs):
+    model = kd.DiffusionModel(one_level_unet(shape, num_classes),
+                              kd.DiffusionSchedule("cosine", timesteps=100), seed=0, **kwargs)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    return model
+
+
+def blobs(n=64, size=16, channels=1, seed=0):
+    """Images with real structure: one bright square per image."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, size, size, channels), "float32")
+    for i, (r, c) in enumerate(rng.integers(0, size - 6, (n, 2))):
+        x[i, r:r + 6, c:c + 6] = 1.0
+    return x
+
+
+def squares(n=32, size=8, seed=0):
+    """Like `blobs`, 3x3 squares on 8x8 images."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, size, size, 1), "float32")
+    for i, (r, c) in enumerate(rng.integers(0, size - 3, (n, 2))):
+        x[i, r:r + 3, c:c + 3] = 1.0
+    return x
+
+
+# ------------------------------------------- the closed-form Gaussian denoiser
+MU, S = 0.3, 0.2
+
+
+def gaussian_denoiser(schedule, mu=MU, s=S):
+    """E[eps | x_t] for x0 ~ N(mu, s^2): sqrt(1-a)(x_t - sqrt(a) mu) / (a s^2 + 1 - a)."""
+
+    def denoiser(x_t, t):
+        a = ops.reshape(schedule.alpha_bar(t), (-1, 1, 1, 1))
+        return ops.sqrt(1 - a) * (x_t - ops.sqrt(a) * mu) / (a * s**2 + 1 - a)
+
+    return denoiser
 
 
 @pytest.fixture(autouse=True)
@@ -37,11 +106,21 @@ def run_cli(*args, backend=None, cwd=None, timeout=600):
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """One `keras-diffusion train` on configs/smoke.yaml per test session,
-    shared by every test that needs a trained model; its output directory."""
+    shared by every test that needs a trained model; its output directory.
+    It runs in-process, through `cli.main` (what the console script calls):
+    a subprocess would load the backend again. test_resume.py trains in a
+    subprocess."""
+    import contextlib
+    import io
+
+    from keras_diffusion import cli
+
     if not (DATA_DIR / "mnist.npz").exists():
         pytest.skip(f"the shared MNIST file is not at {DATA_DIR}")
     output = tmp_path_factory.mktemp("smoke")
-    config = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
-    result = run_cli("train", "--config", config, "--data-dir", DATA_DIR, "--output", output)
-    assert result.returncode == 0, result.stderr[-3000:]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = cli.main(["train", "--config", str(SMOKE), "--data-dir", str(DATA_DIR),
+                         "--output", str(output)])
+    assert code == 0, stderr.getvalue()[-3000:]
     return output

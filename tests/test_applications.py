@@ -2,7 +2,7 @@
 
 Most tests run the real `DiffusionModel` code paths over a closed-form
 network: for pixels x0 ~ N(mean, s^2) (independently, in [-1, 1]) the optimal
-epsilon prediction is known exactly (see `test_samplers.gaussian_denoiser`),
+epsilon prediction is known exactly (see `conftest.gaussian_denoiser`),
 so what a sampler should return is known too, and no training is needed.
 """
 
@@ -10,9 +10,9 @@ import keras
 import numpy as np
 import pytest
 from keras import ops
-from test_samplers import MU
-from test_samplers import S
-from test_samplers import gaussian_denoiser
+from conftest import MU
+from conftest import S
+from conftest import gaussian_denoiser
 
 import keras_diffusion as kd
 from keras_diffusion import applications

@@ -1,5 +1,6 @@
 """`keras-diffusion denoise / inpaint / img2img / interpolate`, end to end on
-a model trained (once per module, in a subprocess) with configs/smoke.yaml.
+the model `keras-diffusion train` wrote with configs/smoke.yaml (the
+session's `smoke_run`).
 
 The subcommands run in-process through `cli.main`, which is what the console
 script calls, to keep the suite fast; one test runs a subprocess to check the
@@ -33,25 +34,17 @@ def _subprocess(args):
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A smoke model and input files: one MNIST digit as PNG, two as npz,
+def files(smoke_run, tmp_path_factory):
+    """The smoke model and input files: one MNIST digit as PNG, two as npz,
     and the same two with Gaussian noise of std 0.2 (not clipped)."""
-    if not (DATA_DIR / "mnist.npz").exists():
-        pytest.skip(f"the shared MNIST file is not at {DATA_DIR}")
     root = tmp_path_factory.mktemp("cli_applications")
-    run = _subprocess([
-        "train", "--config", ROOT / "configs" / "smoke.yaml", "--data-dir", DATA_DIR,
-        "--output", root / "smoke", "--set", "training.epochs=1",
-        "--set", "sampling.every_n_epochs=0",
-    ])
-    assert run.returncode == 0, run.stderr[-2000:]
     images, _ = kd.load_dataset("mnist", data_dir=DATA_DIR, split="test", limit=2)
     write_images(root / "digit.png", images[:1])
     write_images(root / "digit2.png", images[1:])
     write_images(root / "digits.npz", images)
     noisy = images + 0.2 * np.random.default_rng(0).normal(size=images.shape)
     np.savez(root / "noisy.npz", images=noisy.astype("float32"))
-    return {"model": root / "smoke" / "model.keras", "root": root, "images": images}
+    return {"model": smoke_run / "model.keras", "root": root, "images": images}
 
 
 def _main(args, capsys):

@@ -18,7 +18,7 @@ from keras import ops
 
 import keras_diffusion as kd
 from conftest import BACKEND
-from test_model import tiny_model
+from conftest import tiny_model
 
 # Each backend runs its own float32 kernels (oneDNN, Eigen, XLA), which sum in
 # other orders: one evaluation of this network differs by ~1e-6 of its

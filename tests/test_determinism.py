@@ -4,8 +4,8 @@ bit for bit (the settings this needs are in the README, "Determinism")."""
 import keras
 import numpy as np
 
-from test_resume import squares
-from test_resume import tiny_model
+from conftest import one_level_model
+from conftest import squares
 
 
 class _StepLosses(keras.callbacks.Callback):
@@ -19,7 +19,7 @@ class _StepLosses(keras.callbacks.Callback):
 
 def _run(seed):
     keras.utils.set_random_seed(seed)  # weights, and fit's shuffling
-    model = tiny_model()
+    model = one_level_model()
     steps = _StepLosses()
     model.fit(squares(24), batch_size=8, epochs=1, shuffle=True, verbose=0, callbacks=[steps])
     return steps.losses, model.generate(2, steps=2, sampler="ddpm", seed=seed)

@@ -8,18 +8,17 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import BACKEND
 from conftest import DATA_DIR
+from conftest import SMOKE
+from conftest import TINY
 from keras_diffusion.config import ConfigError
 from keras_diffusion.config import load_config
 from keras_diffusion.training import _share_evenly
-from test_resume import SMOKE
-from test_resume import TINY
 
 needs_mnist = pytest.mark.skipif(not (DATA_DIR / "mnist.npz").exists(), reason="needs the shared MNIST file")
 
@@ -40,9 +39,12 @@ SCRIPT = textwrap.dedent("""
     config = load_config(smoke, overrides + [f"data.data_dir={data_dir}"])
     report = {}
     for name, distribute in (("one", None), ("two", "data_parallel")):
-        # Sample only on two devices: that is where sampling could break.
+        # Sample and score only on two devices, after the last epoch: that is
+        # where sampling could break.
         sampling = dict(config["sampling"], every_n_epochs=2 if distribute else 0)
-        model = train(dict(config, distribute=distribute, sampling=sampling), f"{output}/{name}", verbose=0)
+        evaluation = dict(config["evaluation"], every_n_epochs=2 if distribute else 0)
+        model = train(dict(config, distribute=distribute, sampling=sampling, evaluation=evaluation),
+                      f"{output}/{name}", verbose=0)
         csv = AtomicCSVLogger(f"{output}/{name}/history.csv")
         csv.on_train_begin()
         velocities = [v for v in model.optimizer.variables if "velocity" in v.path]

@@ -3,6 +3,7 @@ exported endpoints match the in-Python model within 1e-4 (max abs), for a
 model built under each backend (under PyTorch the export goes through
 `keras-diffusion export`, which re-runs it under TensorFlow)."""
 
+import functools
 import importlib.util
 
 import keras
@@ -13,10 +14,10 @@ from keras import ops
 import keras_diffusion as kd
 from conftest import BACKEND
 from conftest import run_cli
+from conftest import tiny_model
 from test_file_format import ATOL as FORMAT_ATOL
 from test_file_format import MODEL
 from test_file_format import recorded
-from test_model import tiny_model
 
 # The SavedModel runs TensorFlow's kernels (under JAX through jax2tf, under
 # PyTorch after a re-export): float32 sums in another order, ~1e-6 of the
@@ -146,6 +147,12 @@ def test_signatures_for_serving(exported):
     assert [v.shape.as_list() for v in outputs.values()] == [[None, 16, 16, 1]]
 
 
+@functools.cache
+def _unexported():
+    """One model for the error cases: each fails before any work."""
+    return tiny_model()
+
+
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
@@ -158,7 +165,7 @@ def test_signatures_for_serving(exported):
 )
 def test_export_errors_come_before_any_work(kwargs, error, match, tmp_path):
     with pytest.raises(error, match=match):
-        tiny_model().export(tmp_path / "out", **kwargs)
+        _unexported().export(tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
 
 

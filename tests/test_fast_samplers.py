@@ -12,9 +12,9 @@ noise = 0 and noise = 1 gives its whole map (A, B) and its error.
 import numpy as np
 import pytest
 from keras import ops
-from test_samplers import MU
-from test_samplers import S
-from test_samplers import gaussian_denoiser
+from conftest import MU
+from conftest import S
+from conftest import gaussian_denoiser
 
 import keras_diffusion as kd
 from keras_diffusion import DiffusionSchedule

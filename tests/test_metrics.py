@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import keras_diffusion as kd
+from keras_diffusion import cli
 from keras_diffusion import metrics
 from conftest import DATA_DIR
-from conftest import run_cli
 
 
 def _sqrtm_psd(matrix):
@@ -176,25 +176,34 @@ def test_training_logs_scores_in_history(smoke_run):
     assert float(row["fid"]) > 0 and np.isfinite(float(row["kid"]))
 
 
-def test_evaluate_command(smoke_run, data_dir, tmp_path):
+# The evaluate command runs in-process through `cli.main`, what the console
+# script calls; test_cli.py runs the command line in subprocesses.
+def _evaluate(capsys, *args):
+    code = cli.main(["evaluate", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_evaluate_command(smoke_run, data_dir, tmp_path, capsys):
     out = tmp_path / "scores.json"
-    result = run_cli("evaluate", "--model", smoke_run / "model.keras", "--num", 8, "--steps", 2,
-                     "--sampler", "ddim", "--data-dir", data_dir, "--json", out)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("FID ") and "KID" in result.stdout and "8 samples" in result.stdout
+    code, stdout, stderr = _evaluate(capsys, "--model", smoke_run / "model.keras", "--num", 8,
+                                     "--steps", 2, "--sampler", "ddim", "--data-dir", data_dir,
+                                     "--json", out)
+    assert code == 0, stderr[-2000:]
+    assert stdout.startswith("FID ") and "KID" in stdout and "8 samples" in stdout
     record = json.loads(out.read_text())
     assert record["dataset"] == "mnist" and record["num_images"] == 8 and record["fid"] > 0
 
 
-def test_evaluate_command_errors(smoke_run, tmp_path):
+def test_evaluate_command_errors(smoke_run, tmp_path, capsys):
     lone = tmp_path / "lone"
     lone.mkdir()
     (lone / "model.keras").write_bytes((smoke_run / "model.keras").read_bytes())
-    result = run_cli("evaluate", "--model", lone / "model.keras", "--num", 8)
-    assert result.returncode == 2 and "pass --dataset" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    result = run_cli("evaluate", "--model", smoke_run / "model.keras", "--num", 1)
-    assert result.returncode == 2 and "--num must be at least 2" in result.stderr
+    code, _, stderr = _evaluate(capsys, "--model", lone / "model.keras", "--num", 8)
+    assert code == 2 and "pass --dataset" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    code, _, stderr = _evaluate(capsys, "--model", smoke_run / "model.keras", "--num", 1)
+    assert code == 2 and "--num must be at least 2" in stderr
 
 
 def test_score_model_reports_nan_for_diverged_samples():

@@ -4,27 +4,23 @@ import pytest
 from keras import ops
 
 import keras_diffusion as kd
+from conftest import blobs
+from conftest import one_level_model
+from conftest import squares
+from conftest import tiny_model
+from conftest import tiny_unet
 
 
-def tiny_unet(shape=(16, 16, 1), num_classes=None):
-    return kd.UNet(shape, widths=(8, 16), blocks_per_level=1, attention_levels=(1,), groups=4,
-                   num_classes=num_classes)
-
-
-def tiny_model(shape=(16, 16, 1), num_classes=None, **kwargs):
-    kwargs.setdefault("schedule", kd.DiffusionSchedule("cosine", timesteps=100))
-    model = kd.DiffusionModel(tiny_unet(shape, num_classes), seed=0, **kwargs)
-    model.compile(optimizer=keras.optimizers.AdamW(1e-3))
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny model trained one epoch (4 steps) on `blobs()`, shared by the
+    tests that sample from it, save it or check errors with it: on TensorFlow
+    and JAX each new model compiles its training and sampling anew. No test
+    leaves it changed."""
+    keras.utils.set_random_seed(0)
+    model = tiny_model()
+    model.fit(blobs(), batch_size=16, epochs=1, verbose=0)
     return model
-
-
-def blobs(n=64, size=16, channels=1, seed=0):
-    """Images with real structure: one bright square per image."""
-    rng = np.random.default_rng(seed)
-    x = np.zeros((n, size, size, channels), "float32")
-    for i, (r, c) in enumerate(rng.integers(0, size - 6, (n, 2))):
-        x[i, r:r + 6, c:c + 6] = 1.0
-    return x
 
 
 def test_fit_lowers_loss_on_mnist(data_dir):
@@ -36,9 +32,8 @@ def test_fit_lowers_loss_on_mnist(data_dir):
     assert history[-1] < 0.7 * history[0], history
 
 
-def test_generate_shape_range_and_determinism():
-    model = tiny_model()
-    model.fit(blobs(), batch_size=16, epochs=1, verbose=0)
+def test_generate_shape_range_and_determinism(trained):
+    model = trained
     a = model.generate(3, steps=4, seed=1)
     b = model.generate(3, steps=4, seed=1)
     c = model.generate(3, steps=4, seed=2)
@@ -78,9 +73,9 @@ def test_generate_in_batches_matches_one_batch(prediction):
 
 
 def test_ema_update_closed_form():
-    model = tiny_model(ema_decay=0.9)
+    model = one_level_model(ema_decay=0.9)
     before = [ops.convert_to_numpy(v) for v in model.network.trainable_variables]
-    model.fit(blobs(16), batch_size=16, epochs=1, verbose=0)
+    model.fit(squares(16), batch_size=16, epochs=1, verbose=0)
     after = [ops.convert_to_numpy(v) for v in model.network.trainable_variables]
     # First update: decay = min(0.9, (1 + 0) / (10 + 0)) = 0.1.
     for ema, w0, w1 in zip(model.ema_weights, before, after):
@@ -88,13 +83,19 @@ def test_ema_update_closed_form():
     assert float(ops.convert_to_numpy(model.ema_updates)) == 1.0
 
 
-def test_sampling_uses_ema_weights():
-    with_ema = tiny_model(ema_decay=0.999)
-    with_ema.fit(blobs(), batch_size=16, epochs=2, verbose=0)
+def test_sampling_uses_ema_weights(trained):
+    with_ema = trained
+    assert with_ema.ema_decay == 0.999
     raw = with_ema.generate(2, steps=3, seed=0)
-    for ema, weight in zip(with_ema.ema_weights, with_ema.network.trainable_variables):
-        ema.assign(weight)
-    assert np.abs(with_ema.generate(2, steps=3, seed=0) - raw).max() > 1e-4
+    saved = [ops.convert_to_numpy(ema).copy() for ema in with_ema.ema_weights]
+    try:
+        for ema, weight in zip(with_ema.ema_weights, with_ema.network.trainable_variables):
+            ema.assign(ops.convert_to_numpy(weight))
+        assert np.abs(with_ema.generate(2, steps=3, seed=0) - raw).max() > 1e-4
+    finally:
+        for ema, value in zip(with_ema.ema_weights, saved):
+            ema.assign(value)
+    np.testing.assert_array_equal(with_ema.generate(2, steps=3, seed=0), raw)
     without = tiny_model(ema_decay=None)
     assert not hasattr(without, "ema_weights")
     assert list(without.sampling_weights) == list(without.network.trainable_variables)
@@ -119,16 +120,16 @@ def test_x0_loss_closed_form():
 
 @pytest.mark.parametrize("prediction", ["v", "x0"])
 def test_other_predictions_and_min_snr_train(prediction):
-    model = tiny_model(prediction=prediction, min_snr_gamma=5.0)
-    history = model.fit(blobs(), batch_size=16, epochs=2, verbose=0).history["loss"]
+    model = one_level_model(prediction=prediction, min_snr_gamma=5.0)
+    history = model.fit(squares(64), batch_size=16, epochs=2, verbose=0).history["loss"]
     assert np.all(np.isfinite(history))
 
 
 def test_dataset_and_pydataset_inputs():
     import tensorflow as tf
 
-    images = blobs(32)
-    model = tiny_model()
+    images = squares(32)
+    model = one_level_model()
     ds = tf.data.Dataset.from_tensor_slices(images).batch(16)
     assert np.isfinite(model.fit(ds, epochs=1, verbose=0).history["loss"][0])
 
@@ -143,19 +144,19 @@ def test_dataset_and_pydataset_inputs():
     assert np.isfinite(model.evaluate(images, batch_size=16, verbose=0))
 
 
-def test_conditional_training_and_label_errors():
-    model = tiny_model(num_classes=3)
+def test_conditional_training_and_label_errors(trained):
+    model = one_level_model(num_classes=3)
     labels = np.arange(32) % 3
-    model.fit(blobs(32), labels, batch_size=16, epochs=1, verbose=0)
+    model.fit(squares(32), labels, batch_size=16, epochs=1, verbose=0)
     out = model.generate(3, steps=2, seed=0, labels=[0, 1, 2], guidance_scale=2.0)
-    assert out.shape == (3, 16, 16, 1)
+    assert out.shape == (3, 8, 8, 1)
     with pytest.raises(ValueError, match="class-conditional .* so fit needs labels"):
-        model.fit(blobs(16), batch_size=16, epochs=1, verbose=0)
+        model.fit(squares(16), batch_size=16, epochs=1, verbose=0)
     with pytest.raises(ValueError, match="label 3 is out of range; accepted: 0 to 2"):
         model.generate(1, steps=2, labels=[3])
     with pytest.raises(ValueError, match="unknown class name 'cat'"):
         model.generate(1, steps=2, labels=["cat"])
-    unconditional = tiny_model()
+    unconditional = trained  # each error comes before any training or sampling
     with pytest.raises(ValueError, match="network is unconditional"):
         unconditional.fit(blobs(16), labels[:16], batch_size=16, epochs=1, verbose=0)
     with pytest.raises(ValueError, match="this model is unconditional"):
@@ -179,9 +180,9 @@ def test_class_names_select_labels():
         ({"steps": 101}, "got 101"),
     ],
 )
-def test_generate_bad_arguments(kwargs, match):
+def test_generate_bad_arguments(kwargs, match, trained):
     with pytest.raises(ValueError, match=match):
-        tiny_model().generate(2, **kwargs)
+        trained.generate(2, **kwargs)
 
 
 def test_constructor_errors():
@@ -191,10 +192,9 @@ def test_constructor_errors():
         kd.DiffusionModel(tiny_unet(), ema_decay=1.5)
 
 
-def test_save_load_round_trip_resumes_training(tmp_path):
-    model = tiny_model()
+def test_save_load_round_trip_resumes_training(trained, tmp_path):
+    model = trained
     images = blobs()
-    model.fit(images, batch_size=16, epochs=1, verbose=0)
     path = tmp_path / "model.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)
@@ -207,7 +207,7 @@ def test_save_load_round_trip_resumes_training(tmp_path):
     assert int(ops.convert_to_numpy(loaded.optimizer.iterations)) == 8
 
 
-def test_load_model_errors(tmp_path):
+def test_load_model_errors(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="model file not found"):
         kd.load_model(tmp_path / "missing.keras")
     bad = tmp_path / "bad.keras"
@@ -215,7 +215,7 @@ def test_load_model_errors(tmp_path):
     with pytest.raises(ValueError, match="is not a Keras model archive"):
         kd.load_model(bad)
     good = tmp_path / "good.keras"
-    tiny_model().save(good)
+    trained.save(good)
     truncated = tmp_path / "truncated.keras"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(ValueError, match="truncated.keras"):

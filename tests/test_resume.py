@@ -20,33 +20,13 @@ import keras_diffusion as kd
 from keras_diffusion import cli
 from conftest import BACKEND
 from conftest import DATA_DIR
+from conftest import SMOKE
+from conftest import TINY
+from conftest import one_level_model
+from conftest import squares
 from keras_diffusion.callbacks import read_backup_record
 
 HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
-SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
-# The smallest network that trains: one level, no attention. 32 MNIST images
-# in batches of 8 are 4 steps an epoch.
-TINY = ["network.widths=[8]", "network.attention_levels=[]", "data.limit=32",
-        "training.batch_size=8", "training.learning_rate=0.003"]
-
-
-def tiny_unet(shape=(8, 8, 1)):
-    return kd.UNet(shape, widths=(8,), blocks_per_level=1, attention_levels=(), groups=4)
-
-
-def tiny_model(shape=(8, 8, 1), **kwargs):
-    model = kd.DiffusionModel(tiny_unet(shape), kd.DiffusionSchedule("cosine", timesteps=100),
-                              seed=0, **kwargs)
-    model.compile(optimizer=keras.optimizers.AdamW(1e-3))
-    return model
-
-
-def squares(n=32, size=8, seed=0):
-    rng = np.random.default_rng(seed)
-    x = np.zeros((n, size, size, 1), "float32")
-    for i, (r, c) in enumerate(rng.integers(0, size - 3, (n, 2))):
-        x[i, r:r + 3, c:c + 3] = 1.0
-    return x
 
 
 def history_rows(output):
@@ -78,7 +58,7 @@ class _CrashAtEpoch(keras.callbacks.Callback):
 
 def test_backup_restores_the_whole_training_state(tmp_path, monkeypatch):
     # One model throughout: on TensorFlow and JAX each new model costs a compile.
-    model = tiny_model()
+    model = one_level_model()
     x = squares()
     backup = kd.AtomicBackupAndRestore(tmp_path / "backup", delete_checkpoint=False)
     with pytest.raises(_Crash):
@@ -134,7 +114,9 @@ def test_backup_restores_the_whole_training_state(tmp_path, monkeypatch):
 
 
 def _train_command(output, *extra):
-    sets = [arg for key in TINY + ["training.epochs=2", "sampling.every_n_epochs=0"]
+    # No sampling or scoring: the run is about its backup (the smoke run scores).
+    sets = [arg for key in TINY + ["training.epochs=2", "sampling.every_n_epochs=0",
+                                   "evaluation.every_n_epochs=0"]
             for arg in ("--set", key)]
     return [sys.executable, "-m", "keras_diffusion.cli", "train", "--config", str(SMOKE),
             "--data-dir", str(DATA_DIR), "--output", str(output), *sets, *extra]
@@ -173,11 +155,13 @@ def test_cli_killed_mid_epoch_resumes(tmp_path, capsys):
     assert cli.main(_train_command(output)[3:]) == 2  # without --resume: refused, in-process
     assert "continue it with resume=True (--resume" in capsys.readouterr().err
 
+    # The resumed run is a new `keras-diffusion train --resume`, in-process too:
+    # it starts from the files the killed process left.
     logging = ["--set", "tensorboard=true"] if HAVE_TENSORBOARD else []
-    resumed = subprocess.run(_train_command(output, "--resume", *logging), env=env,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Epoch 1/2" not in resumed.stdout and "Epoch 2/2" in resumed.stdout
+    code = cli.main(_train_command(output, "--resume", *logging)[3:])
+    resumed = capsys.readouterr()
+    assert code == 0, resumed.err[-3000:]
+    assert "Epoch 1/2" not in resumed.out and "Epoch 2/2" in resumed.out
 
     rows = history_rows(output)
     assert [row["epoch"] for row in rows] == ["0", "1"]
@@ -197,7 +181,7 @@ def test_cli_killed_mid_epoch_resumes(tmp_path, capsys):
 @pytest.mark.skipif(not HAVE_TENSORBOARD, reason="needs the tensorboard package")
 def test_sample_grid_logs_images_for_tensorboard(tmp_path):
     grid = kd.SampleGrid(tmp_path / "samples", num_images=2, steps=1, tensorboard_dir=tmp_path / "tb")
-    grid.set_model(tiny_model())
+    grid.set_model(one_level_model())
     grid.write_grid(3)
     assert (tmp_path / "samples" / "epoch_0003.png").exists()
     assert _summary_tags(tmp_path / "tb") == {"samples"}

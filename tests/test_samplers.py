@@ -12,19 +12,10 @@ import pytest
 from keras import ops
 
 import keras_diffusion as kd
+from conftest import MU
+from conftest import S
+from conftest import gaussian_denoiser
 from keras_diffusion import DiffusionSchedule
-
-MU, S = 0.3, 0.2
-
-
-def gaussian_denoiser(schedule, mu=MU, s=S):
-    """E[eps | x_t] for x0 ~ N(mu, s^2): sqrt(1-a)(x_t - sqrt(a) mu) / (a s^2 + 1 - a)."""
-
-    def denoiser(x_t, t):
-        a = ops.reshape(schedule.alpha_bar(t), (-1, 1, 1, 1))
-        return ops.sqrt(1 - a) * (x_t - ops.sqrt(a) * mu) / (a * s**2 + 1 - a)
-
-    return denoiser
 
 
 def exact_affine(schedule, timesteps, eta=0.0, mu=MU, s=S):
