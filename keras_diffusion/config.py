@@ -243,6 +243,7 @@ _SCHEMA = {
         "sampler": ("dpmpp_2m", _choice(_owned_by("samplers", "SAMPLERS"))),
         "steps": (20, _integer(1)),
         "feature_net": (None, _path),  # null: the built-in one for data.dataset
+        "reference_images": (None, _integer(2, nullable=True)),  # null: the whole test split
     },
     "distribute": (None, _choice(("data_parallel",), nullable=True)),
     "tensorboard": (False, _flag),

@@ -167,7 +167,8 @@ def _training_callbacks(config, output):
     callbacks = [TerminateOnNonFiniteLoss(backup)]
     evaluation = config["evaluation"]
     if evaluation["every_n_epochs"]:
-        reference, _ = load_dataset(config["data"]["dataset"], config["data"]["data_dir"], split="test")
+        reference, _ = load_dataset(config["data"]["dataset"], config["data"]["data_dir"],
+                                    split="test", limit=evaluation["reference_images"])
         callbacks.append(SampleQuality(
             reference, feature_net=evaluation["feature_net"] or config["data"]["dataset"],
             every_n_epochs=evaluation["every_n_epochs"], num_images=evaluation["num_images"],

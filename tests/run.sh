@@ -10,7 +10,8 @@ status=0
 for backend in tensorflow jax torch; do
   echo "=== KERAS_BACKEND=$backend"
   start=$(date +%s)
-  KERAS_BACKEND=$backend python -m pytest -q -p no:cacheprovider "$@"
+  # The 25 slowest tests of each backend, so a run shows where its time goes.
+  KERAS_BACKEND=$backend python -m pytest -q -p no:cacheprovider --durations=25 "$@"
   rc=$?
   echo "=== $backend: pytest exit $rc in $(( $(date +%s) - start ))s"
   if [ "$rc" -eq 5 ]; then

@@ -180,6 +180,7 @@ def test_override_errors(override, message):
         ("sampling.steps=2000", r"sampling.steps: steps must be an integer from 1 to the schedule's timesteps \(1000\); got 2000"),
         ("sampling.guidance_scale=2", r"sampling.guidance_scale other than 1.0 needs .*network.num_classes"),
         ("data.image_folder=photos", r"data.image_size must be set when data.image_folder is set"),
+        ("evaluation.reference_images=1", r"evaluation.reference_images must be an integer >= 2 or null; got 1"),
     ],
 )
 def test_value_errors(override, message):

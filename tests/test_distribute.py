@@ -71,7 +71,8 @@ SCRIPT = textwrap.dedent("""
 
 def _run_two_devices(tmp_path):
     env = dict(os.environ, KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="2",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+               XLA_FLAGS=" ".join(filter(None, [os.environ.get("XLA_FLAGS"),
+                                                "--xla_force_host_platform_device_count=2"])))
     overrides = TINY + ["training.epochs=2", "sampling.num_images=2", "sampling.steps=2",
                         "sampling.every_n_epochs=2"]
     result = subprocess.run(

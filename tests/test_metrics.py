@@ -215,3 +215,21 @@ def test_score_model_reports_nan_for_diverged_samples():
     )
     scores = metrics.score_model(diverged, reference_features=np.zeros((4, 128)), num_images=4)
     assert all(np.isnan(scores[key]) for key in ("fid", "kid", "kid_std", "label_accuracy"))
+
+
+@pytest.mark.skipif(not (DATA_DIR / "mnist.npz").exists(), reason="needs the shared MNIST file")
+def test_config_scores_against_the_reference_images_it_names(tmp_path):
+    from keras_diffusion.config import apply_override
+    from keras_diffusion.config import load_config
+    from keras_diffusion.training import _training_callbacks
+    from conftest import SMOKE
+
+    def reference_count(config):
+        _, callbacks = _training_callbacks(config, tmp_path)
+        (quality,) = [c for c in callbacks if isinstance(c, kd.SampleQuality)]
+        return len(quality.reference_features)
+
+    config = load_config(SMOKE, [f"data.data_dir={DATA_DIR}"])
+    assert config["evaluation"]["reference_images"] == 500
+    assert reference_count(config) == 500
+    assert reference_count(apply_override(config, "evaluation.reference_images=300")) == 300
