@@ -5,7 +5,6 @@ directly with a config from `load_config`.
 """
 
 import importlib.util
-import os
 import re
 from pathlib import Path
 

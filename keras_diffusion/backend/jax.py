@@ -21,17 +21,23 @@ def _read(scope, variables, old_values):
     return new_values
 
 
+def _mapping(model, trainable, non_trainable, other_variables, other_values):
+    """Variable -> value pairs of a `StatelessScope`: the model's weights and
+    one more group of state (the optimizer's, or the metrics')."""
+    return (
+        list(zip(model.trainable_variables, trainable))
+        + list(zip(model.non_trainable_variables, non_trainable))
+        + list(zip(other_variables, other_values))
+    )
+
+
 def train_step(model, state, data):
     trainable, non_trainable, optimizer_state, metrics_state = state
     images, labels = model.unpack_batch(data)
     optimizer = model.optimizer
 
     def loss_fn(trainable, non_trainable):
-        mapping = (
-            list(zip(model.trainable_variables, trainable))
-            + list(zip(model.non_trainable_variables, non_trainable))
-            + list(zip(optimizer.variables, optimizer_state))
-        )
+        mapping = _mapping(model, trainable, non_trainable, optimizer.variables, optimizer_state)
         with StatelessScope(state_mapping=mapping) as scope:
             loss = model.compute_diffusion_loss(images, labels, training=True)
             scaled_loss = optimizer.scale_loss(loss)
@@ -41,11 +47,7 @@ def train_step(model, state, data):
     (_, (loss, non_trainable)), grads = grad_fn(trainable, non_trainable)
     trainable, optimizer_state = optimizer.stateless_apply(optimizer_state, grads, trainable)
 
-    mapping = (
-        list(zip(model.trainable_variables, trainable))
-        + list(zip(model.non_trainable_variables, non_trainable))
-        + list(zip(model.metrics_variables, metrics_state))
-    )
+    mapping = _mapping(model, trainable, non_trainable, model.metrics_variables, metrics_state)
     with StatelessScope(state_mapping=mapping) as scope:
         model.update_ema()
         logs = model.update_loss_metric(loss)
@@ -57,11 +59,7 @@ def train_step(model, state, data):
 def test_step(model, state, data):
     trainable, non_trainable, metrics_state = state
     images, labels = model.unpack_batch(data)
-    mapping = (
-        list(zip(model.trainable_variables, trainable))
-        + list(zip(model.non_trainable_variables, non_trainable))
-        + list(zip(model.metrics_variables, metrics_state))
-    )
+    mapping = _mapping(model, trainable, non_trainable, model.metrics_variables, metrics_state)
     with StatelessScope(state_mapping=mapping) as scope:
         loss = model.compute_diffusion_loss(images, labels, training=False)
         logs = model.update_loss_metric(loss)
