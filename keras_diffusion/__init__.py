@@ -37,8 +37,9 @@ _EXPORTS = {
     "make_mask": "keras_diffusion.applications",
 }
 
-# Submodules reached as attributes: `kd.metrics.fid(...)`, `kd.pipeline.sample(...)`.
-_SUBMODULES = ("metrics", "pipeline")
+# Submodules reached as attributes: `kd.metrics.fid(...)`, `kd.pipeline.sample(...)`,
+# `kd.precision.resolve("auto")`.
+_SUBMODULES = ("metrics", "pipeline", "precision")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["__version__"]
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from keras_diffusion.data import DATASETS  # numpy only: Keras still loads after --backend
+from keras_diffusion.precision import PRECISIONS
 
 BACKENDS = ("tensorflow", "jax", "torch")
 
@@ -27,6 +28,12 @@ class CommandError(Exception):
 
 def _common(parser):
     parser.add_argument("--backend", choices=BACKENDS, help="Keras backend (sets KERAS_BACKEND)")
+
+
+def _precision_argument(parser):
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="the network's precision; auto: bfloat16 on a GPU that computes it "
+                             "natively, float32 elsewhere")
 
 
 def _build_parser():
@@ -52,6 +59,7 @@ def _train_arguments(train):
 
 def _sample_arguments(sample):
     sample.add_argument("--model", required=True, help=".keras file")
+    _precision_argument(sample)
     sample.add_argument("--num", type=int, default=16, help="number of images")
     sample.add_argument("--steps", type=int, default=50)
     sample.add_argument("--sampler", default="ddim")
@@ -82,6 +90,7 @@ def _export_arguments(export):
 
 def _evaluate_arguments(evaluate):
     evaluate.add_argument("--model", required=True, help=".keras file")
+    _precision_argument(evaluate)
     evaluate.add_argument("--num", type=int, default=10000, help="samples to generate and score")
     evaluate.add_argument("--sampler", default="dpmpp_2m")
     evaluate.add_argument("--steps", type=int, default=20)
@@ -128,7 +137,7 @@ def _sample(args):
     from keras_diffusion.images import write_images
     from keras_diffusion.model import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, precision=args.precision)
     labels, nrow = _labels(args, model)
     num = len(labels) if args.labels == "all" else args.num
     images = model.generate(
@@ -193,7 +202,7 @@ def _evaluate(args):
     dataset = args.dataset or dataset_of_run(args.model)
     feature_net = get_feature_net(args.feature_net or dataset)
     reference, _ = load_dataset(dataset, args.data_dir, split="test")
-    model = load_model(args.model)
+    model = load_model(args.model, precision=args.precision)
     scores = score_model(
         model, reference, feature_net=feature_net, num_images=args.num, steps=args.steps,
         sampler=args.sampler, seed=args.seed, guidance_scale=args.guidance, eta=args.eta,
@@ -256,6 +265,7 @@ def _interpolate_arguments(interpolate):
 
 def _application_arguments(parser, inputs=True):
     parser.add_argument("--model", required=True, help=".keras file")
+    _precision_argument(parser)
     if inputs:
         parser.add_argument("--input", required=True, help="a .png/.jpg image or an .npz of images")
     parser.add_argument("--out", required=True,
@@ -326,7 +336,7 @@ def _interpolate(args):
     from keras_diffusion.images import read_images
     from keras_diffusion.model import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, precision=args.precision)
     ends = args.seeds if args.input is None else [_one_image(read_images(path), path) for path in args.input]
     frames = model.interpolate(
         ends[0], ends[1], num=args.num, steps=args.steps, labels=_cycled_labels(args, args.num),
@@ -358,7 +368,7 @@ def _load_model_and_input(args, noisy=False):
     from keras_diffusion.model import load_model
 
     images = read_images(args.input, noisy=noisy)
-    return load_model(args.model), images
+    return load_model(args.model, precision=args.precision), images
 
 
 def _one_image(images, path):

@@ -225,7 +225,7 @@ _SCHEMA = {
         "weight_decay": (0.0, _number(0)),
         "warmup_steps": (0, _integer(0)),
         "lr_decay": ("constant", _choice(("constant", "cosine"))),
-        "precision": ("float32", _choice(("float32", "mixed_float16", "mixed_bfloat16"))),
+        "precision": ("auto", _choice(_owned_by("precision", "PRECISIONS"))),
         "jit_compile": ("auto", _jit_compile),
         "steps_per_epoch": (None, _integer(1, nullable=True)),
     },

@@ -136,6 +136,7 @@ class DiffusionModel(keras.Model):
             self.unpack_batch((x,) if y is None else (x, y))
             if y is not None:
                 y = check_training_labels(y, len(x), self.num_classes)
+        backend.before_fit(self)
         return super().fit(x, y, *args, **kwargs)
 
     def train_step(self, *args):
@@ -349,15 +350,26 @@ def check_model_arguments(*, prediction, ema_decay, min_snr_gamma, label_dropout
         raise ValueError(f"min_snr_gamma must be > 0 or None; got {min_snr_gamma!r}.")
 
 
-def load_model(path):
+def load_model(path, precision=None):
     """Load a `.keras` file saved from a `DiffusionModel`, on any backend.
 
+    The network computes in the global dtype policy (float32 unless set),
+    whatever precision it was trained in: its weights are float32 either
+    way. `precision` ("auto", "float32", "mixed_bfloat16",
+    "mixed_float16") sets the policy for this model instead; "auto" is
+    `mixed_bfloat16` on an accelerator with native bfloat16 and float32
+    elsewhere (`keras_diffusion.precision.resolve`).
+
     Raises `FileNotFoundError` for a missing file and `ValueError` for a file
-    that is not a readable Keras archive or holds another kind of model.
+    that is not a readable Keras archive, holds another kind of model, or
+    for an unknown `precision`.
     """
     import os
     import zipfile
 
+    from keras_diffusion import precision as precisions
+
+    policy = None if precision is None else precisions.resolve(precision, sampling=True)
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
@@ -366,11 +378,16 @@ def load_model(path):
             f"{path} is not a Keras model archive; expected a .keras file written by "
             "model.save or keras-diffusion train."
         )
+    global_policy = keras.mixed_precision.dtype_policy()
     try:
+        if policy is not None:
+            keras.mixed_precision.set_dtype_policy(policy)
         model = keras.saving.load_model(path)
     except Exception as error:  # a truncated or foreign archive fails in many ways
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"could not load {path} as a Keras model ({first_line}).") from error
+    finally:
+        keras.mixed_precision.set_dtype_policy(global_policy)
     if not isinstance(model, DiffusionModel):
         raise ValueError(f"{path} holds a {type(model).__name__}, not a keras_diffusion DiffusionModel.")
     return model

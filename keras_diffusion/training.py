@@ -10,6 +10,7 @@ from pathlib import Path
 
 import keras
 
+from keras_diffusion import precision
 from keras_diffusion.callbacks import AtomicBackupAndRestore
 from keras_diffusion.callbacks import AtomicCSVLogger
 from keras_diffusion.callbacks import SampleGrid
@@ -126,7 +127,7 @@ def train(config, output_dir, verbose="auto", resume=False):
         )
     training, sampling = config["training"], config["sampling"]
     keras.utils.set_random_seed(config["seed"])
-    keras.mixed_precision.set_dtype_policy(training["precision"])
+    keras.mixed_precision.set_dtype_policy(precision.resolve(training["precision"]))
     try:
         with distribution_scope(config["distribute"]) as replicas:
             x, y, image_shape, class_names = load_training_data(config)

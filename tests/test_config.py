@@ -159,7 +159,7 @@ def test_override_errors(override, message):
         ("model.ema_decay=1.0", r"^model: ema_decay must be in \[0, 1\) or None; got 1.0\.$"),
         ("model.ema_decay=high", r"^model.ema_decay must be a number or null; got 'high'$"),
         ("training.lr_decay=cosin", r"training.lr_decay must be one of constant, cosine; got 'cosin'; did you mean 'cosine'\?"),
-        ("training.precision=fp16", r"training.precision must be one of float32, mixed_float16, mixed_bfloat16"),
+        ("training.precision=fp16", r"training.precision must be one of auto, float32, mixed_float16, mixed_bfloat16"),
         ("training.jit_compile=maybe", r"training.jit_compile must be true, false or auto; got 'maybe'"),
         ("schedule.beta_schedule=quadratic", r"schedule.beta_schedule must be one of linear, scaled_linear, cosine, sigmoid"),
         ("model.prediction=eps", r"model.prediction must be one of epsilon, v, x0"),

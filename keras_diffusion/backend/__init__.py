@@ -3,16 +3,17 @@ module per backend (the way Keras keeps `keras/src/backend/<name>/`).
 
 Each module exposes `train_step`, `test_step` and `compile_function`, all
 calling the one backend-agnostic objective
-(`DiffusionModel.compute_diffusion_loss`), and may provide faster kernels
-for the network's layers:
+(`DiffusionModel.compute_diffusion_loss`), may prepare a model for `fit`
+(`before_fit`), and may provide faster kernels for the network's layers:
 
 - `group_normalization(layer, x)` and `conv2d(layer, x)`: the layer's
   function on the backend's fused kernel, or `NotImplemented` where the
   layer's settings fall outside what the kernel covers;
 - `attention(q, k, v)`: softmax(q k^T / sqrt(d)) v for `(B, N, heads, d)`;
 
-and what export and distribution need to know: `endpoint_options`,
-`TRACES_SAVED_MODELS`, `onnx_export_context` and `data_parallel`.
+and what export, distribution and the choice of precision need to know:
+`endpoint_options`, `TRACES_SAVED_MODELS`, `onnx_export_context`,
+`data_parallel` and `accelerator`.
 
 The functions here pick the current backend's version or fall back to the
 generic `keras.ops` one. No other module branches on the backend.
@@ -64,6 +65,13 @@ def attention(q, k, v):
     return ops.dot_product_attention(q, k, v) if kernel is None else kernel(q, k, v)
 
 
+def before_fit(model):
+    """Whatever the backend needs done before `model.fit` starts."""
+    prepare = getattr(current(), "before_fit", None)
+    if prepare is not None:
+        prepare(model)
+
+
 # ------------------------------------------------------- export, distribution
 def traces_saved_models():
     """Whether `keras.export.ExportArchive` can trace the sampling endpoints
@@ -89,3 +97,23 @@ def data_parallel():
     """A context manager that makes `fit` split each batch over the local
     devices, yielding their number; None where Keras cannot (PyTorch)."""
     return getattr(current(), "data_parallel", None)
+
+
+# The first CUDA generations with native arithmetic: Ampere for bfloat16,
+# Volta (tensor cores) for float16.
+_CUDA_CAPABILITY = {"bfloat16": (8, 0), "float16": (7, 0)}
+
+
+def accelerator_supports(dtype):
+    """Whether the backend's accelerator computes `dtype` ("bfloat16",
+    "float16") natively; None where the backend runs on the CPU.
+
+    The backend modules' `accelerator()` says what they run on: None (the
+    CPU), "tpu", a CUDA GPU's compute capability `(major, minor)`, or "gpu"
+    for one without (ROCm), taken to be recent."""
+    device = current().accelerator()
+    if device is None:
+        return None
+    if device == "tpu":
+        return dtype == "bfloat16"
+    return device == "gpu" or tuple(device) >= _CUDA_CAPABILITY[dtype]

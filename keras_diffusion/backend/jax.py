@@ -98,6 +98,14 @@ def endpoint_options(signature):
 _MULTI_HOST = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES")
 
 
+def accelerator():
+    device = jax.devices()[0]
+    if device.platform in ("cpu", "tpu"):
+        return None if device.platform == "cpu" else "tpu"
+    capability = getattr(device, "compute_capability", None)  # "9.0" on CUDA, absent on ROCm
+    return tuple(map(int, capability.split("."))) if capability else "gpu"
+
+
 @contextlib.contextmanager
 def data_parallel():
     """`keras.distribution.DataParallel` over every device (of every host,

@@ -24,6 +24,18 @@ def train_step(model, data):
     return model.update_loss_metric(loss)
 
 
+def before_fit(model):
+    """Build the optimizer's variables before `fit` traces the train step.
+
+    Keras builds them ahead only under a `tf.distribute` strategy; otherwise
+    the first trace creates them, and a `tf.function` that creates variables
+    is traced a second time. Building them here halves the first `fit`'s
+    tracing (7 s instead of 15 s for the smallest UNet, 2-core Xeon)."""
+    optimizer = model.optimizer
+    if model._distribute_strategy is None and optimizer is not None and not optimizer.built:
+        optimizer.build(model.trainable_variables)
+
+
 def test_step(model, data):
     images, labels = model.unpack_batch(data)
     with _noise_per_replica(model, _replicas()):
@@ -59,6 +71,14 @@ def compile_function(fn):
     # Plain graph mode: on CPU, TF without XLA ran this UNet faster than with it.
     # No autograph: the loops are keras.ops.fori_loop, already graph ops.
     return tf.function(fn, reduce_retracing=True, autograph=False)
+
+
+def accelerator():
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return None
+    capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
+    return tuple(capability) if capability else "gpu"  # ROCm reports none
 
 
 @contextlib.contextmanager

@@ -78,6 +78,12 @@ def conv2d(layer, x):
     return layer.activation(y) if layer.activation is not None else y
 
 
+def accelerator():
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability() if torch.version.cuda else "gpu"
+
+
 @contextlib.contextmanager
 def onnx_export_context():
     """The trace fixes Python-level checks on static shapes; that is intended."""

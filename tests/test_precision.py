@@ -1,0 +1,112 @@
+"""`precision: auto` picks bfloat16 only where the hardware computes it, and
+an explicit half precision that would be emulated warns once."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import keras_diffusion as kd
+from conftest import one_level_model
+from keras_diffusion import backend
+from keras_diffusion import precision
+
+XEON_AMX = frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+EPYC_ZEN3 = frozenset({"avx2", "fma", "sse4_2"})
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Pretend to run on a machine: its CPU flags and its accelerator (None:
+    none; True/False: one with or without native half precision)."""
+    monkeypatch.setattr(precision, "_warned", set())
+
+    def pretend(flags, accelerator=None):
+        monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+        monkeypatch.setattr(backend, "accelerator_supports", lambda dtype: accelerator)
+
+    return pretend
+
+
+@pytest.mark.parametrize("flags, accelerator, training, sampling", [
+    (XEON_AMX, None, "mixed_bfloat16", "float32"),
+    (frozenset({"avx512_bf16"}), None, "mixed_bfloat16", "float32"),
+    (EPYC_ZEN3, None, "float32", "float32"),
+    (EPYC_ZEN3, True, "mixed_bfloat16", "mixed_bfloat16"),  # an Ampere or newer GPU
+    (XEON_AMX, False, "float32", "float32"),  # an older GPU decides, not the CPU
+])
+def test_auto_is_bfloat16_only_where_native(machine, flags, accelerator, training, sampling):
+    machine(flags, accelerator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert precision.resolve("auto") == training
+        assert precision.resolve("auto", sampling=True) == sampling
+        assert precision.resolve("float32") == "float32"
+
+
+def test_emulated_bfloat16_warns_once(machine):
+    machine(EPYC_ZEN3)
+    with pytest.warns(UserWarning, match=r"precision mixed_bfloat16: this machine has no native "
+                                         r"bfloat16 arithmetic \(no GPU, and a CPU without "
+                                         r"AMX_BF16 or AVX512_BF16\), so training will emulate it "
+                                         r"and run several times slower than in float32; use "
+                                         r"precision auto or float32"):
+        assert precision.resolve("mixed_bfloat16") == "mixed_bfloat16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert precision.resolve("mixed_bfloat16", sampling=True) == "mixed_bfloat16"
+    with pytest.warns(UserWarning, match="no native float16 arithmetic .* sampling will emulate it"):
+        precision.resolve("mixed_float16", sampling=True)
+
+
+def test_native_bfloat16_does_not_warn(machine):
+    machine(XEON_AMX)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert precision.resolve("mixed_bfloat16") == "mixed_bfloat16"
+
+
+def test_unknown_precision():
+    with pytest.raises(ValueError, match=r"precision must be one of auto, float32, mixed_float16, "
+                                         r"mixed_bfloat16; got 'bf16'"):
+        precision.resolve("bf16")
+
+
+def test_cpu_flags_are_read_from_linux():
+    flags = precision.cpu_flags()
+    assert isinstance(flags, frozenset)
+    try:
+        with open("/proc/cpuinfo") as file:
+            assert ("sse2" in flags) == ("sse2" in file.read())
+    except OSError:
+        assert flags == frozenset()
+
+
+def test_this_backend_reports_its_accelerator():
+    """The test machines have no GPU: every backend must say "CPU" (None)."""
+    assert backend.accelerator_supports("bfloat16") is None
+
+
+def test_load_model_computes_in_the_precision_asked(machine, tmp_path):
+    machine(EPYC_ZEN3)
+    model = one_level_model()
+    model.save(tmp_path / "model.keras")
+    inputs = [np.full((1, 8, 8, 1), 0.5, "float32"), np.array([10], "int32")]
+    expected = keras.ops.convert_to_numpy(model.network(inputs))
+
+    default = kd.load_model(tmp_path / "model.keras")
+    auto = kd.load_model(tmp_path / "model.keras", precision="auto")
+    with pytest.warns(UserWarning, match="sampling will emulate it"):
+        half = kd.load_model(tmp_path / "model.keras", precision="mixed_bfloat16")
+    assert keras.mixed_precision.dtype_policy().name == "float32"  # restored
+    for loaded, compute in ((default, "float32"), (auto, "float32"), (half, "bfloat16")):
+        assert loaded.network.get_layer("conv_in").compute_dtype == compute
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(auto.network(inputs)), expected)
+    output = keras.ops.convert_to_numpy(half.network(inputs))
+    assert output.dtype == np.float32  # the output head stays float32
+    # bfloat16 keeps 8 bits of mantissa: close to float32's output, not equal.
+    difference = np.abs(output - expected).max()
+    assert 0 < difference < 0.1 * np.abs(expected).max()
+    with pytest.raises(ValueError, match="precision must be one of auto, float32"):
+        kd.load_model(tmp_path / "model.keras", precision="half")
