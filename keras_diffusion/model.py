@@ -369,7 +369,8 @@ def load_model(path, precision=None):
 
     from keras_diffusion import precision as precisions
 
-    policy = None if precision is None else precisions.resolve(precision, sampling=True)
+    if precision is not None:
+        precisions.check_precision(precision)
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
@@ -378,6 +379,7 @@ def load_model(path, precision=None):
             f"{path} is not a Keras model archive; expected a .keras file written by "
             "model.save or keras-diffusion train."
         )
+    policy = None if precision is None else precisions.resolve(precision, sampling=True)
     global_policy = keras.mixed_precision.dtype_policy()
     try:
         if policy is not None:

@@ -101,11 +101,10 @@ def test_the_0_1_file_samples_as_0_1_did(legacy_model):
 
 
 def test_the_0_1_file_keeps_training(legacy_model, tmp_path):
-    model = kd.load_model(MODEL)
+    """Last in the module: it trains the shared copy (a load saved)."""
+    model = legacy_model
     history = model.fit(fixture_images(), np.array([0, 1, 2]), batch_size=3, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
     assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 9
     model.save(tmp_path / "again.keras")
     assert kd.load_model(tmp_path / "again.keras").get_config() == model.get_config()
-    del legacy_model  # the shared copy stays untouched
-    keras.backend.clear_session()
