@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 import keras_diffusion as kd
+from conftest import BACKEND
+from conftest import SMOKE
 from conftest import one_level_model
 from keras_diffusion import backend
 from keras_diffusion import precision
@@ -84,8 +86,15 @@ def test_cpu_flags_are_read_from_linux():
 
 
 def test_this_backend_reports_its_accelerator():
-    """The test machines have no GPU: every backend must say "CPU" (None)."""
-    assert backend.accelerator_supports("bfloat16") is None
+    """None (the CPU) exactly where Keras sees no accelerator."""
+    if BACKEND == "torch":  # keras.distribution lists no devices under PyTorch
+        import torch
+
+        on_cpu = not torch.cuda.is_available()
+    else:
+        on_cpu = all(d.lower().startswith("cpu") for d in keras.distribution.list_devices())
+    supports = backend.accelerator_supports("bfloat16")
+    assert supports is None if on_cpu else isinstance(supports, bool)
 
 
 def test_load_model_computes_in_the_precision_asked(machine, tmp_path):
@@ -110,3 +119,28 @@ def test_load_model_computes_in_the_precision_asked(machine, tmp_path):
     assert 0 < difference < 0.1 * np.abs(expected).max()
     with pytest.raises(ValueError, match="precision must be one of auto, float32"):
         kd.load_model(tmp_path / "model.keras", precision="half")
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("flags, policy", [(XEON_AMX, "mixed_bfloat16"), (EPYC_ZEN3, "float32")])
+def test_train_builds_the_model_in_the_resolved_precision(machine, monkeypatch, tmp_path, flags, policy):
+    from keras_diffusion import training
+
+    machine(flags)
+    seen = []
+
+    def build_model(*args, **kwargs):
+        seen.append(keras.mixed_precision.dtype_policy().name)
+        raise _Stop()
+
+    monkeypatch.setattr(training, "load_training_data", lambda config: (None, None, (8, 8, 1), None))
+    monkeypatch.setattr(training, "build_model", build_model)
+    config = kd.load_config(SMOKE)
+    assert config["training"]["precision"] == "auto"  # the default
+    with pytest.raises(_Stop):
+        training.train(config, tmp_path / "run")
+    assert seen == [policy]
+    assert keras.mixed_precision.dtype_policy().name == "float32"  # restored
