@@ -7,8 +7,9 @@ Elsewhere every bfloat16 operation is emulated: on a 2-core AMD EPYC
 (Zen 3, AVX2 only) `mixed_bfloat16` trained 5-12x slower than float32 on
 TensorFlow and PyTorch (docs/performance.md).
 
-`resolve("auto")` is `mixed_bfloat16` where bfloat16 is native and
-`float32` elsewhere (for sampling, on CPUs always `float32`). An explicit `mixed_bfloat16` or `mixed_float16` is
+`resolve("auto")` is `mixed_bfloat16` where bfloat16 is native and pays
+(not on JAX's CPU backend) and `float32` elsewhere (for sampling, on CPUs
+always `float32`). An explicit `mixed_bfloat16` or `mixed_float16` is
 kept, with one warning per process where the hardware would emulate it.
 """
 
@@ -60,7 +61,8 @@ def is_native(dtype):
 def resolve(precision, *, sampling=False):
     """The Keras dtype policy name for `precision` (one of `PRECISIONS`).
 
-    For training, "auto" is `mixed_bfloat16` wherever bfloat16 is native.
+    For training, "auto" is `mixed_bfloat16` wherever bfloat16 is native,
+    except on JAX without an accelerator: XLA:CPU trains no faster in it.
     For sampling (`sampling=True`) it is so only on an accelerator. On a
     Xeon with AMX, bfloat16 sampled 2.1x as fast as float32 on TensorFlow,
     1.3x on PyTorch and 0.84x on JAX (docs/performance.md): not a gain on
@@ -70,7 +72,11 @@ def resolve(precision, *, sampling=False):
 
     check_precision(precision)
     if precision == "auto":
-        native = backend.accelerator_supports("bfloat16") if sampling else is_native("bfloat16")
+        on_accelerator = backend.accelerator_supports("bfloat16")
+        if on_accelerator is not None:
+            native = on_accelerator
+        else:  # a CPU
+            native = not sampling and backend.cpu_bfloat16_pays() and is_native("bfloat16")
         return "mixed_bfloat16" if native else "float32"
     if precision != "float32":
         dtype = precision.removeprefix("mixed_")

@@ -20,26 +20,29 @@ EPYC_ZEN3 = frozenset({"avx2", "fma", "sse4_2"})
 
 @pytest.fixture
 def machine(monkeypatch):
-    """Pretend to run on a machine: its CPU flags and its accelerator (None:
-    none; True/False: one with or without native half precision)."""
+    """Pretend to run on a machine: its CPU flags, its accelerator (None:
+    none; True/False: one with or without native half precision), and
+    whether the backend trains faster in bfloat16 on such a CPU."""
     monkeypatch.setattr(precision, "_warned", set())
 
-    def pretend(flags, accelerator=None):
+    def pretend(flags, accelerator=None, cpu_bfloat16_pays=True):
         monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
         monkeypatch.setattr(backend, "accelerator_supports", lambda dtype: accelerator)
+        monkeypatch.setattr(backend, "cpu_bfloat16_pays", lambda: cpu_bfloat16_pays)
 
     return pretend
 
 
-@pytest.mark.parametrize("flags, accelerator, training, sampling", [
-    (XEON_AMX, None, "mixed_bfloat16", "float32"),
-    (frozenset({"avx512_bf16"}), None, "mixed_bfloat16", "float32"),
-    (EPYC_ZEN3, None, "float32", "float32"),
-    (EPYC_ZEN3, True, "mixed_bfloat16", "mixed_bfloat16"),  # an Ampere or newer GPU
-    (XEON_AMX, False, "float32", "float32"),  # an older GPU decides, not the CPU
+@pytest.mark.parametrize("flags, accelerator, pays, training, sampling", [
+    (XEON_AMX, None, True, "mixed_bfloat16", "float32"),
+    (frozenset({"avx512_bf16"}), None, True, "mixed_bfloat16", "float32"),
+    (XEON_AMX, None, False, "float32", "float32"),  # JAX: XLA:CPU gains nothing
+    (EPYC_ZEN3, None, True, "float32", "float32"),
+    (EPYC_ZEN3, True, False, "mixed_bfloat16", "mixed_bfloat16"),  # an Ampere or newer GPU
+    (XEON_AMX, False, True, "float32", "float32"),  # an older GPU decides, not the CPU
 ])
-def test_auto_is_bfloat16_only_where_native(machine, flags, accelerator, training, sampling):
-    machine(flags, accelerator)
+def test_auto_is_bfloat16_only_where_native(machine, flags, accelerator, pays, training, sampling):
+    machine(flags, accelerator, pays)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert precision.resolve("auto") == training

@@ -13,7 +13,7 @@ calling the one backend-agnostic objective
 
 and what export, distribution and the choice of precision need to know:
 `endpoint_options`, `TRACES_SAVED_MODELS`, `onnx_export_context`,
-`data_parallel` and `accelerator`.
+`data_parallel`, `accelerator` and `CPU_BFLOAT16_PAYS`.
 
 The functions here pick the current backend's version or fall back to the
 generic `keras.ops` one. No other module branches on the backend.
@@ -102,6 +102,12 @@ def data_parallel():
 # The first CUDA generations with native arithmetic: Ampere for bfloat16,
 # Volta (tensor cores) for float16.
 _CUDA_CAPABILITY = {"bfloat16": (8, 0), "float16": (7, 0)}
+
+
+def cpu_bfloat16_pays():
+    """Whether this backend trains faster in bfloat16 on a CPU with native
+    bfloat16 (oneDNN on AMX does; XLA:CPU does not)."""
+    return getattr(current(), "CPU_BFLOAT16_PAYS", True)
 
 
 def accelerator_supports(dtype):

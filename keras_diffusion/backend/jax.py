@@ -98,6 +98,12 @@ def endpoint_options(signature):
 _MULTI_HOST = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES")
 
 
+# XLA:CPU gains nothing from bfloat16 even on AMX (15.6 against 15.0 training
+# images/s, and a longer first compile; docs/performance.md), so precision
+# "auto" keeps float32 on JAX without an accelerator.
+CPU_BFLOAT16_PAYS = False
+
+
 def accelerator():
     device = jax.devices()[0]
     if device.platform in ("cpu", "tpu"):
