@@ -330,6 +330,18 @@ class DiffusionModel(keras.Model):
             "seed": self.seed,
         }
 
+    def compile_from_config(self, config):
+        """Compile a loaded model as it was saved, except `jit_compile`.
+
+        Keras saves `jit_compile` as the saving backend resolved "auto":
+        False on TensorFlow's CPU and on PyTorch, True on JAX. Kept, a model
+        saved under TensorFlow would train op by op under JAX (one small XLA
+        compilation per operation: 48 s for the first step of a tiny UNet,
+        against 2 s jitted), and a JAX file would start `torch.compile`
+        under PyTorch. Whether to compile is the loading backend's choice, so
+        it resolves "auto" again."""
+        super().compile_from_config(dict(config, jit_compile="auto"))
+
     @classmethod
     def from_config(cls, config):
         config = dict(config)

@@ -1,5 +1,19 @@
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
+
+# One JAX compilation cache for the run, set before JAX starts and inherited by
+# the subprocesses the tests start: models of the same shapes compile the same
+# XLA programs, in this process and in each CLI subprocess. A fresh folder per
+# run, removed at exit, so nothing carries over from one run to the next.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _jax_cache = tempfile.mkdtemp(prefix="keras-diffusion-jax-cache-")
+    atexit.register(shutil.rmtree, _jax_cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _jax_cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import keras
 import numpy as np

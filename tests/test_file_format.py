@@ -83,6 +83,9 @@ def test_the_0_1_file_loads_with_its_config_and_training_state(legacy_model):
     assert model.schedule.timesteps == 100 and model.image_shape == (16, 16, 1)
     assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 8
     assert float(ops.convert_to_numpy(model.ema_updates)) == 8.0
+    # Written under TensorFlow, which saved jit_compile=False: this backend
+    # decides again (XLA under JAX, not on TensorFlow's or PyTorch's CPU).
+    assert model.jit_compile == (BACKEND == "jax")
     raw, ema = model.network.trainable_variables, model.sampling_weights
     assert max(float(np.abs(ops.convert_to_numpy(a) - ops.convert_to_numpy(b)).max())
                for a, b in zip(raw, ema)) > 1e-3
