@@ -105,19 +105,10 @@ def _device_name():
             return torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    return f"{_cpu_model()} ({_instruction_sets()}), {os.cpu_count()} cores"
+    from keras_diffusion.precision import cpu_model
 
-
-def _cpu_model():
-    """The CPU's model name as `lscpu` prints it."""
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} CPU"
+    model = cpu_model() or f"{platform.processor() or platform.machine()} CPU"
+    return f"{model} ({_instruction_sets()}), {os.cpu_count()} cores"
 
 
 # The instruction sets that decide which precision and backend are fast.

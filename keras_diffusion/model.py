@@ -336,9 +336,9 @@ class DiffusionModel(keras.Model):
         Keras saves `jit_compile` as the saving backend resolved "auto":
         False on TensorFlow's CPU and on PyTorch, True on JAX. Kept, a model
         saved under TensorFlow would train op by op under JAX (one small XLA
-        compilation per operation: 48 s for the first step of a tiny UNet,
-        against 2 s jitted), and a JAX file would start `torch.compile`
-        under PyTorch. Whether to compile is the loading backend's choice, so
+        compilation per operation: 740 of them, 48 s, for the first step of
+        a tiny UNet), and a JAX file would start `torch.compile` under
+        PyTorch. Whether to compile is the loading backend's choice, so
         it resolves "auto" again."""
         super().compile_from_config(dict(config, jit_compile="auto"))
 

@@ -34,17 +34,29 @@ def check_precision(precision):
 
 
 @functools.cache
-def cpu_flags():
-    """The CPU's instruction-set flags, as Linux lists them in
-    /proc/cpuinfo; empty where that file does not exist."""
+def _cpuinfo(field):
+    """The first CPU's `field` in Linux's /proc/cpuinfo, or None where that
+    file or field does not exist."""
     try:
         with open("/proc/cpuinfo") as file:
             for line in file:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                name, _, value = line.partition(":")
+                if name.strip() == field:
+                    return value.strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+def cpu_flags():
+    """The CPU's instruction-set flags, as Linux lists them in
+    /proc/cpuinfo; empty where that file does not exist."""
+    return frozenset((_cpuinfo("flags") or "").split())
+
+
+def cpu_model():
+    """The CPU's model name as `lscpu` prints it, or None off Linux."""
+    return _cpuinfo("model name")
 
 
 def is_native(dtype):

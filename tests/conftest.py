@@ -6,14 +6,14 @@ from pathlib import Path
 
 # One JAX compilation cache for the run, set before JAX starts and inherited by
 # the subprocesses the tests start: models of the same shapes compile the same
-# XLA programs, in this process and in each CLI subprocess. A fresh folder per
-# run, removed at exit, so nothing carries over from one run to the next.
+# XLA programs, in this process and in each CLI subprocess. tests/run.sh gives
+# its three runs one folder; a session started alone makes its own. Either is
+# fresh and removed at exit, so nothing carries over from one run to the next.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _jax_cache = tempfile.mkdtemp(prefix="keras-diffusion-jax-cache-")
-    atexit.register(shutil.rmtree, _jax_cache, ignore_errors=True)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _jax_cache
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="keras-diffusion-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # cache every program
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import keras
 import numpy as np

@@ -6,10 +6,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet --disable-pip-version-check -e ".[jax,torch,dev]" || exit 1
 export TF_CPP_MIN_LOG_LEVEL=2
-# One JAX compilation cache for the three runs and the subprocesses they start
-# (tests/conftest.py makes one per pytest session when this is unset).
+# One JAX compilation cache for the three runs (tests/conftest.py sets it up).
 JAX_COMPILATION_CACHE_DIR=$(mktemp -d)
-export JAX_COMPILATION_CACHE_DIR JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+export JAX_COMPILATION_CACHE_DIR
 trap 'rm -rf "$JAX_COMPILATION_CACHE_DIR"' EXIT
 status=0
 for backend in tensorflow jax torch; do
