@@ -16,6 +16,8 @@ _EXPORTS = {
     "DiffusionSchedule": "keras_diffusion.schedule",
     "UNet": "keras_diffusion.network",
     "DiffusionModel": "keras_diffusion.model",
+    "Autoencoder": "keras_diffusion.autoencoder",
+    "LatentDiffusionModel": "keras_diffusion.latent",
     "load_model": "keras_diffusion.model",
     "train": "keras_diffusion.training",
     "build_model": "keras_diffusion.training",

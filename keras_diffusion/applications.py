@@ -87,6 +87,12 @@ def denoise(model, images, *, sigma=None, steps=10, labels=None, guidance_scale=
     >>> result.images.shape, result.sigma
     ((8, 28, 28, 1), 0.198...)
     """
+    if getattr(model, "autoencoder", None) is not None:
+        raise ValueError(
+            "denoise needs a pixel-space model: the autoencoder of a latent model was trained "
+            "on clean images, so the latents of a noisy image are not the noised latents its "
+            "diffusion model learned to clean; denoise with a DiffusionModel."
+        )
     noisy = _check_noisy_images(images, model.image_shape)
     estimated = sigma is None
     if estimated:
@@ -197,22 +203,23 @@ def inpaint(model, images, mask, *, steps=50, jump_length=5, resamples=4, eta=1.
     t_from, t_to = samplers.repaint_timesteps(timesteps, jump_length, resamples)
     labels = pipeline.check_labels(model, labels, len(images), guidance_scale)
     reverse_steps = int(np.sum(t_to < t_from))
-    pixels = int(np.prod(images.shape[1:]))
-    batch_size = batch_size or max(1, min(len(images), _NOISE_BUDGET // (2 * reverse_steps * pixels)))
-    plan = dict(t_from=t_from, t_to=t_to, eta=float(eta))
+    size = int(np.prod(model.sample_shape))
+    batch_size = batch_size or max(1, min(len(images), _NOISE_BUDGET // (2 * reverse_steps * size)))
+    plan = dict(t_from=t_from, t_to=t_to, eta=float(eta), clip_x0=pipeline.clips(model))
     seeds = keras.random.SeedGenerator(seed)
     outputs = []
     for part in _batches(len(images), batch_size):
-        shape = images[part].shape
+        target = pipeline.encode(model, images[part])
+        shape = tuple(target.shape)
         x = keras.random.normal(shape, seed=seeds)
         jump_noise = keras.random.normal((reverse_steps,) + shape, seed=seeds)
         step_noise = keras.random.normal((reverse_steps,) + shape, seed=seeds)
-        inputs = [x, to_model_range(images[part]), known[part].astype("float32"), jump_noise, step_noise]
+        inputs = [x, target, pipeline.encode_mask(model, known[part]), jump_noise, step_noise]
         x0 = pipeline.run_loop(
             model, samplers.repaint, inputs, constants=plan, batch_axes=(0, 0, 0, 1, 1),
             labels=None if labels is None else labels[part], guidance_scale=guidance_scale,
         )
-        outputs.append(from_model_range(x0))
+        outputs.append(pipeline.decode(model, x0))
     # Composite in [0, 1] so the known pixels come back bit for bit.
     return np.where(known, images, np.concatenate(outputs, axis=0))
 
@@ -282,19 +289,20 @@ def img2img(model, images, *, strength=0.5, steps=50, eta=0.0, seed=None, labels
         raise ValueError(f"eta must be >= 0; got {eta!r}.")
     labels = pipeline.check_labels(model, labels, len(images), guidance_scale)
     t = int(round(float(strength) * (model.schedule.timesteps - 1)))
-    noise = keras.random.normal(images.shape, seed=seed)
+    x0 = pipeline.encode(model, images, batch_size=batch_size)
+    noise = keras.random.normal(x0.shape, seed=seed)
     t_batch = np.full((len(images),), t, dtype="int32")
-    x_t = model.schedule.add_noise(to_model_range(images), noise, t_batch)
+    x_t = model.schedule.add_noise(x0, noise, t_batch)
     timesteps = samplers.partial_timesteps(t, steps)
     step_seed = None if seed is None else seed + 1
     step_noise = samplers.draw_step_noise(
-        images.shape, "ddim", len(timesteps), eta=eta, seed=step_seed
+        x0.shape, "ddim", len(timesteps), eta=eta, seed=step_seed
     )
     x0 = pipeline.run_sampler(
         model, x_t, timesteps=timesteps, sampler="ddim", eta=eta, labels=labels,
         guidance_scale=guidance_scale, step_noise=step_noise, batch_size=batch_size,
     )
-    return from_model_range(x0)
+    return pipeline.decode(model, x0, batch_size=batch_size)
 
 
 # -------------------------------------------------------------- interpolate
@@ -331,7 +339,7 @@ def interpolate(model, a, b, *, num=8, steps=50, labels=None, guidance_scale=1.0
         model, noise, timesteps=timesteps, sampler="ddim", labels=labels,
         guidance_scale=guidance_scale, batch_size=batch_size,
     )
-    return from_model_range(x0)
+    return pipeline.decode(model, x0, batch_size=batch_size)
 
 
 def slerp(a, b, weights):
@@ -355,7 +363,7 @@ def slerp(a, b, weights):
 def _endpoint_noise(model, end, name, timesteps, labels, guidance_scale):
     """x_T for one end of an interpolation: the noise an integer seed draws
     (as `generate` draws it), or an image's DDIM inversion."""
-    shape = (1,) + tuple(model.image_shape)
+    shape = (1,) + tuple(model.sample_shape)
     if is_integer(end):
         return keras.ops.convert_to_numpy(keras.random.normal(shape, seed=int(end)))
     image = np.asarray(end)
@@ -363,7 +371,8 @@ def _endpoint_noise(model, end, name, timesteps, labels, guidance_scale):
     if len(image) != 1:
         raise ValueError(f"{name} must be one image or an integer seed; got {len(image)} images.")
     x_t = pipeline.run_loop(
-        model, samplers.ddim_invert, [to_model_range(image)], constants=dict(timesteps=timesteps),
+        model, samplers.ddim_invert, [pipeline.encode(model, image)],
+        constants=dict(timesteps=timesteps),
         labels=labels, guidance_scale=guidance_scale,
     )
     return keras.ops.convert_to_numpy(x_t)

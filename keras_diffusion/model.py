@@ -4,7 +4,8 @@ It owns training (the loss, shared by the backends' train steps in
 `keras_diffusion.backend`, and the EMA of the weights) and serialisation.
 Sampling goes through `keras_diffusion.pipeline`, for which the model offers
 the pipeline's protocol (`network`, `schedule`, `prediction`,
-`sampling_weights`, `num_classes`, `class_names`, `image_shape`); `denoise`,
+`sampling_weights`, `num_classes`, `class_names`, `image_shape`,
+`sample_shape`); `denoise`,
 `inpaint`, `img2img`, `interpolate` and `export` are thin wrappers over
 `keras_diffusion.applications` and `keras_diffusion.export`, imported when
 called.
@@ -78,7 +79,8 @@ class DiffusionModel(keras.Model):
         self.min_snr_gamma = min_snr_gamma
         self.label_dropout = float(label_dropout)
         self.seed = seed
-        self.image_shape = tuple(network.inputs[0].shape[1:])
+        self.sample_shape = tuple(network.inputs[0].shape[1:])
+        self.image_shape = self.sample_shape
         self.num_classes = getattr(network, "num_classes", None) if len(network.inputs) > 2 else None
         if class_names is not None and (
             self.num_classes is None or len(class_names) != self.num_classes
@@ -92,16 +94,17 @@ class DiffusionModel(keras.Model):
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self._backend = backend.current()
         if self.ema_decay:
+            # Each starts as a copy of its weight, made through NumPy: JAX must
+            # not see one buffer in two variables, and a "zeros" initializer
+            # would compile a kernel per weight shape under JAX (1.6 s for the
+            # MNIST UNet).
             self.ema_weights = [
                 self.add_weight(
-                    shape=v.shape, initializer="zeros", dtype="float32",
+                    shape=v.shape, initializer=_copy_of(v), dtype="float32",
                     trainable=False, name=f"ema_{i}",
                 )
                 for i, v in enumerate(network.trainable_variables)
             ]
-            for ema, v in zip(self.ema_weights, network.trainable_variables):
-                # Copy through numpy: JAX must not see one buffer in two variables.
-                ema.assign(ops.convert_to_numpy(v).astype("float32"))
             self.ema_updates = self.add_weight(
                 shape=(), initializer="zeros", dtype="float32", trainable=False, name="ema_updates"
             )
@@ -163,7 +166,7 @@ class DiffusionModel(keras.Model):
         """The diffusion objective, shared by every backend's train step:
         noise the batch at uniformly drawn timesteps and regress the
         prediction target with (optionally min-SNR weighted) MSE."""
-        x0 = pipeline.to_model_range(images)
+        x0 = self.diffusion_inputs(images)
         batch = ops.shape(x0)[0]
         t = keras.random.randint(
             (batch,), 0, self.schedule.timesteps, dtype="int32", seed=self.seed_generator
@@ -182,7 +185,17 @@ class DiffusionModel(keras.Model):
         weights = self.schedule.loss_weight(t, self.prediction, self.min_snr_gamma)
         return ops.mean(weights * per_example)
 
-    def update_ema(self):
+    def diffusion_inputs(self, images):
+        """A batch of images as the clean samples x0 the model diffuses:
+        [-1, 1] pixels here; a latent model's scaled latents."""
+        return pipeline.to_model_range(images)
+
+    def compute_losses(self, batch, training=True):
+        """The losses of one batch for the backends' train and test steps."""
+        images, labels = batch
+        return {"loss": self.compute_diffusion_loss(images, labels, training=training)}
+
+    def after_train_step(self):
         """EMA of the weights with the warm-up decay min(decay, (1+n)/(10+n))
         that diffusers' EMAModel uses, so early samples are not dominated by
         the random initialisation."""
@@ -194,8 +207,8 @@ class DiffusionModel(keras.Model):
             ema.assign(decay * ema + (1.0 - decay) * ops.cast(weight, "float32"))
         self.ema_updates.assign(n + 1.0)
 
-    def update_loss_metric(self, loss):
-        self.loss_tracker.update_state(loss)
+    def update_metrics(self, losses):
+        self.loss_tracker.update_state(losses["loss"])
         return {"loss": self.loss_tracker.result()}
 
     # ------------------------------------------------------------ sampling
@@ -229,7 +242,7 @@ class DiffusionModel(keras.Model):
             guidance_scale=guidance_scale, eta=eta, timestep_spacing=timestep_spacing,
             batch_size=batch_size, use_karras_sigmas=use_karras_sigmas,
         )
-        return pipeline.from_model_range(x0)
+        return pipeline.decode(self, x0, batch_size=batch_size)
 
     @property
     def sampling_weights(self):
@@ -348,6 +361,11 @@ class DiffusionModel(keras.Model):
         config["network"] = keras.saving.deserialize_keras_object(config["network"])
         config["schedule"] = keras.saving.deserialize_keras_object(config["schedule"])
         return cls(**config)
+
+
+def _copy_of(variable):
+    """An initializer that returns a float32 NumPy copy of `variable`."""
+    return lambda shape, dtype=None: ops.convert_to_numpy(variable).astype("float32")
 
 
 def check_model_arguments(*, prediction, ema_decay, min_snr_gamma, label_dropout):

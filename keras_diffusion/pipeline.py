@@ -19,7 +19,12 @@ It works on any model that offers this protocol, and imports no model class:
 - `num_classes`: the number of classes of a conditional network (label
   `num_classes` is the null label of classifier-free guidance), or None;
   `class_names`: a list of names for the classes, or None.
-- `image_shape`: `(H, W, C)` of what the samplers run on.
+- `image_shape`: `(H, W, C)` of the images the model takes and makes;
+  `sample_shape`: that of what the samplers run on (the same for a pixel
+  model; the latent shape for a latent one).
+- `autoencoder`, optional: for a latent model, an `Autoencoder` with a
+  measured `scaling_factor`; the samplers then run on its scaled latents
+  (`encode`, `decode`) and do not clip to [-1, 1].
 
 A *loop* is a function `loop(denoiser, schedule, *inputs, prediction=...,
 **constants)` of pure `keras.ops` (the samplers and the restoration loops of
@@ -58,6 +63,74 @@ def unit_range(x):
     """[-1, 1] -> [0, 1], clipped, as a tensor: `from_model_range` inside a
     traced function (an exported endpoint)."""
     return ops.clip((x + 1.0) / 2.0, 0.0, 1.0)
+
+
+def _autoencoder(model):
+    return getattr(model, "autoencoder", None)
+
+
+def clips(model):
+    """Whether the samplers clip to [-1, 1]: for pixels, not for latents."""
+    return _autoencoder(model) is None
+
+
+def encode(model, images, *, batch_size=None):
+    """Images at the API boundary -> the space the samplers run in, as a
+    float32 tensor: [-1, 1] pixels, or scaled latents (posterior means)."""
+    autoencoder = _autoencoder(model)
+    if autoencoder is None:
+        return to_model_range(images)
+    latents = autoencoder.encode(images, batch_size=batch_size)
+    return ops.convert_to_tensor(latents * _scaling_factor(autoencoder))
+
+
+def decode(model, x, *, batch_size=None):
+    """A sampler's output -> numpy float32 images in [0, 1]."""
+    autoencoder = _autoencoder(model)
+    if autoencoder is None:
+        return from_model_range(x)
+    latents = ops.convert_to_numpy(x) / _scaling_factor(autoencoder)
+    return autoencoder.decode(latents, batch_size=batch_size)
+
+
+def encode_mask(model, known):
+    """A boolean mask of known pixels `(N, H, W, C)` -> float32 `(N,
+    *sample_shape)`, 1 where known. For latents a cell counts as known only
+    when every pixel of its `f x f` patch, in every channel, is known; the
+    rest is generated, and the known pixels are pasted back afterwards."""
+    known = np.asarray(known, dtype=bool)
+    autoencoder = _autoencoder(model)
+    if autoencoder is None:
+        return known.astype("float32")
+    n, height, width, _ = known.shape
+    f = autoencoder.factor
+    cells = known.all(axis=-1).reshape(n, height // f, f, width // f, f).all(axis=(2, 4))
+    shape = (n,) + tuple(model.sample_shape)
+    return np.broadcast_to(cells[..., np.newaxis], shape).astype("float32")
+
+
+def _scaling_factor(autoencoder):
+    autoencoder.check_measured()
+    return float(ops.convert_to_numpy(autoencoder.scaling_factor))
+
+
+def call_network(owner, network, x, *, batch_size=None):
+    """`network(x)` with its current weights, compiled once per network and
+    kept on `owner`, in batches of `batch_size` (None: all at once)."""
+    compiled = owner.__dict__.setdefault("_compiled_loops", _CompiledLoops()).functions
+    key = ("network", network.name)
+    if key not in compiled:
+        compiled[key] = backend.current().compile_function(
+            lambda weights, state, x: network.stateless_call(weights, state, x, training=False)[0]
+        )
+    weights = [v.value for v in network.trainable_variables]
+    state = [v.value for v in network.non_trainable_variables]
+    x = ops.convert_to_tensor(x, dtype="float32")
+    total = x.shape[0]
+    if not batch_size or batch_size >= total:
+        return compiled[key](weights, state, x)
+    return ops.concatenate([compiled[key](weights, state, x[start:start + batch_size])
+                            for start in range(0, total, batch_size)], axis=0)
 
 
 # ----------------------------------------------------- labels and guidance
@@ -232,13 +305,14 @@ def _freeze(value):
 
 
 def run_sampler(model, x, *, timesteps, sampler, eta=0.0, labels=None, guidance_scale=1.0,
-                step_noise=None, batch_size=None, clip_x0=True):
-    """Run a sampler from `x` (at `timesteps[0]`) over `timesteps`: x0 in
-    [-1, 1] as a tensor. `step_noise` as `samplers.draw_step_noise` draws it."""
+                step_noise=None, batch_size=None):
+    """Run a sampler from `x` (at `timesteps[0]`) over `timesteps`: x0 as a
+    tensor, in [-1, 1] for a pixel model. `step_noise` as
+    `samplers.draw_step_noise` draws it."""
     return run_loop(
         model, samplers.run_sampler, [x, step_noise],
         constants=dict(timesteps=np.asarray(timesteps, dtype=np.int32), sampler=sampler,
-                       eta=float(eta), clip_x0=clip_x0),
+                       eta=float(eta), clip_x0=clips(model)),
         labels=labels, guidance_scale=guidance_scale, batch_size=batch_size, batch_axes=(0, 1),
     )
 
@@ -246,15 +320,15 @@ def run_sampler(model, x, *, timesteps, sampler, eta=0.0, labels=None, guidance_
 def sample(model, num_images, *, steps=50, sampler="ddim", seed=None, labels=None,
            guidance_scale=1.0, eta=0.0, timestep_spacing="linspace", batch_size=None,
            use_karras_sigmas=None):
-    """`num_images` samples from pure noise, in the model's range [-1, 1];
-    the arguments are those of `DiffusionModel.generate`."""
+    """`num_images` samples from pure noise, in the space the samplers run
+    in (see `decode`); the arguments are those of `DiffusionModel.generate`."""
     check_integer("num_images", num_images)
     labels = check_labels(model, labels, num_images, guidance_scale)
     timesteps = samplers.plan_timesteps(
         model.schedule, sampler, steps, eta=eta, spacing=timestep_spacing,
         use_karras_sigmas=use_karras_sigmas,
     )
-    noise = keras.random.normal((num_images,) + tuple(model.image_shape), seed=seed)
+    noise = keras.random.normal((num_images,) + tuple(model.sample_shape), seed=seed)
     step_seed = None if seed is None else seed + 1
     step_noise = samplers.draw_step_noise(
         noise.shape, sampler, len(timesteps), eta=eta, seed=step_seed

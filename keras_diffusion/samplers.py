@@ -76,7 +76,7 @@ def sample(
     start_timestep=None,
     use_karras_sigmas=None,
 ):
-    """Run the reverse diffusion process from `noise` and return x0 in [-1, 1].
+    """Run the reverse diffusion process from `noise` and return x0.
 
     Args:
         denoiser: callable `(x_t, t) -> output`.
@@ -101,8 +101,9 @@ def sample(
             steps), which Lin et al. 2023 show costs sample quality. On the
             MNIST model of `docs/quality.md` DPM-Solver++ at 20 steps scores
             FID 8.0 leading and 6.4 linspace.
-        clip_x0: clip each clean-image estimate to [-1, 1] (diffusers'
-            `clip_sample`).
+        clip_x0: clip each clean-image estimate, and the result, to
+            [-1, 1] (diffusers' `clip_sample`): right for pixels, wrong
+            for latents, which have no fixed range.
         start_timestep: when given, `noise` is taken to be x at this timestep
             and only the sampling timesteps at or below it are run (SDEdit,
             denoising).
@@ -112,7 +113,8 @@ def sample(
             samplers and off for `"ddpm"` and `"ddim"`.
 
     Returns:
-        The final clean-image estimate, `(B, H, W, C)` float32 in [-1, 1].
+        The final clean-image estimate, `(B, H, W, C)` float32 (in
+        [-1, 1] with `clip_x0`).
     """
     timesteps = plan_timesteps(
         schedule, sampler, steps, eta=eta, spacing=timestep_spacing,
@@ -218,7 +220,13 @@ def _ddim_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta,
                           prediction=prediction, eta=eta, clip_x0=clip_x0, z=z)
 
     x = ops.fori_loop(0, len(timesteps) if num_steps is None else num_steps, body, x)
-    return ops.clip(x, -1.0, 1.0)
+    return _clip(x, clip_x0)
+
+
+def _clip(x, clip_x0):
+    """x clipped to the data range [-1, 1] of pixels, or as it is: latents
+    have no fixed range."""
+    return ops.clip(x, -1.0, 1.0) if clip_x0 else x
 
 
 def _ancestral_loop(denoiser, schedule, x, step_noise, **options):
@@ -238,8 +246,7 @@ def _ddim_step(denoiser, schedule, x, t, t_prev, *, prediction, eta, clip_x0, z)
     "fixed small" variance. `z` None: the deterministic step (sigma = 0)."""
     t_batch = ops.full((ops.shape(x)[0],), t, dtype="int32")
     x0 = schedule.predict_x0(x, denoiser(x, t_batch), t_batch, prediction)
-    if clip_x0:
-        x0 = ops.clip(x0, -1.0, 1.0)
+    x0 = _clip(x0, clip_x0)
     eps = schedule.predict_epsilon(x, x0, t_batch, "x0")
     a, a_prev = schedule.alpha_bar(t), schedule.alpha_bar(t_prev)
     x_prev = ops.sqrt(a_prev) * x0
@@ -254,7 +261,7 @@ def _predict_x0(denoiser, schedule, x, t, *, prediction, clip_x0):
     """The clean-image estimate at scalar timestep `t` (a traced int32)."""
     t_batch = ops.full((ops.shape(x)[0],), t, dtype="int32")
     x0 = schedule.predict_x0(x, denoiser(x, t_batch), t_batch, prediction)
-    return ops.clip(x0, -1.0, 1.0) if clip_x0 else x0
+    return _clip(x0, clip_x0)
 
 
 def _table(values, dtype="float32"):
@@ -278,7 +285,7 @@ def _euler_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta
         return y + (ops.take(s_next, i) - sigma) * (y - x0) / sigma
 
     y = ops.fori_loop(0, steps, body, x * float(np.sqrt(1.0 + sigmas[0] ** 2)))
-    return ops.clip(y, -1.0, 1.0)
+    return _clip(y, clip_x0)
 
 
 def _heun_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta, clip_x0):
@@ -304,7 +311,7 @@ def _heun_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta,
 
     last = len(timesteps) - 1
     y = ops.fori_loop(0, last, body, x * float(np.sqrt(1.0 + sigmas[0] ** 2)))
-    return ops.clip(x0_at(y, last), -1.0, 1.0)
+    return _clip(x0_at(y, last), clip_x0)
 
 
 def _dpmpp_2m_tables(schedule, timesteps, sde):
@@ -360,7 +367,7 @@ def _dpmpp_2m_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, 
         return x_next, x0
 
     x, _ = ops.fori_loop(0, len(timesteps), body, (x, ops.zeros_like(x)))
-    return ops.clip(x, -1.0, 1.0)
+    return _clip(x, clip_x0)
 
 
 # The table every question about a sampler is answered from. The multistep
@@ -443,7 +450,8 @@ def repaint(denoiser, schedule, x, known, mask, jump_noise, step_noise, *, t_fro
             unknown pixels' DDPM noise touch disjoint pixels.
 
     Returns:
-        x0 in [-1, 1]; the caller composites the known pixels exactly.
+        x0 (in [-1, 1] with `clip_x0`); the caller composites the known
+        pixels exactly.
     """
     plan = _repaint_steps(t_from, t_to)
     starts, ts, ts_prev = (ops.convert_to_tensor(levels, dtype="int32") for levels in plan)
@@ -463,7 +471,7 @@ def repaint(denoiser, schedule, x, known, mask, jump_noise, step_noise, *, t_fro
         known_prev = schedule.add_noise(known, z, ops.full((batch,), t_prev, dtype="int32"))
         return mask * known_prev + (1.0 - mask) * x_prev
 
-    return ops.clip(ops.fori_loop(0, len(plan[0]), body, x), -1.0, 1.0)
+    return _clip(ops.fori_loop(0, len(plan[0]), body, x), clip_x0)
 
 
 def _repaint_steps(t_from, t_to):

@@ -1,6 +1,7 @@
 """Saved files do not care which backend wrote them: a `.keras` file and a
 `.weights.h5` file saved under this run's backend load under the other two,
-and the network's output (raw and EMA weights) agrees within 1e-4.
+and the network's output (raw and EMA weights) agrees within 1e-4. One
+`keras.utils.set_random_seed` builds the same starting network on each.
 
 Each backend's run of the suite checks the files its own backend writes, in
 one subprocess per other backend (each sets its own `KERAS_BACKEND`), so
@@ -13,6 +14,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -27,8 +29,13 @@ from conftest import tiny_model
 ATOL = 1e-4
 BACKENDS = ("tensorflow", "jax", "torch")
 
+# A network built after keras.utils.set_random_seed(0): the same on every backend.
+SEEDED = dict(image_shape=(8, 8, 1), widths=(8,), blocks_per_level=1, attention_levels=(),
+              groups=4, num_classes=2)
+
 # Loads both files from the folder in argv[1] and writes <backend>.npz there.
-_LOAD_AND_EVALUATE = """
+_LOAD_AND_EVALUATE = f"""
+SEEDED = {SEEDED!r}
 import sys
 import keras
 import numpy as np
@@ -55,9 +62,11 @@ rebuilt.load_weights(folder + "/model.weights.h5")
 keras_raw, keras_ema = outputs(loaded)
 h5_raw, h5_ema = outputs(rebuilt)
 iterations = keras.ops.convert_to_numpy(loaded.optimizer.iterations)
+keras.utils.set_random_seed(0)
+seeded = [keras.ops.convert_to_numpy(w) for w in kd.UNet(**SEEDED).weights]
 np.savez(folder + "/" + keras.backend.backend() + ".npz", keras_raw=keras_raw,
          keras_ema=keras_ema, h5_raw=h5_raw, h5_ema=h5_ema, iterations=iterations,
-         jit_compile=loaded.jit_compile)
+         jit_compile=loaded.jit_compile, seeded=np.concatenate([w.ravel() for w in seeded]))
 """
 
 
@@ -84,6 +93,8 @@ def test_saved_files_load_under_the_other_backends(tmp_path):
     model.save_weights(tmp_path / "model.weights.h5")
     raw, smoothed = _evaluate(model, inputs)
     assert np.abs(raw - smoothed).max() > 1e-3  # the check below tells them apart
+    keras.utils.set_random_seed(0)
+    seeded = np.concatenate([ops.convert_to_numpy(w).ravel() for w in kd.UNet(**SEEDED).weights])
 
     others = [b for b in BACKENDS if b != BACKEND]
     processes = {
@@ -107,6 +118,8 @@ def test_saved_files_load_under_the_other_backends(tmp_path):
                                ("h5_raw", raw), ("h5_ema", smoothed)):
             difference = np.abs(result[name] - expected).max()
             assert difference <= ATOL, f"{BACKEND} -> {backend}, {name}: {difference:.2e}"
+        # One seed, one starting network, whichever backend builds it.
+        np.testing.assert_array_equal(result["seeded"], seeded, err_msg=backend)
 
 
 def test_weights_file_loads_into_a_rebuilt_model(tmp_path):

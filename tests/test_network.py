@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_diffusion.network import AttentionBlock, ResidualBlock, SinusoidalEmbedding, UNet
+from keras_diffusion.network import AttentionBlock, HostInitializer, ResidualBlock, SinusoidalEmbedding, UNet
 
 TINY = dict(widths=(8, 16), blocks_per_level=1, attention_levels=(1,), groups=4)
 DIFFUSERS_TINY_PARAMS = 44_969
@@ -168,6 +168,39 @@ def test_class_embedding_starts_at_unit_scale():
     assert table.shape == (11, 256)
     assert abs(table.mean()) < 0.05
     assert 0.9 < table.std() < 1.1
+
+
+@pytest.mark.parametrize("shape, fan_in, fan_out", [((3, 3, 16, 32), 144, 288), ((64, 128), 64, 128)])
+def test_kernels_start_glorot_uniform(shape, fan_in, fan_out):
+    # Keras' default kernel distribution: uniform on +-sqrt(6 / (fan_in + fan_out)),
+    # whose standard deviation is that limit over sqrt(3).
+    limit = math.sqrt(6 / (fan_in + fan_out))
+    values = ops.convert_to_numpy(HostInitializer()(shape, dtype="float32"))
+    assert values.shape == shape and values.dtype == np.float32
+    assert np.abs(values).max() <= limit
+    assert abs(values.mean()) < 0.02 * limit
+    assert values.std() == pytest.approx(limit / math.sqrt(3), rel=0.03)
+
+
+def test_network_weights_follow_the_seed():
+    keras.utils.set_random_seed(3)
+    first = UNet((16, 16, 1), num_classes=2, **TINY)
+    keras.utils.set_random_seed(3)
+    again = UNet((16, 16, 1), num_classes=2, **TINY)
+    later = UNet((16, 16, 1), num_classes=2, **TINY)  # the generator has moved on
+    for a, b in zip(first.weights, again.weights):
+        np.testing.assert_array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))
+    kernels = [ops.convert_to_numpy(net.get_layer("conv_in").kernel) for net in (first, later)]
+    assert np.abs(kernels[0] - kernels[1]).max() > 1e-3
+
+
+def test_host_initializer_config_and_validation():
+    initializer = HostInitializer("normal", stddev=0.5)
+    assert HostInitializer.from_config(initializer.get_config()).get_config() == {
+        "distribution": "normal", "stddev": 0.5}
+    with pytest.raises(ValueError, match=r"HostInitializer distribution must be 'glorot_uniform' "
+                                         r"or 'normal'; got 'he_normal'\."):
+        HostInitializer("he_normal")
 
 
 def test_output_depends_on_timestep():

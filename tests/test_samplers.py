@@ -49,7 +49,25 @@ def test_ddim_is_exact_affine_map(beta_schedule, spacing, steps):
                     timestep_spacing=spacing, clip_x0=False)
     A, B, _ = exact_affine(schedule, schedule.sampling_timesteps(steps, spacing))
     # float32 steps against the float64 map: up to 50 steps of ~1e-6 rounding each.
-    np.testing.assert_allclose(ops.convert_to_numpy(out), np.clip(A * noise + B, -1, 1), atol=1e-4)
+    # Without clip_x0 nothing is clipped, the result neither: it is the map itself
+    # (beyond [-1, 1] for a few steps of "leading", whose last step is not t = 0).
+    np.testing.assert_allclose(ops.convert_to_numpy(out), A * noise + B, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "heun", "dpmpp_2m"])
+def test_clip_x0_clips_estimates_and_result(sampler):
+    # A denoiser sure that x0 = 3 everywhere: out of the pixel range, where a
+    # latent may well be.
+    schedule = DiffusionSchedule("cosine", timesteps=100)
+    noise = np.random.default_rng(0).normal(size=(2, 2, 2, 1)).astype("float32")
+
+    def denoiser(x, t):
+        return ops.full(ops.shape(x), 3.0)
+
+    for clip, expected in ((False, 3.0), (True, 1.0)):
+        out = kd.sample(denoiser, schedule, noise, sampler=sampler, steps=5, prediction="x0",
+                        clip_x0=clip)
+        np.testing.assert_allclose(ops.convert_to_numpy(out), expected, atol=1e-4)
 
 
 def test_ddim_with_many_steps_recovers_the_gaussian():

@@ -1,10 +1,18 @@
 """Everything that differs between TensorFlow, JAX and PyTorch, one small
 module per backend (the way Keras keeps `keras/src/backend/<name>/`).
 
-Each module exposes `train_step`, `test_step` and `compile_function`, all
-calling the one backend-agnostic objective
-(`DiffusionModel.compute_diffusion_loss`), may prepare a model for `fit`
-(`before_fit`), and may provide faster kernels for the network's layers:
+Each module exposes `train_step`, `test_step` and `compile_function`, and
+may prepare a model for `fit` (`before_fit`). The steps train any model
+(`DiffusionModel`, `Autoencoder`) that offers four backend-agnostic methods:
+
+- `unpack_batch(data)`: the tensors of one batch, as a tuple;
+- `compute_losses(batch, training)`: a dict of scalar losses, whose
+  `"loss"` is the one minimised (the others are logged);
+- `after_train_step()`: what follows an optimizer step (the EMA update);
+- `update_metrics(losses)`: update the metrics, return the logs;
+
+plus a `seed_generator` for the noise drawn in the loss. A module may also
+provide faster kernels for the network's layers:
 
 - `group_normalization(layer, x)` and `conv2d(layer, x)`: the layer's
   function on the backend's fused kernel, or `NotImplemented` where the

@@ -33,24 +33,24 @@ def _mapping(model, trainable, non_trainable, other_variables, other_values):
 
 def train_step(model, state, data):
     trainable, non_trainable, optimizer_state, metrics_state = state
-    images, labels = model.unpack_batch(data)
+    batch = model.unpack_batch(data)
     optimizer = model.optimizer
 
     def loss_fn(trainable, non_trainable):
         mapping = _mapping(model, trainable, non_trainable, optimizer.variables, optimizer_state)
         with StatelessScope(state_mapping=mapping) as scope:
-            loss = model.compute_diffusion_loss(images, labels, training=True)
-            scaled_loss = optimizer.scale_loss(loss)
-        return scaled_loss, (loss, _read(scope, model.non_trainable_variables, non_trainable))
+            losses = model.compute_losses(batch, training=True)
+            scaled_loss = optimizer.scale_loss(losses["loss"])
+        return scaled_loss, (losses, _read(scope, model.non_trainable_variables, non_trainable))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, (loss, non_trainable)), grads = grad_fn(trainable, non_trainable)
+    (_, (losses, non_trainable)), grads = grad_fn(trainable, non_trainable)
     trainable, optimizer_state = optimizer.stateless_apply(optimizer_state, grads, trainable)
 
     mapping = _mapping(model, trainable, non_trainable, model.metrics_variables, metrics_state)
     with StatelessScope(state_mapping=mapping) as scope:
-        model.update_ema()
-        logs = model.update_loss_metric(loss)
+        model.after_train_step()
+        logs = model.update_metrics(losses)
     non_trainable = _read(scope, model.non_trainable_variables, non_trainable)
     metrics_state = _read(scope, model.metrics_variables, metrics_state)
     return logs, (trainable, non_trainable, optimizer_state, metrics_state)
@@ -58,11 +58,10 @@ def train_step(model, state, data):
 
 def test_step(model, state, data):
     trainable, non_trainable, metrics_state = state
-    images, labels = model.unpack_batch(data)
+    batch = model.unpack_batch(data)
     mapping = _mapping(model, trainable, non_trainable, model.metrics_variables, metrics_state)
     with StatelessScope(state_mapping=mapping) as scope:
-        loss = model.compute_diffusion_loss(images, labels, training=False)
-        logs = model.update_loss_metric(loss)
+        logs = model.update_metrics(model.compute_losses(batch, training=False))
     non_trainable = _read(scope, model.non_trainable_variables, non_trainable)
     metrics_state = _read(scope, model.metrics_variables, metrics_state)
     return logs, (trainable, non_trainable, metrics_state)

@@ -8,20 +8,20 @@ import tensorflow as tf
 
 
 def train_step(model, data):
-    images, labels = model.unpack_batch(data)
+    batch = model.unpack_batch(data)
     replicas = _replicas()
     with tf.GradientTape() as tape:
         with _noise_per_replica(model, replicas):
-            loss = model.compute_diffusion_loss(images, labels, training=True)
+            losses = model.compute_losses(batch, training=True)
         # scale_loss is the identity unless the optimizer is a LossScaleOptimizer.
         # Under tf.distribute the optimizer sums the replicas' gradients, so
         # divide by their number to average over the global batch.
-        scaled_loss = model.optimizer.scale_loss(loss) / replicas
+        scaled_loss = model.optimizer.scale_loss(losses["loss"]) / replicas
     variables = model.trainable_variables
     gradients = tape.gradient(scaled_loss, variables)
     model.optimizer.apply(gradients, variables)
-    model.update_ema()
-    return model.update_loss_metric(loss)
+    model.after_train_step()
+    return model.update_metrics(losses)
 
 
 def before_fit(model):
@@ -37,10 +37,10 @@ def before_fit(model):
 
 
 def test_step(model, data):
-    images, labels = model.unpack_batch(data)
+    batch = model.unpack_batch(data)
     with _noise_per_replica(model, _replicas()):
-        loss = model.compute_diffusion_loss(images, labels, training=False)
-    return model.update_loss_metric(loss)
+        losses = model.compute_losses(batch, training=False)
+    return model.update_metrics(losses)
 
 
 def _replicas():

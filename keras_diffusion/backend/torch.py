@@ -15,23 +15,22 @@ TRACES_SAVED_MODELS = False
 
 
 def train_step(model, data):
-    images, labels = model.unpack_batch(data)
+    batch = model.unpack_batch(data)
     model.zero_grad()
-    loss = model.compute_diffusion_loss(images, labels, training=True)
+    losses = model.compute_losses(batch, training=True)
     # scale_loss is the identity unless the optimizer is a LossScaleOptimizer.
-    model.optimizer.scale_loss(loss).backward()
+    model.optimizer.scale_loss(losses["loss"]).backward()
     variables = model.trainable_variables
     gradients = [v.value.grad for v in variables]
     with torch.no_grad():
         model.optimizer.apply(gradients, variables)
-        model.update_ema()
-    return model.update_loss_metric(loss.detach())
+        model.after_train_step()
+    return model.update_metrics({name: loss.detach() for name, loss in losses.items()})
 
 
 def test_step(model, data):
-    images, labels = model.unpack_batch(data)
-    loss = model.compute_diffusion_loss(images, labels, training=False)
-    return model.update_loss_metric(loss)
+    batch = model.unpack_batch(data)
+    return model.update_metrics(model.compute_losses(batch, training=False))
 
 
 def compile_function(fn):

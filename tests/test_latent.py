@@ -1,0 +1,207 @@
+"""The autoencoder and latent diffusion; run once per KERAS_BACKEND.
+
+One autoencoder (16x16 -> 4x4x2) and one class-conditional latent model are
+trained once per session; the tests share them."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_diffusion as kd
+from conftest import blobs
+from conftest import one_level_unet
+from conftest import plumbing_optimizer
+from keras_diffusion import pipeline
+
+IMAGES = blobs(64)
+LABELS = np.arange(64) % 3
+
+
+def small_autoencoder(**kwargs):
+    return kd.Autoencoder((16, 16, 1), widths=(8, 16), latent_channels=2, groups=4, seed=0,
+                          **kwargs)
+
+
+@pytest.fixture(scope="session")
+def autoencoder():
+    keras.utils.set_random_seed(0)
+    ae = small_autoencoder()
+    ae.compile(optimizer=keras.optimizers.Adam(3e-3))
+    history = ae.fit(IMAGES, batch_size=16, epochs=4, verbose=0, shuffle=False)
+    return ae, history.history
+
+
+@pytest.fixture(scope="session")
+def latent_model(autoencoder):
+    keras.utils.set_random_seed(0)
+    ae, _ = autoencoder
+    model = kd.LatentDiffusionModel(
+        ae, one_level_unet(ae.latent_shape, num_classes=3),
+        kd.DiffusionSchedule("cosine", timesteps=100), prediction="v", seed=0,
+    )
+    model.compile(optimizer=plumbing_optimizer())
+    history = model.fit(IMAGES, LABELS, batch_size=16, epochs=1, verbose=0)
+    return model, history.history
+
+
+def test_losses_are_reconstruction_plus_weighted_kl():
+    keras.utils.set_random_seed(1)
+    ae = small_autoencoder(kl_weight=0.5, reconstruction="mse")
+    losses = {k: float(ops.convert_to_numpy(v))
+              for k, v in ae.compute_losses((IMAGES[:4],), training=False).items()}
+    mean, logvar = (ops.convert_to_numpy(a) for a in ae.posterior(IMAGES[:4] * 2.0 - 1.0))
+    # KL(N(m, e^lv) || N(0, 1)) = (m^2 + e^lv - 1 - lv) / 2 per latent element,
+    # summed per image, averaged over images, divided by the 256 pixels.
+    kl = np.mean(np.sum(0.5 * (mean**2 + np.exp(logvar) - 1 - logvar), axis=(1, 2, 3))) / 256
+    assert losses["kl"] == pytest.approx(kl, rel=1e-4)
+    assert losses["loss"] == pytest.approx(losses["reconstruction"] + 0.5 * kl, rel=1e-5)
+    assert losses["reconstruction"] > 0
+
+
+def test_autoencoder_learns_and_measures_its_scaling_factor(autoencoder):
+    ae, history = autoencoder
+    assert set(history) == {"loss", "reconstruction", "kl"}
+    assert history["reconstruction"][-1] < 0.7 * history["reconstruction"][0], history
+    # 1 / std of the sampled latents of the training images, as fit measured it.
+    latents = ae.encode(IMAGES, sample=True, seed=0)
+    assert latents.shape == (64, 4, 4, 2)
+    factor = float(ops.convert_to_numpy(ae.scaling_factor))
+    assert factor == pytest.approx(1 / np.std(latents), rel=1e-5)
+    assert ae.measured
+    reconstructed = ae.reconstruct(IMAGES[:8])
+    assert reconstructed.shape == (8, 16, 16, 1) and reconstructed.dtype == np.float32
+    assert 0 <= reconstructed.min() and reconstructed.max() <= 1
+
+
+def test_encode_is_deterministic_unless_sampled(autoencoder):
+    ae, _ = autoencoder
+    # In batches or not: the same up to the kernels' float32 rounding.
+    np.testing.assert_allclose(ae.encode(IMAGES[:4]), ae.encode(IMAGES[:4], batch_size=3),
+                               atol=1e-5)
+    a, b = (ae.encode(IMAGES[:4], sample=True, seed=s) for s in (1, 2))
+    assert np.abs(a - b).max() > 1e-4
+
+
+def test_autoencoder_file_round_trip(autoencoder, tmp_path):
+    ae, _ = autoencoder
+    ae.save(tmp_path / "ae.keras")
+    loaded = keras.saving.load_model(tmp_path / "ae.keras")
+    assert isinstance(loaded, kd.Autoencoder) and loaded.latent_shape == (4, 4, 2)
+    assert float(ops.convert_to_numpy(loaded.scaling_factor)) == float(
+        ops.convert_to_numpy(ae.scaling_factor))
+    np.testing.assert_allclose(loaded.reconstruct(IMAGES[:4]), ae.reconstruct(IMAGES[:4]),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(image_shape=(30, 30, 1)), r"image height and width must be divisible by 4 \(2 \*\* "
+                                    r"len\(widths\), one halving per level\); got "
+                                    r"image_shape=\(30, 30, 1\), i\.e\. 30x30\. Pad the images to a multiple of 4"),
+    (dict(reconstruction="l2"), r"reconstruction must be one of l1, mse; got 'l2'\."),
+    (dict(kl_weight=-1), r"kl_weight must be a number >= 0; got -1\."),
+    (dict(widths=(6, 16)), r"every entry of widths must be divisible by groups=4"),
+    (dict(latent_channels=0), r"latent_channels must be a positive integer; got 0\."),
+])
+def test_bad_autoencoder_arguments(kwargs, match):
+    arguments = dict(image_shape=(16, 16, 1), widths=(8, 16), groups=4)
+    with pytest.raises(ValueError, match=match):
+        kd.Autoencoder(**{**arguments, **kwargs})
+
+
+def test_decode_and_the_latent_model_check_shapes(autoencoder):
+    ae, _ = autoencoder
+    with pytest.raises(ValueError, match=r"latents must have shape \(N, 4, 4, 2\) for this "
+                                         r"autoencoder; got \(1, 4, 4, 3\)\."):
+        ae.decode(np.zeros((1, 4, 4, 3)))
+    with pytest.raises(ValueError, match=r"the network takes \(8, 8, 2\) inputs but the "
+                                         r"autoencoder makes \(4, 4, 2\) latents; build the UNet "
+                                         r"with image_shape=\(4, 4, 2\)\."):
+        kd.LatentDiffusionModel(ae, one_level_unet((8, 8, 2)))
+    with pytest.raises(ValueError, match=r"autoencoder must be a keras_diffusion Autoencoder; "
+                                         r"got UNet\."):
+        kd.LatentDiffusionModel(one_level_unet((4, 4, 2)), one_level_unet((4, 4, 2)))
+
+
+def test_an_untrained_autoencoder_is_refused():
+    ae = small_autoencoder()
+    model = kd.LatentDiffusionModel(ae, one_level_unet(ae.latent_shape))
+    model.compile(optimizer=plumbing_optimizer())
+    match = r"the autoencoder's latent scaling factor is not measured: train it with"
+    with pytest.raises(ValueError, match=match):
+        model.fit(IMAGES, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=match):
+        model.generate(1, steps=2)
+
+
+def test_latent_model_trains_only_its_network(latent_model):
+    model, history = latent_model
+    assert np.isfinite(history["loss"]).all()
+    assert not model.autoencoder.trainable
+    assert len(model.trainable_variables) == len(model.network.trainable_variables)
+    assert model.image_shape == (16, 16, 1) and model.sample_shape == (4, 4, 2)
+    assert not pipeline.clips(model)
+
+
+def test_generate_decodes_and_round_trips(latent_model, tmp_path):
+    model, _ = latent_model
+    kwargs = dict(steps=4, sampler="dpmpp_2m", labels=[0, 1, 2], guidance_scale=2.0, seed=0)
+    images = model.generate(3, **kwargs)
+    assert images.shape == (3, 16, 16, 1) and images.dtype == np.float32
+    assert 0 <= images.min() and images.max() <= 1
+    np.testing.assert_array_equal(images, model.generate(3, **kwargs))
+    # The decoded latents of the very same sampler run.
+    x0 = pipeline.sample(model, 3, **{k: v for k, v in kwargs.items()})
+    factor = float(ops.convert_to_numpy(model.autoencoder.scaling_factor))
+    np.testing.assert_allclose(images, model.autoencoder.decode(ops.convert_to_numpy(x0) / factor),
+                               atol=1e-6)
+    model.save(tmp_path / "latent.keras")
+    loaded = kd.load_model(tmp_path / "latent.keras")
+    assert isinstance(loaded, kd.LatentDiffusionModel) and not loaded.autoencoder.trainable
+    np.testing.assert_allclose(loaded.generate(3, **kwargs), images, atol=1e-5)
+
+
+def test_latent_mask_keeps_a_cell_only_when_its_whole_patch_is_known(latent_model):
+    model, _ = latent_model
+    known = np.ones((1, 16, 16, 1), bool)
+    known[0, 5, 9] = False  # one pixel, in latent cell (1, 2)
+    cells = pipeline.encode_mask(model, known)
+    assert cells.shape == (1, 4, 4, 2)
+    expected = np.ones((4, 4), "float32")
+    expected[1, 2] = 0
+    np.testing.assert_array_equal(cells[0, ..., 0], expected)
+    np.testing.assert_array_equal(cells[0, ..., 1], expected)
+
+
+def test_inpaint_keeps_known_pixels_exactly(latent_model):
+    model, _ = latent_model
+    mask = np.ones((16, 16), "float32")
+    mask[4:12, 4:12] = 0
+    out = model.inpaint(IMAGES[:2], mask, steps=3, resamples=2, jump_length=1, seed=0,
+                        labels=[0, 1])
+    assert out.shape == (2, 16, 16, 1)
+    known = mask.astype(bool)
+    np.testing.assert_array_equal(out[:, known], IMAGES[:2][:, known])
+
+
+def test_img2img_and_interpolate(latent_model):
+    model, _ = latent_model
+    edited = model.img2img(IMAGES[:2], strength=0.6, steps=3, seed=0)
+    assert edited.shape == (2, 16, 16, 1) and 0 <= edited.min() and edited.max() <= 1
+    path = model.interpolate(3, 4, num=3, steps=3)
+    # The ends are what generate draws from those seeds.
+    np.testing.assert_allclose(path[0], model.generate(1, steps=3, seed=3)[0], atol=1e-5)
+    np.testing.assert_allclose(path[-1], model.generate(1, steps=3, seed=4)[0], atol=1e-5)
+    from_image = model.interpolate(IMAGES[0], 4, num=2, steps=3)
+    assert from_image.shape == (2, 16, 16, 1)
+
+
+def test_denoise_and_export_say_why_not(latent_model, tmp_path):
+    model, _ = latent_model
+    with pytest.raises(ValueError, match=r"denoise needs a pixel-space model: the autoencoder .* "
+                                         r"denoise with a DiffusionModel\."):
+        model.denoise(IMAGES[:1], sigma=0.1)
+    with pytest.raises(NotImplementedError, match=r"export of a LatentDiffusionModel is not "
+                                                  r"available yet"):
+        model.export(tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()
