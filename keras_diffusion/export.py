@@ -10,10 +10,12 @@ alone serves them. Images are NHWC float32 and the batch size `B` is free.
 
 | endpoint | inputs | output |
 | --- | --- | --- |
-| `generate` | `noise` (B, H, W, C) standard normal | images (B, H, W, C) in [0, 1] |
+| `generate` | `noise` (B, H, W, C) standard normal (a latent model: (B, h, w, c), its latents' shape) | images (B, H, W, C) in [0, 1] |
 | `generate_conditional` (conditional models) | `noise`, `labels` (B,) int32, `guidance` () float32 | images in [0, 1] |
-| `denoise` | `images` (B, H, W, C) in [0, 1], `sigma` () float32 | images in [0, 1] |
-| `predict_noise` | `x_t` (B, H, W, C) in [-1, 1], `t` (B,) int32 (, `labels` (B,) int32 when conditional) | epsilon (B, H, W, C) |
+| `denoise` (pixel models) | `images` (B, H, W, C) in [0, 1], `sigma` () float32 | images in [0, 1] |
+| `predict_noise` | `x_t` (B, H, W, C) in [-1, 1] (or scaled latents), `t` (B,) int32 (, `labels` (B,) int32 when conditional) | epsilon, x_t's shape |
+
+A latent model's `generate` decodes with its autoencoder inside the endpoint.
 
 `generate` runs the sampler loop that `DiffusionModel.generate` runs, with
 the sampler and number of steps fixed at export; a stochastic sampler
@@ -132,19 +134,20 @@ def export_saved_model(
 
 def _endpoints(model, *, timesteps, sampler, eta, denoise_steps):
     """`(name, fn, input_signature)` of each SavedModel endpoint."""
-    image = (None,) + model.image_shape
+    sample_shape = (None,) + model.sample_shape
     spec = {
-        "noise": _spec("noise", image),
-        "step_noise": _spec("step_noise", (len(timesteps),) + image),
+        "noise": _spec("noise", sample_shape),
+        "step_noise": _spec("step_noise", (len(timesteps),) + sample_shape),
         "labels": _spec("labels", (None,), "int32"),
         "guidance": _spec("guidance", ()),
-        "images": _spec("images", image),
+        "images": _spec("images", (None,) + model.image_shape),
         "sigma": _spec("sigma", ()),
-        "x_t": _spec("x_t", image),
+        "x_t": _spec("x_t", sample_shape),
         "t": _spec("t", (None,), "int32"),
     }
 
-    constants = dict(timesteps=timesteps, sampler=sampler, eta=float(eta), clip_x0=True)
+    constants = dict(timesteps=timesteps, sampler=sampler, eta=float(eta),
+                     clip_x0=pipeline.clips(model))
 
     def sample(noise, step_noise=None, labels=None, guidance=1.0):
         # The very loop `DiffusionModel.generate` compiles: same numerics.
@@ -152,7 +155,7 @@ def _endpoints(model, *, timesteps, sampler, eta, denoise_steps):
             model, samplers.run_sampler, constants=constants, guidance_scale=guidance
         )
         weights, state = pipeline.sampling_state(model)
-        return pipeline.unit_range(run(weights, state, labels, noise, step_noise))
+        return pipeline.decode_tensor(model, run(weights, state, labels, noise, step_noise))
 
     if not samplers.SAMPLERS[sampler].needs_noise(eta):
         def generate(noise):
@@ -193,8 +196,9 @@ def _endpoints(model, *, timesteps, sampler, eta, denoise_steps):
     endpoints = [("generate", generate, noises)]
     if model.num_classes is not None:
         endpoints.append(("generate_conditional", generate_conditional, noises + labels + ["guidance"]))
-    endpoints += [("denoise", denoise, ["images", "sigma"]),
-                  ("predict_noise", predict_noise, ["x_t", "t"] + labels)]
+    if pipeline.clips(model):  # a pixel model; a latent one cannot denoise (see applications)
+        endpoints.append(("denoise", denoise, ["images", "sigma"]))
+    endpoints.append(("predict_noise", predict_noise, ["x_t", "t"] + labels))
     return [(name, fn, [spec[i] for i in inputs]) for name, fn, inputs in endpoints]
 
 
@@ -209,6 +213,10 @@ class _SamplingVariables(keras.layers.Layer):
         super().__init__(name="sampling_variables")
         self.weights_used = list(model.sampling_weights)
         self.state_used = list(model.network.non_trainable_variables)
+        autoencoder = getattr(model, "autoencoder", None)
+        # A latent model's generate decodes: the decoder and the scaling factor.
+        self.decoder_used = [] if autoencoder is None else (
+            list(autoencoder.decoder.variables) + [autoencoder.scaling_factor])
         self.built = True
 
 
@@ -263,7 +271,7 @@ def export_onnx(model, path, *, verbose=None, input_signature=None, **kwargs):
 
 
 def _predictor_inputs(model):
-    specs = [_spec("x_t", (None,) + model.image_shape), _spec("t", (None,), "int32")]
+    specs = [_spec("x_t", (None,) + model.sample_shape), _spec("t", (None,), "int32")]
     return specs + ([_spec("labels", (None,), "int32")] if model.num_classes is not None else [])
 
 
@@ -285,7 +293,7 @@ class _NoisePredictor(keras.Model):
             copy.assign(ops.convert_to_numpy(value))
         self.schedule = model.schedule
         self.prediction = model.prediction
-        example = [ops.zeros((1,) + model.image_shape), ops.zeros((1,), "int32")]
+        example = [ops.zeros((1,) + model.sample_shape), ops.zeros((1,), "int32")]
         if model.num_classes is not None:
             example.append(ops.zeros((1,), "int32"))
         self(example)  # build, so the exporters see a called model

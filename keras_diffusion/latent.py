@@ -47,7 +47,8 @@ class LatentDiffusionModel(DiffusionModel):
     `fit`, `generate`, `inpaint`, `img2img` and `interpolate` take and
     return images, as `DiffusionModel`'s do; the latents stay inside.
     The samplers do not clip latents to [-1, 1]. `denoise` raises: it
-    needs a pixel-space model.
+    needs a pixel-space model. `export` writes `generate` (decoding inside),
+    `generate_conditional` and `predict_noise` (on latents).
 
     Example:
 
@@ -77,16 +78,6 @@ class LatentDiffusionModel(DiffusionModel):
         noise = keras.random.normal(ops.shape(mean), dtype="float32", seed=self.seed_generator)
         latents = ops.stop_gradient(mean + ops.exp(0.5 * logvar) * noise)
         return latents * ops.cast(self.autoencoder.scaling_factor, "float32")
-
-    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None,
-               **kwargs):
-        """Not available for latent models yet: the exported endpoints do
-        not decode. Export the autoencoder's decoder and the network apart,
-        or sample with `generate`."""
-        raise NotImplementedError(
-            "export of a LatentDiffusionModel is not available yet: its endpoints would have to "
-            "decode; sample with generate, or export a pixel-space DiffusionModel."
-        )
 
     def get_config(self):
         return dict(super().get_config(),

@@ -109,6 +109,20 @@ def encode_mask(model, known):
     return np.broadcast_to(cells[..., np.newaxis], shape).astype("float32")
 
 
+def decode_tensor(model, x):
+    """`decode` inside a traced function (an exported endpoint): a sampler's
+    output -> images in [0, 1] as a tensor, decoded with the autoencoder's
+    weights as they are traced."""
+    autoencoder = _autoencoder(model)
+    if autoencoder is None:
+        return unit_range(x)
+    decoder = autoencoder.decoder
+    latents = x / ops.cast(autoencoder.scaling_factor, "float32")
+    weights = [v.value for v in decoder.trainable_variables]
+    state = [v.value for v in decoder.non_trainable_variables]
+    return unit_range(decoder.stateless_call(weights, state, latents, training=False)[0])
+
+
 def _scaling_factor(autoencoder):
     autoencoder.check_measured()
     return float(ops.convert_to_numpy(autoencoder.scaling_factor))
