@@ -78,12 +78,13 @@ class AutoencoderBlock(layers.Layer):
 
 
 def check_autoencoder_arguments(*, image_shape, widths, latent_channels, blocks_per_level, groups,
-                                reconstruction, kl_weight):
+                                pad, reconstruction, kl_weight):
     """The rules of `Autoencoder`'s arguments; `image_shape` None skips
     the rules about it."""
     check_widths(widths, groups)
     check_integer("latent_channels", latent_channels)
     check_integer("blocks_per_level", blocks_per_level)
+    check_integer("pad", pad, low=0)
     if reconstruction not in RECONSTRUCTION_LOSSES:
         raise ValueError(
             f"reconstruction must be one of {', '.join(RECONSTRUCTION_LOSSES)}; "
@@ -93,8 +94,14 @@ def check_autoencoder_arguments(*, image_shape, widths, latent_channels, blocks_
         raise ValueError(f"kl_weight must be a number >= 0; got {kl_weight!r}.")
     if image_shape is not None:
         factor = 2 ** len(widths)
-        check_image_shape(image_shape, factor, "2 ** len(widths), one halving per level",
-                          f" Pad the images to a multiple of {factor}, or use fewer levels.")
+        height, width, channels = image_shape if len(image_shape) == 3 else (0, 0, 0)
+        padded = (height + 2 * pad, width + 2 * pad, channels) if pad else tuple(image_shape)
+        check_image_shape(
+            padded, factor, "2 ** len(widths), one halving per level" + (
+                f", after padding by {pad}" if pad else ""),
+            f" Set pad so that the padded size is a multiple of {factor} (pad=2 takes 28x28 to "
+            "32x32), or use fewer levels.",
+        )
 
 
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="Autoencoder")
@@ -110,6 +117,9 @@ class Autoencoder(keras.Model):
         latent_channels: channels of the latents.
         blocks_per_level: residual blocks per level, in each half.
         groups: groups of the group normalisations.
+        pad: pixels of zeros added on each side before encoding, and cropped
+            after decoding, so that a size that does not halve evenly still
+            fits: `pad=2` gives MNIST's 28x28 an 8x8 latent grid at factor 4.
         reconstruction: `"l1"` (LDM's choice; sharper) or `"mse"`.
         kl_weight: weight of the KL term. Both terms are averaged over the
             pixels, so the ratio is that of LDM's sums: 1e-6, their value,
@@ -130,13 +140,13 @@ class Autoencoder(keras.Model):
     """
 
     def __init__(self, image_shape, widths=(64, 128), latent_channels=4, blocks_per_level=1,
-                 groups=8, reconstruction="l1", kl_weight=1e-6, seed=None, **kwargs):
+                 groups=8, pad=0, reconstruction="l1", kl_weight=1e-6, seed=None, **kwargs):
         image_shape = tuple(image_shape)
         widths = tuple(widths)
         check_autoencoder_arguments(
             image_shape=image_shape, widths=widths, latent_channels=latent_channels,
-            blocks_per_level=blocks_per_level, groups=groups, reconstruction=reconstruction,
-            kl_weight=kl_weight,
+            blocks_per_level=blocks_per_level, groups=groups, pad=pad,
+            reconstruction=reconstruction, kl_weight=kl_weight,
         )
         super().__init__(**kwargs)
         self.image_shape = image_shape
@@ -144,12 +154,13 @@ class Autoencoder(keras.Model):
         self.latent_channels = int(latent_channels)
         self.blocks_per_level = int(blocks_per_level)
         self.groups = int(groups)
+        self.pad = int(pad)
         self.reconstruction = reconstruction
         self.kl_weight = float(kl_weight)
         self.seed = seed
         self.factor = 2 ** len(widths)
-        self.latent_shape = (image_shape[0] // self.factor, image_shape[1] // self.factor,
-                             self.latent_channels)
+        self.latent_shape = ((image_shape[0] + 2 * self.pad) // self.factor,
+                             (image_shape[1] + 2 * self.pad) // self.factor, self.latent_channels)
         self.encoder = self._build_encoder()
         self.decoder = self._build_decoder()
         # 0 until measured: a LatentDiffusionModel refuses an autoencoder without it.
@@ -173,7 +184,8 @@ class Autoencoder(keras.Model):
 
     def _build_encoder(self):
         images = keras.Input(self.image_shape, name="images")
-        h = _Conv2D(self.widths[0], 3, padding="same", name="conv_in")(images)
+        h = layers.ZeroPadding2D(self.pad, name="pad")(images) if self.pad else images
+        h = _Conv2D(self.widths[0], 3, padding="same", name="conv_in")(h)
         for level, channels in enumerate(self.widths):
             h = self._blocks(h, channels, f"down_{level}")
             h = _Conv2D(channels, 3, strides=2, padding="same", name=f"down_{level}_downsample")(h)
@@ -190,6 +202,8 @@ class Autoencoder(keras.Model):
             h = layers.UpSampling2D(2, name=f"up_{level}_upsample")(h)
             h = _Conv2D(self.widths[level], 3, padding="same", name=f"up_{level}_upsample_conv")(h)
         outputs = self._head(h, self.image_shape[-1], "conv_out")
+        if self.pad:
+            outputs = layers.Cropping2D(self.pad, name="crop")(outputs)
         return keras.Model(latents, outputs, name="decoder")
 
     # ------------------------------------------------------------ training
@@ -322,6 +336,7 @@ class Autoencoder(keras.Model):
             "latent_channels": self.latent_channels,
             "blocks_per_level": self.blocks_per_level,
             "groups": self.groups,
+            "pad": self.pad,
             "reconstruction": self.reconstruction,
             "kl_weight": self.kl_weight,
             "seed": self.seed,

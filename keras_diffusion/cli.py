@@ -121,7 +121,11 @@ def _train(args):
     from keras_diffusion.training import train
 
     train(config, output, verbose=2, resume=args.resume)
-    print(f"wrote {output / 'model.keras'}, {output / 'samples'}/, {output / 'history.csv'}, {output / 'loss.png'}")
+    written = [output / "model.keras", f"{output / 'samples'}/", output / "history.csv",
+               output / "loss.png"]
+    if config["autoencoder"]["enabled"] and config["autoencoder"]["path"] is None:
+        written.insert(1, output / "autoencoder.keras")
+    print("wrote " + ", ".join(map(str, written)))
 
 
 def _sample(args):
@@ -180,8 +184,8 @@ def _export(args):
     model.export(args.out, steps=args.steps, sampler=args.sampler, eta=args.eta,
                  denoise_steps=args.denoise_steps)
     endpoints = "generate, generate_conditional" if model.conditional else "generate"
-    print(f"wrote SavedModel {args.out} ({endpoints}: {args.sampler}, {args.steps} steps; "
-          "denoise; predict_noise)")
+    others = "predict_noise" if getattr(model, "autoencoder", None) else "denoise; predict_noise"
+    print(f"wrote SavedModel {args.out} ({endpoints}: {args.sampler}, {args.steps} steps; {others})")
 
 
 def _evaluate(args):

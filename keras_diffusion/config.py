@@ -9,11 +9,12 @@ Every mistake raises `ConfigError` with a one-line message that names the
 key, what it accepts and what it got, e.g.
 `unknown config key 'trainig.epochs'; did you mean 'training.epochs'?`.
 
-The sections that describe objects (`network`, `schedule`, `model`) hold
-the objects' own arguments: their defaults are read from the constructors'
-signatures, and their values are checked by the objects' own rules
-(`check_unet_arguments`, `DiffusionSchedule`, `check_model_arguments`), so
-no rule is written twice. Here only types are checked (YAML reads `1e-4` as
+The sections that describe objects (`network`, `schedule`, `model`,
+`autoencoder`) hold the objects' own arguments: their defaults are read from
+the constructors' signatures, and their values are checked by the objects'
+own rules (`check_unet_arguments`, `DiffusionSchedule`,
+`check_model_arguments`, `check_autoencoder_arguments`), so no rule is
+written twice. Here only types are checked (YAML reads `1e-4` as
 a string) and the settings that span sections.
 
 Importing this module does not import Keras; `default_config` and `validate`
@@ -186,6 +187,7 @@ _UNET = _Signature("network:UNet")
 _SCHEDULE = _Signature("schedule:DiffusionSchedule")
 _MODEL = _Signature("model:DiffusionModel")
 _GENERATE = _Signature("model:DiffusionModel.generate")
+_AUTOENCODER = _Signature("autoencoder:Autoencoder")
 
 # ------------------------------------------------------------------ schema
 # Sections are dicts; leaves are (default, check).
@@ -217,6 +219,20 @@ _SCHEMA = {
         "ema_decay": (_MODEL, _number(nullable=True)),
         "min_snr_gamma": (_MODEL, _number(nullable=True)),
         "label_dropout": (_MODEL, _number()),
+    },
+    "autoencoder": {  # enabled: a latent diffusion model over this autoencoder's latents
+        "enabled": (False, _flag),
+        "path": (None, _path),  # a trained autoencoder to reuse; null: train one first
+        "widths": (_AUTOENCODER, _integer_list()),
+        "latent_channels": (_AUTOENCODER, _integer()),
+        "blocks_per_level": (_AUTOENCODER, _integer()),
+        "groups": (_AUTOENCODER, _integer()),
+        "pad": (_AUTOENCODER, _integer()),
+        "reconstruction": (_AUTOENCODER, _choice(_owned_by("autoencoder", "RECONSTRUCTION_LOSSES"))),
+        "kl_weight": (_AUTOENCODER, _number()),
+        "epochs": (5, _integer(1)),
+        "batch_size": (64, _integer(1)),
+        "learning_rate": (0.001, _number(0, low_open=True)),
     },
     "training": {
         "batch_size": (128, _integer(1)),
@@ -432,6 +448,14 @@ def _check_objects(config):
         checks.append(
             ("evaluation.steps", lambda: check_steps(evaluation["steps"], schedule["timesteps"]))
         )
+    autoencoder = config["autoencoder"]
+    if autoencoder["enabled"] and autoencoder["path"] is None:
+        from keras_diffusion.autoencoder import check_autoencoder_arguments
+
+        arguments = {key: autoencoder[key] for key in ("widths", "latent_channels", "blocks_per_level",
+                                                      "groups", "pad", "reconstruction", "kl_weight")}
+        checks.append(("autoencoder", lambda: check_autoencoder_arguments(image_shape=None,
+                                                                          **arguments)))
     for section, check in checks:
         try:
             check()

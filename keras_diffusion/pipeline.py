@@ -102,6 +102,8 @@ def encode_mask(model, known):
     autoencoder = _autoencoder(model)
     if autoencoder is None:
         return known.astype("float32")
+    pad = autoencoder.pad  # the padding is the same in every image: known
+    known = np.pad(known, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=True)
     n, height, width, _ = known.shape
     f = autoencoder.factor
     cells = known.all(axis=-1).reshape(n, height // f, f, width // f, f).all(axis=(2, 4))

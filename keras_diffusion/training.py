@@ -9,8 +9,10 @@ import re
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from keras_diffusion import precision
+from keras_diffusion.autoencoder import Autoencoder
 from keras_diffusion.callbacks import AtomicBackupAndRestore
 from keras_diffusion.callbacks import AtomicCSVLogger
 from keras_diffusion.callbacks import SampleGrid
@@ -27,6 +29,7 @@ from keras_diffusion.data import load_image_folder
 from keras_diffusion.distribute import distribution_scope
 from keras_diffusion.images import atomic_write
 from keras_diffusion.images import save_loss_curve
+from keras_diffusion.latent import LatentDiffusionModel
 from keras_diffusion.model import DiffusionModel
 from keras_diffusion.network import UNet
 from keras_diffusion.schedule import DiffusionSchedule
@@ -59,11 +62,12 @@ def load_training_data(config):
     return images, (labels if conditional else None), images.shape[1:], (names if conditional else None)
 
 
-def build_model(config, image_shape, class_names=None):
-    """The `DiffusionModel` a config describes, for images of `image_shape`."""
+def build_model(config, image_shape, class_names=None, autoencoder=None):
+    """The `DiffusionModel` a config describes, for images of `image_shape`;
+    with a trained `autoencoder`, the `LatentDiffusionModel` over its latents."""
     net, model = config["network"], config["model"]
     network = UNet(
-        image_shape=tuple(image_shape),
+        image_shape=tuple(image_shape if autoencoder is None else autoencoder.latent_shape),
         widths=tuple(net["widths"]),
         blocks_per_level=net["blocks_per_level"],
         attention_levels=tuple(net["attention_levels"]),
@@ -71,8 +75,9 @@ def build_model(config, image_shape, class_names=None):
         groups=net["groups"],
         num_classes=net["num_classes"],
     )
-    return DiffusionModel(
-        network,
+    parts = (network,) if autoencoder is None else (autoencoder, network)
+    return (DiffusionModel if autoencoder is None else LatentDiffusionModel)(
+        *parts,
         DiffusionSchedule(**config["schedule"]),
         prediction=model["prediction"],
         ema_decay=model["ema_decay"],
@@ -132,7 +137,11 @@ def train(config, output_dir, verbose="auto", resume=False):
         with distribution_scope(config["distribute"]) as replicas:
             x, y, image_shape, class_names = load_training_data(config)
             x, y = _share_evenly(x, y, replicas, training["batch_size"])
-            model = build_model(config, image_shape, class_names)
+            autoencoder = None
+            if config["autoencoder"]["enabled"]:
+                autoencoder = train_autoencoder(config, x, image_shape, output, verbose=verbose,
+                                                resume=record is not None)
+            model = build_model(config, image_shape, class_names, autoencoder)
             steps = training["steps_per_epoch"] or _steps_per_epoch(x, training["batch_size"])
             model.compile(
                 optimizer=build_optimizer(config, steps * training["epochs"]),
@@ -153,6 +162,69 @@ def train(config, output_dir, verbose="auto", resume=False):
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
     return model
+
+
+def train_autoencoder(config, x, image_shape, output, verbose="auto", resume=False):
+    """The autoencoder of a latent run: the one `autoencoder.path` names, or
+    the one this run saved before it was interrupted (`resume`), or one
+    trained on `x` now, saved as `output/autoencoder.keras` with its history
+    in `output/autoencoder_history.csv`."""
+    settings = config["autoencoder"]
+    saved = output / "autoencoder.keras"
+    if settings["path"] is not None or (resume and saved.exists()):
+        return load_autoencoder(settings["path"] or saved, image_shape)
+    arguments = {key: settings[key] for key in ("widths", "latent_channels", "blocks_per_level",
+                                               "groups", "pad", "reconstruction", "kl_weight")}
+    autoencoder = Autoencoder(tuple(image_shape), seed=config["seed"], **arguments)
+    autoencoder.compile(optimizer=keras.optimizers.AdamW(settings["learning_rate"]),
+                        jit_compile=config["training"]["jit_compile"])
+    output.mkdir(parents=True, exist_ok=True)
+    autoencoder.fit(
+        x, batch_size=settings["batch_size"] if hasattr(x, "shape") else None,
+        epochs=settings["epochs"], shuffle=True, verbose=verbose,
+        callbacks=[TerminateOnNonFiniteLoss(),
+                   AtomicCSVLogger(output / "autoencoder_history.csv")],
+    )
+    if not hasattr(x, "shape"):  # a dataset: fit measured nothing
+        autoencoder.measure_scaling_factor(_first_images(x, 4096))
+    save_model(autoencoder, saved)
+    return autoencoder
+
+
+def load_autoencoder(path, image_shape):
+    """A trained `Autoencoder` from `path`, for images of `image_shape`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"autoencoder.path: file not found: {path}")
+    try:
+        autoencoder = keras.saving.load_model(path)
+    except Exception as error:  # a truncated or foreign archive fails in many ways
+        raise ConfigError(f"autoencoder.path: could not load {path} as a Keras model "
+                          f"({str(error).strip().splitlines()[0] if str(error).strip() else error!r})") from None
+    if not isinstance(autoencoder, Autoencoder):
+        raise ConfigError(f"autoencoder.path: {path} holds a {type(autoencoder).__name__}, not an "
+                          "Autoencoder")
+    if tuple(autoencoder.image_shape) != tuple(image_shape):
+        raise ConfigError(f"autoencoder.path: the autoencoder in {path} takes "
+                          f"{tuple(autoencoder.image_shape)} images, but the data are "
+                          f"{tuple(image_shape)}")
+    if not autoencoder.measured:
+        raise ConfigError(f"autoencoder.path: the autoencoder in {path} is untrained (its latent "
+                          "scaling factor was never measured); train it first")
+    return autoencoder
+
+
+def _first_images(dataset, limit):
+    """Up to `limit` images of a dataset of image batches (or of (images,
+    labels) batches), as one numpy array."""
+    images, count = [], 0
+    for batch in dataset:
+        batch = batch[0] if isinstance(batch, tuple) else batch
+        images.append(keras.ops.convert_to_numpy(batch))
+        count += len(images[-1])
+        if count >= limit:
+            break
+    return np.concatenate(images)[:limit]
 
 
 def _training_callbacks(config, output):
@@ -193,7 +265,8 @@ def _training_callbacks(config, output):
 
 # Settings a resumed run must share with the run it continues: they fix the
 # variables in the backup, or what the model learns.
-_RESUME_KEYS = ("network", "schedule", "model", "training.precision", "data.dataset", "data.image_size")
+_RESUME_KEYS = ("network", "schedule", "model", "autoencoder", "training.precision", "data.dataset",
+                "data.image_size")
 
 
 def _check_resume(config, output, resume):

@@ -1,7 +1,17 @@
 """The autoencoder and latent diffusion; run once per KERAS_BACKEND.
 
 One autoencoder (16x16 -> 4x4x2) and one class-conditional latent model are
-trained once per session; the tests share them."""
+trained once per session; the tests share them.
+
+Two groups run under one backend only, because what they check does not
+depend on it and TensorFlow and JAX would spend ~90 s each tracing the same
+steps again: the config and command tests run under PyTorch (their models
+train through the same backend steps the tests above check on all three),
+and the SavedModel test under TensorFlow and JAX (under PyTorch the export is
+TensorFlow's, re-run in a subprocess, a route `test_export.py` checks)."""
+
+import contextlib
+import io
 
 import keras
 import numpy as np
@@ -9,10 +19,17 @@ import pytest
 from keras import ops
 
 import keras_diffusion as kd
+from conftest import BACKEND
+from conftest import DATA_DIR
+from conftest import ROOT
 from conftest import blobs
 from conftest import one_level_unet
 from conftest import plumbing_optimizer
+from keras_diffusion import cli
 from keras_diffusion import pipeline
+from keras_diffusion.config import ConfigError
+from keras_diffusion.config import load_config
+from keras_diffusion.training import train_autoencoder
 
 IMAGES = blobs(64)
 LABELS = np.arange(64) % 3
@@ -97,11 +114,15 @@ def test_autoencoder_file_round_trip(autoencoder, tmp_path):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(image_shape=(30, 30, 1)), r"image height and width must be divisible by 4 \(2 \*\* "
                                     r"len\(widths\), one halving per level\); got "
-                                    r"image_shape=\(30, 30, 1\), i\.e\. 30x30\. Pad the images to a multiple of 4"),
+                                    r"image_shape=\(30, 30, 1\), i\.e\. 30x30\. Set pad so that the padded size is a "
+                                    r"multiple of 4"),
     (dict(reconstruction="l2"), r"reconstruction must be one of l1, mse; got 'l2'\."),
     (dict(kl_weight=-1), r"kl_weight must be a number >= 0; got -1\."),
     (dict(widths=(6, 16)), r"every entry of widths must be divisible by groups=4"),
     (dict(latent_channels=0), r"latent_channels must be a positive integer; got 0\."),
+    (dict(widths=(8, 16, 32), image_shape=(28, 28, 1), pad=1),
+     r"divisible by 8 \(2 \*\* len\(widths\), one halving per level, after padding by 1\); "
+     r"got image_shape=\(30, 30, 1\)"),
 ])
 def test_bad_autoencoder_arguments(kwargs, match):
     arguments = dict(image_shape=(16, 16, 1), widths=(8, 16), groups=4)
@@ -203,6 +224,7 @@ def test_denoise_says_why_not(latent_model):
         model.denoise(IMAGES[:1], sigma=0.1)
 
 
+@pytest.mark.skipif(BACKEND == "torch", reason="PyTorch exports through TensorFlow (test_export.py)")
 def test_export_decodes_inside_generate(latent_model, tmp_path):
     import tensorflow as tf
 
@@ -218,3 +240,88 @@ def test_export_decodes_inside_generate(latent_model, tmp_path):
     guided = served.generate_conditional(noise, np.array([0, 2], "int32"), 2.0).numpy()
     np.testing.assert_allclose(
         guided, model.generate(2, steps=3, seed=5, labels=[0, 2], guidance_scale=2.0), atol=1e-4)
+
+
+# ------------------------------------------------- the config and commands
+SMOKE_LATENT = ROOT / "configs" / "smoke_latent.yaml"
+needs_mnist = pytest.mark.skipif(not (DATA_DIR / "mnist.npz").exists(),
+                                 reason="needs the shared MNIST file")
+once = pytest.mark.skipif(BACKEND != "torch", reason="backend-independent; run under PyTorch")
+
+
+def _cli(*argv):
+    """`keras-diffusion ARGV` in this process: (exit code, stdout, stderr)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = cli.main([str(arg) for arg in argv])
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="session")
+def latent_run(tmp_path_factory):
+    """configs/smoke_latent.yaml trained once: the autoencoder, then the latent model."""
+    output = tmp_path_factory.mktemp("smoke_latent")
+    code, stdout, stderr = _cli("train", "--config", SMOKE_LATENT, "--data-dir", DATA_DIR,
+                                "--output", output)
+    assert code == 0, stderr[-3000:]
+    return output, stdout
+
+
+@once
+@needs_mnist
+def test_the_latent_config_trains_both_stages(latent_run):
+    output, stdout = latent_run
+    assert f"wrote {output / 'model.keras'}, {output / 'autoencoder.keras'}, " in stdout
+    with open(output / "autoencoder_history.csv") as f:
+        assert f.readline().strip().split(",") == ["epoch", "kl", "loss", "reconstruction"]
+    with open(output / "history.csv") as f:
+        assert {"loss", "fid", "kid"} <= set(f.readline().strip().split(","))
+    assert (output / "samples" / "epoch_0001.png").is_file()
+    model = kd.load_model(output / "model.keras")
+    assert isinstance(model, kd.LatentDiffusionModel)
+    assert model.image_shape == (28, 28, 1) and model.sample_shape == (8, 8, 2)  # padded by 2
+
+
+@once
+@needs_mnist
+def test_commands_work_on_a_latent_model(latent_run, tmp_path):
+    output, _ = latent_run
+    model = output / "model.keras"
+    code, stdout, stderr = _cli("sample", "--model", model, "--num", 2, "--steps", 2,
+                                "--out", tmp_path / "s.png", "--npz", tmp_path / "s.npz")
+    assert code == 0, stderr
+    assert np.load(tmp_path / "s.npz")["images"].shape == (2, 28, 28, 1)
+    code, _, stderr = _cli("inpaint", "--model", model, "--input", tmp_path / "s.npz",
+                           "--mask", "center", "--steps", 2, "--resamples", 1,
+                           "--out", tmp_path / "i.npz")
+    assert code == 0, stderr
+    code, _, stderr = _cli("denoise", "--model", model, "--input", tmp_path / "s.npz",
+                           "--sigma", 0.1, "--out", tmp_path / "d.npz")
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "denoise needs a pixel-space model" in stderr
+    assert not (tmp_path / "d.npz").exists()
+
+
+@once
+@needs_mnist
+def test_a_named_autoencoder_is_reused_or_refused(latent_run, tmp_path):
+    output, _ = latent_run
+    config = load_config(SMOKE_LATENT, [f"autoencoder.path={output / 'autoencoder.keras'}"])
+    reused = train_autoencoder(config, None, (28, 28, 1), tmp_path / "reuse")
+    trained = kd.load_model(output / "model.keras").autoencoder
+    assert reused.get_config() == trained.get_config()
+    assert float(ops.convert_to_numpy(reused.scaling_factor)) == float(
+        ops.convert_to_numpy(trained.scaling_factor))
+    assert not (tmp_path / "reuse").exists()  # nothing trained, nothing written
+    base = ["train", "--config", SMOKE_LATENT, "--data-dir", DATA_DIR, "--set", "data.limit=32"]
+    for path, message in (
+        (tmp_path / "missing.keras", "autoencoder.path: file not found: "),
+        (output / "model.keras", "holds a LatentDiffusionModel, not an Autoencoder"),
+    ):
+        code, _, stderr = _cli(*base, "--output", tmp_path / "bad", "--set", f"autoencoder.path={path}")
+        assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+        assert message in stderr, stderr
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(ConfigError, match=r"autoencoder.path: the autoencoder in .* takes "
+                                          r"\(28, 28, 1\) images, but the data are \(32, 32, 3\)"):
+        train_autoencoder(config, None, (32, 32, 3), tmp_path / "reuse")
