@@ -1,0 +1,181 @@
+"""Latent against pixel diffusion: what the autoencoder costs and what it buys.
+
+    KERAS_BACKEND=torch python benchmarks/latent.py --dataset cifar10 --write docs/latent.md
+
+For one dataset and the backend this process runs on, it measures:
+
+1. the autoencoder of `configs/<dataset>_latent.yaml`: training time for
+   `--ae-epochs` epochs over `--ae-images` training images, and the PSNR of
+   its reconstructions of the first `--test-images` test images;
+2. training and sampling images/s of the latent model of that config against
+   the pixel model of `configs/<dataset>.yaml`, with the same sampler and
+   steps (DPM-Solver++(2M), 20 steps), one after the other in this process;
+3. encoding inside the train step (what `LatentDiffusionModel.fit` does)
+   against a `DiffusionModel` trained on latents encoded once beforehand, the
+   other way to feed a latent model.
+
+It needs the dataset's `.npz` (`--data-dir`, as `keras-diffusion train`).
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def _on_latents_class():
+    import keras
+
+    import keras_diffusion as kd
+
+    class OnLatents(kd.DiffusionModel):
+        """A DiffusionModel trained on latents encoded beforehand: its inputs
+        are the diffusion inputs, not images in [0, 1]."""
+
+        def diffusion_inputs(self, latents):
+            return keras.ops.cast(latents, "float32")
+
+        def fit(self, *args, **kwargs):  # no image checks: these are latents
+            return keras.Model.fit(self, *args, **kwargs)
+
+    return OnLatents
+
+
+def _unet(config, image_shape):
+    import keras_diffusion as kd
+
+    net = config["network"]
+    return kd.UNet(image_shape, widths=tuple(net["widths"]), blocks_per_level=net["blocks_per_level"],
+                   attention_levels=tuple(net["attention_levels"]), groups=net["groups"],
+                   dropout=net["dropout"], num_classes=net["num_classes"])
+
+
+def _throughput(model, images, labels, batch, steps):
+    """(train images/s, sampling images/s) after a warm-up of each."""
+    import keras
+
+    model.compile(optimizer=keras.optimizers.AdamW(1e-4))
+    y = None if labels is None else labels[: batch * steps]
+
+    def fit(n):
+        model.fit(images[: batch * n], None if y is None else y[: batch * n], batch_size=batch,
+                  epochs=1, shuffle=False, verbose=0)
+
+    fit(2)
+    start = time.perf_counter()
+    fit(steps)
+    train = batch * steps / (time.perf_counter() - start)
+    options = dict(steps=20, sampler="dpmpp_2m", seed=0)
+    model.generate(batch, **options)
+    start = time.perf_counter()
+    model.generate(batch, **options)
+    return train, batch / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=("mnist", "cifar10"), default="cifar10")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--ae-images", type=int, default=10000)
+    parser.add_argument("--ae-epochs", type=int, default=None, help="default: the config's")
+    parser.add_argument("--test-images", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--train-steps", type=int, default=10)
+    parser.add_argument("--write", help="put the table into this Markdown file")
+    args = parser.parse_args(argv)
+
+    import keras
+    import numpy as np
+
+    import keras_diffusion as kd
+    from keras_diffusion.config import load_config
+    from keras_diffusion.training import build_model
+    from keras_diffusion.training import train_autoencoder
+    from throughput import _device_name
+
+    _OnLatents = _on_latents_class()
+
+    keras.utils.set_random_seed(0)
+    latent_config = load_config(ROOT / "configs" / f"{args.dataset}_latent.yaml",
+                                [f"data.data_dir={args.data_dir}"] if args.data_dir else [])
+    pixel_config = load_config(ROOT / "configs" / f"{args.dataset}.yaml")
+    if args.ae_epochs:
+        latent_config["autoencoder"]["epochs"] = args.ae_epochs
+    x, y = kd.load_dataset(args.dataset, args.data_dir, limit=args.ae_images)
+    x_test, _ = kd.load_dataset(args.dataset, args.data_dir, split="test", limit=args.test_images)
+    image_shape = x.shape[1:]
+
+    # 1. The autoencoder.
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as temp:
+        ae = train_autoencoder(latent_config, x, image_shape, Path(temp), verbose=0)
+    ae_minutes = (time.perf_counter() - start) / 60
+    reconstructed = ae.reconstruct(x_test, batch_size=256)
+    mse = np.mean((reconstructed.astype(np.float64) - x_test) ** 2, axis=(1, 2, 3))
+    psnr = float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-12))))
+
+    # 2. Latent against pixel, the configs' networks.
+    labels = y if latent_config["network"]["num_classes"] is not None else None
+    latent = build_model(latent_config, image_shape, autoencoder=ae)
+    latent_train, latent_sample = _throughput(latent, x, labels, args.batch, args.train_steps)
+    pixel = build_model(pixel_config, image_shape)
+    pixel_labels = y if pixel_config["network"]["num_classes"] is not None else None
+    pixel_train, pixel_sample = _throughput(pixel, x, pixel_labels, args.batch, args.train_steps)
+
+    # 3. Encoding in the step against latents encoded once.
+    count = args.batch * args.train_steps
+    start = time.perf_counter()
+    cached = keras.ops.convert_to_numpy(kd.pipeline.encode(latent, x[:count], batch_size=256))
+    encode_rate = count / (time.perf_counter() - start)
+    on_latents = _OnLatents(_unet(latent_config, ae.latent_shape),
+                            kd.DiffusionSchedule(**latent_config["schedule"]), seed=0)
+    on_latents.compile(optimizer=keras.optimizers.AdamW(1e-4))
+    cached_labels = None if labels is None else labels[:count]
+
+    def fit(n):
+        on_latents.fit(cached[: args.batch * n],
+                       None if cached_labels is None else cached_labels[: args.batch * n],
+                       batch_size=args.batch, epochs=1, shuffle=False, verbose=0)
+
+    fit(2)
+    start = time.perf_counter()
+    fit(args.train_steps)
+    cached_train = count / (time.perf_counter() - start)
+
+    rows = [
+        f"Measured on {_device_name()}, Keras {keras.__version__}, backend "
+        f"{keras.backend.backend()}, batch {args.batch}, float32:",
+        "",
+        "| | value |",
+        "|---|---|",
+        f"| autoencoder | widths {list(ae.widths)}, {ae.latent_channels} latent channels, "
+        f"{image_shape[0]}x{image_shape[1]}x{image_shape[2]} -> "
+        f"{'x'.join(map(str, ae.latent_shape))}, {ae.count_params():,} parameters |",
+        f"| autoencoder training | {latent_config['autoencoder']['epochs']} epochs over "
+        f"{len(x):,} images: {ae_minutes:.1f} min |",
+        f"| reconstruction PSNR, {len(x_test):,} test images | {psnr:.2f} dB |",
+        f"| scaling factor | {float(keras.ops.convert_to_numpy(ae.scaling_factor)):.3f} |",
+        f"| train images/s: pixel model (`{args.dataset}.yaml`) | {pixel_train:.1f} |",
+        f"| train images/s: latent model (`{args.dataset}_latent.yaml`), encoding in the step "
+        f"| {latent_train:.1f} |",
+        f"| train images/s: the same network on latents encoded once | {cached_train:.1f} "
+        f"(encoding: {encode_rate:.0f} images/s, once) |",
+        f"| DPM++(2M) 20 steps images/s: pixel model | {pixel_sample:.2f} |",
+        f"| DPM++(2M) 20 steps images/s: latent model, decoding included | {latent_sample:.2f} |",
+        f"| sampling speed-up, latent over pixel | {latent_sample / pixel_sample:.1f}x |",
+    ]
+    text = "\n".join(rows)
+    print(text)
+    if args.write:
+        from _markdown import write_between_markers
+
+        write_between_markers(Path(args.write), f"latent-{args.dataset}-{keras.backend.backend()}",
+                              text, "Latent diffusion")
+
+
+if __name__ == "__main__":
+    main()
