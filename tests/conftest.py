@@ -147,3 +147,16 @@ def smoke_run(tmp_path_factory):
                          "--output", str(output)])
     assert code == 0, stderr.getvalue()[-3000:]
     return output
+
+
+def latent_outputs(model, data):
+    """A latent model's encoding of `data["images"]`, and its DDIM run from
+    `data["latent_noise"]`, decoded: the autoencoder, scaling factor and
+    latent network all take part."""
+    from keras_diffusion import pipeline
+    from keras_diffusion import samplers
+
+    encoded = keras.ops.convert_to_numpy(pipeline.encode(model, data["images"]))
+    timesteps = samplers.plan_timesteps(model.schedule, "ddim", 2)
+    x0 = pipeline.run_sampler(model, data["latent_noise"], timesteps=timesteps, sampler="ddim")
+    return encoded, pipeline.decode(model, x0)

@@ -1,6 +1,7 @@
 """Saved files do not care which backend wrote them: a `.keras` file and a
 `.weights.h5` file saved under this run's backend load under the other two,
-and the network's output (raw and EMA weights) agrees within 1e-4. One
+and the network's output (raw and EMA weights) agrees within 1e-4, as does
+a latent model's encoding and decoded sampling. One
 `keras.utils.set_random_seed` builds the same starting network on each.
 
 Each backend's run of the suite checks the files its own backend writes, in
@@ -13,6 +14,7 @@ the three runs together cover the 3x3 matrix in six subprocesses.
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -20,6 +22,7 @@ from keras import ops
 
 import keras_diffusion as kd
 from conftest import BACKEND
+from conftest import latent_outputs
 from conftest import tiny_model
 
 # Each backend runs its own float32 kernels (oneDNN, Eigen, XLA), which sum in
@@ -33,7 +36,8 @@ BACKENDS = ("tensorflow", "jax", "torch")
 SEEDED = dict(image_shape=(8, 8, 1), widths=(8,), blocks_per_level=1, attention_levels=(),
               groups=4, num_classes=2)
 
-# Loads both files from the folder in argv[1] and writes <backend>.npz there.
+
+# Loads the files from the folder in argv[1] and writes <backend>.npz there.
 _LOAD_AND_EVALUATE = f"""
 SEEDED = {SEEDED!r}
 import sys
@@ -43,6 +47,8 @@ import keras_diffusion as kd
 from keras_diffusion import backend
 
 folder = sys.argv[1]
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from conftest import latent_outputs
 data = np.load(folder + "/inputs.npz")
 inputs = [data["x_t"], data["t"], data["labels"]]
 
@@ -64,9 +70,11 @@ h5_raw, h5_ema = outputs(rebuilt)
 iterations = keras.ops.convert_to_numpy(loaded.optimizer.iterations)
 keras.utils.set_random_seed(0)
 seeded = [keras.ops.convert_to_numpy(w) for w in kd.UNet(**SEEDED).weights]
+latent_encoded, latent_decoded = latent_outputs(kd.load_model(folder + "/latent.keras"), data)
 np.savez(folder + "/" + keras.backend.backend() + ".npz", keras_raw=keras_raw,
          keras_ema=keras_ema, h5_raw=h5_raw, h5_ema=h5_ema, iterations=iterations,
-         jit_compile=loaded.jit_compile, seeded=np.concatenate([w.ravel() for w in seeded]))
+         jit_compile=loaded.jit_compile, seeded=np.concatenate([w.ravel() for w in seeded]),
+         latent_encoded=latent_encoded, latent_decoded=latent_decoded)
 """
 
 
@@ -88,7 +96,13 @@ def test_saved_files_load_under_the_other_backends(tmp_path):
     rng = np.random.default_rng(0)
     inputs = [rng.normal(size=(3, 16, 16, 1)).astype("float32"),
               np.array([0, 42, 99], "int32"), np.array([0, 2, 3], "int32")]
-    np.savez(tmp_path / "inputs.npz", x_t=inputs[0], t=inputs[1], labels=inputs[2])
+    latent = _latent_model()
+    images = rng.uniform(size=(2, 8, 8, 1)).astype("float32")
+    latent_noise = rng.normal(size=(2, 4, 4, 2)).astype("float32")
+    np.savez(tmp_path / "inputs.npz", x_t=inputs[0], t=inputs[1], labels=inputs[2],
+             images=images, latent_noise=latent_noise)
+    latent.save(tmp_path / "latent.keras")
+    encoded, decoded = latent_outputs(latent, dict(images=images, latent_noise=latent_noise))
     model.save(tmp_path / "model.keras")
     model.save_weights(tmp_path / "model.weights.h5")
     raw, smoothed = _evaluate(model, inputs)
@@ -118,8 +132,21 @@ def test_saved_files_load_under_the_other_backends(tmp_path):
                                ("h5_raw", raw), ("h5_ema", smoothed)):
             difference = np.abs(result[name] - expected).max()
             assert difference <= ATOL, f"{BACKEND} -> {backend}, {name}: {difference:.2e}"
+        for name, expected in (("latent_encoded", encoded), ("latent_decoded", decoded)):
+            difference = np.abs(result[name] - expected).max()
+            assert difference <= ATOL, f"{BACKEND} -> {backend}, {name}: {difference:.2e}"
         # One seed, one starting network, whichever backend builds it.
         np.testing.assert_array_equal(result["seeded"], seeded, err_msg=backend)
+
+
+def _latent_model():
+    """A tiny latent model (8x8x1 images, 4x4x2 latents) whose autoencoder
+    counts as trained."""
+    autoencoder = kd.Autoencoder((8, 8, 1), widths=(8,), latent_channels=2, groups=4)
+    autoencoder.scaling_factor.assign(0.7)
+    network = kd.UNet((4, 4, 2), widths=(8,), blocks_per_level=1, attention_levels=(), groups=4)
+    return kd.LatentDiffusionModel(autoencoder, network, kd.DiffusionSchedule("cosine", timesteps=100),
+                                   prediction="v")
 
 
 def test_weights_file_loads_into_a_rebuilt_model(tmp_path):
