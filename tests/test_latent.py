@@ -313,6 +313,10 @@ def test_a_named_autoencoder_is_reused_or_refused(latent_run, tmp_path):
     assert float(ops.convert_to_numpy(reused.scaling_factor)) == float(
         ops.convert_to_numpy(trained.scaling_factor))
     assert not (tmp_path / "reuse").exists()  # nothing trained, nothing written
+    # A resumed run takes the autoencoder it saved before it stopped (x=None:
+    # training one would fail).
+    resumed = train_autoencoder(load_config(SMOKE_LATENT), None, (28, 28, 1), output, resume=True)
+    assert resumed.get_config() == trained.get_config()
     base = ["train", "--config", SMOKE_LATENT, "--data-dir", DATA_DIR, "--set", "data.limit=32"]
     for path, message in (
         (tmp_path / "missing.keras", "autoencoder.path: file not found: "),
