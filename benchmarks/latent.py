@@ -30,41 +30,50 @@ import tempfile
 import time
 from pathlib import Path
 
+import keras
+import numpy as np
+
+import keras_diffusion as kd
+from keras_diffusion.config import autoencoder_arguments
+from keras_diffusion.config import load_config
+from keras_diffusion.training import build_model
+from keras_diffusion.training import build_optimizer
+from keras_diffusion.training import train_autoencoder
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from _markdown import write_between_markers  # noqa: E402
+from throughput import _device_name  # noqa: E402
 
 
-def _on_latents_class():
-    import keras
+class OnLatents(kd.DiffusionModel):
+    """A DiffusionModel trained on latents encoded beforehand: its inputs
+    are the diffusion inputs, not images in [0, 1]."""
 
-    import keras_diffusion as kd
+    def diffusion_inputs(self, latents):
+        return keras.ops.cast(latents, "float32")
 
-    class OnLatents(kd.DiffusionModel):
-        """A DiffusionModel trained on latents encoded beforehand: its inputs
-        are the diffusion inputs, not images in [0, 1]."""
-
-        def diffusion_inputs(self, latents):
-            return keras.ops.cast(latents, "float32")
-
-        def fit(self, *args, **kwargs):  # no image checks: these are latents
-            return keras.Model.fit(self, *args, **kwargs)
-
-    return OnLatents
+    def fit(self, *args, **kwargs):  # no image checks: these are latents
+        return keras.Model.fit(self, *args, **kwargs)
 
 
-def _unet(config, image_shape):
-    import keras_diffusion as kd
+class TimeLimit(keras.callbacks.Callback):
+    """Stop `fit` once `seconds` have passed."""
 
-    net = config["network"]
-    return kd.UNet(image_shape, widths=tuple(net["widths"]), blocks_per_level=net["blocks_per_level"],
-                   attention_levels=tuple(net["attention_levels"]), groups=net["groups"],
-                   dropout=net["dropout"], num_classes=net["num_classes"])
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if time.perf_counter() - self.start > self.seconds:
+            self.model.stop_training = True
 
 
 def _throughput(model, images, labels, batch, steps):
     """(train images/s, sampling images/s) after a warm-up of each."""
-    import keras
-
     model.compile(optimizer=keras.optimizers.AdamW(1e-4))
     y = None if labels is None else labels[: batch * steps]
 
@@ -102,16 +111,6 @@ def main(argv=None):
     if args.equal_minutes:
         return equal_minutes(args)
 
-    import keras
-    import numpy as np
-
-    import keras_diffusion as kd
-    from keras_diffusion.config import load_config
-    from keras_diffusion.training import build_model
-    from keras_diffusion.training import train_autoencoder
-    from throughput import _device_name
-
-    _OnLatents = _on_latents_class()
 
     keras.utils.set_random_seed(0)
     latent_config = load_config(ROOT / "configs" / f"{args.dataset}_latent.yaml",
@@ -145,7 +144,7 @@ def main(argv=None):
     start = time.perf_counter()
     cached = keras.ops.convert_to_numpy(kd.pipeline.encode(latent, x[:count], batch_size=256))
     encode_rate = count / (time.perf_counter() - start)
-    on_latents = _OnLatents(_unet(latent_config, ae.latent_shape),
+    on_latents = OnLatents(build_model(latent_config, ae.latent_shape).network,
                             kd.DiffusionSchedule(**latent_config["schedule"]), seed=0)
     on_latents.compile(optimizer=keras.optimizers.AdamW(1e-4))
     cached_labels = None if labels is None else labels[:count]
@@ -185,38 +184,12 @@ def main(argv=None):
     text = "\n".join(rows)
     print(text)
     if args.write:
-        from _markdown import write_between_markers
-
         write_between_markers(Path(args.write), f"latent-{args.dataset}-{keras.backend.backend()}",
                               text, "Latent diffusion")
 
 
-class _TimeLimit:
-    """A Keras callback factory: stop `fit` once `seconds` have passed."""
-
-    def __new__(cls, seconds):
-        import keras
-
-        class TimeLimit(keras.callbacks.Callback):
-            def on_train_begin(self, logs=None):
-                self.start = time.perf_counter()
-
-            def on_train_batch_end(self, batch, logs=None):
-                if time.perf_counter() - self.start > seconds:
-                    self.model.stop_training = True
-
-        return TimeLimit()
-
-
 def equal_minutes(args):
     """Both recipes trained for the same wall-clock minutes, then scored."""
-    import keras
-
-    import keras_diffusion as kd
-    from keras_diffusion.config import load_config
-    from keras_diffusion.training import build_model
-    from keras_diffusion.training import build_optimizer
-    from throughput import _device_name
 
     overrides = ["training.lr_decay=constant"] + (
         [f"data.data_dir={args.data_dir}"] if args.data_dir else [])
@@ -232,20 +205,17 @@ def equal_minutes(args):
         autoencoder = None
         if name == "latent":
             settings = config["autoencoder"]
-            autoencoder = kd.Autoencoder(
-                x.shape[1:], seed=0, **{k: settings[k] for k in (
-                    "widths", "latent_channels", "blocks_per_level", "groups", "pad",
-                    "reconstruction", "kl_weight")})
+            autoencoder = kd.Autoencoder(x.shape[1:], seed=0, **autoencoder_arguments(config))
             autoencoder.compile(optimizer=keras.optimizers.AdamW(settings["learning_rate"]))
             autoencoder.fit(x, batch_size=settings["batch_size"], epochs=1000, verbose=0,
-                            callbacks=[_TimeLimit(budget * args.ae_share)])
+                            callbacks=[TimeLimit(budget * args.ae_share)])
         ae_seconds = time.perf_counter() - start
         model = build_model(config, x.shape[1:], autoencoder=autoencoder)
         model.compile(optimizer=build_optimizer(config, 10**6))
         batch = config["training"]["batch_size"]
         labels = y if config["network"]["num_classes"] is not None else None
         history = model.fit(x, labels, batch_size=batch, epochs=1000, verbose=0,
-                            callbacks=[_TimeLimit(budget - ae_seconds)])
+                            callbacks=[TimeLimit(budget - ae_seconds)])
         minutes = (time.perf_counter() - start) / 60
         steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
         scores = kd.metrics.score_model(model, x_test, feature_net=args.dataset,
@@ -271,8 +241,6 @@ def equal_minutes(args):
     ])
     print(text)
     if args.write:
-        from _markdown import write_between_markers
-
         write_between_markers(Path(args.write), f"latent-equal-minutes-{args.dataset}", text,
                               "Latent diffusion")
 

@@ -104,6 +104,21 @@ def check_autoencoder_arguments(*, image_shape, widths, latent_channels, blocks_
         )
 
 
+def _split_moments(moments):
+    """The encoder's output -> `(mean, log_variance)`, float32, the latter
+    clamped."""
+    mean, logvar = ops.split(ops.cast(moments, "float32"), 2, axis=-1)
+    return mean, ops.clip(logvar, *_LOGVAR_RANGE)
+
+
+def sample_posterior(mean, logvar, seed):
+    """A sample of N(mean, exp(logvar)) by the reparameterisation trick:
+    differentiable in `mean` and `logvar`. `seed`: an int, None or a
+    `SeedGenerator`."""
+    noise = keras.random.normal(ops.shape(mean), dtype="float32", seed=seed)
+    return mean + ops.exp(0.5 * logvar) * noise
+
+
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="Autoencoder")
 class Autoencoder(keras.Model):
     """A variational autoencoder for latent diffusion, trained with `fit`.
@@ -218,8 +233,7 @@ class Autoencoder(keras.Model):
 
     def posterior(self, x, training=False):
         """`(mean, log_variance)` of the latents of `x` (in [-1, 1])."""
-        mean, logvar = ops.split(ops.cast(self.encoder(x, training=training), "float32"), 2, axis=-1)
-        return mean, ops.clip(logvar, *_LOGVAR_RANGE)
+        return _split_moments(self.encoder(x, training=training))
 
     def fit(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.fit` on images, which first checks numpy images as a
@@ -250,8 +264,7 @@ class Autoencoder(keras.Model):
         (images,) = batch
         x = pipeline.to_model_range(images)
         mean, logvar = self.posterior(x, training=training)
-        noise = keras.random.normal(ops.shape(mean), dtype="float32", seed=self.seed_generator)
-        z = mean + ops.exp(0.5 * logvar) * noise
+        z = sample_posterior(mean, logvar, self.seed_generator)
         error = ops.cast(self.decoder(z, training=training), "float32") - x
         per_pixel = ops.abs(error) if self.reconstruction == "l1" else ops.square(error)
         reconstruction = ops.mean(per_pixel)
@@ -305,11 +318,8 @@ class Autoencoder(keras.Model):
         images = check_images(images, self.image_shape)
         moments = pipeline.call_network(self, self.encoder, pipeline.to_model_range(images),
                                         batch_size=batch_size)
-        mean, logvar = np.split(ops.convert_to_numpy(moments), 2, axis=-1)
-        if not sample:
-            return mean
-        noise = ops.convert_to_numpy(keras.random.normal(mean.shape, seed=seed))
-        return mean + np.exp(0.5 * np.clip(logvar, *_LOGVAR_RANGE)) * noise
+        mean, logvar = _split_moments(moments)
+        return ops.convert_to_numpy(sample_posterior(mean, logvar, seed) if sample else mean)
 
     def decode(self, latents, batch_size=None):
         """Images of unscaled `latents` `(N, H / f, W / f, C)`: float32 numpy

@@ -363,6 +363,17 @@ def save_config(config, path):
     return atomic_write(path, lambda temp: Path(temp).write_text(text))
 
 
+# The keys of the `autoencoder` section that are `Autoencoder`'s arguments;
+# the others say whether and how to train it.
+_AUTOENCODER_ARGUMENTS = ("widths", "latent_channels", "blocks_per_level", "groups", "pad",
+                          "reconstruction", "kl_weight")
+
+
+def autoencoder_arguments(config):
+    """`Autoencoder`'s keyword arguments from a config's `autoencoder` section."""
+    return {key: config["autoencoder"][key] for key in _AUTOENCODER_ARGUMENTS}
+
+
 def dataset_of_run(model_path):
     """The built-in dataset a model was trained on, read from the
     `config.yaml` that `keras-diffusion train` wrote beside it."""
@@ -452,8 +463,7 @@ def _check_objects(config):
     if autoencoder["enabled"] and autoencoder["path"] is None:
         from keras_diffusion.autoencoder import check_autoencoder_arguments
 
-        arguments = {key: autoencoder[key] for key in ("widths", "latent_channels", "blocks_per_level",
-                                                      "groups", "pad", "reconstruction", "kl_weight")}
+        arguments = autoencoder_arguments(config)
         checks.append(("autoencoder", lambda: check_autoencoder_arguments(image_shape=None,
                                                                           **arguments)))
     for section, check in checks:

@@ -14,6 +14,7 @@ from keras import ops
 
 from keras_diffusion import pipeline
 from keras_diffusion.autoencoder import Autoencoder
+from keras_diffusion.autoencoder import sample_posterior
 from keras_diffusion.model import DiffusionModel
 
 
@@ -75,8 +76,7 @@ class LatentDiffusionModel(DiffusionModel):
         """A posterior sample of the images' latents, times the scaling
         factor, with no gradient into the frozen autoencoder."""
         mean, logvar = self.autoencoder.posterior(pipeline.to_model_range(images), training=False)
-        noise = keras.random.normal(ops.shape(mean), dtype="float32", seed=self.seed_generator)
-        latents = ops.stop_gradient(mean + ops.exp(0.5 * logvar) * noise)
+        latents = ops.stop_gradient(sample_posterior(mean, logvar, self.seed_generator))
         return latents * ops.cast(self.autoencoder.scaling_factor, "float32")
 
     def get_config(self):

@@ -20,6 +20,7 @@ from keras_diffusion.callbacks import SampleQuality
 from keras_diffusion.callbacks import TerminateOnNonFiniteLoss
 from keras_diffusion.callbacks import read_backup_record
 from keras_diffusion.config import ConfigError
+from keras_diffusion.config import autoencoder_arguments
 from keras_diffusion.config import load_config
 from keras_diffusion.config import save_config
 from keras_diffusion.config import validate
@@ -173,9 +174,7 @@ def train_autoencoder(config, x, image_shape, output, verbose="auto", resume=Fal
     saved = output / "autoencoder.keras"
     if settings["path"] is not None or (resume and saved.exists()):
         return load_autoencoder(settings["path"] or saved, image_shape)
-    arguments = {key: settings[key] for key in ("widths", "latent_channels", "blocks_per_level",
-                                               "groups", "pad", "reconstruction", "kl_weight")}
-    autoencoder = Autoencoder(tuple(image_shape), seed=config["seed"], **arguments)
+    autoencoder = Autoencoder(tuple(image_shape), seed=config["seed"], **autoencoder_arguments(config))
     autoencoder.compile(optimizer=keras.optimizers.AdamW(settings["learning_rate"]),
                         jit_compile=config["training"]["jit_compile"])
     output.mkdir(parents=True, exist_ok=True)
