@@ -21,6 +21,11 @@ KID against the test split, with the shipped feature net):
 
     KERAS_BACKEND=torch python benchmarks/latent.py --dataset cifar10 --equal-minutes 20
 
+With `--conditional` both recipes are class-conditional (the pixel one is
+`configs/<dataset>_conditional.yaml`, the latent one gets its label settings),
+are sampled with that config's guidance scale, and the table adds the label
+accuracy of the samples. `--grids DIR` saves a grid of each recipe's samples.
+
 It needs the dataset's `.npz` (`--data-dir`, as `keras-diffusion train`).
 """
 
@@ -31,7 +36,6 @@ import time
 from pathlib import Path
 
 import keras
-import numpy as np
 
 import keras_diffusion as kd
 from keras_diffusion.config import autoencoder_arguments
@@ -106,6 +110,9 @@ def main(argv=None):
     parser.add_argument("--ae-share", type=float, default=0.3,
                         help="with --equal-minutes: the latent recipe's share for its autoencoder")
     parser.add_argument("--score-images", type=int, default=1000)
+    parser.add_argument("--conditional", action="store_true",
+                        help="with --equal-minutes: class-conditional recipes, label accuracy too")
+    parser.add_argument("--grids", help="with --equal-minutes: save sample grids in this folder")
     parser.add_argument("--write", help="put the table into this Markdown file")
     args = parser.parse_args(argv)
     if args.equal_minutes:
@@ -127,9 +134,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as temp:
         ae = train_autoencoder(latent_config, x, image_shape, Path(temp), verbose=0)
     ae_minutes = (time.perf_counter() - start) / 60
-    reconstructed = ae.reconstruct(x_test, batch_size=256)
-    mse = np.mean((reconstructed.astype(np.float64) - x_test) ** 2, axis=(1, 2, 3))
-    psnr = float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-12))))
+    psnr = ae.psnr(x_test, batch_size=256)
 
     # 2. Latent against pixel, the configs' networks.
     labels = y if latent_config["network"]["num_classes"] is not None else None
@@ -193,8 +198,14 @@ def equal_minutes(args):
 
     overrides = ["training.lr_decay=constant"] + (
         [f"data.data_dir={args.data_dir}"] if args.data_dir else [])
-    latent_config = load_config(ROOT / "configs" / f"{args.dataset}_latent.yaml", overrides)
-    pixel_config = load_config(ROOT / "configs" / f"{args.dataset}.yaml", overrides)
+    pixel_name = f"{args.dataset}_conditional" if args.conditional else args.dataset
+    pixel_config = load_config(ROOT / "configs" / f"{pixel_name}.yaml", overrides)
+    if args.conditional:  # the latent recipe takes the pixel one's label settings
+        overrides += [f"{section}.{key}={pixel_config[section][key]}" for section, key in (
+            ("network", "num_classes"), ("model", "label_dropout"),
+            ("model", "min_snr_gamma"), ("sampling", "guidance_scale"))]
+    latent_config = load_config(ROOT / "configs" / f"{args.dataset}_latent.yaml",
+                                [item.replace("=None", "=null") for item in overrides])
     x, y = kd.load_dataset(args.dataset, args.data_dir)
     x_test, _ = kd.load_dataset(args.dataset, args.data_dir, split="test")
     budget = args.equal_minutes * 60
@@ -218,30 +229,43 @@ def equal_minutes(args):
                             callbacks=[TimeLimit(budget - ae_seconds)])
         minutes = (time.perf_counter() - start) / 60
         steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+        guidance = config["sampling"]["guidance_scale"]
         scores = kd.metrics.score_model(model, x_test, feature_net=args.dataset,
                                         num_images=args.score_images, steps=20,
-                                        sampler="dpmpp_2m", batch_size=250)
+                                        sampler="dpmpp_2m", batch_size=250,
+                                        guidance_scale=guidance)
+        if args.grids:
+            grid_labels = list(range(10)) * 4 if labels is not None else None
+            kd.images.save_image_grid(
+                model.generate(40, labels=grid_labels, guidance_scale=guidance, steps=20,
+                               sampler="dpmpp_2m", seed=1),
+                Path(args.grids) / f"latent_equal_minutes_{pixel_name}_{name}.png", nrow=10,
+                title=f"{name}, {args.equal_minutes:g} min")
+        accuracy = (f" {scores['label_accuracy']:.1%} |" if "label_accuracy" in scores else "")
         ae_part = f"autoencoder {ae_seconds / 60:.1f} min, then " if autoencoder else ""
         rows.append(
             f"| {name} | {ae_part}{steps:,} steps of {batch} ({minutes:.1f} min in all) | "
             f"{history.history['loss'][-1]:.3f} | {scores['fid']:.2f} | "
             f"{scores['kid']:.3f} ± {scores['kid_std']:.3f} | "
-            f"{args.score_images / scores['seconds']:.1f} |")
+            f"{args.score_images / scores['seconds']:.1f} |{accuracy}")
         print(rows[-1], flush=True)
     text = "\n".join([
         f"Equal minutes on {_device_name()}, Keras {keras.__version__}, backend "
         f"{keras.backend.backend()}: each recipe trained for {args.equal_minutes:g} minutes of wall "
         f"clock (the latent one spending {args.ae_share:.0%} on its autoencoder), constant learning "
         f"rate after warm-up; {args.score_images:,} DPM++(2M) 20-step samples of each scored against "
-        f"the {len(x_test):,} test images with the `{args.dataset}` feature net.",
+        f"the {len(x_test):,} test images with the `{args.dataset}` feature net"
+        + (f"; class-conditional, guidance scale {pixel_config['sampling']['guidance_scale']:g}, "
+           "labels cycling 0-9, label accuracy by the same net." if args.conditional else "."),
         "",
-        "| recipe | training | last epoch's loss | FID | KID | sampling images/s |",
-        "|---|---|---|---|---|---|",
+        "| recipe | training | last epoch's loss | FID | KID | sampling images/s |"
+        + (" label accuracy |" if args.conditional else ""),
+        "|---|---|---|---|---|---|" + ("---|" if args.conditional else ""),
         *rows,
     ])
     print(text)
     if args.write:
-        write_between_markers(Path(args.write), f"latent-equal-minutes-{args.dataset}", text,
+        write_between_markers(Path(args.write), f"latent-equal-minutes-{pixel_name}", text,
                               "Latent diffusion")
 
 

@@ -157,7 +157,6 @@ def run_diffusers(args):
     """The same measurements for diffusers' UNet2DModel, trained the way its
     `train_unconditional.py` example does (DDPMScheduler noise, MSE on
     epsilon, AdamW, EMAModel) and sampled with DDIMPipeline."""
-    import numpy as np
     import torch
     import torch.nn.functional as F
     from diffusers import DDIMPipeline

@@ -46,15 +46,19 @@ def _build_parser():
     return parser
 
 
-def _train_arguments(train):
+def _train_arguments(train, resumed="OUTPUT/backup"):
     train.add_argument("--config", required=True, help="YAML config (see configs/)")
     train.add_argument("--data-dir", help="directory holding <dataset>.npz (offline use)")
     train.add_argument("--output", help="output directory (default: runs/<config name>)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set training.epochs=3")
     train.add_argument("--resume", action="store_true",
-                       help="continue from OUTPUT/backup after a crash, or past training.epochs "
+                       help=f"continue from {resumed} after a crash, or past the epochs set "
                             "(starts afresh when there is no backup)")
+
+
+def _train_autoencoder_arguments(train):
+    _train_arguments(train, resumed="OUTPUT/autoencoder_backup")
 
 
 def _sample_arguments(sample):
@@ -108,14 +112,19 @@ def _evaluate_arguments(evaluate):
 
 
 # ---------------------------------------------------------------- commands
-def _train(args):
+def _train_config(args):
+    """The config and output directory of `train` and `train-autoencoder`."""
     from keras_diffusion import config as config_lib
 
     overrides = list(args.set)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
     config = config_lib.load_config(args.config, overrides)
-    output = Path(args.output or Path("runs") / Path(args.config).stem)
+    return config, Path(args.output or Path("runs") / Path(args.config).stem)
+
+
+def _train(args):
+    config, output = _train_config(args)
     _check_writable(output / "model.keras")
 
     from keras_diffusion.training import train
@@ -126,6 +135,29 @@ def _train(args):
     if config["autoencoder"]["enabled"] and config["autoencoder"]["path"] is None:
         written.insert(1, output / "autoencoder.keras")
     print("wrote " + ", ".join(map(str, written)))
+
+
+def _train_autoencoder(args):
+    config, output = _train_config(args)
+    _check_writable(output / "autoencoder.keras")
+
+    import keras
+
+    from keras_diffusion.data import load_dataset
+    from keras_diffusion.training import train_autoencoder_stage
+
+    autoencoder = train_autoencoder_stage(config, output, verbose=2, resume=args.resume)
+    print(f"wrote {output / 'autoencoder.keras'}, {output / 'autoencoder_history.csv'}, "
+          f"{output / 'config.yaml'}")
+    line = (f"autoencoder: {'x'.join(map(str, autoencoder.image_shape))} -> "
+            f"{'x'.join(map(str, autoencoder.latent_shape))}, scaling factor "
+            f"{float(keras.ops.convert_to_numpy(autoencoder.scaling_factor)):.4f}")
+    data = config["data"]
+    if data["image_folder"] is None:
+        test, _ = load_dataset(data["dataset"], data["data_dir"], split="test", limit=1000)
+        line += f", reconstruction PSNR {autoencoder.psnr(test):.2f} dB on {len(test):,} test images"
+    print(line)
+    print(f"use it in a latent run with --set autoencoder.path={output / 'autoencoder.keras'}")
 
 
 def _sample(args):
@@ -404,6 +436,8 @@ def _write_output(path, images, note, nrow=None):
 # The one command table: name -> (help, its arguments, what runs it).
 COMMANDS = {
     "train": ("train a model from a YAML config", _train_arguments, _train),
+    "train-autoencoder": ("train only the autoencoder of a latent config",
+                          _train_autoencoder_arguments, _train_autoencoder),
     "sample": ("generate images from a trained model", _sample_arguments, _sample),
     "export": ("export a trained model as a TensorFlow SavedModel (or ONNX)", _export_arguments,
                _export),

@@ -365,13 +365,13 @@ def save_config(config, path):
 
 # The keys of the `autoencoder` section that are `Autoencoder`'s arguments;
 # the others say whether and how to train it.
-_AUTOENCODER_ARGUMENTS = ("widths", "latent_channels", "blocks_per_level", "groups", "pad",
-                          "reconstruction", "kl_weight")
+AUTOENCODER_ARGUMENTS = ("widths", "latent_channels", "blocks_per_level", "groups", "pad",
+                         "reconstruction", "kl_weight")
 
 
 def autoencoder_arguments(config):
     """`Autoencoder`'s keyword arguments from a config's `autoencoder` section."""
-    return {key: config["autoencoder"][key] for key in _AUTOENCODER_ARGUMENTS}
+    return {key: config["autoencoder"][key] for key in AUTOENCODER_ARGUMENTS}
 
 
 def dataset_of_run(model_path):

@@ -6,6 +6,7 @@ directly with a config from `load_config`.
 
 import importlib.util
 import re
+import shutil
 from pathlib import Path
 
 import keras
@@ -19,6 +20,7 @@ from keras_diffusion.callbacks import SampleGrid
 from keras_diffusion.callbacks import SampleQuality
 from keras_diffusion.callbacks import TerminateOnNonFiniteLoss
 from keras_diffusion.callbacks import read_backup_record
+from keras_diffusion.config import AUTOENCODER_ARGUMENTS
 from keras_diffusion.config import ConfigError
 from keras_diffusion.config import autoencoder_arguments
 from keras_diffusion.config import load_config
@@ -141,7 +143,7 @@ def train(config, output_dir, verbose="auto", resume=False):
             autoencoder = None
             if config["autoencoder"]["enabled"]:
                 autoencoder = train_autoencoder(config, x, image_shape, output, verbose=verbose,
-                                                resume=record is not None)
+                                                resume=resume)
             model = build_model(config, image_shape, class_names, autoencoder)
             steps = training["steps_per_epoch"] or _steps_per_epoch(x, training["batch_size"])
             model.compile(
@@ -165,28 +167,71 @@ def train(config, output_dir, verbose="auto", resume=False):
     return model
 
 
+# Where the autoencoder stage of a run keeps its backup until
+# autoencoder.keras is written.
+AUTOENCODER_BACKUP = "autoencoder_backup"
+
+
 def train_autoencoder(config, x, image_shape, output, verbose="auto", resume=False):
     """The autoencoder of a latent run: the one `autoencoder.path` names, or
     the one this run saved before it was interrupted (`resume`), or one
     trained on `x` now, saved as `output/autoencoder.keras` with its history
-    in `output/autoencoder_history.csv`."""
+    in `output/autoencoder_history.csv`. Training is backed up after every
+    epoch in `output/autoencoder_backup/`, which `resume` continues from and
+    which is removed once `autoencoder.keras` is written."""
     settings = config["autoencoder"]
     saved = output / "autoencoder.keras"
     if settings["path"] is not None or (resume and saved.exists()):
         return load_autoencoder(settings["path"] or saved, image_shape)
+    if not resume:
+        shutil.rmtree(output / AUTOENCODER_BACKUP, ignore_errors=True)
     autoencoder = Autoencoder(tuple(image_shape), seed=config["seed"], **autoencoder_arguments(config))
     autoencoder.compile(optimizer=keras.optimizers.AdamW(settings["learning_rate"]),
                         jit_compile=config["training"]["jit_compile"])
-    output.mkdir(parents=True, exist_ok=True)
+    save_config(config, output / "config.yaml")  # what a resumed run is checked against
+    backup = AtomicBackupAndRestore(output / AUTOENCODER_BACKUP, delete_checkpoint=False)
+    if not hasattr(x, "shape"):  # a dataset of the diffusion model's batches
+        x = x.unbatch().batch(settings["batch_size"])
     autoencoder.fit(
         x, batch_size=settings["batch_size"] if hasattr(x, "shape") else None,
         epochs=settings["epochs"], shuffle=True, verbose=verbose,
-        callbacks=[TerminateOnNonFiniteLoss(),
-                   AtomicCSVLogger(output / "autoencoder_history.csv")],
+        callbacks=[TerminateOnNonFiniteLoss(backup),
+                   AtomicCSVLogger(output / "autoencoder_history.csv"), backup],
     )
     if not hasattr(x, "shape"):  # a dataset: fit measured nothing
         autoencoder.measure_scaling_factor(_first_images(x, 4096))
     save_model(autoencoder, saved)
+    shutil.rmtree(output / AUTOENCODER_BACKUP, ignore_errors=True)
+    return autoencoder
+
+
+def train_autoencoder_stage(config, output_dir, verbose="auto", resume=False):
+    """Train only the autoencoder a config describes (its `autoencoder`
+    section, on its data), as `keras-diffusion train-autoencoder` does:
+    writes `autoencoder.keras`, `autoencoder_history.csv` and `config.yaml`
+    under `output_dir` and returns the autoencoder. A latent run reuses it
+    with `autoencoder.path`. `resume` continues an interrupted run from its
+    backup; without it, an `output_dir` holding one is refused."""
+    config = validate(config)
+    if config["autoencoder"]["path"] is not None:
+        raise ConfigError(
+            f"autoencoder.path names a trained autoencoder ({config['autoencoder']['path']}); "
+            "this trains a new one: set autoencoder.path to null"
+        )
+    output = Path(output_dir)
+    _check_resume(config, output, resume, stage="autoencoder")
+    keras.utils.set_random_seed(config["seed"])
+    keras.mixed_precision.set_dtype_policy(precision.resolve(config["training"]["precision"]))
+    try:
+        with distribution_scope(config["distribute"]) as replicas:
+            x, y, image_shape, _ = load_training_data(config)
+            x, _ = _share_evenly(x, y, replicas, config["autoencoder"]["batch_size"])
+            if not resume:
+                (output / "autoencoder.keras").unlink(missing_ok=True)
+            autoencoder = train_autoencoder(config, x, image_shape, output, verbose=verbose,
+                                            resume=resume)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
     return autoencoder
 
 
@@ -264,16 +309,23 @@ def _training_callbacks(config, output):
 
 # Settings a resumed run must share with the run it continues: they fix the
 # variables in the backup, or what the model learns.
-_RESUME_KEYS = ("network", "schedule", "model", "autoencoder", "training.precision", "data.dataset",
-                "data.image_size")
+# The autoencoder's training settings (epochs, batch size, learning rate) may
+# change, as training.epochs may.
+_RESUME_KEYS = ("network", "schedule", "model", "autoencoder.enabled", "autoencoder.path",
+                *(f"autoencoder.{key}" for key in AUTOENCODER_ARGUMENTS), "training.precision",
+                "data.dataset", "data.image_size")
 
 
-def _check_resume(config, output, resume):
-    """The record of the backup to resume from, or None to start afresh;
-    raises before any work if `output` cannot be used as asked."""
-    record = read_backup_record(output / "backup")
-    if record is None:
-        if resume and (output / "model.keras").exists():
+def _check_resume(config, output, resume, stage="model"):
+    """The record of the model's backup to resume from, or None to start
+    afresh; raises before any work if `output` cannot be used as asked.
+    `stage` is what is about to be trained: "model" (a whole run) or
+    "autoencoder" (the autoencoder alone)."""
+    record = read_backup_record(output / "backup") if stage == "model" else None
+    interrupted = record or read_backup_record(output / AUTOENCODER_BACKUP)
+    if interrupted is None:
+        finished = output / ("model.keras" if stage == "model" else "autoencoder.keras")
+        if resume and stage == "model" and finished.exists():
             raise ValueError(
                 f"cannot resume {output}: it holds model.keras but no backup/ to resume from; "
                 "train without resume (--resume) to start over, which overwrites model.keras, "
@@ -281,14 +333,17 @@ def _check_resume(config, output, resume):
             )
         return None
     if not resume:
+        what = "a run" if record else "an autoencoder"
         raise ValueError(
-            f"{output} holds a run backed up after epoch {record['epoch']}: continue it with "
+            f"{output} holds {what} backed up after epoch {interrupted['epoch']}: continue it with "
             "resume=True (--resume on the command line), or choose another output directory."
         )
     saved_path = output / "config.yaml"
     if saved_path.exists():
         saved = load_config(saved_path)
-        for key in _RESUME_KEYS:
+        keys = _RESUME_KEYS if stage == "model" else [
+            key for key in _RESUME_KEYS if key.split(".")[0] not in ("network", "schedule", "model")]
+        for key in keys:
             before, now = _lookup(saved, key), _lookup(config, key)
             if before != now:
                 changed = _first_difference(key, before, now)

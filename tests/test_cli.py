@@ -45,8 +45,12 @@ def test_sample_writes_grid_and_npz(smoke_run, tmp_path, capsys):
     assert mpimg.imread(out).ndim == 3
 
 
+# Under PyTorch only: test_cross_backend.py loads files of every backend under
+# every other; this checks the command line's --backend on top, which does not
+# depend on which backend trained the file.
+@pytest.mark.skipif(BACKEND != "torch", reason="backend-independent; run under PyTorch")
 def test_sample_under_another_backend_matches(smoke_run, tmp_path, capsys):
-    other = "torch" if BACKEND != "torch" else "jax"
+    other = "jax"
     paths = {}
     for backend in (BACKEND, other):
         paths[backend] = tmp_path / f"{backend}.npz"

@@ -17,7 +17,6 @@ exports this same file.
 
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 from keras import ops

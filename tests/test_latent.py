@@ -329,3 +329,78 @@ def test_a_named_autoencoder_is_reused_or_refused(latent_run, tmp_path):
     with pytest.raises(ConfigError, match=r"autoencoder.path: the autoencoder in .* takes "
                                           r"\(28, 28, 1\) images, but the data are \(32, 32, 3\)"):
         train_autoencoder(config, None, (32, 32, 3), tmp_path / "reuse")
+
+
+@once
+@needs_mnist
+def test_train_autoencoder_command(tmp_path):
+    output = tmp_path / "ae"
+    code, stdout, stderr = _cli("train-autoencoder", "--config", SMOKE_LATENT, "--data-dir", DATA_DIR,
+                                "--output", output, "--set", "data.limit=64")
+    assert code == 0, stderr[-3000:]
+    assert f"wrote {output / 'autoencoder.keras'}, " in stdout
+    assert "autoencoder: 28x28x1 -> 8x8x2, scaling factor " in stdout
+    assert "reconstruction PSNR " in stdout and " dB on 1,000 test images" in stdout
+    assert f"--set autoencoder.path={output / 'autoencoder.keras'}" in stdout
+    autoencoder = keras.saving.load_model(output / "autoencoder.keras")
+    assert isinstance(autoencoder, kd.Autoencoder) and autoencoder.measured
+    assert load_config(output / "config.yaml")["autoencoder"]["widths"] == [8, 16]
+    assert sorted(path.name for path in output.iterdir()) == [
+        "autoencoder.keras", "autoencoder_history.csv", "config.yaml"]  # no backup left
+    code, _, stderr = _cli("train-autoencoder", "--config", SMOKE_LATENT, "--data-dir", DATA_DIR,
+                           "--output", tmp_path / "again",
+                           "--set", f"autoencoder.path={output / 'autoencoder.keras'}")
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "autoencoder.path names a trained autoencoder" in stderr
+    assert not (tmp_path / "again").exists()
+
+
+@once
+@needs_mnist
+def test_an_interrupted_autoencoder_resumes_from_its_backup(tmp_path, monkeypatch):
+    config = load_config(SMOKE_LATENT, [f"data.data_dir={DATA_DIR}", "data.limit=64"])
+
+    def killed(model, path):
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as patch:  # dies after its epoch, before the file is written
+        patch.setattr(kd.training, "save_model", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            kd.training.train_autoencoder_stage(config, tmp_path, verbose=0)
+    assert not (tmp_path / "autoencoder.keras").exists()
+    with open(tmp_path / "autoencoder_history.csv") as f:
+        first_epoch = f.read().splitlines()[1]
+    for train in (kd.training.train_autoencoder_stage, kd.training.train):
+        with pytest.raises(ValueError, match=r"holds an autoencoder backed up after epoch 1: "
+                                             r"continue it with resume=True"):
+            train(config, tmp_path, verbose=0)
+    config["autoencoder"]["epochs"] = 2
+    autoencoder = kd.training.train_autoencoder_stage(config, tmp_path, verbose=0, resume=True)
+    assert autoencoder.measured
+    with open(tmp_path / "autoencoder_history.csv") as f:
+        rows = f.read().splitlines()
+    assert len(rows) == 3 and rows[1] == first_epoch  # epoch 1 kept, only epoch 2 trained
+    assert int(ops.convert_to_numpy(autoencoder.optimizer.iterations)) == 4  # 2 x 64 / 32
+    assert not (tmp_path / kd.training.AUTOENCODER_BACKUP).exists()
+
+
+@once
+def test_the_image_folder_config_makes_16x16_latents_of_64x64_images(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, image in enumerate(blobs(8, size=64, channels=3)):
+        # 80x72 files, which the config resizes to 64x64
+        Image.fromarray((image * 255).astype("uint8")).resize((80, 72)).save(folder / f"{index}.png")
+    small = ["autoencoder.widths=[8,16]", "autoencoder.groups=4", "autoencoder.epochs=1",
+             "autoencoder.batch_size=4", "network.widths=[8,16]", "network.groups=4",
+             "network.blocks_per_level=1", "network.attention_levels=[]", "training.epochs=1",
+             "training.batch_size=4", "sampling.every_n_epochs=1", "sampling.num_images=2",
+             "sampling.steps=2", f"data.image_folder={folder}"]
+    config = load_config(ROOT / "configs" / "folder64_latent.yaml", small)
+    model = kd.training.train(config, tmp_path / "run", verbose=0)
+    assert model.image_shape == (64, 64, 3) and model.sample_shape == (16, 16, 4)
+    assert model.autoencoder.latent_shape == (16, 16, 4)
+    assert (tmp_path / "run" / "samples" / "epoch_0001.png").is_file()
+    assert model.generate(1, steps=2, seed=0).shape == (1, 64, 64, 3)

@@ -122,7 +122,12 @@ def _train_command(output, *extra):
             "--data-dir", str(DATA_DIR), "--output", str(output), *sets, *extra]
 
 
+# A real kill of a real run, under PyTorch only: what it checks (files a kill
+# cannot corrupt, the refusal without --resume, the continued history) is
+# the same code on every backend, and test_backup_restores_the_whole_training_state
+# checks each backend's restored training state.
 @pytest.mark.skipif(not (DATA_DIR / "mnist.npz").exists(), reason="needs the shared MNIST file")
+@pytest.mark.skipif(BACKEND != "torch", reason="backend-independent; run under PyTorch")
 def test_cli_killed_mid_epoch_resumes(tmp_path, capsys):
     output = tmp_path / "run"
     env = dict(os.environ, KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="2")
