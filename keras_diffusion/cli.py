@@ -133,7 +133,7 @@ def _train(args):
     written = [output / "model.keras", f"{output / 'samples'}/", output / "history.csv",
                output / "loss.png"]
     if config["autoencoder"]["enabled"] and config["autoencoder"]["path"] is None:
-        written.insert(1, output / "autoencoder.keras")
+        written[1:1] = [output / "autoencoder.keras", output / "autoencoder_reconstructions.png"]
     print("wrote " + ", ".join(map(str, written)))
 
 
@@ -148,7 +148,7 @@ def _train_autoencoder(args):
 
     autoencoder = train_autoencoder_stage(config, output, verbose=2, resume=args.resume)
     print(f"wrote {output / 'autoencoder.keras'}, {output / 'autoencoder_history.csv'}, "
-          f"{output / 'config.yaml'}")
+          f"{output / 'autoencoder_reconstructions.png'}, {output / 'config.yaml'}")
     line = (f"autoencoder: {'x'.join(map(str, autoencoder.image_shape))} -> "
             f"{'x'.join(map(str, autoencoder.latent_shape))}, scaling factor "
             f"{float(keras.ops.convert_to_numpy(autoencoder.scaling_factor)):.4f}")

@@ -27,10 +27,12 @@ from keras_diffusion.config import load_config
 from keras_diffusion.config import save_config
 from keras_diffusion.config import validate
 from keras_diffusion.data import CLASS_NAMES
+from keras_diffusion.data import check_images
 from keras_diffusion.data import load_dataset
 from keras_diffusion.data import load_image_folder
 from keras_diffusion.distribute import distribution_scope
 from keras_diffusion.images import atomic_write
+from keras_diffusion.images import save_image_grid
 from keras_diffusion.images import save_loss_curve
 from keras_diffusion.latent import LatentDiffusionModel
 from keras_diffusion.model import DiffusionModel
@@ -176,7 +178,9 @@ def train_autoencoder(config, x, image_shape, output, verbose="auto", resume=Fal
     """The autoencoder of a latent run: the one `autoencoder.path` names, or
     the one this run saved before it was interrupted (`resume`), or one
     trained on `x` now, saved as `output/autoencoder.keras` with its history
-    in `output/autoencoder_history.csv`. Training is backed up after every
+    in `output/autoencoder_history.csv` and, in
+    `output/autoencoder_reconstructions.png`, eight training images above
+    their reconstructions. Training is backed up after every
     epoch in `output/autoencoder_backup/`, which `resume` continues from and
     which is removed once `autoencoder.keras` is written."""
     settings = config["autoencoder"]
@@ -198,8 +202,13 @@ def train_autoencoder(config, x, image_shape, output, verbose="auto", resume=Fal
         callbacks=[TerminateOnNonFiniteLoss(backup),
                    AtomicCSVLogger(output / "autoencoder_history.csv"), backup],
     )
+    first = x[:8] if hasattr(x, "shape") else _first_images(x, 4096)
     if not hasattr(x, "shape"):  # a dataset: fit measured nothing
-        autoencoder.measure_scaling_factor(_first_images(x, 4096))
+        autoencoder.measure_scaling_factor(first)
+    first = check_images(first[:8])  # float32 in [0, 1], as reconstruct gives
+    save_image_grid(np.concatenate([first, autoencoder.reconstruct(first)]),
+                    output / "autoencoder_reconstructions.png", nrow=len(first),
+                    title="training images (top) and their reconstructions")
     save_model(autoencoder, saved)
     shutil.rmtree(output / AUTOENCODER_BACKUP, ignore_errors=True)
     return autoencoder

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import pytest
 from keras import ops
+from matplotlib import image as mpimg
 
 import keras_diffusion as kd
 from conftest import BACKEND
@@ -274,6 +275,8 @@ def test_the_latent_config_trains_both_stages(latent_run):
     assert f"wrote {output / 'model.keras'}, {output / 'autoencoder.keras'}, " in stdout
     with open(output / "autoencoder_history.csv") as f:
         assert f.readline().strip().split(",") == ["epoch", "kl", "loss", "reconstruction"]
+    assert (output / "autoencoder_reconstructions.png").is_file()
+    assert not (output / "autoencoder_backup").exists()
     with open(output / "history.csv") as f:
         assert {"loss", "fid", "kid"} <= set(f.readline().strip().split(","))
     assert (output / "samples" / "epoch_0001.png").is_file()
@@ -346,7 +349,10 @@ def test_train_autoencoder_command(tmp_path):
     assert isinstance(autoencoder, kd.Autoencoder) and autoencoder.measured
     assert load_config(output / "config.yaml")["autoencoder"]["widths"] == [8, 16]
     assert sorted(path.name for path in output.iterdir()) == [
-        "autoencoder.keras", "autoencoder_history.csv", "config.yaml"]  # no backup left
+        "autoencoder.keras", "autoencoder_history.csv", "autoencoder_reconstructions.png",
+        "config.yaml"]  # no backup left
+    grid = mpimg.imread(output / "autoencoder_reconstructions.png")
+    assert grid.ndim == 3 and grid.shape[1] > grid.shape[0]  # two rows of eight
     code, _, stderr = _cli("train-autoencoder", "--config", SMOKE_LATENT, "--data-dir", DATA_DIR,
                            "--output", tmp_path / "again",
                            "--set", f"autoencoder.path={output / 'autoencoder.keras'}")
