@@ -18,6 +18,8 @@ _EXPORTS = {
     "DiffusionModel": "keras_diffusion.model",
     "Autoencoder": "keras_diffusion.autoencoder",
     "LatentDiffusionModel": "keras_diffusion.latent",
+    "TextEncoder": "keras_diffusion.text",
+    "WordTokenizer": "keras_diffusion.text",
     "load_model": "keras_diffusion.model",
     "train": "keras_diffusion.training",
     "build_model": "keras_diffusion.training",

@@ -289,6 +289,120 @@ class AttentionBlock(layers.Layer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="keras_diffusion", name="TransformerLayer")
+class TransformerLayer(layers.Layer):
+    """Pre-norm transformer layer: `x + attention(norm(x))`, then
+    `x + feed_forward(norm(x))` (a GELU MLP `ff_mult` times wider). With a
+    `context`, a cross-attention over it comes between the two, as in
+    Stable Diffusion's UNet; without one, self-attention only.
+
+    Input shape `(B, N, dim)` (and context `(B, M, context_dim)`); output
+    shape `(B, N, dim)`.
+    """
+
+    def __init__(self, heads=4, ff_mult=4, cross_attention=False, **kwargs):
+        super().__init__(**kwargs)
+        self.heads = check_integer("heads", heads)
+        self.ff_mult = check_integer("ff_mult", ff_mult)
+        self.cross_attention = bool(cross_attention)
+
+    def build(self, x_shape, context_shape=None):
+        dim = int(x_shape[-1])
+        if dim % self.heads:
+            raise ValueError(f"TransformerLayer width {dim} must be divisible by heads={self.heads}.")
+        self.norm_1 = layers.LayerNormalization(epsilon=1e-5, name="norm_1")
+        self.qkv = _dense(3 * dim, name="qkv")
+        self.attention_output = _dense(dim, name="attention_output")
+        if self.cross_attention:
+            self.norm_2 = layers.LayerNormalization(epsilon=1e-5, name="norm_2")
+            self.query = _dense(dim, name="query")
+            self.key_value = _dense(2 * dim, name="key_value")
+            self.cross_output = _dense(dim, name="cross_output")
+        self.norm_3 = layers.LayerNormalization(epsilon=1e-5, name="norm_3")
+        self.ff_in = _dense(self.ff_mult * dim, name="ff_in")
+        self.ff_out = _dense(dim, name="ff_out")
+        shape = tuple(x_shape)
+        for layer in (self.norm_1, self.qkv, self.norm_3, self.ff_in):
+            layer.build(shape)
+        self.attention_output.build(shape)
+        self.ff_out.build(shape[:-1] + (self.ff_mult * dim,))
+        if self.cross_attention:
+            self.norm_2.build(shape)
+            self.query.build(shape)
+            self.key_value.build(tuple(context_shape))
+            self.cross_output.build(shape)
+
+    def _heads(self, x, length, dim):
+        return ops.reshape(x, (-1, length, self.heads, dim // self.heads))
+
+    def call(self, x, context=None):
+        length, dim = ops.shape(x)[1], ops.shape(x)[2]
+        q, k, v = ops.split(self.qkv(self.norm_1(x)), 3, axis=-1)
+        h = backend.attention(*(self._heads(a, length, dim) for a in (q, k, v)))
+        x = x + self.attention_output(ops.reshape(h, (-1, length, dim)))
+        if self.cross_attention:
+            if context is None:
+                raise ValueError("this TransformerLayer cross-attends: call it with a context.")
+            context_length = ops.shape(context)[1]
+            q = self._heads(self.query(self.norm_2(x)), length, dim)
+            k, v = ops.split(self.key_value(context), 2, axis=-1)
+            h = backend.attention(q, self._heads(k, context_length, dim),
+                                  self._heads(v, context_length, dim))
+            x = x + self.cross_output(ops.reshape(h, (-1, length, dim)))
+        return x + self.ff_out(ops.gelu(self.ff_in(self.norm_3(x)), approximate=True))
+
+    def compute_output_shape(self, x_shape, context_shape=None):
+        return x_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(heads=self.heads, ff_mult=self.ff_mult, cross_attention=self.cross_attention)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_diffusion", name="SpatialTransformer")
+class SpatialTransformer(layers.Layer):
+    """Attention of a feature map to itself and to a context (the text
+    features of a prompt): GroupNorm, a 1x1 projection, one
+    `TransformerLayer` with cross-attention over the `H*W` positions, a 1x1
+    projection, plus the input. Stable Diffusion's UNet block of the same
+    name (Rombach et al. 2022, appendix E), one layer deep.
+
+    Input shapes `(B, H, W, C)` and context `(B, M, context_dim)`; output
+    shape `(B, H, W, C)`.
+    """
+
+    def __init__(self, heads=1, groups=8, **kwargs):
+        super().__init__(**kwargs)
+        self.heads = int(heads)
+        self.groups = int(groups)
+        self.norm = _GroupNormalization(groups, epsilon=_NORM_EPSILON, name="norm")
+        self.transformer = TransformerLayer(heads=heads, cross_attention=True, name="transformer")
+
+    def build(self, x_shape, context_shape):
+        channels = x_shape[-1]
+        self.project_in = _dense(channels, name="project_in")
+        self.project_out = _dense(channels, name="project_out")
+        self.norm.build(x_shape)
+        self.project_in.build(x_shape)
+        self.project_out.build(x_shape)
+        self.transformer.build((None, None, channels), context_shape)
+
+    def call(self, x, context):
+        _, height, width, channels = ops.shape(x)
+        h = self.project_in(self.norm(x))
+        h = self.transformer(ops.reshape(h, (-1, height * width, channels)), context)
+        return x + self.project_out(ops.reshape(h, (-1, height, width, channels)))
+
+    def compute_output_shape(self, x_shape, context_shape=None):
+        return x_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(heads=self.heads, groups=self.groups)
+        return config
+
+
 def check_widths(widths, groups):
     """Channels per level, each divisible by the groups of the group norms."""
     if not widths or not all(is_integer(w) and w > 0 for w in widths):
@@ -319,7 +433,7 @@ def check_image_shape(image_shape, factor, why, advice=""):
 
 def check_unet_arguments(
     *, image_shape, widths, blocks_per_level, attention_levels, dropout, num_classes, groups,
-    embedding_dim=None, attention_heads=1,
+    embedding_dim=None, attention_heads=1, context_dim=None,
 ):
     """The rules of `UNet`'s arguments (the config's `network` section is
     checked by them too); `image_shape` None skips the rules about it."""
@@ -346,6 +460,7 @@ def check_unet_arguments(
     check_integer("num_classes", num_classes, allow_none=True)
     check_integer("embedding_dim", embedding_dim, allow_none=True)
     check_integer("attention_heads", attention_heads)
+    check_integer("context_dim", context_dim, allow_none=True)
     # The middle block always attends, at widths[-1].
     for level in set(attention_levels) | {len(widths) - 1}:
         if widths[level] % attention_heads:
@@ -370,6 +485,9 @@ class UNet(keras.Model):
     concatenation, and doubles the resolution with nearest upsampling plus a
     3x3 convolution. Timesteps enter through a sinusoidal embedding and a
     two-layer MLP; class labels, when used, add a learned embedding to it.
+    With `context_dim`, every attention block (and the middle one) becomes a
+    `SpatialTransformer` that also cross-attends to a context, the features
+    of a text prompt, as in Stable Diffusion's UNet.
 
     Args:
         image_shape: `(height, width, channels)`; height and width must be
@@ -385,11 +503,14 @@ class UNet(keras.Model):
         embedding_dim: size of the time/class embedding; defaults to
             `4 * widths[0]`.
         attention_heads: heads of every attention block.
+        context_dim: width of the context features (e.g. a `TextEncoder`'s
+            `dim`) for a prompted network, or `None`.
         **kwargs: passed to `keras.Model` (e.g. `name`).
 
-    Inputs: `[x_t, t]`, or `[x_t, t, labels]` when `num_classes` is set:
-        `x_t` float `(B, H, W, C)`, `t` int32 `(B,)` timesteps and `labels`
-        int32 `(B,)` in `[0, num_classes]`.
+    Inputs: `[x_t, t]`, then `labels` when `num_classes` is set, then
+        `context` when `context_dim` is: `x_t` float `(B, H, W, C)`, `t`
+        int32 `(B,)` timesteps, `labels` int32 `(B,)` in `[0, num_classes]`,
+        `context` float `(B, M, context_dim)` for any length `M`.
     Output: float32 `(B, H, W, C)`, also under a mixed-precision policy.
 
     Example:
@@ -413,6 +534,7 @@ class UNet(keras.Model):
         groups=8,
         embedding_dim=None,
         attention_heads=1,
+        context_dim=None,
         **kwargs,
     ):
         image_shape = tuple(image_shape)
@@ -422,6 +544,7 @@ class UNet(keras.Model):
             image_shape=image_shape, widths=widths, blocks_per_level=blocks_per_level,
             attention_levels=attention_levels, dropout=dropout, num_classes=num_classes,
             groups=groups, embedding_dim=embedding_dim, attention_heads=attention_heads,
+            context_dim=context_dim,
         )
         emb_dim = embedding_dim or 4 * widths[0]
         last = len(widths) - 1
@@ -429,8 +552,10 @@ class UNet(keras.Model):
         def res_block(channels, name):
             return ResidualBlock(channels, groups=groups, dropout=dropout, name=name)
 
-        def attention(name):
-            return AttentionBlock(heads=attention_heads, groups=groups, name=name)
+        def attention(h, name):
+            if context_dim is None:
+                return AttentionBlock(heads=attention_heads, groups=groups, name=name)(h)
+            return SpatialTransformer(heads=attention_heads, groups=groups, name=name)(h, context)
 
         # === Inputs and conditioning embedding ===
         x_t = keras.Input(shape=image_shape, name="x_t")
@@ -453,6 +578,9 @@ class UNet(keras.Model):
                 name="class_embedding",
             )(labels)
             emb = layers.Add(name="add_class_embedding")([emb, class_emb])
+        if context_dim is not None:
+            context = keras.Input(shape=(None, context_dim), name="context")
+            inputs.append(context)
 
         # === Down path ===
         h = _Conv2D(widths[0], 3, padding="same", name="conv_in")(x_t)
@@ -461,7 +589,7 @@ class UNet(keras.Model):
             for block in range(blocks_per_level):
                 h = res_block(channels, f"down_{level}_res_{block}")(h, emb)
                 if level in attention_levels:
-                    h = attention(f"down_{level}_attn_{block}")(h)
+                    h = attention(h, f"down_{level}_attn_{block}")
                 skips.append(h)
             if level != last:
                 h = _Conv2D(
@@ -471,7 +599,7 @@ class UNet(keras.Model):
 
         # === Middle ===
         h = res_block(widths[-1], "mid_res_0")(h, emb)
-        h = attention("mid_attn")(h)
+        h = attention(h, "mid_attn")
         h = res_block(widths[-1], "mid_res_1")(h, emb)
 
         # === Up path ===
@@ -480,7 +608,7 @@ class UNet(keras.Model):
                 h = layers.Concatenate(name=f"up_{level}_concat_{block}")([h, skips.pop()])
                 h = res_block(widths[level], f"up_{level}_res_{block}")(h, emb)
                 if level in attention_levels:
-                    h = attention(f"up_{level}_attn_{block}")(h)
+                    h = attention(h, f"up_{level}_attn_{block}")
             if level != 0:
                 h = layers.UpSampling2D(2, name=f"up_{level}_upsample")(h)
                 h = _Conv2D(
@@ -506,6 +634,7 @@ class UNet(keras.Model):
         self.groups = int(groups)
         self.embedding_dim = embedding_dim
         self.attention_heads = int(attention_heads)
+        self.context_dim = None if context_dim is None else int(context_dim)
 
     def get_config(self):
         return {
@@ -520,4 +649,5 @@ class UNet(keras.Model):
             "groups": self.groups,
             "embedding_dim": self.embedding_dim,
             "attention_heads": self.attention_heads,
+            **({} if self.context_dim is None else {"context_dim": self.context_dim}),
         }

@@ -48,10 +48,22 @@ def plumbing_optimizer():
     return keras.optimizers.SGD(0.01, momentum=0.9)
 
 
+# Under TensorFlow the plumbing models below train eagerly: they take a few
+# steps each, and tracing a train step costs ~5-9 s per new model, far more
+# than those steps. Not under JAX, where eager execution compiles each
+# operation of the step on its own (3x slower than one jit). The same step runs
+# compiled in the tests that train for real or check a claim about compiled
+# training: test_model's MNIST loss, determinism, the backup's restore, the
+# CLI and latent runs, distribution.
+
+
+EAGER = BACKEND == "tensorflow"
+
+
 def tiny_model(shape=(16, 16, 1), num_classes=None, **kwargs):
     kwargs.setdefault("schedule", kd.DiffusionSchedule("cosine", timesteps=100))
     model = kd.DiffusionModel(tiny_unet(shape, num_classes), seed=0, **kwargs)
-    model.compile(optimizer=plumbing_optimizer())
+    model.compile(optimizer=plumbing_optimizer(), run_eagerly=EAGER)
     return model
 
 
@@ -64,7 +76,7 @@ def one_level_unet(shape=(8, 8, 1), num_classes=None):
 def one_level_model(shape=(8, 8, 1), num_classes=None, **kwargs):
     model = kd.DiffusionModel(one_level_unet(shape, num_classes),
                               kd.DiffusionSchedule("cosine", timesteps=100), seed=0, **kwargs)
-    model.compile(optimizer=plumbing_optimizer())
+    model.compile(optimizer=plumbing_optimizer(), run_eagerly=EAGER)
     return model
 
 
@@ -116,12 +128,24 @@ def pytest_report_header(config):
     return f"keras {keras.__version__}, backend {BACKEND}, KERAS_BACKEND={os.environ.get('KERAS_BACKEND')}"
 
 
+def child_env(backend=None, xla_flags=()):
+    """The environment of a subprocess a test starts, under `backend` (this
+    run's by default). Its XLA programs compile without the optimisation
+    passes: the suite's programs are small and run a few steps, so compiling
+    costs more than running (a tiny UNet's gradient: 7.3 s instead of
+    12.5 s). Not in this process, where tests compare with arrays recorded
+    within 1e-5, which those passes change by about that much."""
+    flags = [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0", *xla_flags]
+    return dict(os.environ, KERAS_BACKEND=backend or BACKEND, TF_CPP_MIN_LOG_LEVEL="2",
+                XLA_FLAGS=" ".join(filter(None, flags)))
+
+
 def run_cli(*args, backend=None, cwd=None, timeout=600):
     """Run `keras-diffusion` in a subprocess; returns the CompletedProcess."""
     import subprocess
     import sys
 
-    env = dict(os.environ, KERAS_BACKEND=backend or BACKEND, TF_CPP_MIN_LOG_LEVEL="2")
+    env = child_env(backend)
     command = [sys.executable, "-m", "keras_diffusion.cli", *map(str, args)]
     return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 

@@ -7,15 +7,12 @@ script calls, to keep the suite fast; one test runs a subprocess to check the
 exit code and the one-line stderr a shell sees.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 from conftest import DATA_DIR
+from conftest import run_cli
 
 import keras_diffusion as kd
 from keras_diffusion import cli
@@ -23,14 +20,6 @@ from keras_diffusion.images import read_images
 from keras_diffusion.images import write_images
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _subprocess(args):
-    env = dict(os.environ, KERAS_BACKEND=keras.backend.backend(), TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run(
-        [sys.executable, "-m", "keras_diffusion.cli", *map(str, args)],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +91,8 @@ def test_interpolate_between_two_images(files, capsys):
 
 
 def test_error_in_a_subprocess_is_one_line_and_exit_2(files):
-    run = _subprocess(["denoise", "--model", files["model"], "--input", files["root"] / "digit.png",
-                       "--sigma", 0, "--out", files["root"] / "x.png"])
+    run = run_cli("denoise", "--model", files["model"], "--input", files["root"] / "digit.png",
+                  "--sigma", 0, "--out", files["root"] / "x.png", timeout=900)
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1, run.stderr
     assert run.stderr.startswith("keras-diffusion denoise: error: --sigma must be in (0, 1]")

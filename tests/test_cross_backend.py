@@ -11,7 +11,6 @@ the three runs together cover the 3x3 matrix in six subprocesses.
 `test_cli.py::test_sample_under_another_backend_matches`.
 """
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,9 @@ from keras import ops
 
 import keras_diffusion as kd
 from conftest import BACKEND
+from conftest import child_env
 from conftest import latent_outputs
+from conftest import plumbing_optimizer
 from conftest import tiny_model
 
 # Each backend runs its own float32 kernels (oneDNN, Eigen, XLA), which sum in
@@ -49,6 +50,7 @@ from keras_diffusion import backend
 folder = sys.argv[1]
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 from conftest import latent_outputs
+from conftest import plumbing_optimizer
 data = np.load(folder + "/inputs.npz")
 inputs = [data["x_t"], data["t"], data["labels"]]
 
@@ -88,6 +90,7 @@ def _evaluate(model, inputs):
 
 def test_saved_files_load_under_the_other_backends(tmp_path):
     model = tiny_model(num_classes=3)
+    model.compile(optimizer=plumbing_optimizer())  # as users compile: not eagerly
     # Optimizer state, and EMA weights unlike the raw ones, as in a trained model.
     model.optimizer.build(model.trainable_variables)
     model.optimizer.iterations.assign(7)
@@ -114,7 +117,7 @@ def test_saved_files_load_under_the_other_backends(tmp_path):
     processes = {
         backend: subprocess.Popen(
             [sys.executable, "-c", _LOAD_AND_EVALUATE, str(tmp_path)],
-            env=dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2"),
+            env=child_env(backend),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for backend in others

@@ -4,7 +4,6 @@ backend runs in a subprocess, because the devices must be set up before the
 backend starts. PyTorch gets a clear error."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import BACKEND
+from conftest import child_env
 from conftest import DATA_DIR
 from conftest import SMOKE
 from conftest import TINY
@@ -70,9 +70,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def _run_two_devices(tmp_path):
-    env = dict(os.environ, KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="2",
-               XLA_FLAGS=" ".join(filter(None, [os.environ.get("XLA_FLAGS"),
-                                                "--xla_force_host_platform_device_count=2"])))
+    env = child_env(xla_flags=["--xla_force_host_platform_device_count=2"])
     overrides = TINY + ["training.epochs=1", "sampling.num_images=2", "sampling.steps=2"]
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(SMOKE), str(DATA_DIR), str(tmp_path), *overrides],

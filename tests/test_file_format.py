@@ -23,6 +23,7 @@ from keras import ops
 
 import keras_diffusion as kd
 from conftest import BACKEND
+from conftest import EAGER
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MODEL = FIXTURES / "model_v0_1.keras"
@@ -105,6 +106,7 @@ def test_the_0_1_file_samples_as_0_1_did(legacy_model):
 def test_the_0_1_file_keeps_training(legacy_model, tmp_path):
     """Last in the module: it trains the shared copy (a load saved)."""
     model = legacy_model
+    model.run_eagerly = EAGER  # one step: tracing it would cost TensorFlow ~15 s
     history = model.fit(fixture_images(), np.array([0, 1, 2]), batch_size=3, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
     assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 9
