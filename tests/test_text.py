@@ -9,6 +9,7 @@ import pytest
 from keras import ops
 
 import keras_diffusion as kd
+from keras_diffusion.network import SpatialTransformer
 from keras_diffusion.text import END
 from keras_diffusion.text import PAD
 from keras_diffusion.text import START
@@ -104,7 +105,9 @@ def test_text_encoder_features_and_file_round_trip(tokenizer, tmp_path):
         TextEncoder(["a"])
 
 
-PROMPTED = dict(widths=(8, 16), blocks_per_level=1, attention_levels=(1,), groups=4, context_dim=6)
+# One level, attending at it: every kind of block with a context, at the
+# smallest size (JAX compiles each operation of an eager call on its own).
+PROMPTED = dict(widths=(8,), blocks_per_level=1, attention_levels=(0,), groups=4, context_dim=6)
 
 
 def _context(length, seed):
@@ -113,16 +116,18 @@ def _context(length, seed):
 
 def test_a_prompted_unet_cross_attends_to_its_context(tmp_path):
     keras.utils.set_random_seed(0)
-    net = kd.UNet((8, 8, 1), num_classes=3, **PROMPTED)
+    net = kd.UNet((4, 4, 1), num_classes=3, **PROMPTED)
     assert [layer.name for layer in net.layers if "attn" in layer.name] == [
-        "down_1_attn_0", "mid_attn", "up_1_attn_0", "up_1_attn_1"]
+        "down_0_attn_0", "mid_attn", "up_0_attn_0", "up_0_attn_1"]
+    assert all(isinstance(net.get_layer(name), SpatialTransformer)
+               for name in ("down_0_attn_0", "mid_attn", "up_0_attn_0", "up_0_attn_1"))
     # One call for two contexts (a batch of 4), as each new call costs JAX a
     # compile of every operation.
-    x = np.tile(np.random.default_rng(1).normal(size=(2, 8, 8, 1)).astype("float32"), (2, 1, 1, 1))
+    x = np.tile(np.random.default_rng(1).normal(size=(2, 4, 4, 1)).astype("float32"), (2, 1, 1, 1))
     t, labels = np.array([5, 90, 5, 90], "int32"), np.array([0, 3, 0, 3], "int32")
     inputs = [x, t, labels, np.concatenate([_context(5, 2), _context(5, 3)])]
     out = ops.convert_to_numpy(net(inputs))
-    assert out.shape == (4, 8, 8, 1)
+    assert out.shape == (4, 4, 4, 1)
     assert np.abs(out[:2] - out[2:]).max() > 1e-4  # the context matters
     assert tuple(net.inputs[-1].shape) == (None, None, 6)  # of any length
     grads = _weight_gradients(net, inputs)
@@ -136,4 +141,4 @@ def test_a_prompted_unet_cross_attends_to_its_context(tmp_path):
     assert "context_dim" not in kd.UNet((8, 8, 1), widths=(8,), groups=4,
                                         attention_levels=()).get_config()
     with pytest.raises(ValueError, match=r"context_dim must be a positive integer or None; got 0"):
-        kd.UNet((8, 8, 1), **dict(PROMPTED, context_dim=0))
+        kd.UNet((4, 4, 1), **dict(PROMPTED, context_dim=0))
