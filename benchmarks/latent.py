@@ -236,7 +236,7 @@ def equal_minutes(args):
                                         guidance_scale=guidance)
         if args.grids:
             grid_labels = list(range(10)) * 4 if labels is not None else None
-            kd.images.save_image_grid(
+            kd.save_image_grid(
                 model.generate(40, labels=grid_labels, guidance_scale=guidance, steps=20,
                                sampler="dpmpp_2m", seed=1),
                 Path(args.grids) / f"latent_equal_minutes_{pixel_name}_{name}.png", nrow=10,

@@ -4,6 +4,7 @@ This is what `keras-diffusion train` runs; Python users can call `train`
 directly with a config from `load_config`.
 """
 
+import contextlib
 import importlib.util
 import re
 import shutil
@@ -136,36 +137,29 @@ def train(config, output_dir, verbose="auto", resume=False):
             "pip install 'keras-diffusion[tensorboard]' or set tensorboard to false"
         )
     training, sampling = config["training"], config["sampling"]
-    keras.utils.set_random_seed(config["seed"])
-    keras.mixed_precision.set_dtype_policy(precision.resolve(training["precision"]))
-    try:
-        with distribution_scope(config["distribute"]) as replicas:
-            x, y, image_shape, class_names = load_training_data(config)
-            x, y = _share_evenly(x, y, replicas, training["batch_size"])
-            autoencoder = None
-            if config["autoencoder"]["enabled"]:
-                autoencoder = train_autoencoder(config, x, image_shape, output, verbose=verbose,
-                                                resume=resume)
-            model = build_model(config, image_shape, class_names, autoencoder)
-            steps = training["steps_per_epoch"] or _steps_per_epoch(x, training["batch_size"])
-            model.compile(
-                optimizer=build_optimizer(config, steps * training["epochs"]),
-                jit_compile=training["jit_compile"],
-            )
-            _remove_stale_temporaries(output)
-            save_config(config, output / "config.yaml")
-            history, callbacks = _training_callbacks(config, output)
-            model.fit(
-                x, y, batch_size=None if y is None and not hasattr(x, "shape") else training["batch_size"],
-                epochs=training["epochs"], steps_per_epoch=training["steps_per_epoch"],
-                shuffle=True, callbacks=callbacks, verbose=verbose,
-            )
-            save_model(model, output / "model.keras")
-            if record is not None and sampling["every_n_epochs"] and history.rows:
-                # SampleGrid saw only the resumed epochs; draw the whole run.
-                save_loss_curve(history.history, output / "loss.png")
-    finally:
-        keras.mixed_precision.set_dtype_policy("float32")
+    with _training_data(config, training["batch_size"]) as (x, y, image_shape, class_names):
+        autoencoder = None
+        if config["autoencoder"]["enabled"]:
+            autoencoder = train_autoencoder(config, x, image_shape, output, verbose=verbose,
+                                            resume=resume)
+        model = build_model(config, image_shape, class_names, autoencoder)
+        steps = training["steps_per_epoch"] or _steps_per_epoch(x, training["batch_size"])
+        model.compile(
+            optimizer=build_optimizer(config, steps * training["epochs"]),
+            jit_compile=training["jit_compile"],
+        )
+        _remove_stale_temporaries(output)
+        save_config(config, output / "config.yaml")
+        history, callbacks = _training_callbacks(config, output)
+        model.fit(
+            x, y, batch_size=None if y is None and not hasattr(x, "shape") else training["batch_size"],
+            epochs=training["epochs"], steps_per_epoch=training["steps_per_epoch"],
+            shuffle=True, callbacks=callbacks, verbose=verbose,
+        )
+        save_model(model, output / "model.keras")
+        if record is not None and sampling["every_n_epochs"] and history.rows:
+            # SampleGrid saw only the resumed epochs; draw the whole run.
+            save_loss_curve(history.history, output / "loss.png")
     return model
 
 
@@ -202,10 +196,10 @@ def train_autoencoder(config, x, image_shape, output, verbose="auto", resume=Fal
         callbacks=[TerminateOnNonFiniteLoss(backup),
                    AtomicCSVLogger(output / "autoencoder_history.csv"), backup],
     )
-    first = x[:8] if hasattr(x, "shape") else _first_images(x, 4096)
     if not hasattr(x, "shape"):  # a dataset: fit measured nothing
-        autoencoder.measure_scaling_factor(first)
-    first = check_images(first[:8])  # float32 in [0, 1], as reconstruct gives
+        x = _first_images(x, 4096)
+        autoencoder.measure_scaling_factor(x)
+    first = check_images(x[:8])  # float32 in [0, 1], as reconstruct gives
     save_image_grid(np.concatenate([first, autoencoder.reconstruct(first)]),
                     output / "autoencoder_reconstructions.png", nrow=len(first),
                     title="training images (top) and their reconstructions")
@@ -229,19 +223,24 @@ def train_autoencoder_stage(config, output_dir, verbose="auto", resume=False):
         )
     output = Path(output_dir)
     _check_resume(config, output, resume, stage="autoencoder")
+    with _training_data(config, config["autoencoder"]["batch_size"]) as (x, _, image_shape, _):
+        return train_autoencoder(config, x, image_shape, output, verbose=verbose, resume=resume)
+
+
+@contextlib.contextmanager
+def _training_data(config, batch_size):
+    """The seed, precision policy and distribution of a run, for as long as
+    it trains, and its data `(x, y, image_shape, class_names)` shared evenly
+    over the devices in batches of `batch_size`."""
     keras.utils.set_random_seed(config["seed"])
     keras.mixed_precision.set_dtype_policy(precision.resolve(config["training"]["precision"]))
     try:
         with distribution_scope(config["distribute"]) as replicas:
-            x, y, image_shape, _ = load_training_data(config)
-            x, _ = _share_evenly(x, y, replicas, config["autoencoder"]["batch_size"])
-            if not resume:
-                (output / "autoencoder.keras").unlink(missing_ok=True)
-            autoencoder = train_autoencoder(config, x, image_shape, output, verbose=verbose,
-                                            resume=resume)
+            x, y, image_shape, class_names = load_training_data(config)
+            x, y = _share_evenly(x, y, replicas, batch_size)
+            yield x, y, image_shape, class_names
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
-    return autoencoder
 
 
 def load_autoencoder(path, image_shape):
