@@ -20,6 +20,8 @@ _EXPORTS = {
     "LatentDiffusionModel": "keras_diffusion.latent",
     "TextEncoder": "keras_diffusion.text",
     "WordTokenizer": "keras_diffusion.text",
+    "class_captions": "keras_diffusion.captions",
+    "read_metadata": "keras_diffusion.captions",
     "load_model": "keras_diffusion.model",
     "train": "keras_diffusion.training",
     "build_model": "keras_diffusion.training",

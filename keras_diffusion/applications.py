@@ -52,8 +52,8 @@ class DenoiseResult(NamedTuple):
 
 
 # ------------------------------------------------------------------ denoise
-def denoise(model, images, *, sigma=None, steps=10, labels=None, guidance_scale=1.0,
-            batch_size=None):
+def denoise(model, images, *, sigma=None, steps=10, labels=None, prompts=None,
+            negative_prompts=None, guidance_scale=1.0, batch_size=None):
     """Remove additive Gaussian noise of std `sigma` from `images`.
 
     The noise level is matched to the diffusion timestep whose noise has
@@ -72,9 +72,10 @@ def denoise(model, images, *, sigma=None, steps=10, labels=None, guidance_scale=
             separate calls).
         steps: denoiser evaluations, spread evenly from the noise level
             down to 0; 1 gives the one-shot (minimum-MSE) estimate.
-        labels, guidance_scale: for class-conditional models, as in
+        labels, prompts, negative_prompts, guidance_scale: for
+            class-conditional or prompted models, as in
             `DiffusionModel.generate`; by default the unconditional
-            (null-label) model.
+            (null-label or empty-prompt) model.
         batch_size: images per compiled call.
 
     Returns:
@@ -105,13 +106,14 @@ def denoise(model, images, *, sigma=None, steps=10, labels=None, guidance_scale=
     else:
         _check_sigma(sigma)
     check_steps(steps, model.schedule.timesteps)
-    labels = pipeline.check_labels(model, labels, len(noisy), guidance_scale)
+    condition = pipeline.check_condition(model, len(noisy), guidance_scale, labels=labels, prompts=prompts,
+                                        negative_prompts=negative_prompts)
     # On the model's [-1, 1] scale the noise std doubles.
     t = model.schedule.timestep_for_noise_std(2.0 * float(sigma))
     x_t = model.schedule.x_t_from_noisy(to_model_range(noisy), t)
     x0 = pipeline.run_sampler(
         model, x_t, timesteps=samplers.partial_timesteps(t, steps), sampler="ddim",
-        labels=labels, guidance_scale=guidance_scale, batch_size=batch_size,
+        condition=condition, guidance_scale=guidance_scale, batch_size=batch_size,
     )
     return DenoiseResult(from_model_range(x0), float(sigma), estimated)
 
@@ -167,7 +169,8 @@ def _binomial_blur(x, axis):
 
 # ------------------------------------------------------------------ inpaint
 def inpaint(model, images, mask, *, steps=50, jump_length=5, resamples=4, eta=1.0, seed=None,
-            labels=None, guidance_scale=1.0, batch_size=None):
+            labels=None, prompts=None, negative_prompts=None, guidance_scale=1.0,
+            batch_size=None):
     """Fill in the pixels of `images` where `mask` is 0, by RePaint
     (Lugmayr 2022): sampling with the known pixels renoised from the
     image at every step, and `resamples - 1` jumps back of `jump_length`
@@ -187,7 +190,8 @@ def inpaint(model, images, mask, *, steps=50, jump_length=5, resamples=4, eta=1.
             resampling off.
         eta: DDIM stochasticity of the reverse steps (1: DDPM, as RePaint).
         seed: integer seed for all the noise.
-        labels, guidance_scale: as in `DiffusionModel.generate`.
+        labels, prompts, negative_prompts, guidance_scale: as in
+            `DiffusionModel.generate`.
         batch_size: images per compiled call; by default as many as keep
             the pre-drawn noise under 256 MiB.
 
@@ -201,7 +205,8 @@ def inpaint(model, images, mask, *, steps=50, jump_length=5, resamples=4, eta=1.
         raise ValueError(f"eta must be >= 0; got {eta!r}.")
     timesteps = samplers.plan_timesteps(model.schedule, "ddim", steps)
     t_from, t_to = samplers.repaint_timesteps(timesteps, jump_length, resamples)
-    labels = pipeline.check_labels(model, labels, len(images), guidance_scale)
+    condition = pipeline.check_condition(model, len(images), guidance_scale, labels=labels, prompts=prompts,
+                                        negative_prompts=negative_prompts)
     reverse_steps = int(np.sum(t_to < t_from))
     size = int(np.prod(model.sample_shape))
     batch_size = batch_size or max(1, min(len(images), _NOISE_BUDGET // (2 * reverse_steps * size)))
@@ -217,7 +222,7 @@ def inpaint(model, images, mask, *, steps=50, jump_length=5, resamples=4, eta=1.
         inputs = [x, target, pipeline.encode_mask(model, known[part]), jump_noise, step_noise]
         x0 = pipeline.run_loop(
             model, samplers.repaint, inputs, constants=plan, batch_axes=(0, 0, 0, 1, 1),
-            labels=None if labels is None else labels[part], guidance_scale=guidance_scale,
+            condition=None if condition is None else condition[part], guidance_scale=guidance_scale,
         )
         outputs.append(pipeline.decode(model, x0))
     # Composite in [0, 1] so the known pixels come back bit for bit.
@@ -262,7 +267,7 @@ def make_mask(kind, shape, seed=0):
 
 # ------------------------------------------------------------------ img2img
 def img2img(model, images, *, strength=0.5, steps=50, eta=0.0, seed=None, labels=None,
-            guidance_scale=1.0, batch_size=None):
+            prompts=None, negative_prompts=None, guidance_scale=1.0, batch_size=None):
     """Image-to-image translation by SDEdit (Meng 2022): noise `images`
     to timestep `round(strength * (T - 1))`, then run DDIM back to t = 0.
 
@@ -274,8 +279,9 @@ def img2img(model, images, *, strength=0.5, steps=50, eta=0.0, seed=None, labels
             keeps nothing of it).
         steps: denoiser evaluations from that timestep down to 0.
         eta: DDIM stochasticity; seed: integer seed for all the noise.
-        labels, guidance_scale: as in `DiffusionModel.generate`, e.g. to steer a
-            conditional model towards a class.
+        labels, prompts, negative_prompts, guidance_scale: as in
+            `DiffusionModel.generate`, e.g. to steer a conditional model towards a
+            class or a prompted one towards a prompt.
         batch_size: images per compiled call.
 
     Returns:
@@ -287,7 +293,8 @@ def img2img(model, images, *, strength=0.5, steps=50, eta=0.0, seed=None, labels
     check_steps(steps, model.schedule.timesteps)
     if eta < 0:
         raise ValueError(f"eta must be >= 0; got {eta!r}.")
-    labels = pipeline.check_labels(model, labels, len(images), guidance_scale)
+    condition = pipeline.check_condition(model, len(images), guidance_scale, labels=labels, prompts=prompts,
+                                        negative_prompts=negative_prompts)
     t = int(round(float(strength) * (model.schedule.timesteps - 1)))
     x0 = pipeline.encode(model, images, batch_size=batch_size)
     noise = keras.random.normal(x0.shape, seed=seed)
@@ -299,15 +306,15 @@ def img2img(model, images, *, strength=0.5, steps=50, eta=0.0, seed=None, labels
         x0.shape, "ddim", len(timesteps), eta=eta, seed=step_seed
     )
     x0 = pipeline.run_sampler(
-        model, x_t, timesteps=timesteps, sampler="ddim", eta=eta, labels=labels,
+        model, x_t, timesteps=timesteps, sampler="ddim", eta=eta, condition=condition,
         guidance_scale=guidance_scale, step_noise=step_noise, batch_size=batch_size,
     )
     return pipeline.decode(model, x0, batch_size=batch_size)
 
 
 # -------------------------------------------------------------- interpolate
-def interpolate(model, a, b, *, num=8, steps=50, labels=None, guidance_scale=1.0,
-                batch_size=None):
+def interpolate(model, a, b, *, num=8, steps=50, labels=None, prompts=None,
+                negative_prompts=None, guidance_scale=1.0, batch_size=None):
     """`num` images along a spherical interpolation between two noises,
     each decoded by deterministic DDIM.
 
@@ -320,7 +327,8 @@ def interpolate(model, a, b, *, num=8, steps=50, labels=None, guidance_scale=1.0
             noise is found by DDIM inversion with `steps` steps.
         num: number of images, the two ends included (>= 2).
         steps: DDIM steps for inversion and decoding.
-        labels, guidance_scale: as in `DiffusionModel.generate` (one label, or `num`).
+        labels, prompts, negative_prompts, guidance_scale: as in
+            `DiffusionModel.generate` (one each, or `num`).
         batch_size: images per compiled call.
 
     Returns:
@@ -328,15 +336,16 @@ def interpolate(model, a, b, *, num=8, steps=50, labels=None, guidance_scale=1.0
     """
     check_integer("num", num, low=2, note=" (the two ends included)")
     timesteps = samplers.plan_timesteps(model.schedule, "ddim", steps)
-    labels = pipeline.check_labels(model, labels, num, guidance_scale)
+    condition = pipeline.check_condition(model, num, guidance_scale, labels=labels, prompts=prompts,
+                                        negative_prompts=negative_prompts)
     ends = [
-        _endpoint_noise(model, end, name, timesteps, None if labels is None else labels[index:index + 1],
-                        guidance_scale)
+        _endpoint_noise(model, end, name, timesteps,
+                        None if condition is None else condition[index:index + 1], guidance_scale)
         for name, end, index in (("a", a, 0), ("b", b, num - 1))
     ]
     noise = keras.ops.convert_to_tensor(slerp(ends[0], ends[1], np.linspace(0.0, 1.0, num)))
     x0 = pipeline.run_sampler(
-        model, noise, timesteps=timesteps, sampler="ddim", labels=labels,
+        model, noise, timesteps=timesteps, sampler="ddim", condition=condition,
         guidance_scale=guidance_scale, batch_size=batch_size,
     )
     return pipeline.decode(model, x0, batch_size=batch_size)
@@ -360,7 +369,7 @@ def slerp(a, b, weights):
     return np.concatenate(out, axis=0).astype(np.float32)
 
 
-def _endpoint_noise(model, end, name, timesteps, labels, guidance_scale):
+def _endpoint_noise(model, end, name, timesteps, condition, guidance_scale):
     """x_T for one end of an interpolation: the noise an integer seed draws
     (as `generate` draws it), or an image's DDIM inversion."""
     shape = (1,) + tuple(model.sample_shape)
@@ -373,7 +382,7 @@ def _endpoint_noise(model, end, name, timesteps, labels, guidance_scale):
     x_t = pipeline.run_loop(
         model, samplers.ddim_invert, [pipeline.encode(model, image)],
         constants=dict(timesteps=timesteps),
-        labels=labels, guidance_scale=guidance_scale,
+        condition=condition, guidance_scale=guidance_scale,
     )
     return keras.ops.convert_to_numpy(x_t)
 

@@ -29,11 +29,10 @@ def check_integer(name, value, *, low=1, allow_none=False, note=""):
     raise ValueError(f"{name} must be {expected}{note}; got {value!r}.")
 
 
-def check_guidance(guidance_scale, num_classes):
-    """Classifier-free guidance (a scale other than 1) needs a
-    class-conditional model (`num_classes` not None); a scale below 0 means
-    nothing."""
-    if num_classes is None:
+def check_guidance(guidance_scale, conditional):
+    """Classifier-free guidance (a scale other than 1) needs a conditional
+    model (class labels or prompts); a scale below 0 means nothing."""
+    if not conditional:
         if guidance_scale != 1.0:
             raise ValueError(
                 f"guidance_scale={guidance_scale!r} needs a class-conditional model; "

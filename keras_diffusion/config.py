@@ -472,7 +472,7 @@ def _check_objects(config):
         except ValueError as error:
             raise ConfigError(f"{section}: {error}") from None
     try:
-        check_guidance(sampling["guidance_scale"], network["num_classes"])
+        check_guidance(sampling["guidance_scale"], network["num_classes"] is not None)
     except ValueError:
         raise ConfigError(
             "sampling.guidance_scale other than 1.0 needs a class-conditional network "

@@ -181,7 +181,8 @@ def _endpoints(model, *, timesteps, sampler, eta, denoise_steps):
         t = model.schedule.timestep_for_noise_std(2.0 * sigma)
         x_t = model.schedule.x_t_from_noisy(ops.cast(images, "float32") * 2.0 - 1.0, t)
         x0 = samplers.run_ddim_from(
-            pipeline.denoiser(model, _network(model), None, 1.0), model.schedule, x_t, t,
+            pipeline.denoiser(model, *pipeline.sampling_state(model), None, 1.0), model.schedule,
+            x_t, t,
             plan=lambda start: samplers.partial_timesteps(start, denoise_steps),
             prediction=model.prediction,
         )

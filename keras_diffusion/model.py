@@ -21,6 +21,7 @@ from keras_diffusion.data import check_training_images
 from keras_diffusion.data import check_training_labels
 from keras_diffusion.schedule import DiffusionSchedule
 from keras_diffusion.schedule import check_prediction
+from keras_diffusion.text import check_texts
 
 
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="DiffusionModel")
@@ -45,9 +46,23 @@ class DiffusionModel(keras.Model):
         class_names: optional names of the classes, so labels may be given
             by name.
         seed: seed for the timesteps and noise drawn in training.
+        text_encoder: for a prompted model, a Keras model mapping token ids
+            `(B, L)` to features `(B, L, D)` (a `TextEncoder`, or e.g.
+            KerasHub's `CLIPTextEncoder`) that a network built with
+            `context_dim=D` cross-attends to.
+        tokenizer: texts to `(N, L)` int token ids; by default the text
+            encoder's `tokenizer`. Saved with the model when it is
+            Keras-serialisable.
+        train_text_encoder: train the text encoder with the network (True,
+            the right choice for a `TextEncoder` trained from scratch) or
+            keep it frozen (a pretrained encoder).
+        prompt_dropout: probability of replacing a caption with the empty
+            prompt in training, so that the model also learns the
+            unconditional direction that guidance needs.
 
     Images passed to `fit` are NHWC, float in [0, 1] or uint8; labels (for
-    conditional networks) are integers passed as `y`.
+    conditional networks) are integers passed as `y`, captions (for
+    prompted models) strings passed as `y`, one per image.
 
     Example:
 
@@ -55,6 +70,16 @@ class DiffusionModel(keras.Model):
     >>> model.compile(optimizer=keras.optimizers.AdamW(2e-4))
     >>> model.fit(x_train, batch_size=128, epochs=10)
     >>> images = model.generate(16, steps=50, sampler="ddim", seed=0)
+
+    A prompted model:
+
+    >>> tokenizer = WordTokenizer.from_texts(captions, max_length=12)
+    >>> model = DiffusionModel(UNet((28, 28, 1), context_dim=64),
+    ...                        text_encoder=TextEncoder(tokenizer, dim=64))
+    >>> model.compile(optimizer=keras.optimizers.AdamW(2e-4))
+    >>> model.fit(x_train, captions, batch_size=128, epochs=10)
+    >>> images = model.generate(8, prompts="a handwritten seven", guidance_scale=3,
+    ...                         sampler="dpmpp_2m", steps=20)
     """
 
     def __init__(
@@ -67,11 +92,16 @@ class DiffusionModel(keras.Model):
         label_dropout=0.1,
         class_names=None,
         seed=None,
+        text_encoder=None,
+        tokenizer=None,
+        train_text_encoder=True,
+        prompt_dropout=0.1,
         **kwargs,
     ):
         super().__init__(**kwargs)
         check_model_arguments(prediction=prediction, ema_decay=ema_decay,
-                              min_snr_gamma=min_snr_gamma, label_dropout=label_dropout)
+                              min_snr_gamma=min_snr_gamma, label_dropout=label_dropout,
+                              prompt_dropout=prompt_dropout)
         self.network = network
         self.schedule = schedule if schedule is not None else DiffusionSchedule()
         self.prediction = prediction
@@ -90,6 +120,9 @@ class DiffusionModel(keras.Model):
                 f"(num_classes={self.num_classes}); got {len(class_names)} names."
             )
         self.class_names = list(class_names) if class_names is not None else None
+        self.prompt_dropout = float(prompt_dropout)
+        self.train_text_encoder = bool(train_text_encoder)
+        self._set_text_encoder(network, text_encoder, tokenizer)
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self._backend = backend.current()
@@ -103,16 +136,69 @@ class DiffusionModel(keras.Model):
                     shape=v.shape, initializer=_copy_of(v), dtype="float32",
                     trainable=False, name=f"ema_{i}",
                 )
-                for i, v in enumerate(network.trainable_variables)
+                for i, v in enumerate(self._averaged_variables())
             ]
             self.ema_updates = self.add_weight(
                 shape=(), initializer="zeros", dtype="float32", trainable=False, name="ema_updates"
             )
         self.built = True
 
+    def _set_text_encoder(self, network, text_encoder, tokenizer):
+        context_dim = getattr(network, "context_dim", None)
+        self.text_encoder = text_encoder
+        self.tokenizer = None
+        if text_encoder is None:
+            if context_dim is not None:
+                raise ValueError(
+                    f"the network cross-attends to a context (context_dim={context_dim}), so "
+                    "the model needs a text encoder: pass text_encoder=TextEncoder(...)."
+                )
+            if tokenizer is not None:
+                raise ValueError("tokenizer was given without a text_encoder; pass both.")
+            return
+        if self.num_classes is not None:
+            raise ValueError(
+                "a network cannot take both class labels and prompts; build the UNet with "
+                "num_classes=None for a prompted model (put class names in the captions)."
+            )
+        if context_dim is None:
+            raise ValueError(
+                "a text_encoder needs a network that cross-attends to its features: build "
+                "the UNet with context_dim equal to the encoder's feature width."
+            )
+        tokenizer = tokenizer if tokenizer is not None else getattr(text_encoder, "tokenizer", None)
+        if tokenizer is None or not callable(tokenizer):
+            raise ValueError(
+                f"the text encoder {type(text_encoder).__name__} has no tokenizer; pass "
+                "tokenizer=..., a callable mapping texts to (N, length) integer ids."
+            )
+        self.tokenizer = tokenizer
+        self._own_tokenizer = tokenizer is not getattr(text_encoder, "tokenizer", None)
+        text_encoder.trainable = self.train_text_encoder
+        ids = pipeline.tokenize(self, [""])
+        width = ops.shape(text_encoder(pipeline.text_inputs(text_encoder, ids)))[-1]
+        if width != context_dim:
+            raise ValueError(
+                f"the text encoder makes features of width {width} but the network's "
+                f"context_dim is {context_dim}; make them equal."
+            )
+        self.empty_prompt_ids = ids[0]
+
+    def _averaged_variables(self):
+        """The variables the EMA follows: the network's trainable ones, then
+        the text encoder's when it trains too."""
+        variables = list(self.network.trainable_variables)
+        if self.text_encoder is not None and self.train_text_encoder:
+            variables += list(self.text_encoder.trainable_variables)
+        return variables
+
     @property
     def conditional(self):
         return self.num_classes is not None
+
+    @property
+    def prompted(self):
+        return self.text_encoder is not None
 
     @property
     def metrics(self):
@@ -130,14 +216,19 @@ class DiffusionModel(keras.Model):
 
         Images are NHWC, uint8 or float in [0, 1] (3-D `(N, H, W)` arrays
         get a channel axis); labels, for a class-conditional network, are
-        integers 0 to `num_classes - 1`, one per image. Datasets and
-        generators are passed through unchecked.
+        integers 0 to `num_classes - 1`, one per image; captions, for a
+        prompted model, are strings, one per image, tokenised here (or
+        token ids from `tokenize_captions`). Datasets and generators are
+        passed through unchecked: they yield `(images, token_ids)` batches
+        for a prompted model.
         """
         if isinstance(x, np.ndarray):
             x = check_training_images(x, self.image_shape)
+            if self.prompted and y is not None:
+                y = self.tokenize_captions(y, len(x))
             y = None if y is None else np.asarray(y)
             self.unpack_batch((x,) if y is None else (x, y))
-            if y is not None:
+            if y is not None and not self.prompted:
                 y = check_training_labels(y, len(x), self.num_classes)
         backend.before_fit(self)
         return super().fit(x, y, *args, **kwargs)
@@ -148,8 +239,37 @@ class DiffusionModel(keras.Model):
     def test_step(self, *args):
         return self._backend.test_step(self, *args)
 
+    def tokenize_captions(self, captions, num_images=None):
+        """Captions (strings, one per image) as the `(N, L)` int32 token ids
+        `fit` trains on; ids already tokenised pass through. Run it in your
+        input pipeline to feed `fit` a dataset."""
+        if isinstance(captions, np.ndarray) and np.issubdtype(captions.dtype, np.integer):
+            if captions.ndim != 2:
+                raise TypeError(
+                    f"captions must be strings, one per image, or (N, length) token ids; got "
+                    f"integers of shape {captions.shape}. A prompted model takes captions, not "
+                    "labels: e.g. keras_diffusion.class_captions(labels, 'mnist')."
+                )
+            ids = captions
+        else:
+            if isinstance(captions, (list, tuple, np.ndarray)) and len(captions) == 0:
+                raise ValueError("captions are empty; expected one caption (a string) per image.")
+            ids = pipeline.tokenize(self, check_texts(captions, "captions"))
+        if num_images is not None and len(ids) != num_images:
+            raise ValueError(
+                f"captions must be one per image: got {len(ids)} captions for {num_images} images."
+            )
+        return ids
+
     def unpack_batch(self, data):
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        if self.prompted:
+            if labels is None:
+                raise ValueError(
+                    "The model is prompted (it has a text encoder), so fit needs captions: pass "
+                    "one string per image as y, or (images, token_ids) batches."
+                )
+            return images, labels
         if self.conditional and labels is None:
             raise ValueError(
                 f"The network is class-conditional (num_classes={self.num_classes}), "
@@ -173,6 +293,8 @@ class DiffusionModel(keras.Model):
         )
         noise = keras.random.normal(ops.shape(x0), dtype="float32", seed=self.seed_generator)
         inputs = [self.schedule.add_noise(x0, noise, t), t]
+        if self.prompted:
+            inputs.append(self.encode_prompts(labels, training=training))
         if self.conditional:
             labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
             if training and self.label_dropout > 0:
@@ -184,6 +306,19 @@ class DiffusionModel(keras.Model):
         per_example = ops.mean(ops.square(output - target), axis=(1, 2, 3))
         weights = self.schedule.loss_weight(t, self.prediction, self.min_snr_gamma)
         return ops.mean(weights * per_example)
+
+    def encode_prompts(self, token_ids, training=True):
+        """Text features of a batch of token ids, with prompt dropout in
+        training: a caption is replaced by the empty prompt with probability
+        `prompt_dropout`."""
+        ids = ops.cast(token_ids, "int32")
+        if training and self.prompt_dropout > 0:
+            drop = keras.random.uniform((ops.shape(ids)[0], 1), seed=self.seed_generator)
+            ids = ops.where(drop < self.prompt_dropout,
+                            ops.convert_to_tensor(self.empty_prompt_ids[np.newaxis]), ids)
+        features = self.text_encoder(pipeline.text_inputs(self.text_encoder, ids),
+                                     training=training and self.train_text_encoder)
+        return features
 
     def diffusion_inputs(self, images):
         """A batch of images as the clean samples x0 the model diffuses:
@@ -203,7 +338,7 @@ class DiffusionModel(keras.Model):
             return
         n = self.ema_updates
         decay = ops.minimum(self.ema_decay, (1.0 + n) / (10.0 + n))
-        for ema, weight in zip(self.ema_weights, self.network.trainable_variables):
+        for ema, weight in zip(self.ema_weights, self._averaged_variables()):
             ema.assign(decay * ema + (1.0 - decay) * ops.cast(weight, "float32"))
         self.ema_updates.assign(n + 1.0)
 
@@ -224,6 +359,8 @@ class DiffusionModel(keras.Model):
         timestep_spacing="linspace",
         batch_size=None,
         use_karras_sigmas=None,
+        prompts=None,
+        negative_prompts=None,
     ):
         """Sample `num_images` images with the EMA weights.
 
@@ -233,26 +370,39 @@ class DiffusionModel(keras.Model):
         `labels` (conditional models): one label for all images or one per
         image, as indices or class names; `guidance_scale` weighs
         classifier-free guidance (1: plain conditional, 0: unconditional).
+        `prompts` (prompted models): one string for all images or one per
+        image; `negative_prompts` likewise, the direction guidance steers
+        away from (default: the empty prompt).
 
         Returns a numpy array `(num_images, H, W, C)`, float32 in [0, 1].
         The same `seed` gives the same images on the same backend.
         """
         x0 = pipeline.sample(
             self, num_images, steps=steps, sampler=sampler, seed=seed, labels=labels,
-            guidance_scale=guidance_scale, eta=eta, timestep_spacing=timestep_spacing,
+            prompts=prompts, negative_prompts=negative_prompts, guidance_scale=guidance_scale, eta=eta, timestep_spacing=timestep_spacing,
             batch_size=batch_size, use_karras_sigmas=use_karras_sigmas,
         )
         return pipeline.decode(self, x0, batch_size=batch_size)
 
     @property
     def sampling_weights(self):
-        """The weights sampling uses: the EMA weights when EMA is on."""
-        return self.ema_weights if self.ema_decay else self.network.trainable_variables
+        """The network weights sampling uses: the EMA weights when EMA is on."""
+        if not self.ema_decay:
+            return self.network.trainable_variables
+        return self.ema_weights[:len(self.network.trainable_variables)]
+
+    @property
+    def text_sampling_weights(self):
+        """The text encoder's weights sampling uses (EMA when it trains)."""
+        if not self.ema_decay or not self.train_text_encoder:
+            return self.text_encoder.trainable_variables
+        return self.ema_weights[len(self.network.trainable_variables):]
 
     # ------------------------------------------- restoration and editing
     # Thin entry points; `keras_diffusion.applications` turns the requests
     # into pipeline runs.
-    def denoise(self, images, sigma=None, steps=10, labels=None, guidance_scale=1.0, batch_size=None):
+    def denoise(self, images, sigma=None, steps=10, labels=None, guidance_scale=1.0, batch_size=None,
+                prompts=None, negative_prompts=None):
         """Remove additive Gaussian noise of std `sigma` from `images`.
 
         Arguments, return value and details: `keras_diffusion.applications.denoise`.
@@ -260,10 +410,12 @@ class DiffusionModel(keras.Model):
         from keras_diffusion import applications
 
         return applications.denoise(self, images, sigma=sigma, steps=steps, labels=labels,
+                                    prompts=prompts, negative_prompts=negative_prompts,
                                     guidance_scale=guidance_scale, batch_size=batch_size)
 
     def inpaint(self, images, mask, steps=50, jump_length=5, resamples=4, eta=1.0, seed=None,
-                labels=None, guidance_scale=1.0, batch_size=None):
+                labels=None, guidance_scale=1.0, batch_size=None, prompts=None,
+                negative_prompts=None):
         """Fill in the pixels of `images` where `mask` is 0, by RePaint
         (Lugmayr 2022): sampling with the known pixels renoised from the
         image at every step, and `resamples - 1` jumps back of `jump_length`
@@ -275,12 +427,12 @@ class DiffusionModel(keras.Model):
 
         return applications.inpaint(
             self, images, mask, steps=steps, jump_length=jump_length, resamples=resamples,
-            eta=eta, seed=seed, labels=labels, guidance_scale=guidance_scale,
-            batch_size=batch_size,
+            eta=eta, seed=seed, labels=labels, prompts=prompts, negative_prompts=negative_prompts,
+            guidance_scale=guidance_scale, batch_size=batch_size,
         )
 
     def img2img(self, images, strength=0.5, steps=50, eta=0.0, seed=None, labels=None,
-                guidance_scale=1.0, batch_size=None):
+                guidance_scale=1.0, batch_size=None, prompts=None, negative_prompts=None):
         """Image-to-image translation by SDEdit (Meng 2022): noise `images`
         to timestep `round(strength * (T - 1))`, then run DDIM back to t = 0.
 
@@ -290,10 +442,12 @@ class DiffusionModel(keras.Model):
 
         return applications.img2img(
             self, images, strength=strength, steps=steps, eta=eta, seed=seed, labels=labels,
-            guidance_scale=guidance_scale, batch_size=batch_size,
+            prompts=prompts, negative_prompts=negative_prompts, guidance_scale=guidance_scale,
+            batch_size=batch_size,
         )
 
-    def interpolate(self, a, b, num=8, steps=50, labels=None, guidance_scale=1.0, batch_size=None):
+    def interpolate(self, a, b, num=8, steps=50, labels=None, guidance_scale=1.0, batch_size=None,
+                    prompts=None, negative_prompts=None):
         """`num` images along a spherical interpolation between two noises,
         each decoded by deterministic DDIM.
 
@@ -302,6 +456,7 @@ class DiffusionModel(keras.Model):
         from keras_diffusion import applications
 
         return applications.interpolate(self, a, b, num=num, steps=steps, labels=labels,
+                                        prompts=prompts, negative_prompts=negative_prompts,
                                         guidance_scale=guidance_scale, batch_size=batch_size)
 
     # --------------------------------------------------------------- export
@@ -341,7 +496,18 @@ class DiffusionModel(keras.Model):
             "label_dropout": self.label_dropout,
             "class_names": self.class_names,
             "seed": self.seed,
+            **(self._text_config() if self.prompted else {}),
         }
+
+    def _text_config(self):
+        config = {
+            "text_encoder": keras.saving.serialize_keras_object(self.text_encoder),
+            "train_text_encoder": self.train_text_encoder,
+            "prompt_dropout": self.prompt_dropout,
+        }
+        if self._own_tokenizer:
+            config["tokenizer"] = keras.saving.serialize_keras_object(self.tokenizer)
+        return config
 
     def compile_from_config(self, config):
         """Compile a loaded model as it was saved, except `jit_compile`.
@@ -360,6 +526,9 @@ class DiffusionModel(keras.Model):
         config = dict(config)
         config["network"] = keras.saving.deserialize_keras_object(config["network"])
         config["schedule"] = keras.saving.deserialize_keras_object(config["schedule"])
+        for name in ("text_encoder", "tokenizer"):
+            if config.get(name) is not None:
+                config[name] = keras.saving.deserialize_keras_object(config[name])
         return cls(**config)
 
 
@@ -368,7 +537,8 @@ def _copy_of(variable):
     return lambda shape, dtype=None: ops.convert_to_numpy(variable).astype("float32")
 
 
-def check_model_arguments(*, prediction, ema_decay, min_snr_gamma, label_dropout):
+def check_model_arguments(*, prediction, ema_decay, min_snr_gamma, label_dropout,
+                          prompt_dropout=0.1):
     """The rules of `DiffusionModel`'s training arguments (the config's
     `model` section is checked by them too)."""
     check_prediction(prediction)
@@ -376,6 +546,8 @@ def check_model_arguments(*, prediction, ema_decay, min_snr_gamma, label_dropout
         raise ValueError(f"ema_decay must be in [0, 1) or None; got {ema_decay!r}.")
     if not 0 <= label_dropout < 1:
         raise ValueError(f"label_dropout must be in [0, 1); got {label_dropout!r}.")
+    if not 0 <= prompt_dropout < 1:
+        raise ValueError(f"prompt_dropout must be in [0, 1); got {prompt_dropout!r}.")
     if min_snr_gamma is not None and min_snr_gamma <= 0:
         raise ValueError(f"min_snr_gamma must be > 0 or None; got {min_snr_gamma!r}.")
 

@@ -19,6 +19,12 @@ It works on any model that offers this protocol, and imports no model class:
 - `num_classes`: the number of classes of a conditional network (label
   `num_classes` is the null label of classifier-free guidance), or None;
   `class_names`: a list of names for the classes, or None.
+- `text_encoder`, optional: for a prompted model, a Keras model mapping
+  token ids `(N, L)` to features `(N, L, D)`, which the network (called as
+  `network([x_t, t, context])`) cross-attends to; with it, `tokenizer`
+  (texts to `(N, L)` int ids) and `text_sampling_weights` (matching
+  `text_encoder.trainable_variables`). The empty prompt is its null
+  condition.
 - `image_shape`: `(H, W, C)` of the images the model takes and makes;
   `sample_shape`: that of what the samplers run on (the same for a pixel
   model; the latent shape for a latent one).
@@ -33,6 +39,11 @@ to call, `constants` are Python values (numbers, strings, numpy arrays) that
 fix the traced program. `run_loop` compiles each loop once per set of
 constants; the cache key is built here from the loop and every constant it
 receives, so no caller can forget one.
+
+A *condition* is what a request conditions on, checked by
+`check_condition`: None, int32 labels `(N,)` for a class-conditional model,
+or for a prompted model int32 token ids `(N, 2, L)`, each image's prompt and
+its negative (or empty) prompt. It is batched with the images.
 """
 
 import keras
@@ -42,6 +53,7 @@ from keras import ops
 from keras_diffusion import backend
 from keras_diffusion import samplers
 from keras_diffusion.checks import check_guidance
+from keras_diffusion.text import check_texts
 from keras_diffusion.checks import check_integer
 
 
@@ -149,13 +161,69 @@ def call_network(owner, network, x, *, batch_size=None):
                             for start in range(0, total, batch_size)], axis=0)
 
 
-# ----------------------------------------------------- labels and guidance
-def check_labels(model, labels, num_images, guidance_scale):
+# -------------------------------------------- labels, prompts and guidance
+def text_encoder(model):
+    """The model's text encoder, or None when it takes no prompts."""
+    return getattr(model, "text_encoder", None)
+
+
+def check_condition(model, num_images, guidance_scale, *, labels=None, prompts=None,
+                    negative_prompts=None):
+    """The condition of a request (see this module's docstring) for
+    `num_images` images.
+
+    `labels` (class-conditional models): None, one label for every image,
+    or one per image; a label is an index or, when the model has
+    `class_names`, a name (any case). `prompts` and `negative_prompts`
+    (prompted models): None (the empty prompt), one string for every image
+    or one per image; a negative prompt replaces the empty prompt as the
+    direction guidance steers away from."""
+    encoder = text_encoder(model)
+    check_guidance(guidance_scale, model.num_classes is not None or encoder is not None)
+    if encoder is None:
+        if prompts is not None or negative_prompts is not None:
+            raise ValueError(
+                "prompts were given, but this model has no text encoder; build it with "
+                "text_encoder=... (and a UNet with context_dim) to generate from prompts."
+            )
+        return check_labels(model, labels, num_images)
+    if labels is not None:
+        raise ValueError(
+            "labels were given, but this model is prompted (it has a text encoder); "
+            "pass prompts=... instead, e.g. prompts='a handwritten seven'."
+        )
+    ids = [tokenize(model, _per_image(texts, num_images, name))
+           for texts, name in ((prompts, "prompts"), (negative_prompts, "negative_prompts"))]
+    return ops.convert_to_tensor(np.stack(ids, axis=1))
+
+
+def _per_image(texts, num_images, name):
+    if texts is None:
+        return [""] * num_images
+    texts = check_texts(texts, name)
+    if len(texts) == 1:
+        return texts * num_images
+    if len(texts) != num_images:
+        raise ValueError(
+            f"{name} must be one string or one per image ({num_images}); got {len(texts)}."
+        )
+    return texts
+
+
+def tokenize(model, texts):
+    """`(N, L)` int32 token ids of `texts` by the model's tokenizer."""
+    ids = np.asarray(model.tokenizer(texts))
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or len(ids) != len(texts):
+        raise ValueError(
+            f"the tokenizer must map N texts to an (N, length) array of integer ids; "
+            f"got shape {ids.shape}, dtype {ids.dtype} for {len(texts)} texts."
+        )
+    return ids.astype("int32")
+
+
+def check_labels(model, labels, num_images):
     """The labels of a request as an int32 tensor `(num_images,)`, or None
-    for the null label. `labels` is None, one label for every image, or one
-    per image; a label is an index or, when the model has `class_names`, a
-    name (any case)."""
-    check_guidance(guidance_scale, model.num_classes)
+    for the null label (see `check_condition`)."""
     if model.num_classes is None:
         if labels is not None:
             raise ValueError(
@@ -193,16 +261,22 @@ def _label_index(model, label):
 # ---------------------------------------------------- the network, guided
 def sampling_state(model):
     """`(weights, state)`: the values of the sampling weights and of the
-    network's non-trainable variables, as `stateless_call` takes them.
-    Inside an export trace they are the traced values."""
-    return (
-        [v.value for v in model.sampling_weights],
-        [v.value for v in model.network.non_trainable_variables],
-    )
+    non-trainable variables, as `stateless_call` takes them, the network's
+    first, then (prompted models) the text encoder's. Inside an export
+    trace they are the traced values."""
+    weights = [v.value for v in model.sampling_weights]
+    state = [v.value for v in model.network.non_trainable_variables]
+    encoder = text_encoder(model)
+    if encoder is not None:
+        weights += [v.value for v in model.text_sampling_weights]
+        state += [v.value for v in encoder.non_trainable_variables]
+    return weights, state
 
 
 def network_function(model, weights, state):
     """`inputs -> output` of the network with the given weight values."""
+    weights = weights[:len(model.network.trainable_variables)]
+    state = state[:len(model.network.non_trainable_variables)]
 
     def network(inputs):
         return model.network.stateless_call(weights, state, inputs, training=False)[0]
@@ -210,43 +284,100 @@ def network_function(model, weights, state):
     return network
 
 
-def denoiser(model, network, labels, guidance_scale):
-    """Wrap `network` as the `(x_t, t) -> output` denoiser the samplers take,
-    applying classifier-free guidance: uncond + w (cond - uncond) (Ho &
-    Salimans 2022 eq. 6, written so w = 0 is unconditional and w = 1
-    conditional). `labels` None: the null label. `guidance_scale` may be a
-    tensor (an exported endpoint's input)."""
+def text_function(model, weights, state):
+    """`token ids (N, L) -> features (N, L, D)` of the text encoder with the
+    given weight values (the tail of `sampling_state`'s lists)."""
+    encoder = text_encoder(model)
+    weights = weights[len(model.network.trainable_variables):]
+    state = state[len(model.network.non_trainable_variables):]
+
+    def encode(ids):
+        output = encoder.stateless_call(weights, state, text_inputs(encoder, ids), training=False)[0]
+        return ops.cast(output, "float32")
+
+    return encode
+
+
+def text_inputs(encoder, ids):
+    """`ids` as `encoder` takes them: a tensor, or `{"token_ids": ids}` for
+    an encoder built on a dict of inputs (KerasHub's CLIP text encoder)."""
+    structure = getattr(encoder, "_inputs_struct", None)
+    if isinstance(structure, dict):
+        return {"token_ids": ids}
+    return ids
+
+
+def empty_condition(model):
+    """The condition of no prompt, for one image: `(1, 2, L)` token ids of
+    the empty prompt twice."""
+    ids = tokenize(model, [""])
+    return ops.convert_to_tensor(np.stack([ids, ids], axis=1))
+
+
+def denoiser(model, weights, state, condition, guidance_scale):
+    """The `(x_t, t) -> output` denoiser the samplers take: the network with
+    the given weight values, conditioned on `condition` (see this module's
+    docstring; None: the null label, or the empty prompt), with
+    classifier-free guidance: uncond + w (cond - uncond) (Ho & Salimans 2022
+    eq. 6, written so w = 0 is unconditional and w = 1 conditional). For a
+    prompted model "uncond" is the negative prompt. `guidance_scale` may be
+    a tensor (an exported endpoint's input)."""
+    network = network_function(model, weights, state)
+    if text_encoder(model) is not None:
+        if condition is None:
+            condition = empty_condition(model)
+        ids = ops.convert_to_tensor(condition)
+        length = ids.shape[-1]
+        context = text_function(model, weights, state)(ops.reshape(ids, (-1, length)))
+        context = ops.reshape(context, (-1, 2, length, context.shape[-1]))
+        cond, uncond = context[:, 0], context[:, 1]
+        return _guided(network, lambda x: _broadcast(cond, x), lambda x: _broadcast(uncond, x),
+                       guidance_scale)
     if model.num_classes is None:
         return lambda x, t: network([x, t])
 
     def null_labels(x):
         return ops.full((ops.shape(x)[0],), model.num_classes, dtype="int32")
 
-    fixed = not ops.is_tensor(guidance_scale)
-    if labels is None or (fixed and guidance_scale == 0):
+    if condition is None:
         return lambda x, t: network([x, t, null_labels(x)])
+    return _guided(network, lambda x: condition, null_labels, guidance_scale)
+
+
+def _broadcast(context, x):
+    """A context for every image of `x` (one prompt's is repeated)."""
+    return ops.broadcast_to(context, (ops.shape(x)[0],) + tuple(context.shape[1:]))
+
+
+def _guided(network, cond, uncond, guidance_scale):
+    """Guidance between the network's conditional and unconditional
+    branches; `cond(x)` and `uncond(x)` give the third network input of each
+    for a batch `x`."""
+    fixed = not ops.is_tensor(guidance_scale)
+    if fixed and guidance_scale == 0:
+        return lambda x, t: network([x, t, uncond(x)])
     if fixed and guidance_scale == 1:
-        return lambda x, t: network([x, t, labels])
+        return lambda x, t: network([x, t, cond(x)])
 
     def guided(x, t):
         both = network([
             ops.concatenate([x, x], axis=0),
             ops.concatenate([t, t], axis=0),
-            ops.concatenate([labels, null_labels(x)], axis=0),
+            ops.concatenate([cond(x), uncond(x)], axis=0),
         ])
-        cond, uncond = ops.split(ops.cast(both, "float32"), 2, axis=0)
-        return uncond + guidance_scale * (cond - uncond)
+        cond_out, uncond_out = ops.split(ops.cast(both, "float32"), 2, axis=0)
+        return uncond_out + guidance_scale * (cond_out - uncond_out)
 
     return guided
 
 
 # ------------------------------------------------------- compiled runs
 def loop_function(model, loop, *, constants, guidance_scale):
-    """`run(weights, state, labels, *inputs)`: `loop` over the guided
+    """`run(weights, state, condition, *inputs)`: `loop` over the guided
     network, uncompiled. `run_loop` compiles it; an export traces it."""
 
-    def run(weights, state, labels, *inputs):
-        guided = denoiser(model, network_function(model, weights, state), labels, guidance_scale)
+    def run(weights, state, condition, *inputs):
+        guided = denoiser(model, weights, state, condition, guidance_scale)
         return loop(guided, model.schedule, *inputs, prediction=model.prediction, **constants)
 
     return run
@@ -260,7 +391,7 @@ class _CompiledLoops:
         self.functions = {}
 
 
-def run_loop(model, loop, inputs, *, constants=None, labels=None, guidance_scale=1.0,
+def run_loop(model, loop, inputs, *, constants=None, condition=None, guidance_scale=1.0,
              batch_size=None, batch_axes=None):
     """Run `loop` compiled, with the sampling weights and guidance, in
     batches of `batch_size` images.
@@ -270,7 +401,8 @@ def run_loop(model, loop, inputs, *, constants=None, labels=None, guidance_scale
         loop: see this module's docstring.
         inputs: tensors, or None for an absent one; float32.
         constants: keyword arguments of `loop` that fix the program.
-        labels: int32 `(N,)` from `check_labels`, or None.
+        condition: from `check_condition` (labels or prompt token ids), or
+            None.
         guidance_scale: classifier-free guidance weight.
         batch_size: images per compiled call; None runs all at once.
         batch_axes: the batch axis of each input (default 0 for all):
@@ -280,7 +412,7 @@ def run_loop(model, loop, inputs, *, constants=None, labels=None, guidance_scale
         The loop's output for all N images, concatenated along axis 0.
     """
     constants = dict(constants or {})
-    key = (loop, _freeze(constants), float(guidance_scale), labels is None)
+    key = (loop, _freeze(constants), float(guidance_scale), condition is None)
     compiled = model.__dict__.setdefault("_compiled_loops", _CompiledLoops()).functions
     if key not in compiled:
         compiled[key] = backend.current().compile_function(
@@ -292,13 +424,14 @@ def run_loop(model, loop, inputs, *, constants=None, labels=None, guidance_scale
     batch_axes = batch_axes or (0,) * len(inputs)
     total = next(x.shape[axis] for x, axis in zip(inputs, batch_axes) if x is not None)
     if not batch_size or batch_size >= total:
-        return function(weights, state, labels, *inputs)
+        return function(weights, state, condition, *inputs)
     outputs = []
     for start in range(0, total, batch_size):
         part = slice(start, start + batch_size)
         parts = [None if x is None else x[(slice(None),) * axis + (part,)]
                  for x, axis in zip(inputs, batch_axes)]
-        outputs.append(function(weights, state, None if labels is None else labels[part], *parts))
+        outputs.append(function(weights, state, None if condition is None else condition[part],
+                                *parts))
     return ops.concatenate(outputs, axis=0)
 
 
@@ -320,7 +453,7 @@ def _freeze(value):
     )
 
 
-def run_sampler(model, x, *, timesteps, sampler, eta=0.0, labels=None, guidance_scale=1.0,
+def run_sampler(model, x, *, timesteps, sampler, eta=0.0, condition=None, guidance_scale=1.0,
                 step_noise=None, batch_size=None):
     """Run a sampler from `x` (at `timesteps[0]`) over `timesteps`: x0 as a
     tensor, in [-1, 1] for a pixel model. `step_noise` as
@@ -329,17 +462,19 @@ def run_sampler(model, x, *, timesteps, sampler, eta=0.0, labels=None, guidance_
         model, samplers.run_sampler, [x, step_noise],
         constants=dict(timesteps=np.asarray(timesteps, dtype=np.int32), sampler=sampler,
                        eta=float(eta), clip_x0=clips(model)),
-        labels=labels, guidance_scale=guidance_scale, batch_size=batch_size, batch_axes=(0, 1),
+        condition=condition, guidance_scale=guidance_scale, batch_size=batch_size,
+        batch_axes=(0, 1),
     )
 
 
 def sample(model, num_images, *, steps=50, sampler="ddim", seed=None, labels=None,
-           guidance_scale=1.0, eta=0.0, timestep_spacing="linspace", batch_size=None,
-           use_karras_sigmas=None):
+           prompts=None, negative_prompts=None, guidance_scale=1.0, eta=0.0,
+           timestep_spacing="linspace", batch_size=None, use_karras_sigmas=None):
     """`num_images` samples from pure noise, in the space the samplers run
     in (see `decode`); the arguments are those of `DiffusionModel.generate`."""
     check_integer("num_images", num_images)
-    labels = check_labels(model, labels, num_images, guidance_scale)
+    condition = check_condition(model, num_images, guidance_scale, labels=labels, prompts=prompts,
+                                negative_prompts=negative_prompts)
     timesteps = samplers.plan_timesteps(
         model.schedule, sampler, steps, eta=eta, spacing=timestep_spacing,
         use_karras_sigmas=use_karras_sigmas,
@@ -350,6 +485,6 @@ def sample(model, num_images, *, steps=50, sampler="ddim", seed=None, labels=Non
         noise.shape, sampler, len(timesteps), eta=eta, seed=step_seed
     )
     return run_sampler(
-        model, noise, timesteps=timesteps, sampler=sampler, eta=eta, labels=labels,
+        model, noise, timesteps=timesteps, sampler=sampler, eta=eta, condition=condition,
         guidance_scale=guidance_scale, step_noise=step_noise, batch_size=batch_size,
     )

@@ -35,7 +35,7 @@ SPECIAL_TOKENS = ("<pad>", "<unknown>", "<start>", "<end>")
 PAD, UNKNOWN, START, END = range(4)
 
 
-def _check_texts(texts, name="prompts"):
+def check_texts(texts, name="prompts"):
     """A list of strings from one string or a sequence of them."""
     if isinstance(texts, str):
         return [texts]
@@ -95,7 +95,7 @@ class WordTokenizer:
     @classmethod
     def from_texts(cls, texts, max_length=16):
         """The tokenizer whose vocabulary is every word of `texts`, sorted."""
-        texts = _check_texts(texts, "captions")
+        texts = check_texts(texts, "captions")
         words = sorted({word for text in texts for word in split_words(text)})
         return cls(words, max_length=max_length)
 
@@ -108,7 +108,7 @@ class WordTokenizer:
         """`(N, max_length)` int32 ids of `texts` (a string or a list).
         Words outside the vocabulary become `<unknown>`; texts longer than
         `max_length - 2` words are cut, with one warning per tokenizer."""
-        texts = _check_texts(texts)
+        texts = check_texts(texts)
         ids = np.full((len(texts), self.max_length), PAD, np.int32)
         room = self.max_length - 2
         for row, text in enumerate(texts):
@@ -126,7 +126,7 @@ class WordTokenizer:
 
     def unknown_words(self, texts):
         """The words of `texts` that are not in the vocabulary, in order."""
-        return [word for text in _check_texts(texts) for word in split_words(text)
+        return [word for text in check_texts(texts) for word in split_words(text)
                 if word not in self._ids]
 
     def decode(self, ids):
@@ -196,11 +196,11 @@ class TextEncoder(keras.Model):
         self.final_norm.build((None, self.max_length, self.dim))
         self.built = True
 
-    def call(self, token_ids):
+    def call(self, token_ids, training=None):
         x = self.token_embedding(ops.cast(token_ids, "int32")) + ops.cast(
             self.position_embedding, self.compute_dtype)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, training=training)
         return self.final_norm(x)
 
     def encode(self, texts):
