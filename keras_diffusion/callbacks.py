@@ -14,6 +14,7 @@ from keras_diffusion.checks import check_integer
 from keras_diffusion.images import atomic_write
 from keras_diffusion.images import save_image_grid
 from keras_diffusion.images import save_loss_curve
+from keras_diffusion.text import check_texts
 
 
 class SampleGrid(keras.callbacks.Callback):
@@ -32,6 +33,9 @@ class SampleGrid(keras.callbacks.Callback):
         steps, sampler, seed: passed to `generate`.
         labels, guidance_scale: for class-conditional models; by default a
             conditional model is sampled with labels 0, 1, 2, ... cycling.
+        prompts: for prompted models, a list of prompts, one row of the grid
+            each (`num_images // len(prompts)` images per prompt, at least
+            one); None samples the empty prompt.
         loss_curve_dir: directory for `loss.png`, or None for the parent of
             `directory`.
         tensorboard_dir: if set, each grid's images are also logged there
@@ -51,6 +55,7 @@ class SampleGrid(keras.callbacks.Callback):
         guidance_scale=1.0,
         loss_curve_dir=None,
         tensorboard_dir=None,
+        prompts=None,
     ):
         super().__init__()
         _check_every(every_n_epochs)
@@ -61,6 +66,7 @@ class SampleGrid(keras.callbacks.Callback):
         self.sampler = sampler
         self.seed = seed
         self.labels = labels
+        self.prompts = None if prompts is None else check_texts(prompts)
         self.guidance_scale = guidance_scale
         self.loss_curve_dir = loss_curve_dir or os.path.dirname(os.path.abspath(self.directory))
         self.tensorboard_dir = None if tensorboard_dir is None else os.fspath(tensorboard_dir)
@@ -91,19 +97,25 @@ class SampleGrid(keras.callbacks.Callback):
 
     def write_grid(self, epoch):
         """Sample and write `epoch_<epoch>.png`; returns its path."""
-        labels = self.labels
+        labels, prompts, nrow, num = self.labels, None, None, self.num_images
         if labels is None and self.model.conditional:
-            labels = [i % self.model.num_classes for i in range(self.num_images)]
+            labels = [i % self.model.num_classes for i in range(num)]
+        if self.prompts is not None:
+            nrow = max(1, num // len(self.prompts))
+            prompts = [prompt for prompt in self.prompts for _ in range(nrow)]
+            num = len(prompts)
+        guided = self.model.conditional or getattr(self.model, "prompted", False)
         images = self.model.generate(
-            self.num_images,
+            num,
             steps=self.steps,
             sampler=self.sampler,
             seed=self.seed,
             labels=labels,
-            guidance_scale=self.guidance_scale if self.model.conditional else 1.0,
+            prompts=prompts,
+            guidance_scale=self.guidance_scale if guided else 1.0,
         )
         path = os.path.join(self.directory, f"epoch_{epoch:04d}.png")
-        save_image_grid(images, path, title=f"epoch {epoch}")
+        save_image_grid(images, path, nrow=nrow, title=f"epoch {epoch}")
         if self.tensorboard_dir is not None:
             self._log_images(images, epoch)
         self._last_written = epoch
@@ -126,7 +138,8 @@ def _check_every(every_n_epochs):
 class SampleQuality(keras.callbacks.Callback):
     """Score EMA samples with FID and KID every `every_n_epochs` epochs (and
     after the last), adding `fid`, `kid` and, for a class-conditional model,
-    `label_accuracy` to the epoch's logs, so that the progress bar,
+    `label_accuracy` (for a prompted one, `prompt_adherence`) to the epoch's
+    logs, so that the progress bar,
     `history.csv`, `History` and TensorBoard show quality next to the loss.
     Put it before the loggers in the callback list.
 
@@ -140,10 +153,12 @@ class SampleQuality(keras.callbacks.Callback):
             `keras_diffusion.metrics.FeatureNet`.
         every_n_epochs: how often to score.
         num_images, steps, sampler, seed, guidance_scale: how to sample.
+        prompts: for a prompted model, the prompts of each class of the
+            feature net, as `keras_diffusion.metrics.score_model` takes them.
     """
 
     def __init__(self, reference_images, feature_net="mnist", every_n_epochs=5, num_images=500,
-                 steps=20, sampler="dpmpp_2m", seed=0, guidance_scale=1.0):
+                 steps=20, sampler="dpmpp_2m", seed=0, guidance_scale=1.0, prompts=None):
         super().__init__()
         from keras_diffusion import metrics
 
@@ -151,6 +166,7 @@ class SampleQuality(keras.callbacks.Callback):
         self.every_n_epochs = every_n_epochs
         self.num_images, self.steps, self.sampler = num_images, steps, sampler
         self.seed, self.guidance_scale = seed, guidance_scale
+        self.prompts = prompts
         self.feature_net = metrics.get_feature_net(feature_net)
         self.reference_features = self.feature_net.features(reference_images)
         self.scores = {}
@@ -164,12 +180,14 @@ class SampleQuality(keras.callbacks.Callback):
         scores = score_model(
             self.model, feature_net=self.feature_net, reference_features=self.reference_features,
             num_images=self.num_images, steps=self.steps, sampler=self.sampler, seed=self.seed,
-            guidance_scale=self.guidance_scale if self.model.conditional else 1.0,
-            kid_subset_size=self.num_images,
+            guidance_scale=(self.guidance_scale if self.model.conditional
+                            or getattr(self.model, "prompted", False) else 1.0),
+            kid_subset_size=self.num_images, prompts=self.prompts,
         )
         self.scores[epoch] = scores
         if logs is not None:
-            logs.update({key: scores[key] for key in ("fid", "kid", "label_accuracy") if key in scores})
+            logs.update({key: scores[key] for key in ("fid", "kid", "label_accuracy",
+                                                      "prompt_adherence") if key in scores})
 
 
 class AtomicCSVLogger(keras.callbacks.Callback):

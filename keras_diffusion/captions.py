@@ -85,6 +85,21 @@ def class_captions(labels, dataset, split="train", seed=None):
     return [templates[choice].format(**names[label]) for choice, label in zip(choices, labels)]
 
 
+def class_prompts(dataset, split="held_out"):
+    """Every caption of each class of a built-in dataset from the templates
+    of `split`: a list, indexed by class, of lists of captions. With
+    `"train"`, the captions a prompted model trains on (one drawn per
+    example and step); with `"held_out"`, prompts for measuring adherence.
+
+    Example:
+
+    >>> class_prompts("mnist")[7]
+    ['a drawing of the number seven', 'an image of a handwritten 7']
+    """
+    templates = caption_templates(dataset, split)
+    return [[template.format(**names) for template in templates] for names in _NAMES[dataset]]
+
+
 def read_metadata(folder):
     """`(paths, texts)` from the `metadata.jsonl` of an image folder: the
     image files it names (checked to exist) and their captions, in file order.
@@ -121,3 +136,22 @@ def read_metadata(folder):
     if not paths:
         raise ValueError(f"{metadata} names no images.")
     return paths, texts
+
+
+def load_captioned_folder(folder, image_size, limit=None):
+    """`(images, captions)` of a folder with a `metadata.jsonl`: float32
+    RGB images `(N, H, W, 3)` in [0, 1], resized to `image_size` (an int or
+    `(height, width)`), and their captions, in the metadata's order (the
+    first `limit` when given)."""
+    from PIL import Image
+
+    paths, texts = read_metadata(folder)
+    if limit:
+        paths, texts = paths[:limit], texts[:limit]
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    images = np.empty((len(paths), height, width, 3), np.float32)
+    for index, path in enumerate(paths):
+        with Image.open(path) as image:
+            image = image.convert("RGB").resize((width, height), Image.BILINEAR)
+            images[index] = np.asarray(image, np.float32) / 255.0
+    return images, texts

@@ -73,6 +73,7 @@ def _sample_arguments(sample):
     sample.add_argument("--label", action="append", default=None,
                         help="class label or name (repeatable; cycled over the images)")
     sample.add_argument("--labels", choices=("all",), help="'all': one row per class")
+    _prompt_arguments(sample, "one row of the grid per prompt")
     sample.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     sample.add_argument("--out", required=True, help="PNG grid to write")
     sample.add_argument("--npz", help="also write the images, in [0, 1], to this .npz")
@@ -176,8 +177,14 @@ def _sample(args):
     model = load_model(args.model, precision=args.precision)
     labels, nrow = _labels(args, model)
     num = len(labels) if args.labels == "all" else args.num
+    prompts = None
+    if args.prompt:  # grouped: one row per prompt
+        nrow = max(1, args.num // len(args.prompt))
+        prompts = [prompt for prompt in args.prompt for _ in range(nrow)]
+        num = len(prompts)
     images = model.generate(
         num, steps=args.steps, sampler=args.sampler, seed=args.seed, labels=labels,
+        prompts=prompts, negative_prompts=args.negative_prompt,
         guidance_scale=args.guidance, eta=args.eta, batch_size=args.batch_size,
     )
     save_image_grid(images, args.out, nrow=nrow)
@@ -189,6 +196,9 @@ def _sample(args):
 def _labels(args, model):
     """Labels for `generate` and the grid's row length."""
     if args.labels == "all":
+        if model.prompted:
+            raise CommandError("--labels all needs a class-conditional model; this one is "
+                               "prompted: pass --prompt (repeatable, one row each)")
         if not model.conditional:
             raise CommandError("--labels all needs a class-conditional model; this one is unconditional")
         per_class = max(1, args.num // model.num_classes)
@@ -228,6 +238,7 @@ def _evaluate(args):
         raise CommandError(f"--num must be at least 2; got {args.num}")
     import json
 
+    from keras_diffusion.captions import class_prompts
     from keras_diffusion.config import dataset_of_run
     from keras_diffusion.data import load_dataset
     from keras_diffusion.images import atomic_write
@@ -239,14 +250,18 @@ def _evaluate(args):
     feature_net = get_feature_net(args.feature_net or dataset)
     reference, _ = load_dataset(dataset, args.data_dir, split="test")
     model = load_model(args.model, precision=args.precision)
+    # A prompted model is scored on prompts from templates it never saw in training.
+    prompts = class_prompts(dataset, "held_out") if model.prompted else None
     scores = score_model(
         model, reference, feature_net=feature_net, num_images=args.num, steps=args.steps,
         sampler=args.sampler, seed=args.seed, guidance_scale=args.guidance, eta=args.eta,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, prompts=prompts,
     )
     line = f"FID {scores['fid']:.3f}  KID {scores['kid']:.5f} ± {scores['kid_std']:.5f}"
     if "label_accuracy" in scores:
         line += f"  label accuracy {scores['label_accuracy']:.2%}"
+    if "prompt_adherence" in scores:
+        line += f"  prompt adherence {scores['prompt_adherence']:.2%} (held-out templates)"
     print(f"{line}  ({args.num} samples, {args.sampler} {args.steps} steps, "
           f"{scores['seconds']:.0f} s; vs {len(reference)} {dataset} test images; "
           f"feature net {feature_net.name}, test accuracy {feature_net.test_accuracy:.2%})")
@@ -312,7 +327,20 @@ def _application_arguments(parser, inputs=True):
 def _label_arguments(parser):
     parser.add_argument("--label", action="append", default=None,
                         help="class label or name (repeatable; cycled over the images)")
+    _prompt_arguments(parser, "cycled over the images")
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+
+
+def _prompt_arguments(parser, repeated):
+    parser.add_argument("--prompt", action="append", default=None,
+                        help=f"text prompt, for a prompted model (repeatable; {repeated})")
+    parser.add_argument("--negative-prompt", default=None,
+                        help="what guidance steers away from (default: the empty prompt)")
+
+
+def _prompts(args, num):
+    """`prompts` and `negative_prompts` for `num` images, cycled."""
+    return dict(prompts=_cycled(args.prompt, num), negative_prompts=args.negative_prompt)
 
 
 def _denoise(args):
@@ -341,8 +369,8 @@ def _inpaint(args):
     mask = make_mask(args.mask, images.shape, seed=args.seed) if builtin else read_images(args.mask)
     out = model.inpaint(
         images, mask, steps=args.steps, jump_length=args.jump_length, resamples=args.resamples,
-        eta=args.eta, seed=args.seed, labels=_cycled_labels(args, len(images)),
-        guidance_scale=args.guidance, batch_size=args.batch_size,
+        eta=args.eta, seed=args.seed, labels=_cycled(args.label, len(images)),
+        **_prompts(args, len(images)), guidance_scale=args.guidance, batch_size=args.batch_size,
     )
     _write_output(args.out, out, f"(mask {args.mask})")
 
@@ -354,8 +382,8 @@ def _img2img(args):
     model, images = _load_model_and_input(args)
     out = model.img2img(
         images, strength=args.strength, steps=args.steps, eta=args.eta, seed=args.seed,
-        labels=_cycled_labels(args, len(images)), guidance_scale=args.guidance,
-        batch_size=args.batch_size,
+        labels=_cycled(args.label, len(images)), **_prompts(args, len(images)),
+        guidance_scale=args.guidance, batch_size=args.batch_size,
     )
     _write_output(args.out, out, f"(strength {args.strength:g})")
 
@@ -375,8 +403,8 @@ def _interpolate(args):
     model = load_model(args.model, precision=args.precision)
     ends = args.seeds if args.input is None else [_one_image(read_images(path), path) for path in args.input]
     frames = model.interpolate(
-        ends[0], ends[1], num=args.num, steps=args.steps, labels=_cycled_labels(args, args.num),
-        guidance_scale=args.guidance, batch_size=args.batch_size,
+        ends[0], ends[1], num=args.num, steps=args.steps, labels=_cycled(args.label, args.num),
+        **_prompts(args, args.num), guidance_scale=args.guidance, batch_size=args.batch_size,
     )
     _write_output(args.out, frames, "", nrow=args.num)
 
@@ -413,10 +441,11 @@ def _one_image(images, path):
     return images[0]
 
 
-def _cycled_labels(args, num):
-    if args.label is None:
+def _cycled(values, num):
+    """`num` values, `values` repeated in turn; None stays None."""
+    if values is None:
         return None
-    return [args.label[i % len(args.label)] for i in range(num)]
+    return [values[i % len(values)] for i in range(num)]
 
 
 def _write_output(path, images, note, nrow=None):

@@ -154,6 +154,17 @@ def _integer_list(low=None, allow_empty=True):
     return check
 
 
+def _text_list(key, value):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(item, str) for item in value):
+        _fail(key, "a string, a non-empty list of strings or null", value)
+    return list(value)
+
+
 def _image_size(key, value):
     """null, an int, or [height, width]."""
     if not (
@@ -188,6 +199,8 @@ _SCHEDULE = _Signature("schedule:DiffusionSchedule")
 _MODEL = _Signature("model:DiffusionModel")
 _GENERATE = _Signature("model:DiffusionModel.generate")
 _AUTOENCODER = _Signature("autoencoder:Autoencoder")
+_TEXT_ENCODER = _Signature("text:TextEncoder")
+_TOKENIZER = _Signature("text:WordTokenizer")
 
 # ------------------------------------------------------------------ schema
 # Sections are dicts; leaves are (default, check).
@@ -219,6 +232,18 @@ _SCHEMA = {
         "ema_decay": (_MODEL, _number(nullable=True)),
         "min_snr_gamma": (_MODEL, _number(nullable=True)),
         "label_dropout": (_MODEL, _number()),
+        "prompt_dropout": (_MODEL, _number()),
+        "train_text_encoder": (_MODEL, _flag),
+    },
+    # enabled: a prompted model, its captions from the dataset's class names and
+    # templates (built-in datasets) or the folder's metadata.jsonl; the network
+    # cross-attends to a TextEncoder of these arguments
+    "text": {
+        "enabled": (False, _flag),
+        "dim": (_TEXT_ENCODER, _integer()),
+        "depth": (_TEXT_ENCODER, _integer()),
+        "heads": (_TEXT_ENCODER, _integer()),
+        "max_length": (_TOKENIZER, _integer()),
     },
     "autoencoder": {  # enabled: a latent diffusion model over this autoencoder's latents
         "enabled": (False, _flag),
@@ -252,6 +277,9 @@ _SCHEMA = {
         "every_n_epochs": (1, _integer(0)),  # 0: no sample grids during training
         "seed": (0, _integer(0)),
         "guidance_scale": (_GENERATE, _number(0)),
+        # prompted models: the grid's prompts, one row each; null: one per class
+        # of a built-in dataset, from its held-out templates
+        "prompts": (None, _text_list),
     },
     "evaluation": {  # FID/KID of EMA samples, logged with the loss
         "every_n_epochs": (0, _integer(0)),  # 0: off
@@ -460,6 +488,14 @@ def _check_objects(config):
             ("evaluation.steps", lambda: check_steps(evaluation["steps"], schedule["timesteps"]))
         )
     autoencoder = config["autoencoder"]
+    text = config["text"]
+    if text["enabled"]:
+        from keras_diffusion.text import check_text_encoder_arguments
+        from keras_diffusion.text import check_tokenizer_arguments
+
+        checks.append(("text", lambda: check_text_encoder_arguments(
+            dim=text["dim"], depth=text["depth"], heads=text["heads"])))
+        checks.append(("text", lambda: check_tokenizer_arguments(max_length=text["max_length"])))
     if autoencoder["enabled"] and autoencoder["path"] is None:
         from keras_diffusion.autoencoder import check_autoencoder_arguments
 
@@ -471,12 +507,23 @@ def _check_objects(config):
             check()
         except ValueError as error:
             raise ConfigError(f"{section}: {error}") from None
+    if text["enabled"] and network["num_classes"] is not None:
+        raise ConfigError(
+            "text.enabled makes a prompted model, which takes captions, not labels: set "
+            f"network.num_classes to null (got {network['num_classes']}); the captions name the "
+            "classes"
+        )
+    if sampling["prompts"] is not None and not text["enabled"]:
+        raise ConfigError("sampling.prompts needs a prompted model (text.enabled: true); "
+                          "set it to null")
     try:
-        check_guidance(sampling["guidance_scale"], network["num_classes"] is not None)
+        check_guidance(sampling["guidance_scale"], network["num_classes"] is not None
+                       or text["enabled"])
     except ValueError:
         raise ConfigError(
             "sampling.guidance_scale other than 1.0 needs a class-conditional network "
-            f"(network.num_classes); got {sampling['guidance_scale']!r} with num_classes null"
+            f"(network.num_classes) or prompts (text.enabled); got "
+            f"{sampling['guidance_scale']!r} with num_classes null"
         ) from None
 
 

@@ -303,6 +303,7 @@ def score_model(
     batch_size=None,
     kid_subset_size=1000,
     reference_features=None,
+    prompts=None,
 ):
     """Generate `num_images` samples from `model` and score them against
     `reference_images` (in [0, 1], e.g. the test split), or against
@@ -310,11 +311,18 @@ def score_model(
 
     A class-conditional model is sampled with labels 0, 1, 2, ... cycling, so
     every class is equally represented, and its samples are also classified.
+    A prompted model is sampled with `prompts`, a list indexed by class of
+    the feature net of lists of prompts naming that class (e.g.
+    `keras_diffusion.captions.class_prompts("mnist", "held_out")`): classes
+    cycle, and each class's prompts take turns; the share of samples that
+    the feature net reads as the class their prompt names is the prompt
+    adherence.
 
     Returns:
         dict with `fid`, `kid`, `kid_std`, `num_images`, `seconds` (sampling
-        time) and, for a conditional model, `label_accuracy`; the scores are
-        NaN when the samples are not finite (diverged weights).
+        time) and, for a conditional model, `label_accuracy` (a prompted
+        one: `prompt_adherence`); the scores are NaN when the samples are
+        not finite (diverged weights).
     """
     if (reference_images is None) == (reference_features is None):
         raise ValueError("pass exactly one of reference_images and reference_features.")
@@ -325,8 +333,12 @@ def score_model(
             f"scores {net.image_shape} images; pass the feature net of the model's dataset."
         )
     check_integer("num_images", num_images, low=2)
-    labels = None
-    if model.conditional:
+    labels, texts = None, None
+    if getattr(model, "prompted", False):
+        labels, texts = _class_prompts(prompts, net, num_images)
+    elif prompts is not None:
+        raise ValueError("prompts were given, but the model has no text encoder; leave them out.")
+    elif model.conditional:
         if model.num_classes != net.num_classes:
             raise ValueError(
                 f"the model has {model.num_classes} classes but feature net {net.name!r} "
@@ -339,7 +351,8 @@ def score_model(
             "unconditional one (leave it at 1.0)."
         )
     started = time.perf_counter()
-    images = model.generate(num_images, steps=steps, sampler=sampler, seed=seed, labels=labels,
+    images = model.generate(num_images, steps=steps, sampler=sampler, seed=seed,
+                            labels=None if texts is not None else labels, prompts=texts,
                             guidance_scale=guidance_scale, eta=eta, batch_size=batch_size)
     seconds = time.perf_counter() - started
     if not np.all(np.isfinite(images)):
@@ -347,11 +360,32 @@ def score_model(
         undefined = {"fid": math.nan, "kid": math.nan, "kid_std": math.nan}
         if labels is not None:
             undefined["label_accuracy"] = math.nan
-        return dict(undefined, num_images=int(num_images), seconds=seconds)
-    scores = score_images(images, reference_images, net, labels=labels,
-                          reference_features=reference_features, kid_subset_size=kid_subset_size,
-                          seed=seed)
+        scores = undefined
+    else:
+        scores = score_images(images, reference_images, net, labels=labels,
+                              reference_features=reference_features,
+                              kid_subset_size=kid_subset_size, seed=seed)
+    if texts is not None:
+        scores["prompt_adherence"] = scores.pop("label_accuracy")
     return dict(scores, num_images=int(num_images), seconds=seconds)
+
+
+def _class_prompts(prompts, net, num_images):
+    """`(labels, texts)` for scoring a prompted model: classes cycling, and
+    each class's prompts in turn."""
+    if prompts is None:
+        raise ValueError(
+            "a prompted model is scored with prompts naming each class: pass prompts=, e.g. "
+            "keras_diffusion.captions.class_prompts('mnist', 'held_out').")
+    if len(prompts) != net.num_classes or not all(
+            isinstance(texts, (list, tuple)) and texts for texts in prompts):
+        raise ValueError(
+            f"prompts must be a list of {net.num_classes} non-empty lists of prompts, one per "
+            f"class of feature net {net.name!r}; got {len(prompts)} entries.")
+    labels = [index % net.num_classes for index in range(num_images)]
+    texts = [prompts[label][(index // net.num_classes) % len(prompts[label])]
+             for index, label in enumerate(labels)]
+    return labels, texts
 
 
 def score_images(images, reference_images, feature_net="mnist", labels=None, reference_features=None,

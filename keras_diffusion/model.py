@@ -101,7 +101,7 @@ class DiffusionModel(keras.Model):
         super().__init__(**kwargs)
         check_model_arguments(prediction=prediction, ema_decay=ema_decay,
                               min_snr_gamma=min_snr_gamma, label_dropout=label_dropout,
-                              prompt_dropout=prompt_dropout)
+                              prompt_dropout=prompt_dropout, train_text_encoder=train_text_encoder)
         self.network = network
         self.schedule = schedule if schedule is not None else DiffusionSchedule()
         self.prediction = prediction
@@ -240,17 +240,25 @@ class DiffusionModel(keras.Model):
         return self._backend.test_step(self, *args)
 
     def tokenize_captions(self, captions, num_images=None):
-        """Captions (strings, one per image) as the `(N, L)` int32 token ids
-        `fit` trains on; ids already tokenised pass through. Run it in your
-        input pipeline to feed `fit` a dataset."""
+        """Captions as the int32 token ids `fit` trains on: one string per
+        image gives `(N, L)`; a list of strings per image gives `(N, K, L)`,
+        and each training step draws one of an image's K captions (shorter
+        lists are cycled to the longest). Ids already tokenised pass
+        through. Run it in your input pipeline to feed `fit` a dataset."""
         if isinstance(captions, np.ndarray) and np.issubdtype(captions.dtype, np.integer):
-            if captions.ndim != 2:
+            if captions.ndim not in (2, 3):
                 raise TypeError(
                     f"captions must be strings, one per image, or (N, length) token ids; got "
                     f"integers of shape {captions.shape}. A prompted model takes captions, not "
                     "labels: e.g. keras_diffusion.class_captions(labels, 'mnist')."
                 )
             ids = captions
+        elif (isinstance(captions, (list, tuple)) and captions
+              and isinstance(captions[0], (list, tuple, np.ndarray))):
+            sets = [check_texts(texts, f"captions[{index}]") for index, texts in enumerate(captions)]
+            most = max(len(texts) for texts in sets)
+            flat = [texts[k % len(texts)] for texts in sets for k in range(most)]
+            ids = pipeline.tokenize(self, flat).reshape(len(sets), most, -1)
         else:
             if isinstance(captions, (list, tuple, np.ndarray)) and len(captions) == 0:
                 raise ValueError("captions are empty; expected one caption (a string) per image.")
@@ -310,8 +318,13 @@ class DiffusionModel(keras.Model):
     def encode_prompts(self, token_ids, training=True):
         """Text features of a batch of token ids, with prompt dropout in
         training: a caption is replaced by the empty prompt with probability
-        `prompt_dropout`."""
+        `prompt_dropout`. Ids `(B, K, L)` hold K captions per image, of
+        which one is drawn."""
         ids = ops.cast(token_ids, "int32")
+        if len(ids.shape) == 3:
+            choice = keras.random.randint((ops.shape(ids)[0], 1, 1), 0, ids.shape[1],
+                                          dtype="int32", seed=self.seed_generator)
+            ids = ops.take_along_axis(ids, choice, axis=1)[:, 0]
         if training and self.prompt_dropout > 0:
             drop = keras.random.uniform((ops.shape(ids)[0], 1), seed=self.seed_generator)
             ids = ops.where(drop < self.prompt_dropout,
@@ -538,7 +551,7 @@ def _copy_of(variable):
 
 
 def check_model_arguments(*, prediction, ema_decay, min_snr_gamma, label_dropout,
-                          prompt_dropout=0.1):
+                          prompt_dropout=0.1, train_text_encoder=True):
     """The rules of `DiffusionModel`'s training arguments (the config's
     `model` section is checked by them too)."""
     check_prediction(prediction)
@@ -548,6 +561,8 @@ def check_model_arguments(*, prediction, ema_decay, min_snr_gamma, label_dropout
         raise ValueError(f"label_dropout must be in [0, 1); got {label_dropout!r}.")
     if not 0 <= prompt_dropout < 1:
         raise ValueError(f"prompt_dropout must be in [0, 1); got {prompt_dropout!r}.")
+    if not isinstance(train_text_encoder, bool):
+        raise ValueError(f"train_text_encoder must be True or False; got {train_text_encoder!r}.")
     if min_snr_gamma is not None and min_snr_gamma <= 0:
         raise ValueError(f"min_snr_gamma must be > 0 or None; got {min_snr_gamma!r}.")
 

@@ -211,14 +211,16 @@ def _per_image(texts, num_images, name):
 
 
 def tokenize(model, texts):
-    """`(N, L)` int32 token ids of `texts` by the model's tokenizer."""
-    ids = np.asarray(model.tokenizer(texts))
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or len(ids) != len(texts):
+    """`(N, L)` int32 token ids of `texts` (a list of strings) by the
+    model's tokenizer, which sees each distinct text once."""
+    unique, inverse = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
+    ids = np.asarray(model.tokenizer(unique.tolist()))
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or len(ids) != len(unique):
         raise ValueError(
             f"the tokenizer must map N texts to an (N, length) array of integer ids; "
-            f"got shape {ids.shape}, dtype {ids.dtype} for {len(texts)} texts."
+            f"got shape {ids.shape}, dtype {ids.dtype} for {len(unique)} texts."
         )
-    return ids.astype("int32")
+    return ids.astype("int32")[inverse.reshape(-1)]
 
 
 def check_labels(model, labels, num_images):

@@ -53,6 +53,21 @@ def check_texts(texts, name="prompts"):
     return list(texts)
 
 
+def check_tokenizer_arguments(*, max_length):
+    """The rules of `WordTokenizer`'s arguments (a config's `text` section
+    is checked by them too)."""
+    check_integer("max_length", max_length, low=3, note=" (a start and an end token and a word)")
+
+
+def check_text_encoder_arguments(*, dim, depth, heads):
+    """The rules of `TextEncoder`'s arguments."""
+    check_integer("dim", dim)
+    check_integer("depth", depth)
+    check_integer("heads", heads)
+    if dim % heads:
+        raise ValueError(f"dim must be divisible by heads; got dim={dim}, heads={heads}.")
+
+
 def split_words(text):
     """The lower-cased words and punctuation marks of `text`."""
     return _WORDS.findall(text.lower())
@@ -77,7 +92,7 @@ class WordTokenizer:
     """
 
     def __init__(self, vocabulary, max_length=16):
-        check_integer("max_length", max_length, low=3)
+        check_tokenizer_arguments(max_length=max_length)
         vocabulary = list(vocabulary)
         bad = [word for word in vocabulary if not isinstance(word, str) or split_words(word) != [word]]
         if bad:
@@ -170,11 +185,7 @@ class TextEncoder(keras.Model):
             tokenizer = keras.saving.deserialize_keras_object(tokenizer)
         if not isinstance(tokenizer, WordTokenizer):
             raise TypeError(f"tokenizer must be a WordTokenizer; got {type(tokenizer).__name__}.")
-        check_integer("dim", dim)
-        check_integer("depth", depth)
-        check_integer("heads", heads)
-        if dim % heads:
-            raise ValueError(f"dim must be divisible by heads; got dim={dim}, heads={heads}.")
+        check_text_encoder_arguments(dim=dim, depth=depth, heads=heads)
         super().__init__(**kwargs)
         self.tokenizer = tokenizer
         self.dim, self.depth, self.heads = int(dim), int(depth), int(heads)

@@ -21,6 +21,8 @@ from keras_diffusion.callbacks import SampleGrid
 from keras_diffusion.callbacks import SampleQuality
 from keras_diffusion.callbacks import TerminateOnNonFiniteLoss
 from keras_diffusion.callbacks import read_backup_record
+from keras_diffusion.captions import class_prompts
+from keras_diffusion.captions import load_captioned_folder
 from keras_diffusion.config import AUTOENCODER_ARGUMENTS
 from keras_diffusion.config import ConfigError
 from keras_diffusion.config import autoencoder_arguments
@@ -39,13 +41,21 @@ from keras_diffusion.latent import LatentDiffusionModel
 from keras_diffusion.model import DiffusionModel
 from keras_diffusion.network import UNet
 from keras_diffusion.schedule import DiffusionSchedule
+from keras_diffusion.text import TextEncoder
+from keras_diffusion.text import WordTokenizer
 
 
 def load_training_data(config):
     """`(x, y, image_shape, class_names)` for `fit`: arrays for the built-in
-    datasets, a `tf.data.Dataset` (with `y=None`) for an image folder."""
+    datasets, a `tf.data.Dataset` (with `y=None`) for an image folder.
+    A prompted run (`text.enabled`) gets captions as `y`: for a built-in
+    dataset, each image's class in every training template (`fit` draws
+    one per step); for a folder, the images in memory and the captions of
+    its `metadata.jsonl`."""
     data, network = config["data"], config["network"]
     conditional = network["num_classes"] is not None
+    if config["text"]["enabled"]:
+        return _captioned_data(config)
     if data["image_folder"]:
         size = data["image_size"]
         if size is None:
@@ -68,10 +78,38 @@ def load_training_data(config):
     return images, (labels if conditional else None), images.shape[1:], (names if conditional else None)
 
 
-def build_model(config, image_shape, class_names=None, autoencoder=None):
+def _captioned_data(config):
+    data = config["data"]
+    if data["image_folder"]:
+        images, captions = load_captioned_folder(data["image_folder"], data["image_size"],
+                                                 limit=data["limit"])
+        return images, captions, images.shape[1:], None
+    images, labels = load_dataset(data["dataset"], data["data_dir"], limit=data["limit"])
+    prompts = class_prompts(data["dataset"], "train")
+    return images, [prompts[label] for label in labels], images.shape[1:], None
+
+
+def build_text_encoder(config, captions):
+    """The `TextEncoder` of a prompted run, over a `WordTokenizer` whose
+    vocabulary is the words of `captions` (strings, or lists of them)."""
+    text = config["text"]
+    flat = [caption for item in captions
+            for caption in ([item] if isinstance(item, str) else item)]
+    tokenizer = WordTokenizer.from_texts(flat, max_length=text["max_length"])
+    return TextEncoder(tokenizer, dim=text["dim"], depth=text["depth"], heads=text["heads"])
+
+
+def build_model(config, image_shape, class_names=None, autoencoder=None, captions=None):
     """The `DiffusionModel` a config describes, for images of `image_shape`;
-    with a trained `autoencoder`, the `LatentDiffusionModel` over its latents."""
+    with a trained `autoencoder`, the `LatentDiffusionModel` over its latents;
+    with `text.enabled`, prompted, its vocabulary built from `captions`."""
     net, model = config["network"], config["model"]
+    text_encoder = None
+    if config["text"]["enabled"]:
+        if captions is None:
+            raise ValueError("a prompted model (text.enabled) is built from its training captions; "
+                             "pass captions.")
+        text_encoder = build_text_encoder(config, captions)
     network = UNet(
         image_shape=tuple(image_shape if autoencoder is None else autoencoder.latent_shape),
         widths=tuple(net["widths"]),
@@ -80,6 +118,7 @@ def build_model(config, image_shape, class_names=None, autoencoder=None):
         dropout=net["dropout"],
         groups=net["groups"],
         num_classes=net["num_classes"],
+        context_dim=None if text_encoder is None else text_encoder.output_dim,
     )
     parts = (network,) if autoencoder is None else (autoencoder, network)
     return (DiffusionModel if autoencoder is None else LatentDiffusionModel)(
@@ -91,6 +130,9 @@ def build_model(config, image_shape, class_names=None, autoencoder=None):
         label_dropout=model["label_dropout"],
         class_names=class_names,
         seed=config["seed"],
+        text_encoder=text_encoder,
+        train_text_encoder=model["train_text_encoder"],
+        prompt_dropout=model["prompt_dropout"],
     )
 
 
@@ -142,7 +184,11 @@ def train(config, output_dir, verbose="auto", resume=False):
         if config["autoencoder"]["enabled"]:
             autoencoder = train_autoencoder(config, x, image_shape, output, verbose=verbose,
                                             resume=resume)
-        model = build_model(config, image_shape, class_names, autoencoder)
+        model = build_model(config, image_shape, class_names, autoencoder, captions=y)
+        grid_prompts = None
+        if model.prompted:
+            grid_prompts = _grid_prompts(config, y)
+            y = model.tokenize_captions(y, len(x))
         steps = training["steps_per_epoch"] or _steps_per_epoch(x, training["batch_size"])
         model.compile(
             optimizer=build_optimizer(config, steps * training["epochs"]),
@@ -150,7 +196,7 @@ def train(config, output_dir, verbose="auto", resume=False):
         )
         _remove_stale_temporaries(output)
         save_config(config, output / "config.yaml")
-        history, callbacks = _training_callbacks(config, output)
+        history, callbacks = _training_callbacks(config, output, grid_prompts)
         model.fit(
             x, y, batch_size=None if y is None and not hasattr(x, "shape") else training["batch_size"],
             epochs=training["epochs"], steps_per_epoch=training["steps_per_epoch"],
@@ -279,7 +325,18 @@ def _first_images(dataset, limit):
     return np.concatenate(images)[:limit]
 
 
-def _training_callbacks(config, output):
+def _grid_prompts(config, captions):
+    """The prompts of a prompted run's sample grids: `sampling.prompts`, or
+    one per class from a built-in dataset's held-out templates, or the first
+    four distinct captions of a folder."""
+    if config["sampling"]["prompts"] is not None:
+        return config["sampling"]["prompts"]
+    if not config["data"]["image_folder"]:
+        return [texts[0] for texts in class_prompts(config["data"]["dataset"], "held_out")]
+    return list(dict.fromkeys(captions))[:4]
+
+
+def _training_callbacks(config, output, grid_prompts=None):
     """The CSV history and the callbacks `train` passes to `fit`. The guard
     comes first, so that a NaN stops the step before anything is written,
     then the sample scores, so that the history records them;
@@ -298,6 +355,7 @@ def _training_callbacks(config, output):
             every_n_epochs=evaluation["every_n_epochs"], num_images=evaluation["num_images"],
             steps=evaluation["steps"], sampler=evaluation["sampler"], seed=sampling["seed"],
             guidance_scale=sampling["guidance_scale"],
+            prompts=class_prompts(config["data"]["dataset"]) if grid_prompts else None,
         ))
     callbacks.append(history)  # after the scores, which it records
     if sampling["every_n_epochs"]:
@@ -305,7 +363,7 @@ def _training_callbacks(config, output):
             output / "samples", every_n_epochs=sampling["every_n_epochs"],
             num_images=sampling["num_images"], steps=sampling["steps"],
             sampler=sampling["sampler"], seed=sampling["seed"],
-            guidance_scale=sampling["guidance_scale"], loss_curve_dir=output,
+            guidance_scale=sampling["guidance_scale"], loss_curve_dir=output, prompts=grid_prompts,
             tensorboard_dir=output / "tensorboard" / "samples" if config["tensorboard"] else None,
         ))
     if config["tensorboard"]:
@@ -319,7 +377,7 @@ def _training_callbacks(config, output):
 # variables in the backup, or what the model learns.
 # The autoencoder's training settings (epochs, batch size, learning rate) may
 # change, as training.epochs may.
-_RESUME_KEYS = ("network", "schedule", "model", "autoencoder.enabled", "autoencoder.path",
+_RESUME_KEYS = ("network", "schedule", "model", "text", "autoencoder.enabled", "autoencoder.path",
                 *(f"autoencoder.{key}" for key in AUTOENCODER_ARGUMENTS), "training.precision",
                 "data.dataset", "data.image_size")
 
@@ -350,7 +408,8 @@ def _check_resume(config, output, resume, stage="model"):
     if saved_path.exists():
         saved = load_config(saved_path)
         keys = _RESUME_KEYS if stage == "model" else [
-            key for key in _RESUME_KEYS if key.split(".")[0] not in ("network", "schedule", "model")]
+            key for key in _RESUME_KEYS
+            if key.split(".")[0] not in ("network", "schedule", "model", "text")]
         for key in keys:
             before, now = _lookup(saved, key), _lookup(config, key)
             if before != now:
