@@ -29,8 +29,9 @@ SMOKE = ROOT / "configs" / "smoke.yaml"
 # The smallest network that trains: one level, no attention. 32 MNIST images
 # in batches of 8 are 4 steps an epoch. float32, not `auto`: the runs that
 # use it compare numbers, which must not depend on the CPU's bfloat16 support.
-TINY = ["network.widths=[8]", "network.attention_levels=[]", "data.limit=32",
-        "training.batch_size=8", "training.learning_rate=0.003", "training.precision=float32"]
+SMALLEST_NETWORK = ["network.widths=[8]", "network.attention_levels=[]"]
+TINY = SMALLEST_NETWORK + ["data.limit=32", "training.batch_size=8", "training.learning_rate=0.003",
+                           "training.precision=float32"]
 
 
 # ------------------------------------------------------- small models, data
@@ -154,6 +155,10 @@ def run_cli(*args, backend=None, cwd=None, timeout=600):
 def smoke_run(tmp_path_factory):
     """One `keras-diffusion train` on configs/smoke.yaml per test session,
     shared by every test that needs a trained model; its output directory.
+    Every stage runs as configured (data, precision, fit, sampling, scoring,
+    saving), with the smallest network: what the tests check of the run and
+    its model is plumbing, and under JAX a two-level network with attention
+    compiles each train step, sampler and command twice as long.
     It runs in-process, through `cli.main` (what the console script calls):
     a subprocess would load the backend again. test_resume.py trains in a
     subprocess."""
@@ -168,7 +173,8 @@ def smoke_run(tmp_path_factory):
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = cli.main(["train", "--config", str(SMOKE), "--data-dir", str(DATA_DIR),
-                         "--output", str(output)])
+                         "--output", str(output),
+                         *[arg for key in SMALLEST_NETWORK for arg in ("--set", key)]])
     assert code == 0, stderr.getvalue()[-3000:]
     return output
 

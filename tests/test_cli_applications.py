@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import DATA_DIR
+from conftest import SMALLEST_NETWORK
 from conftest import run_cli
 
 import keras_diffusion as kd
@@ -100,8 +101,10 @@ def test_error_in_a_subprocess_is_one_line_and_exit_2(files):
 
 @pytest.fixture(scope="module")
 def conditional_model(files):
-    """An untrained class-conditional model with MNIST's class names."""
-    config = kd.load_config(ROOT / "configs" / "smoke.yaml", ["network.num_classes=10"])
+    """An untrained class-conditional model with MNIST's class names, the
+    smoke run's network."""
+    config = kd.load_config(ROOT / "configs" / "smoke.yaml",
+                            SMALLEST_NETWORK + ["network.num_classes=10"])
     model = kd.build_model(config, (28, 28, 1), class_names=[str(i) for i in range(10)])
     path = files["root"] / "conditional.keras"
     model.save(path)

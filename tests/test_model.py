@@ -4,22 +4,24 @@ import pytest
 from keras import ops
 
 import keras_diffusion as kd
+from conftest import EAGER
 from conftest import blobs
 from conftest import one_level_model
 from conftest import one_level_unet
+from conftest import plumbing_optimizer
 from conftest import squares
-from conftest import tiny_model
 from conftest import tiny_unet
 
 
 @pytest.fixture(scope="module")
 def trained():
-    """A tiny model trained one epoch (4 steps) on `blobs()`, shared by the
-    tests that sample from it, save it or check errors with it: on TensorFlow
-    and JAX each new model compiles its training and sampling anew. No test
-    leaves it changed."""
+    """The smallest model trained one epoch (4 steps) on `blobs()`, shared by
+    the tests that sample from it, save it or check errors with it: on
+    TensorFlow and JAX each new model compiles its training and sampling
+    anew, and a network with attention twice as long (sampling through
+    attention: test_file_format's model). No test leaves it changed."""
     keras.utils.set_random_seed(0)
-    model = tiny_model()
+    model = one_level_model((16, 16, 1))
     model.fit(blobs(), batch_size=16, epochs=1, verbose=0)
     return model
 
@@ -63,7 +65,7 @@ def test_generate_in_batches_matches_one_batch(prediction):
     sqrt(alpha_bar(t1) / alpha_bar(t0)) (about 1400 here: t0 = 99 is almost
     pure noise) in pixels whose x0 estimate is not clipped. v-prediction has
     no such division. Errors add over the steps and halve on the way to [0, 1]."""
-    model = tiny_model(prediction=prediction)
+    model = one_level_model((16, 16, 1), prediction=prediction)
     steps = 3
     whole = model.generate(4, steps=steps, seed=5)
     parts = model.generate(4, steps=steps, seed=5, batch_size=3)
@@ -74,11 +76,13 @@ def test_generate_in_batches_matches_one_batch(prediction):
 
 
 def test_ema_update_closed_form():
-    model = one_level_model(ema_decay=0.9)
+    # The default decay, 0.999: the model and batches of
+    # test_dataset_and_pydataset_inputs, whose compiled step JAX reuses.
+    model = one_level_model()
     before = [ops.convert_to_numpy(v) for v in model.network.trainable_variables]
     model.fit(squares(16), batch_size=16, epochs=1, verbose=0)
     after = [ops.convert_to_numpy(v) for v in model.network.trainable_variables]
-    # First update: decay = min(0.9, (1 + 0) / (10 + 0)) = 0.1.
+    # First update: decay = min(0.999, (1 + 0) / (10 + 0)) = 0.1.
     for ema, w0, w1 in zip(model.ema_weights, before, after):
         np.testing.assert_allclose(ops.convert_to_numpy(ema), 0.1 * w0 + 0.9 * w1, rtol=1e-5, atol=1e-6)
     assert float(ops.convert_to_numpy(model.ema_updates)) == 1.0
@@ -97,7 +101,7 @@ def test_sampling_uses_ema_weights(trained):
         for ema, value in zip(with_ema.ema_weights, saved):
             ema.assign(value)
     np.testing.assert_array_equal(with_ema.generate(2, steps=3, seed=0), raw)
-    without = tiny_model(ema_decay=None)
+    without = one_level_model(ema_decay=None)
     assert not hasattr(without, "ema_weights")
     assert list(without.sampling_weights) == list(without.network.trainable_variables)
 
@@ -167,7 +171,7 @@ def test_conditional_training_and_label_errors(trained):
 
 
 def test_class_names_select_labels():
-    model = tiny_model(num_classes=2, class_names=["cat", "dog"])
+    model = one_level_model(num_classes=2, class_names=["cat", "dog"])
     by_name = model.generate(2, steps=2, seed=0, labels=["Dog", "cat"])
     by_index = model.generate(2, steps=2, seed=0, labels=[1, 0])
     np.testing.assert_array_equal(by_name, by_index)
@@ -222,11 +226,20 @@ def test_load_model_errors(trained, tmp_path):
         kd.load_model(truncated)
 
 
+def one_level_attention_model():
+    """The smallest UNet with attention: one level, attending at 8x8."""
+    network = kd.UNet((8, 8, 1), widths=(8,), blocks_per_level=1, attention_levels=(0,), groups=4)
+    model = kd.DiffusionModel(network, kd.DiffusionSchedule("cosine", timesteps=100), seed=0)
+    model.compile(optimizer=plumbing_optimizer(), run_eagerly=EAGER)
+    return model
+
+
 # float16 through attention, where its range is tightest; bfloat16 (float32's
 # range) through the smallest UNet.
-@pytest.mark.parametrize("policy, build, images", [("mixed_float16", tiny_model, blobs(32)),
-                                                   ("mixed_bfloat16", one_level_model, squares(32))])
-def test_mixed_precision_training(policy, build, images):
+@pytest.mark.parametrize("policy, build", [("mixed_float16", one_level_attention_model),
+                                           ("mixed_bfloat16", one_level_model)])
+def test_mixed_precision_training(policy, build):
+    images = squares(32)
     keras.mixed_precision.set_dtype_policy(policy)
     try:
         model = build()
