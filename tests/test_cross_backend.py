@@ -158,6 +158,9 @@ def test_weights_file_loads_into_a_rebuilt_model(tmp_path):
     model.save_weights(tmp_path / "model.weights.h5")
     rebuilt = kd.DiffusionModel.from_config(model.get_config())
     rebuilt.load_weights(tmp_path / "model.weights.h5")
-    inputs = [np.zeros((1, 16, 16, 1), "float32"), np.array([5], "int32"), np.array([1], "int32")]
+    # The shapes of the test above: under JAX, whose operations run one by
+    # one here, each compiled once per shape.
+    inputs = [np.zeros((3, 16, 16, 1), "float32"), np.array([5, 42, 99], "int32"),
+              np.array([1, 0, 3], "int32")]
     for a, b in zip(_evaluate(model, inputs), _evaluate(rebuilt, inputs)):
         np.testing.assert_array_equal(a, b)
