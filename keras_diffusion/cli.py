@@ -225,7 +225,8 @@ def _export(args):
         print("PyTorch cannot trace SavedModel endpoints: exporting under the TensorFlow backend")
     model.export(args.out, steps=args.steps, sampler=args.sampler, eta=args.eta,
                  denoise_steps=args.denoise_steps)
-    endpoints = "generate, generate_conditional" if model.conditional else "generate"
+    endpoints = ("generate, generate_conditional" if model.conditional
+                 else "generate, generate_from_tokens" if model.prompted else "generate")
     others = "predict_noise" if getattr(model, "autoencoder", None) else "denoise; predict_noise"
     print(f"wrote SavedModel {args.out} ({endpoints}: {args.sampler}, {args.steps} steps; {others})")
 

@@ -12,10 +12,18 @@ alone serves them. Images are NHWC float32 and the batch size `B` is free.
 | --- | --- | --- |
 | `generate` | `noise` (B, H, W, C) standard normal (a latent model: (B, h, w, c), its latents' shape) | images (B, H, W, C) in [0, 1] |
 | `generate_conditional` (conditional models) | `noise`, `labels` (B,) int32, `guidance` () float32 | images in [0, 1] |
+| `generate_from_tokens` (prompted models) | `noise`, `token_ids` (B, L) int32, `guidance` () float32 | images in [0, 1] |
 | `denoise` (pixel models) | `images` (B, H, W, C) in [0, 1], `sigma` () float32 | images in [0, 1] |
-| `predict_noise` | `x_t` (B, H, W, C) in [-1, 1] (or scaled latents), `t` (B,) int32 (, `labels` (B,) int32 when conditional) | epsilon, x_t's shape |
+| `predict_noise` | `x_t` (B, H, W, C) in [-1, 1] (or scaled latents), `t` (B,) int32 (, `labels` (B,) int32 when conditional; `token_ids` (B, L) int32 when prompted) | epsilon, x_t's shape |
 
 A latent model's `generate` decodes with its autoencoder inside the endpoint.
+A prompted model's endpoints encode the token ids with its text encoder
+inside; guidance steers away from the empty prompt, which `generate` and
+`denoise` use. Its tokenizer does not run in the SavedModel: a
+`WordTokenizer` is written beside it as `assets/tokenizer.json` (the
+vocabulary in id order, special tokens first, `max_length` and the word
+pattern), from which a server tokenises prompts in a few lines of Python
+(see the README).
 
 `generate` runs the sampler loop that `DiffusionModel.generate` runs, with
 the sampler and number of steps fixed at export; a stochastic sampler
@@ -130,6 +138,32 @@ def export_saved_model(
     # Serving needs no gradients; tracing them would trace every loop again.
     no_gradients = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
     archive.write_out(os.fspath(path), options=no_gradients, verbose=verbose)
+    if pipeline.text_encoder(model) is not None:
+        _write_tokenizer(model, path)
+
+
+def _write_tokenizer(model, path):
+    """`assets/tokenizer.json` of a SavedModel: what a server needs to turn
+    prompts into the token ids of `generate_from_tokens`."""
+    from keras_diffusion.images import atomic_write
+    from keras_diffusion.text import SPECIAL_TOKENS
+    from keras_diffusion.text import WordTokenizer
+    from keras_diffusion.text import WORD_PATTERN
+
+    tokenizer = model.tokenizer
+    if not isinstance(tokenizer, WordTokenizer):
+        return  # e.g. a KerasHub tokenizer: serve it with its own preset files
+    record = {
+        "vocabulary": list(SPECIAL_TOKENS) + list(tokenizer.vocabulary),
+        "max_length": tokenizer.max_length,
+        "pattern": WORD_PATTERN,
+        "lowercase": True,
+        "special_tokens": {"pad": 0, "unknown": 1, "start": 2, "end": 3},
+    }
+    assets = os.path.join(os.fspath(path), "assets")
+    os.makedirs(assets, exist_ok=True)
+    atomic_write(os.path.join(assets, "tokenizer.json"),
+                 lambda temp: open(temp, "w").write(json.dumps(record, indent=1) + "\n"))
 
 
 def _endpoints(model, *, timesteps, sampler, eta, denoise_steps):
@@ -145,16 +179,26 @@ def _endpoints(model, *, timesteps, sampler, eta, denoise_steps):
         "x_t": _spec("x_t", sample_shape),
         "t": _spec("t", (None,), "int32"),
     }
+    prompted = pipeline.text_encoder(model) is not None
+    if prompted:
+        empty = ops.convert_to_tensor(model.empty_prompt_ids)
+        spec["token_ids"] = _spec("token_ids", (None, empty.shape[0]), "int32")
+
+        def condition(token_ids):  # each prompt, and the empty prompt to guide away from
+            return ops.stack([token_ids, ops.broadcast_to(empty, ops.shape(token_ids))], axis=1)
 
     constants = dict(timesteps=timesteps, sampler=sampler, eta=float(eta),
                      clip_x0=pipeline.clips(model))
 
     def sample(noise, step_noise=None, labels=None, guidance=1.0):
         # The very loop `DiffusionModel.generate` compiles: same numerics.
+        # `labels` is the condition: labels, or a prompted model's token ids.
         run = pipeline.loop_function(
             model, samplers.run_sampler, constants=constants, guidance_scale=guidance
         )
         weights, state = pipeline.sampling_state(model)
+        if prompted and labels is not None:
+            labels = condition(labels)
         return pipeline.decode_tensor(model, run(weights, state, labels, noise, step_noise))
 
     if not samplers.SAMPLERS[sampler].needs_noise(eta):
@@ -189,14 +233,19 @@ def _endpoints(model, *, timesteps, sampler, eta, denoise_steps):
         return pipeline.unit_range(x0)
 
     def predict_noise(x_t, t, labels=None):
+        weights, state = pipeline.sampling_state(model)
+        if prompted:
+            labels = pipeline.text_function(model, weights, state)(labels)
         inputs = [x_t, t] if labels is None else [x_t, t, labels]
-        output = _network(model)(inputs)
+        output = pipeline.network_function(model, weights, state)(inputs)
         return model.schedule.predict_epsilon(x_t, output, t, model.prediction)
 
-    labels = ["labels"] if model.num_classes is not None else []
+    labels = ["labels"] if model.num_classes is not None else ["token_ids"] if prompted else []
     endpoints = [("generate", generate, noises)]
     if model.num_classes is not None:
         endpoints.append(("generate_conditional", generate_conditional, noises + labels + ["guidance"]))
+    if prompted:
+        endpoints.append(("generate_from_tokens", generate_conditional, noises + labels + ["guidance"]))
     if pipeline.clips(model):  # a pixel model; a latent one cannot denoise (see applications)
         endpoints.append(("denoise", denoise, ["images", "sigma"]))
     endpoints.append(("predict_noise", predict_noise, ["x_t", "t"] + labels))
@@ -214,6 +263,9 @@ class _SamplingVariables(keras.layers.Layer):
         super().__init__(name="sampling_variables")
         self.weights_used = list(model.sampling_weights)
         self.state_used = list(model.network.non_trainable_variables)
+        if pipeline.text_encoder(model) is not None:  # prompted: the text encoder's too
+            self.text_weights_used = list(model.text_sampling_weights)
+            self.text_state_used = list(model.text_encoder.non_trainable_variables)
         autoencoder = getattr(model, "autoencoder", None)
         # A latent model's generate decodes: the decoder and the scaling factor.
         self.decoder_used = [] if autoencoder is None else (
@@ -261,8 +313,16 @@ def export_onnx(model, path, *, verbose=None, input_signature=None, **kwargs):
     Keras converts with tf2onnx under TensorFlow, jax2onnx under JAX and
     `torch.onnx` (TorchScript) under PyTorch. The inputs are `x_t` (B, H, W,
     C) float32 in [-1, 1], `t` (B,) int32 (and `labels` (B,) int32 for a
-    conditional model), with the batch size free on every backend.
+    conditional model; `context` (B, L, D) float32, the text encoder's
+    features, for a prompted one), with the batch size free on every
+    backend.
     """
+    if pipeline.text_encoder(model) is not None and keras.backend.backend() == "torch":
+        raise ValueError(
+            "ONNX export of a prompted model does not work under PyTorch: torch.onnx cannot "
+            "trace Keras' LayerNormalization of its transformer blocks with a free batch size. "
+            "Export it under TensorFlow or JAX (KERAS_BACKEND), or export a SavedModel."
+        )
     predictor = _NoisePredictor(model)
     if input_signature is None:
         input_signature = [_predictor_inputs(model)]
@@ -273,11 +333,18 @@ def export_onnx(model, path, *, verbose=None, input_signature=None, **kwargs):
 
 def _predictor_inputs(model):
     specs = [_spec("x_t", (None,) + model.sample_shape), _spec("t", (None,), "int32")]
+    if pipeline.text_encoder(model) is not None:
+        return specs + [_spec("context", (None,) + _context_shape(model))]
     return specs + ([_spec("labels", (None,), "int32")] if model.num_classes is not None else [])
 
 
+def _context_shape(model):
+    """`(L, D)` of a prompted model's text features."""
+    return (len(model.empty_prompt_ids), model.network.context_dim)
+
+
 class _NoisePredictor(keras.Model):
-    """`[x_t, t(, labels)] -> epsilon` with a copy of the network holding the
+    """`[x_t, t(, labels or context)] -> epsilon` with a copy of the network holding the
     sampling (EMA) weights: a plain Keras model that every ONNX converter
     can trace."""
 
@@ -297,6 +364,8 @@ class _NoisePredictor(keras.Model):
         example = [ops.zeros((1,) + model.sample_shape), ops.zeros((1,), "int32")]
         if model.num_classes is not None:
             example.append(ops.zeros((1,), "int32"))
+        if pipeline.text_encoder(model) is not None:
+            example.append(ops.zeros((1,) + _context_shape(model)))
         self(example)  # build, so the exporters see a called model
 
     def call(self, inputs):

@@ -176,7 +176,8 @@ class DiffusionModel(keras.Model):
         self._own_tokenizer = tokenizer is not getattr(text_encoder, "tokenizer", None)
         text_encoder.trainable = self.train_text_encoder
         ids = pipeline.tokenize(self, [""])
-        width = ops.shape(text_encoder(pipeline.text_inputs(text_encoder, ids)))[-1]
+        features = pipeline.text_features(text_encoder(pipeline.text_inputs(text_encoder, ids)))
+        width = ops.shape(features)[-1]
         if width != context_dim:
             raise ValueError(
                 f"the text encoder makes features of width {width} but the network's "
@@ -329,9 +330,9 @@ class DiffusionModel(keras.Model):
             drop = keras.random.uniform((ops.shape(ids)[0], 1), seed=self.seed_generator)
             ids = ops.where(drop < self.prompt_dropout,
                             ops.convert_to_tensor(self.empty_prompt_ids[np.newaxis]), ids)
-        features = self.text_encoder(pipeline.text_inputs(self.text_encoder, ids),
-                                     training=training and self.train_text_encoder)
-        return features
+        output = self.text_encoder(pipeline.text_inputs(self.text_encoder, ids),
+                                   training=training and self.train_text_encoder)
+        return pipeline.text_features(output)
 
     def diffusion_inputs(self, images):
         """A batch of images as the clean samples x0 the model diffuses:
@@ -519,6 +520,12 @@ class DiffusionModel(keras.Model):
             "prompt_dropout": self.prompt_dropout,
         }
         if self._own_tokenizer:
+            if not hasattr(self.tokenizer, "get_config"):
+                raise ValueError(
+                    f"the model's tokenizer ({type(self.tokenizer).__name__}) cannot be saved: it "
+                    "is not Keras-serialisable. Save the weights with save_weights and rebuild the "
+                    "model with the same tokenizer to load them, or use a WordTokenizer."
+                )
             config["tokenizer"] = keras.saving.serialize_keras_object(self.tokenizer)
         return config
 

@@ -487,7 +487,10 @@ class UNet(keras.Model):
     two-layer MLP; class labels, when used, add a learned embedding to it.
     With `context_dim`, every attention block (and the middle one) becomes a
     `SpatialTransformer` that also cross-attends to a context, the features
-    of a text prompt, as in Stable Diffusion's UNet.
+    of a text prompt, as in Stable Diffusion's UNet, and the context's mean
+    over its tokens, projected, joins the timestep embedding (Imagen's and
+    SDXL's pooled text embedding), so that every residual block sees the
+    prompt too.
 
     Args:
         image_shape: `(height, width, channels)`; height and width must be
@@ -581,6 +584,12 @@ class UNet(keras.Model):
         if context_dim is not None:
             context = keras.Input(shape=(None, context_dim), name="context")
             inputs.append(context)
+            # The context's mean over its tokens joins the timestep embedding,
+            # as Imagen and SDXL add a pooled text embedding: every residual
+            # block then sees the prompt, not only the attention blocks.
+            pooled = layers.GlobalAveragePooling1D(name="context_pool")(context)
+            emb = layers.Add(name="add_context_embedding")(
+                [emb, _dense(emb_dim, name="context_embedding")(pooled)])
 
         # === Down path ===
         h = _Conv2D(widths[0], 3, padding="same", name="conv_in")(x_t)

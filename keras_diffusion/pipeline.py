@@ -212,9 +212,14 @@ def _per_image(texts, num_images, name):
 
 def tokenize(model, texts):
     """`(N, L)` int32 token ids of `texts` (a list of strings) by the
-    model's tokenizer, which sees each distinct text once."""
+    model's tokenizer, which sees each distinct text once. A tokenizer may
+    return the ids, or a dict holding them as `"token_ids"` (KerasHub's
+    preprocessors)."""
     unique, inverse = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
-    ids = np.asarray(model.tokenizer(unique.tolist()))
+    ids = model.tokenizer(unique.tolist())
+    if isinstance(ids, dict) and "token_ids" in ids:
+        ids = ids["token_ids"]
+    ids = np.asarray(ops.convert_to_numpy(ids) if ops.is_tensor(ids) else ids)
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or len(ids) != len(unique):
         raise ValueError(
             f"the tokenizer must map N texts to an (N, length) array of integer ids; "
@@ -295,9 +300,16 @@ def text_function(model, weights, state):
 
     def encode(ids):
         output = encoder.stateless_call(weights, state, text_inputs(encoder, ids), training=False)[0]
-        return ops.cast(output, "float32")
+        return ops.cast(text_features(output), "float32")
 
     return encode
+
+
+def text_features(output):
+    """A text encoder's features from its output: the output itself, or
+    its `"sequence_output"` when it returns a dict (KerasHub's CLIP encoder
+    with an intermediate output)."""
+    return output["sequence_output"] if isinstance(output, dict) else output
 
 
 def text_inputs(encoder, ids):

@@ -30,7 +30,8 @@ from keras_diffusion.network import TransformerLayer
 
 # A word is a run of letters, digits or apostrophes; any other non-space
 # character is a token of its own.
-_WORDS = re.compile(r"[\w']+|[^\w\s]")
+WORD_PATTERN = r"[\w']+|[^\w\s]"
+_WORDS = re.compile(WORD_PATTERN)
 SPECIAL_TOKENS = ("<pad>", "<unknown>", "<start>", "<end>")
 PAD, UNKNOWN, START, END = range(4)
 
