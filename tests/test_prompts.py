@@ -307,9 +307,15 @@ def _cli(cli, *args):
     return code, stdout.getvalue(), stderr.getvalue()
 
 
-def test_the_command_line_trains_samples_and_scores_prompts(prompted_run, tmp_path):
+def test_the_command_line_trains_samples_and_scores_prompts(prompted_run, tmp_path, monkeypatch):
     from keras_diffusion import cli
+    from keras_diffusion import data
 
+    # evaluate scores against the first 500 test images, not all 10,000: the
+    # command's plumbing is under test here, not the score.
+    load_dataset = data.load_dataset
+    monkeypatch.setattr(data, "load_dataset", lambda *args, **kwargs: load_dataset(
+        *args, **dict(kwargs, limit=500)))
     history = (prompted_run / "history.csv").read_text().splitlines()
     assert history[0].split(",") == ["epoch", "fid", "kid", "loss", "prompt_adherence"]
     adherence = float(history[1].split(",")[-1])
@@ -334,6 +340,7 @@ def test_the_command_line_trains_samples_and_scores_prompts(prompted_run, tmp_pa
                                 "--data-dir", DATA_DIR)
     assert code == 0, stderr
     assert re.search(r"prompt adherence \d+\.\d\d% \(held-out templates\)", stdout)
+    assert "vs 500 mnist test images" in stdout
 
     code, _, stderr = _cli(cli, "sample", "--model", prompted_run / "model.keras",
                            "--labels", "all", "--out", tmp_path / "x.png")
@@ -385,3 +392,70 @@ def test_keras_hub_clip_text_encoder_plugs_in():
     assert top.shape == (2, 8, 8, 1) and np.abs(top - bottom).max() > 1e-5
     with pytest.raises(ValueError, match="tokenizer \\(function\\) cannot be saved"):
         model.get_config()
+
+
+# ------------------------------------------------------- latent, configs
+def test_a_latent_model_takes_prompts(tmp_path):
+    from test_latent import small_autoencoder
+
+    from conftest import blobs
+
+    images = blobs(32)
+    autoencoder = small_autoencoder()
+    autoencoder.compile(optimizer=keras.optimizers.Adam(3e-3), run_eagerly=EAGER)
+    autoencoder.fit(images, batch_size=16, epochs=1, verbose=0)
+    tokenizer = kd.WordTokenizer.from_texts([TOP, BOTTOM], max_length=8)
+    model = kd.LatentDiffusionModel(
+        autoencoder, kd.UNet(autoencoder.latent_shape, widths=(8,), attention_levels=(0,), groups=4,
+                             context_dim=16),
+        kd.DiffusionSchedule("cosine", timesteps=100), seed=0,
+        text_encoder=kd.TextEncoder(tokenizer, dim=16, depth=1, heads=2))
+    model.compile(optimizer=plumbing_optimizer(), run_eagerly=EAGER)
+    captions = [TOP if i % 2 else BOTTOM for i in range(32)]
+    assert np.isfinite(model.fit(images, captions, batch_size=16, epochs=1, verbose=0)
+                       .history["loss"][0])
+    options = dict(steps=2, seed=1, prompts=[TOP, BOTTOM], guidance_scale=2.0)
+    generated = model.generate(2, **options)
+    assert generated.shape == (2, 16, 16, 1)
+    model.save(tmp_path / "latent.keras")
+    loaded = kd.load_model(tmp_path / "latent.keras")
+    assert isinstance(loaded, kd.LatentDiffusionModel) and loaded.prompted
+    np.testing.assert_allclose(loaded.generate(2, **options), generated, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["network.num_classes=10"], "text.enabled makes a prompted model, which takes captions, not "
+                                 "labels: set network.num_classes to null"),
+    (["text.enabled=false", "sampling.guidance_scale=1.0", "sampling.prompts=[a cat]"],
+     "sampling.prompts needs a prompted model"),
+    (["text.dim=10", "text.heads=4"], "text: dim must be divisible by heads; got dim=10, heads=4"),
+    (["text.max_length=2"], "text: max_length must be an integer >= 3"),
+    (["model.prompt_dropout=1"], "model: prompt_dropout must be in \\[0, 1\\)"),
+    (["sampling.prompts=3"], "sampling.prompts must be a string, a non-empty list of strings or "
+                             "null; got 3"),
+])
+def test_the_text_section_is_checked(overrides, match):
+    from keras_diffusion.config import ConfigError
+    from keras_diffusion.config import load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(ROOT / "configs" / "smoke_prompts.yaml", overrides)
+
+
+def test_a_captioned_folder_is_read_with_its_metadata(tmp_path):
+    from PIL import Image
+
+    from keras_diffusion.config import load_config
+    from keras_diffusion.training import load_training_data
+
+    rows = []
+    for index, colour in enumerate([(255, 0, 0), (0, 0, 255), (0, 255, 0)]):
+        Image.new("RGB", (12, 10), colour).save(tmp_path / f"{index}.png")
+        rows.append(json.dumps({"file_name": f"{index}.png", "text": f"a plain image {index}"}))
+    (tmp_path / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    config = load_config(ROOT / "configs" / "smoke_prompts.yaml", [
+        f"data.image_folder={tmp_path}", "data.image_size=8", "evaluation.every_n_epochs=0"])
+    images, captions, shape, _ = load_training_data(config)
+    assert images.shape == (3, 8, 8, 3) and shape == (8, 8, 3)
+    np.testing.assert_allclose(images[1, :, :, 2], 1.0)  # blue, resized, in [0, 1]
+    assert captions == ["a plain image 0", "a plain image 1", "a plain image 2"]

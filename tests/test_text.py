@@ -70,7 +70,8 @@ def test_bad_prompts(tokenizer, texts, error, match):
 def test_bad_tokenizer_arguments():
     with pytest.raises(ValueError, match=r"captions is empty"):
         WordTokenizer.from_texts([])
-    with pytest.raises(ValueError, match=r"max_length must be an integer >= 3; got 2"):
+    with pytest.raises(ValueError, match=r"max_length must be an integer >= 3 \(a start and an "
+                                         r"end token and a word\); got 2"):
         WordTokenizer(["a"], max_length=2)
     with pytest.raises(ValueError, match=r"single lower-case words .* got 'two words'"):
         WordTokenizer(["two words"])
