@@ -18,6 +18,15 @@ guidance; captions from the digit names and the training templates), then:
 4. with `--grid PATH`, a grid of the prompted model's samples for a handful
    of prompts, one row each.
 
+With `--cifar10-latent-minutes M` it instead trains the latent recipe of
+`configs/cifar10_latent.yaml`, prompted (captions from the CIFAR-10 class names
+and templates), for M minutes of wall clock with 30% of them on its autoencoder:
+the protocol of the class-conditional latent row of docs/latent.md
+(`benchmarks/latent.py --equal-minutes 10 --conditional`), whose label accuracy
+is the bar, at that row's guidance (3) and sampler (DPM++(2M), 20 steps):
+
+    KERAS_BACKEND=torch python benchmarks/prompts.py --data-dir DATA --cifar10-latent-minutes 10
+
 `--train-steps` sets the budget (default 1,875: one epoch of 32). With
 `--models prompts` only the prompted model is trained (the label model's
 scores at this budget are in docs/quality.md); the cost per step is still
@@ -82,9 +91,13 @@ def main(argv=None):
     parser.add_argument("--sampling-steps", type=int, nargs="+", default=[20, 10])
     parser.add_argument("--grid", help="PNG of the prompted model's samples")
     parser.add_argument("--write", help="Markdown file to put the table in")
+    parser.add_argument("--cifar10-latent-minutes", type=float, default=None,
+                        help="train and score a prompted latent CIFAR-10 model instead")
     parser.add_argument("--models", nargs="+", choices=("labels", "prompts"),
                         default=["labels", "prompts"], help="which models to train and score")
     args = parser.parse_args(argv)
+    if args.cifar10_latent_minutes:
+        return cifar10_latent(args)
 
     overrides = [f"data.data_dir={args.data_dir}"] if args.data_dir else []
     labelled = load_config(ROOT / "configs" / "mnist_conditional.yaml", overrides)
@@ -165,6 +178,73 @@ def main(argv=None):
     print(text)
     if args.write:
         write_between_markers(Path(args.write), "prompts-mnist", text, "Prompts")
+
+
+def cifar10_latent(args):
+    """The prompted latent CIFAR-10 recipe at equal minutes (see the module
+    docstring)."""
+    from latent import TimeLimit
+
+    from keras_diffusion.config import autoencoder_arguments
+
+    config = load_config(ROOT / "configs" / "cifar10_latent.yaml", [
+        "training.lr_decay=constant", "text.enabled=true", "text.dim=64", "text.depth=2",
+        "text.heads=4", "text.max_length=12", "model.min_snr_gamma=null",
+        "sampling.guidance_scale=3.0"] + ([f"data.data_dir={args.data_dir}"] if args.data_dir else []))
+    x, labels = kd.load_dataset("cifar10", args.data_dir)
+    x_test, _ = kd.load_dataset("cifar10", args.data_dir, split="test")
+    budget, share = args.cifar10_latent_minutes * 60, 0.3
+    keras.utils.set_random_seed(0)
+    start = time.perf_counter()
+    settings = config["autoencoder"]
+    autoencoder = kd.Autoencoder(x.shape[1:], seed=0, **autoencoder_arguments(config))
+    autoencoder.compile(optimizer=keras.optimizers.AdamW(settings["learning_rate"]))
+    autoencoder.fit(x, batch_size=settings["batch_size"], epochs=1000, verbose=0,
+                    callbacks=[TimeLimit(budget * share)])
+    ae_seconds = time.perf_counter() - start
+    captions = [class_prompts("cifar10", "train")[label] for label in labels]
+    model = build_model(config, x.shape[1:], autoencoder=autoencoder, captions=captions)
+    model.compile(optimizer=build_optimizer(config, 10**6))
+    batch = config["training"]["batch_size"]
+    history = model.fit(x, model.tokenize_captions(captions, len(x)), batch_size=batch,
+                        epochs=1000, verbose=0, callbacks=[TimeLimit(budget - ae_seconds)])
+    minutes = (time.perf_counter() - start) / 60
+    steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    guidance = config["sampling"]["guidance_scale"]
+    options = dict(feature_net="cifar10", num_images=args.score_images, steps=20,
+                   sampler="dpmpp_2m", batch_size=250, guidance_scale=guidance)
+    held_out = kd.metrics.score_model(model, x_test, prompts=class_prompts("cifar10"), **options)
+    seen = kd.metrics.score_model(model, x_test, prompts=class_prompts("cifar10", "train"),
+                                  **options)
+    if args.grid:
+        names = CLASS_NAMES["cifar10"]
+        prompts = [f"a close-up photo of a {name}" for name in names for _ in range(4)]
+        kd.save_image_grid(model.generate(len(prompts), prompts=prompts, guidance_scale=guidance,
+                                          steps=20, sampler="dpmpp_2m", seed=1),
+                           args.grid, nrow=4, title="a close-up photo of a {class}, one row each")
+    text = "\n".join([
+        f"Measured on {_device_name()}, Keras {keras.__version__}, backend "
+        f"{keras.backend.backend()}: `configs/cifar10_latent.yaml` with a `text` section (a "
+        f"2-layer, 64-wide TextEncoder), trained for {args.cifar10_latent_minutes:g} minutes of "
+        f"wall clock (autoencoder {ae_seconds / 60:.1f} min, then {steps:,} steps of {batch}; "
+        f"{minutes:.1f} min in all) on the 10,000-image CIFAR-10 subset, constant learning rate "
+        f"after warm-up; {args.score_images:,} DPM++(2M) 20-step samples at guidance {guidance:g} "
+        "scored with the shipped `cifar10` feature net (77.8% on real test images) against the "
+        "10,000 test images.",
+        "",
+        f"| latent CIFAR-10, {args.cifar10_latent_minutes:g} minutes | conditioned on | adherence (label accuracy) | FID | KID |",
+        "|---|---|---|---|---|",
+        "| class-conditional (docs/latent.md) | labels | 23.3% | 23.18 | 0.450 ± 0.016 |",
+        f"| prompted | held-out prompts | **{held_out['prompt_adherence']:.1%}** | "
+        f"{held_out['fid']:.2f} | {held_out['kid']:.3f} ± {held_out['kid_std']:.3f} |",
+        f"| prompted | training prompts | {seen['prompt_adherence']:.1%} | {seen['fid']:.2f} | "
+        f"{seen['kid']:.3f} ± {seen['kid_std']:.3f} |",
+        "",
+        f"Last epoch's loss {history.history['loss'][-1]:.3f}.",
+    ])
+    print(text)
+    if args.write:
+        write_between_markers(Path(args.write), "prompts-cifar10-latent", text, "Prompts")
 
 
 if __name__ == "__main__":
