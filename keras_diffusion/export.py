@@ -317,7 +317,7 @@ def export_onnx(model, path, *, verbose=None, input_signature=None, **kwargs):
     features, for a prompted one), with the batch size free on every
     backend.
     """
-    if pipeline.text_encoder(model) is not None and keras.backend.backend() == "torch":
+    if pipeline.text_encoder(model) is not None and not backend.onnx_traces_layer_normalization():
         raise ValueError(
             "ONNX export of a prompted model does not work under PyTorch: torch.onnx cannot "
             "trace Keras' LayerNormalization of its transformer blocks with a free batch size. "

@@ -21,6 +21,7 @@ from keras_diffusion.data import check_training_images
 from keras_diffusion.data import check_training_labels
 from keras_diffusion.schedule import DiffusionSchedule
 from keras_diffusion.schedule import check_prediction
+from keras_diffusion import text
 from keras_diffusion.text import check_texts
 
 
@@ -144,46 +145,13 @@ class DiffusionModel(keras.Model):
         self.built = True
 
     def _set_text_encoder(self, network, text_encoder, tokenizer):
-        context_dim = getattr(network, "context_dim", None)
         self.text_encoder = text_encoder
-        self.tokenizer = None
-        if text_encoder is None:
-            if context_dim is not None:
-                raise ValueError(
-                    f"the network cross-attends to a context (context_dim={context_dim}), so "
-                    "the model needs a text encoder: pass text_encoder=TextEncoder(...)."
-                )
-            if tokenizer is not None:
-                raise ValueError("tokenizer was given without a text_encoder; pass both.")
-            return
-        if self.num_classes is not None:
-            raise ValueError(
-                "a network cannot take both class labels and prompts; build the UNet with "
-                "num_classes=None for a prompted model (put class names in the captions)."
-            )
-        if context_dim is None:
-            raise ValueError(
-                "a text_encoder needs a network that cross-attends to its features: build "
-                "the UNet with context_dim equal to the encoder's feature width."
-            )
-        tokenizer = tokenizer if tokenizer is not None else getattr(text_encoder, "tokenizer", None)
-        if tokenizer is None or not callable(tokenizer):
-            raise ValueError(
-                f"the text encoder {type(text_encoder).__name__} has no tokenizer; pass "
-                "tokenizer=..., a callable mapping texts to (N, length) integer ids."
-            )
-        self.tokenizer = tokenizer
-        self._own_tokenizer = tokenizer is not getattr(text_encoder, "tokenizer", None)
-        text_encoder.trainable = self.train_text_encoder
-        ids = pipeline.tokenize(self, [""])
-        features = pipeline.text_features(text_encoder(pipeline.text_inputs(text_encoder, ids)))
-        width = ops.shape(features)[-1]
-        if width != context_dim:
-            raise ValueError(
-                f"the text encoder makes features of width {width} but the network's "
-                f"context_dim is {context_dim}; make them equal."
-            )
-        self.empty_prompt_ids = ids[0]
+        self.tokenizer = text.check_prompted_parts(network, text_encoder, tokenizer,
+                                                   self.num_classes)
+        if text_encoder is not None:
+            self._own_tokenizer = self.tokenizer is not getattr(text_encoder, "tokenizer", None)
+            text_encoder.trainable = self.train_text_encoder
+            self.empty_prompt_ids = text.tokenize(self.tokenizer, [""])[0]
 
     def _averaged_variables(self):
         """The variables the EMA follows: the network's trainable ones, then
@@ -330,9 +298,9 @@ class DiffusionModel(keras.Model):
             drop = keras.random.uniform((ops.shape(ids)[0], 1), seed=self.seed_generator)
             ids = ops.where(drop < self.prompt_dropout,
                             ops.convert_to_tensor(self.empty_prompt_ids[np.newaxis]), ids)
-        output = self.text_encoder(pipeline.text_inputs(self.text_encoder, ids),
+        output = self.text_encoder(text.encoder_inputs(self.text_encoder, ids),
                                    training=training and self.train_text_encoder)
-        return pipeline.text_features(output)
+        return text.encoder_features(output)
 
     def diffusion_inputs(self, images):
         """A batch of images as the clean samples x0 the model diffuses:

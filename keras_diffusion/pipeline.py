@@ -53,6 +53,7 @@ from keras import ops
 from keras_diffusion import backend
 from keras_diffusion import samplers
 from keras_diffusion.checks import check_guidance
+from keras_diffusion import text
 from keras_diffusion.text import check_texts
 from keras_diffusion.checks import check_integer
 
@@ -211,21 +212,8 @@ def _per_image(texts, num_images, name):
 
 
 def tokenize(model, texts):
-    """`(N, L)` int32 token ids of `texts` (a list of strings) by the
-    model's tokenizer, which sees each distinct text once. A tokenizer may
-    return the ids, or a dict holding them as `"token_ids"` (KerasHub's
-    preprocessors)."""
-    unique, inverse = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
-    ids = model.tokenizer(unique.tolist())
-    if isinstance(ids, dict) and "token_ids" in ids:
-        ids = ids["token_ids"]
-    ids = np.asarray(ops.convert_to_numpy(ids) if ops.is_tensor(ids) else ids)
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or len(ids) != len(unique):
-        raise ValueError(
-            f"the tokenizer must map N texts to an (N, length) array of integer ids; "
-            f"got shape {ids.shape}, dtype {ids.dtype} for {len(unique)} texts."
-        )
-    return ids.astype("int32")[inverse.reshape(-1)]
+    """`(N, L)` int32 token ids of `texts` by the model's tokenizer."""
+    return text.tokenize(model.tokenizer, texts)
 
 
 def check_labels(model, labels, num_images):
@@ -299,26 +287,11 @@ def text_function(model, weights, state):
     state = state[len(model.network.non_trainable_variables):]
 
     def encode(ids):
-        output = encoder.stateless_call(weights, state, text_inputs(encoder, ids), training=False)[0]
-        return ops.cast(text_features(output), "float32")
+        inputs = text.encoder_inputs(encoder, ids)
+        output = encoder.stateless_call(weights, state, inputs, training=False)[0]
+        return ops.cast(text.encoder_features(output), "float32")
 
     return encode
-
-
-def text_features(output):
-    """A text encoder's features from its output: the output itself, or
-    its `"sequence_output"` when it returns a dict (KerasHub's CLIP encoder
-    with an intermediate output)."""
-    return output["sequence_output"] if isinstance(output, dict) else output
-
-
-def text_inputs(encoder, ids):
-    """`ids` as `encoder` takes them: a tensor, or `{"token_ids": ids}` for
-    an encoder built on a dict of inputs (KerasHub's CLIP text encoder)."""
-    structure = getattr(encoder, "_inputs_struct", None)
-    if isinstance(structure, dict):
-        return {"token_ids": ids}
-    return ids
 
 
 def empty_condition(model):

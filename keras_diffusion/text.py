@@ -74,6 +74,80 @@ def split_words(text):
     return _WORDS.findall(text.lower())
 
 
+def tokenize(tokenizer, texts):
+    """`(N, L)` int32 token ids of `texts` (a list of strings) by any
+    tokenizer, which sees each distinct text once. A tokenizer may return
+    the ids, or a dict holding them as `"token_ids"` (KerasHub's
+    preprocessors)."""
+    unique, inverse = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
+    ids = tokenizer(unique.tolist())
+    if isinstance(ids, dict) and "token_ids" in ids:
+        ids = ids["token_ids"]
+    ids = np.asarray(ops.convert_to_numpy(ids) if ops.is_tensor(ids) else ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or len(ids) != len(unique):
+        raise ValueError(
+            f"the tokenizer must map N texts to an (N, length) array of integer ids; "
+            f"got shape {ids.shape}, dtype {ids.dtype} for {len(unique)} texts."
+        )
+    return ids.astype("int32")[inverse.reshape(-1)]
+
+
+def encoder_inputs(encoder, ids):
+    """`ids` as `encoder` takes them: a tensor, or `{"token_ids": ids}` for
+    an encoder built on a dict of inputs (KerasHub's CLIP text encoder)."""
+    structure = getattr(encoder, "_inputs_struct", None)
+    if isinstance(structure, dict):
+        return {"token_ids": ids}
+    return ids
+
+
+def encoder_features(output):
+    """A text encoder's features from its output: the output itself, or
+    its `"sequence_output"` when it returns a dict (KerasHub's CLIP encoder
+    with an intermediate output)."""
+    return output["sequence_output"] if isinstance(output, dict) else output
+
+
+def check_prompted_parts(network, text_encoder, tokenizer, num_classes):
+    """The tokenizer of a prompted model (`tokenizer`, else the text
+    encoder's own), once the network, text encoder and tokenizer are checked
+    to fit together; None for a model without a text encoder."""
+    context_dim = getattr(network, "context_dim", None)
+    if text_encoder is None:
+        if context_dim is not None:
+            raise ValueError(
+                f"the network cross-attends to a context (context_dim={context_dim}), so "
+                "the model needs a text encoder: pass text_encoder=TextEncoder(...)."
+            )
+        if tokenizer is not None:
+            raise ValueError("tokenizer was given without a text_encoder; pass both.")
+        return None
+    if num_classes is not None:
+        raise ValueError(
+            "a network cannot take both class labels and prompts; build the UNet with "
+            "num_classes=None for a prompted model (put class names in the captions)."
+        )
+    if context_dim is None:
+        raise ValueError(
+            "a text_encoder needs a network that cross-attends to its features: build "
+            "the UNet with context_dim equal to the encoder's feature width."
+        )
+    tokenizer = tokenizer if tokenizer is not None else getattr(text_encoder, "tokenizer", None)
+    if tokenizer is None or not callable(tokenizer):
+        raise ValueError(
+            f"the text encoder {type(text_encoder).__name__} has no tokenizer; pass "
+            "tokenizer=..., a callable mapping texts to (N, length) integer ids."
+        )
+    ids = tokenize(tokenizer, [""])
+    features = encoder_features(text_encoder(encoder_inputs(text_encoder, ids)))
+    if ops.shape(features)[-1] != context_dim:
+        raise ValueError(
+            f"the text encoder makes features of width {ops.shape(features)[-1]} but the "
+            f"network's context_dim is {context_dim}; make them equal."
+        )
+    return tokenizer
+
+
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="WordTokenizer")
 class WordTokenizer:
     """Texts to fixed-length id sequences over a vocabulary of words.

@@ -453,3 +453,17 @@ def test_a_captioned_folder_is_read_with_its_metadata(tmp_path):
     assert images.shape == (3, 8, 8, 3) and shape == (8, 8, 3)
     np.testing.assert_allclose(images[1, :, :, 2], 1.0)  # blue, resized, in [0, 1]
     assert captions == ["a plain image 0", "a plain image 1", "a plain image 2"]
+
+
+def test_onnx_export_of_a_prompted_model_is_refused_only_where_it_cannot_trace(trained, tmp_path):
+    from keras_diffusion import backend
+
+    model = trained[0]
+    if backend.onnx_traces_layer_normalization():
+        assert keras.backend.backend() in ("tensorflow", "jax")
+        return
+    assert keras.backend.backend() == "torch"
+    with pytest.raises(ValueError, match="ONNX export of a prompted model does not work under "
+                                         "PyTorch.*or export a SavedModel"):
+        model.export(tmp_path / "prompted.onnx", format="onnx")
+    assert not (tmp_path / "prompted.onnx").exists()

@@ -87,6 +87,12 @@ def traces_saved_models():
     return getattr(current(), "TRACES_SAVED_MODELS", True)
 
 
+def onnx_traces_layer_normalization():
+    """Whether Keras' ONNX export traces `LayerNormalization` with a free
+    batch size under this backend (`torch.onnx` cannot)."""
+    return getattr(current(), "ONNX_TRACES_LAYER_NORMALIZATION", True)
+
+
 def endpoint_options(signature):
     """Extra keyword arguments of `ExportArchive.add_endpoint` for an
     endpoint of this input signature."""
