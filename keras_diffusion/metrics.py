@@ -32,7 +32,6 @@ import numpy as np
 from keras_diffusion import backend
 from keras_diffusion.checks import check_integer
 from keras_diffusion.data import check_images
-from keras_diffusion.network import HostInitializer
 
 FEATURE_NET_DIR = Path(__file__).parent / "feature_nets"
 
@@ -45,19 +44,26 @@ FEATURE_NETS = {
 
 
 # ------------------------------------------------------------ feature network
-def build_feature_net(image_shape, num_classes, widths=(32, 64, 128), name="feature_net"):
+def build_feature_net(image_shape, num_classes, widths=(32, 64, 128), name="feature_net",
+                      to_load=False):
     """The classifier whose pooled activations are the features.
 
     Two 3x3 convolutions (batch norm, ReLU) per width, max pooling between
     widths, global average pooling (the features, `widths[-1]` of them),
     dropout and a linear classifier. Inputs are images in [0, 1].
 
+    With `to_load`, the weights start as constants, for trained weights to
+    replace; otherwise as Keras initialises them, for training.
+
     Returns a `keras.Model` with two outputs: `(features, logits)`.
     """
-    # Initial values come from NumPy: under JAX each of Keras' initializers
-    # compiles a kernel per weight shape, about 7 s for this net on a CPU,
-    # paid by every process that loads a feature net to score.
-    ones, zeros = _host_constant(1.0), _host_constant(0.0)
+    # To load: constant initial values made by NumPy, which the weights replace;
+    # under JAX each of Keras' initializers compiles a kernel per weight shape,
+    # about 7 s for this net on a CPU, paid by every process that loads a
+    # feature net to score; and no random draw, so loading one leaves every
+    # generator, NumPy's global one included, where it was.
+    ones, zeros = (_host_constant(1.0), _host_constant(0.0)) if to_load else ("ones", "zeros")
+    kernels = zeros if to_load else "glorot_uniform"
     inputs = keras.Input(tuple(image_shape), name="images")
     x = keras.layers.Rescaling(2.0, offset=-1.0, name="to_signed")(inputs)
     for level, width in enumerate(widths):
@@ -66,14 +72,14 @@ def build_feature_net(image_shape, num_classes, widths=(32, 64, 128), name="feat
         for index in range(2):
             prefix = f"level_{level}_conv_{index}"
             x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=prefix,
-                                    kernel_initializer=HostInitializer())(x)
+                                    kernel_initializer=kernels)(x)
             x = keras.layers.BatchNormalization(
                 name=f"{prefix}_norm", gamma_initializer=ones, beta_initializer=zeros,
                 moving_mean_initializer=zeros, moving_variance_initializer=ones)(x)
             x = keras.layers.ReLU(name=f"{prefix}_relu")(x)
     features = keras.layers.GlobalAveragePooling2D(name="features")(x)
     dropped = keras.layers.Dropout(0.3, name="dropout")(features)
-    logits = keras.layers.Dense(num_classes, name="logits", kernel_initializer=HostInitializer(),
+    logits = keras.layers.Dense(num_classes, name="logits", kernel_initializer=kernels,
                                 bias_initializer=zeros)(dropped)
     return keras.Model(inputs, [features, logits], name=name)
 
@@ -105,7 +111,8 @@ class FeatureNet:
         self.num_classes = int(record["num_classes"])
         self.test_accuracy = float(record["test_accuracy"])
         self.batch_size = batch_size
-        self.network = build_feature_net(self.image_shape, self.num_classes, tuple(record["widths"]))
+        self.network = build_feature_net(self.image_shape, self.num_classes,
+                                         tuple(record["widths"]), to_load=True)
         self.network.load_weights(weights)
         network = self.network
         self._forward = backend.current().compile_function(
