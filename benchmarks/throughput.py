@@ -22,11 +22,12 @@ forward passes.
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from keras_diffusion.precision import hardware  # Keras loads later, in each worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,34 +94,8 @@ def run_ours(args):
         generate()  # compile
         result[f"{name}_images_per_s"] = args.sample_batch / _timed(generate, args.sample_repeats)
     result["forward_gflops_per_image"] = _forward_gflops(network, spec["image_shape"])
-    result["device"] = _device_name()
+    result["device"] = hardware()
     return result
-
-
-def _device_name():
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    from keras_diffusion.precision import cpu_model
-
-    model = cpu_model() or f"{platform.processor() or platform.machine()} CPU"
-    return f"{model} ({_instruction_sets()}), {os.cpu_count()} cores"
-
-
-# The instruction sets that decide which precision and backend are fast.
-_ISA = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
-        ("amx_bf16", "AMX-BF16"))
-
-
-def _instruction_sets():
-    from keras_diffusion.precision import cpu_flags
-
-    flags = cpu_flags()
-    return ", ".join(name for flag, name in _ISA if flag in flags) or "no AVX2"
 
 
 def _forward_gflops(network, image_shape):
@@ -231,7 +206,7 @@ def run_diffusers(args):
         batch=args.batch, train_images_per_s=args.batch / train_s, first_fit_s=first,
         loss=float(train_step()),
         ddim50_images_per_s=args.sample_batch / _timed(generate, args.sample_repeats),
-        forward_gflops_per_image=forward_gflops, device=_device_name(),
+        forward_gflops_per_image=forward_gflops, device=hardware(),
     )
 
 

@@ -33,6 +33,7 @@ _EXPORTS = {
     "AtomicBackupAndRestore": "keras_diffusion.callbacks",
     "AtomicCSVLogger": "keras_diffusion.callbacks",
     "TerminateOnNonFiniteLoss": "keras_diffusion.callbacks",
+    "ProgressLog": "keras_diffusion.callbacks",
     "NonFiniteLossError": "keras_diffusion.callbacks",
     "distribution_scope": "keras_diffusion.distribute",
     "load_dataset": "keras_diffusion.data",
@@ -44,8 +45,8 @@ _EXPORTS = {
 }
 
 # Submodules reached as attributes: `kd.metrics.fid(...)`, `kd.pipeline.sample(...)`,
-# `kd.precision.resolve("auto")`.
-_SUBMODULES = ("metrics", "pipeline", "precision")
+# `kd.precision.resolve("auto")`, `kd.presets.presets()`, `kd.hub.push(...)`.
+_SUBMODULES = ("hub", "metrics", "pipeline", "precision", "presets")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES) + ["__version__"]
 

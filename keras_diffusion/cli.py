@@ -6,15 +6,16 @@ imported after the arguments are read, so `--backend` can set
 """
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
 
 from keras_diffusion.data import DATASETS  # numpy only: Keras still loads after --backend
 from keras_diffusion.precision import PRECISIONS
+from keras_diffusion.quiet import quiet_stderr
 
 BACKENDS = ("tensorflow", "jax", "torch")
+MODEL_HELP = ".keras file, preset name (keras-diffusion presets) or hf://OWNER/NAME"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,7 +63,7 @@ def _train_autoencoder_arguments(train):
 
 
 def _sample_arguments(sample):
-    sample.add_argument("--model", required=True, help=".keras file")
+    sample.add_argument("--model", required=True, help=MODEL_HELP)
     _precision_argument(sample)
     sample.add_argument("--num", type=int, default=16, help="number of images")
     sample.add_argument("--steps", type=int, default=50)
@@ -80,7 +81,7 @@ def _sample_arguments(sample):
 
 
 def _export_arguments(export):
-    export.add_argument("--model", required=True, help=".keras file")
+    export.add_argument("--model", required=True, help=MODEL_HELP)
     export.add_argument("--out", required=True,
                         help="SavedModel directory to write (a .onnx file with --format onnx)")
     export.add_argument("--format", choices=("tf_saved_model", "onnx"), default="tf_saved_model",
@@ -94,7 +95,7 @@ def _export_arguments(export):
 
 
 def _evaluate_arguments(evaluate):
-    evaluate.add_argument("--model", required=True, help=".keras file")
+    evaluate.add_argument("--model", required=True, help=MODEL_HELP)
     _precision_argument(evaluate)
     evaluate.add_argument("--num", type=int, default=10000, help="samples to generate and score")
     evaluate.add_argument("--sampler", default="dpmpp_2m")
@@ -130,12 +131,20 @@ def _train(args):
 
     from keras_diffusion.training import train
 
-    train(config, output, verbose=2, resume=args.resume)
+    train(config, output, resume=args.resume, **_progress_output())
     written = [output / "model.keras", f"{output / 'samples'}/", output / "history.csv",
                output / "loss.png"]
     if config["autoencoder"]["enabled"] and config["autoencoder"]["path"] is None:
         written[1:1] = [output / "autoencoder.keras", output / "autoencoder_reconstructions.png"]
     print("wrote " + ", ".join(map(str, written)))
+
+
+def _progress_output():
+    """A progress bar on a terminal; into a log (a file, a pipe, CI), a line
+    per epoch and one a minute in between, instead of a bar's redraws."""
+    if sys.stdout.isatty():
+        return dict(verbose=1)
+    return dict(verbose=2, log_every=60)
 
 
 def _train_autoencoder(args):
@@ -147,7 +156,7 @@ def _train_autoencoder(args):
     from keras_diffusion.data import load_dataset
     from keras_diffusion.training import train_autoencoder_stage
 
-    autoencoder = train_autoencoder_stage(config, output, verbose=2, resume=args.resume)
+    autoencoder = train_autoencoder_stage(config, output, resume=args.resume, **_progress_output())
     print(f"wrote {output / 'autoencoder.keras'}, {output / 'autoencoder_history.csv'}, "
           f"{output / 'autoencoder_reconstructions.png'}, {output / 'config.yaml'}")
     line = (f"autoencoder: {'x'.join(map(str, autoencoder.image_shape))} -> "
@@ -274,6 +283,82 @@ def _evaluate(args):
 
 
 
+def _no_arguments(parser):
+    """A command with no options but --backend."""
+
+
+def _presets(args):
+    from keras_diffusion.presets import presets
+
+    rows = [("name", "dataset", "kind", "params", "MB", "FID", "KID", "accuracy", "trained")]
+    for name, record in presets().items():
+        config = record.get("config", {})
+        kind = ("prompted" if config.get("text", {}).get("enabled") else "conditional"
+                if config.get("network", {}).get("num_classes") else "unconditional")
+        scores = (record.get("evaluation") or [{}])[0]
+        accuracy = scores.get("label_accuracy", scores.get("prompt_adherence"))
+        rows.append((
+            name, record.get("dataset", "-"), kind, f"{record.get('parameters', 0) / 1e6:.1f}M",
+            f"{record.get('file_mb', 0):.1f}", _format(scores.get("fid"), ".2f"),
+            _format(scores.get("kid"), ".4f"), _format(accuracy, ".1%"),
+            f"{record.get('training_minutes', 0):.0f} min, {record.get('backend', '?')}, "
+            f"{record.get('hardware', '?')}"))
+    if len(rows) == 1:
+        print("no presets are installed")
+        return
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print("scores: keras-diffusion evaluate --model NAME (the record's command reproduces them; "
+          "see each preset's .json)")
+
+
+def _format(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def _push_arguments(push):
+    push.add_argument("--model", required=True, help=MODEL_HELP)
+    push.add_argument("--to", required=True, help="hf://OWNER/NAME, created if it does not exist")
+    push.add_argument("--token", help="Hugging Face token (default: huggingface-cli login or "
+                                      "HF_TOKEN)")
+
+
+def _push(args):
+    from keras_diffusion import hub
+    from keras_diffusion.model import load_model
+
+    hub.repo_id(args.to)  # a malformed destination fails before loading anything
+    model = load_model(args.model)
+    url = hub.push(model, args.to, record=hub.record_of(args.model), token=args.token)
+    print(f"pushed {args.model} to {url}; load it with kd.load_model({args.to!r})")
+
+
+def _demo_arguments(demo):
+    demo.add_argument("--model", required=True, help=MODEL_HELP)
+    _precision_argument(demo)
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--host", default="127.0.0.1",
+                      help="address to serve on (0.0.0.0 opens the page to the network)")
+    demo.add_argument("--data-dir", help="directory holding <dataset>.npz: test images to pick "
+                                         "in the page (offline use)")
+
+
+def _demo(args):
+    if not 1 <= args.port <= 65535:
+        raise CommandError(f"--port must be from 1 to 65535; got {args.port}")
+    from keras_diffusion import demo
+    from keras_diffusion.model import load_model
+
+    model = load_model(args.model, precision=args.precision)
+    examples = demo.test_images(args.model, args.data_dir)
+    print(f"serving {args.model} on http://{args.host}:{args.port} "
+          f"({'no test images: pass --data-dir' if examples is None else 'with test images'}; "
+          "Ctrl-C stops it)", flush=True)
+    demo.launch(model, examples=examples, title=f"keras_diffusion: {args.model}", host=args.host,
+                port=args.port)
+
+
 # ------------------------------------------------- restoration and editing
 def _denoise_arguments(denoise):
     _application_arguments(denoise)
@@ -316,7 +401,7 @@ def _interpolate_arguments(interpolate):
 
 
 def _application_arguments(parser, inputs=True):
-    parser.add_argument("--model", required=True, help=".keras file")
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
     _precision_argument(parser)
     if inputs:
         parser.add_argument("--input", required=True, help="a .png/.jpg image or an .npz of images")
@@ -473,6 +558,11 @@ COMMANDS = {
                _export),
     "evaluate": ("score a model's samples with FID and KID against the test split",
                  _evaluate_arguments, _evaluate),
+    "presets": ("list the trained models shipped with the package, with their scores",
+                _no_arguments, _presets),
+    "push": ("upload a model to the Hugging Face Hub with a model card", _push_arguments, _push),
+    "demo": ("serve a web page to generate, inpaint, denoise and img2img with a model",
+             _demo_arguments, _demo),
     "denoise": ("remove Gaussian noise from images", _denoise_arguments, _denoise),
     "inpaint": ("fill in the masked part of images (RePaint)", _inpaint_arguments, _inpaint),
     "img2img": ("re-imagine images (SDEdit)", _img2img_arguments, _img2img),
@@ -497,21 +587,6 @@ def _check_writable(path):
         raise CommandError(f"cannot write {path}: {existing} is not a writable directory")
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """TensorFlow's C++ logging writes to file descriptor 2 while it loads;
-    keep that off the user's terminal so errors stay one line."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def _one_line(error):
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= 600 else text[:597] + "..."
@@ -532,7 +607,7 @@ def main(argv=None):
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        with _quiet_stderr():
+        with quiet_stderr():
             import keras_diffusion
 
             keras_diffusion._import_all()

@@ -402,20 +402,19 @@ def autoencoder_arguments(config):
     return {key: config["autoencoder"][key] for key in AUTOENCODER_ARGUMENTS}
 
 
-def dataset_of_run(model_path):
-    """The built-in dataset a model was trained on, read from the
-    `config.yaml` that `keras-diffusion train` wrote beside it."""
-    config_path = Path(model_path).parent / "config.yaml"
-    try:
-        data = yaml.safe_load(config_path.read_text()).get("data", {})
-    except (OSError, yaml.YAMLError, AttributeError):
-        data = {}
-    if data.get("image_folder") or data.get("dataset") not in DATASETS:
+def dataset_of_run(source):
+    """The built-in dataset a model was trained on: from a preset's or a Hub
+    repository's record, or from the `config.yaml` that `keras-diffusion
+    train` wrote beside the model file."""
+    from keras_diffusion.hub import record_of
+
+    dataset = record_of(source).get("dataset")
+    if dataset not in DATASETS:
         raise ConfigError(
-            f"cannot tell which dataset {model_path} was trained on (no usable {config_path}); "
-            f"pass --dataset ({', '.join(DATASETS)})"
+            f"cannot tell which dataset {source} was trained on (no usable "
+            f"{Path(source).parent / 'config.yaml'} or record); pass --dataset ({', '.join(DATASETS)})"
         )
-    return data["dataset"]
+    return dataset
 
 
 # ---------------------------------------------------------------- helpers

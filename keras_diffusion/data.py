@@ -196,7 +196,9 @@ def load_image_folder(
         seed: shuffling seed.
     """
     import keras
-    import tensorflow as tf
+    from keras_diffusion.quiet import import_tensorflow
+
+    tf = import_tensorflow()
 
     if labels not in ("inferred", None):
         raise ValueError(f"labels must be 'inferred' or None; got {labels!r}.")

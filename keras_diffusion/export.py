@@ -126,7 +126,9 @@ def export_saved_model(
     check_steps(denoise_steps, model.schedule.timesteps)
     if not backend.traces_saved_models():
         return _export_under_tensorflow(model, path, options)
-    import tensorflow as tf
+    from keras_diffusion.quiet import import_tensorflow
+
+    tf = import_tensorflow()
 
     archive = keras.export.ExportArchive()
     archive.track(_SamplingVariables(model))

@@ -80,7 +80,7 @@ _TITLE_POINTS = 10
 def _grid_figure(images, nrow, title):
     from matplotlib.figure import Figure
 
-    grid = _tile(images, nrow)
+    grid = tile_images(images, nrow)
     height, width = grid.shape[:2]
     scale = max(1, round(512 / max(height, width)))  # whole-pixel enlargement of small grids
     dpi = 100
@@ -102,7 +102,7 @@ def _grid_figure(images, nrow, title):
     return figure
 
 
-def _tile(images, nrow, padding=2):
+def tile_images(images, nrow=None, padding=2):
     """Arrange `(N, H, W, C)` images `nrow` to a row, with a white border."""
     count, height, width, channels = images.shape
     columns = math.ceil(math.sqrt(count)) if nrow is None else nrow

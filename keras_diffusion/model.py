@@ -510,6 +510,17 @@ class DiffusionModel(keras.Model):
         super().compile_from_config(dict(config, jit_compile="auto"))
 
     @classmethod
+    def from_preset(cls, preset, precision=None):
+        """A trained model by preset name, as KerasHub's `from_preset`:
+        `DiffusionModel.from_preset("mnist_conditional")`. Takes whatever
+        `load_model` takes (an `hf://` path, a `.keras` file) and checks the
+        model is a `cls`; `keras-diffusion presets` lists the names."""
+        model = load_model(preset, precision=precision)
+        if not isinstance(model, cls):
+            raise ValueError(f"{preset} holds a {type(model).__name__}, not a {cls.__name__}.")
+        return model
+
+    @classmethod
     def from_config(cls, config):
         config = dict(config)
         config["network"] = keras.saving.deserialize_keras_object(config["network"])
@@ -542,8 +553,16 @@ def check_model_arguments(*, prediction, ema_decay, min_snr_gamma, label_dropout
         raise ValueError(f"min_snr_gamma must be > 0 or None; got {min_snr_gamma!r}.")
 
 
-def load_model(path, precision=None):
-    """Load a `.keras` file saved from a `DiffusionModel`, on any backend.
+def load_model(source, precision=None):
+    """Load a trained `DiffusionModel`, on any backend, from `source`:
+
+    - a `.keras` file written by `model.save` or `keras-diffusion train`;
+    - the name of a preset shipped with the package (`keras-diffusion
+      presets` lists them), e.g. "mnist_conditional";
+    - `hf://OWNER/NAME`, a Hugging Face Hub repository written by
+      `keras-diffusion push` (needs `huggingface_hub`; cached after the
+      first download);
+    - a folder holding an unzipped Keras model (what a Hub repository is).
 
     The network computes in the global dtype policy (float32 unless set),
     whatever precision it was trained in: its weights are float32 either
@@ -552,21 +571,31 @@ def load_model(path, precision=None):
     `mixed_bfloat16` on an accelerator with native bfloat16 and float32
     elsewhere (`keras_diffusion.precision.resolve`).
 
-    Raises `FileNotFoundError` for a missing file and `ValueError` for a file
-    that is not a readable Keras archive, holds another kind of model, or
-    for an unknown `precision`.
+    Raises `FileNotFoundError` for a missing file, `OSError` when the Hub
+    cannot be reached, and `ValueError` for a file that is not a readable
+    Keras archive, holds another kind of model, or for an unknown
+    `precision`.
     """
     import os
     import zipfile
 
+    from keras_diffusion import hub
     from keras_diffusion import precision as precisions
+    from keras_diffusion import presets
 
     if precision is not None:
         precisions.check_precision(precision)
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model file not found: {path}")
-    if not path.endswith(".keras") or not zipfile.is_zipfile(path):
+    name = path = os.fspath(source)
+    if hub.is_hub_path(path):
+        path = hub.download(path)
+    elif presets.is_preset(path):
+        path = os.fspath(presets.preset_file(path))
+    elif os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        pass  # an unzipped model, as a Hub repository holds it
+    elif not os.path.isfile(path):
+        known = f" (nor a preset: {', '.join(presets.presets()) or 'none'})" if "." not in path else ""
+        raise FileNotFoundError(f"model file not found: {path}{known}")
+    elif not path.endswith(".keras") or not zipfile.is_zipfile(path):
         raise ValueError(
             f"{path} is not a Keras model archive; expected a .keras file written by "
             "model.save or keras-diffusion train."
@@ -579,9 +608,9 @@ def load_model(path, precision=None):
         model = keras.saving.load_model(path)
     except Exception as error:  # a truncated or foreign archive fails in many ways
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"could not load {path} as a Keras model ({first_line}).") from error
+        raise ValueError(f"could not load {name} as a Keras model ({first_line}).") from error
     finally:
         keras.mixed_precision.set_dtype_policy(global_policy)
     if not isinstance(model, DiffusionModel):
-        raise ValueError(f"{path} holds a {type(model).__name__}, not a keras_diffusion DiffusionModel.")
+        raise ValueError(f"{name} holds a {type(model).__name__}, not a keras_diffusion DiffusionModel.")
     return model

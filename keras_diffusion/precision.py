@@ -59,6 +59,34 @@ def cpu_model():
     return _cpuinfo("model name")
 
 
+# The instruction sets that decide which precision and backend are fast.
+_ISA = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
+        ("amx_bf16", "AMX-BF16"))
+
+
+def instruction_sets():
+    """The CPU's instruction sets that matter here, e.g. "AVX2, AVX-512"."""
+    flags = cpu_flags()
+    return ", ".join(name for flag, name in _ISA if flag in flags) or "no AVX2"
+
+
+def hardware():
+    """One line naming the machine a figure was measured on: the GPU torch
+    sees, else the CPU model, its instruction sets and core count."""
+    import os
+    import platform
+
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    model = cpu_model() or f"{platform.processor() or platform.machine()} CPU"
+    return f"{model} ({instruction_sets()}), {os.cpu_count()} cores"
+
+
 def is_native(dtype):
     """Whether this machine computes `dtype` ("bfloat16" or "float16")
     natively: on the backend's accelerator if it has one, else on the CPU."""

@@ -17,6 +17,7 @@ from keras_diffusion import precision
 from keras_diffusion.autoencoder import Autoencoder
 from keras_diffusion.callbacks import AtomicBackupAndRestore
 from keras_diffusion.callbacks import AtomicCSVLogger
+from keras_diffusion.callbacks import ProgressLog
 from keras_diffusion.callbacks import SampleGrid
 from keras_diffusion.callbacks import SampleQuality
 from keras_diffusion.callbacks import TerminateOnNonFiniteLoss
@@ -40,6 +41,7 @@ from keras_diffusion.images import save_loss_curve
 from keras_diffusion.latent import LatentDiffusionModel
 from keras_diffusion.model import DiffusionModel
 from keras_diffusion.network import UNet
+from keras_diffusion.quiet import import_tensorflow
 from keras_diffusion.schedule import DiffusionSchedule
 from keras_diffusion.text import TextEncoder
 from keras_diffusion.text import WordTokenizer
@@ -152,7 +154,7 @@ def build_optimizer(config, total_steps):
     return keras.optimizers.AdamW(learning_rate=lr, weight_decay=training["weight_decay"])
 
 
-def train(config, output_dir, verbose="auto", resume=False):
+def train(config, output_dir, verbose="auto", resume=False, log_every=None):
     """Train the model `config` describes and write, under `output_dir`:
     `model.keras`, `config.yaml`, `history.csv`, `loss.png`,
     `samples/epoch_NNNN.png`, `backup/` (the training state after the last
@@ -163,6 +165,9 @@ def train(config, output_dir, verbose="auto", resume=False):
     (after a crash, or to train a finished run further: raise
     `training.epochs`), and starts afresh when there is none. Without it, an
     `output_dir` holding a backup is refused rather than overwritten.
+
+    With `log_every` (seconds), a line of progress is printed at most that
+    often (`ProgressLog`), for output that goes to a log, not a terminal.
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite; the message
@@ -183,7 +188,7 @@ def train(config, output_dir, verbose="auto", resume=False):
         autoencoder = None
         if config["autoencoder"]["enabled"]:
             autoencoder = train_autoencoder(config, x, image_shape, output, verbose=verbose,
-                                            resume=resume)
+                                            resume=resume, log_every=log_every)
         model = build_model(config, image_shape, class_names, autoencoder, captions=y)
         grid_prompts = None
         if model.prompted:
@@ -197,6 +202,7 @@ def train(config, output_dir, verbose="auto", resume=False):
         _remove_stale_temporaries(output)
         save_config(config, output / "config.yaml")
         history, callbacks = _training_callbacks(config, output, grid_prompts)
+        callbacks += _progress(log_every)
         model.fit(
             x, y, batch_size=None if y is None and not hasattr(x, "shape") else training["batch_size"],
             epochs=training["epochs"], steps_per_epoch=training["steps_per_epoch"],
@@ -214,7 +220,8 @@ def train(config, output_dir, verbose="auto", resume=False):
 AUTOENCODER_BACKUP = "autoencoder_backup"
 
 
-def train_autoencoder(config, x, image_shape, output, verbose="auto", resume=False):
+def train_autoencoder(config, x, image_shape, output, verbose="auto", resume=False,
+                      log_every=None):
     """The autoencoder of a latent run: the one `autoencoder.path` names, or
     the one this run saved before it was interrupted (`resume`), or one
     trained on `x` now, saved as `output/autoencoder.keras` with its history
@@ -240,7 +247,8 @@ def train_autoencoder(config, x, image_shape, output, verbose="auto", resume=Fal
         x, batch_size=settings["batch_size"] if hasattr(x, "shape") else None,
         epochs=settings["epochs"], shuffle=True, verbose=verbose,
         callbacks=[TerminateOnNonFiniteLoss(backup),
-                   AtomicCSVLogger(output / "autoencoder_history.csv"), backup],
+                   AtomicCSVLogger(output / "autoencoder_history.csv"), backup,
+                   *_progress(log_every)],
     )
     if not hasattr(x, "shape"):  # a dataset: fit measured nothing
         x = _first_images(x, 4096)
@@ -254,7 +262,7 @@ def train_autoencoder(config, x, image_shape, output, verbose="auto", resume=Fal
     return autoencoder
 
 
-def train_autoencoder_stage(config, output_dir, verbose="auto", resume=False):
+def train_autoencoder_stage(config, output_dir, verbose="auto", resume=False, log_every=None):
     """Train only the autoencoder a config describes (its `autoencoder`
     section, on its data), as `keras-diffusion train-autoencoder` does:
     writes `autoencoder.keras`, `autoencoder_history.csv` and `config.yaml`
@@ -270,7 +278,8 @@ def train_autoencoder_stage(config, output_dir, verbose="auto", resume=False):
     output = Path(output_dir)
     _check_resume(config, output, resume, stage="autoencoder")
     with _training_data(config, config["autoencoder"]["batch_size"]) as (x, _, image_shape, _):
-        return train_autoencoder(config, x, image_shape, output, verbose=verbose, resume=resume)
+        return train_autoencoder(config, x, image_shape, output, verbose=verbose, resume=resume,
+                                 log_every=log_every)
 
 
 @contextlib.contextmanager
@@ -278,6 +287,7 @@ def _training_data(config, batch_size):
     """The seed, precision policy and distribution of a run, for as long as
     it trains, and its data `(x, y, image_shape, class_names)` shared evenly
     over the devices in batches of `batch_size`."""
+    import_tensorflow()  # which set_random_seed seeds under every backend
     keras.utils.set_random_seed(config["seed"])
     keras.mixed_precision.set_dtype_policy(precision.resolve(config["training"]["precision"]))
     try:
@@ -334,6 +344,11 @@ def _grid_prompts(config, captions):
     if not config["data"]["image_folder"]:
         return [texts[0] for texts in class_prompts(config["data"]["dataset"], "held_out")]
     return list(dict.fromkeys(captions))[:4]
+
+
+def _progress(log_every):
+    """A `ProgressLog` in a list when `log_every` is set, else no callback."""
+    return [] if log_every is None else [ProgressLog(log_every)]
 
 
 def _training_callbacks(config, output, grid_prompts=None):

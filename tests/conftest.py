@@ -141,6 +141,17 @@ def child_env(backend=None, xla_flags=()):
                 XLA_FLAGS=" ".join(filter(None, flags)))
 
 
+def cli_main(*args):
+    """`keras-diffusion ARGS` in-process, through `cli.main` as the console
+    script calls it; its exit code (argparse's errors included)."""
+    from keras_diffusion import cli
+
+    try:
+        return cli.main([str(arg) for arg in args])
+    except SystemExit as exit_info:
+        return exit_info.code
+
+
 def run_cli(*args, backend=None, cwd=None, timeout=600):
     """Run `keras-diffusion` in a subprocess; returns the CompletedProcess."""
     import subprocess

@@ -48,7 +48,7 @@ fi
 
 # One thread per framework in each lane, in every process the tests start.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=2
-export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_cpu_multi_thread_eigen=false"
 start=$(date +%s)
 run_backend jax "$@" >"$logs/jax" 2>&1 &
 jax_lane=$!

@@ -3,23 +3,21 @@ subprocess; sampling and most error cases run in-process through `cli.main`,
 what the console script calls, and a few in subprocesses, as a shell runs them."""
 
 import csv
+import io
+import re
 
 import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
+import keras_diffusion as kd
+
 from conftest import BACKEND
 from conftest import ROOT
+from conftest import cli_main
+from conftest import one_level_model
+from conftest import squares
 from conftest import run_cli
-from keras_diffusion import cli
-
-
-def _main(*args):
-    """`keras-diffusion ARGS` in-process; its exit code."""
-    try:
-        return cli.main([str(arg) for arg in args])
-    except SystemExit as exit_info:  # argparse's errors
-        return exit_info.code
 
 
 def test_train_writes_every_output(smoke_run):
@@ -36,7 +34,7 @@ def test_train_writes_every_output(smoke_run):
 
 def test_sample_writes_grid_and_npz(smoke_run, tmp_path, capsys):
     out, npz = tmp_path / "grid.png", tmp_path / "samples.npz"
-    code = _main("sample", "--model", smoke_run / "model.keras", "--num", 6, "--steps", 3,
+    code = cli_main("sample", "--model", smoke_run / "model.keras", "--num", 6, "--steps", 3,
                  "--sampler", "ddpm", "--seed", 1, "--out", out, "--npz", npz)
     assert code == 0, capsys.readouterr().err[-2000:]
     images = np.load(npz)["images"]
@@ -57,7 +55,7 @@ def test_sample_under_another_backend_matches(smoke_run, tmp_path, capsys):
         args = ["sample", "--model", smoke_run / "model.keras", "--num", 2, "--steps", 3,
                 "--out", tmp_path / f"{backend}.png", "--npz", paths[backend], "--backend", backend]
         if backend == BACKEND:  # this process runs BACKEND already
-            assert _main(*args) == 0, capsys.readouterr().err[-2000:]
+            assert cli_main(*args) == 0, capsys.readouterr().err[-2000:]
         else:
             result = run_cli(*args)
             assert result.returncode == 0, result.stderr[-2000:]
@@ -68,7 +66,8 @@ def test_sample_under_another_backend_matches(smoke_run, tmp_path, capsys):
 
 
 # A subprocess for one error argparse reports and one reported after Keras
-# loads (whose start must not reach stderr); the others in-process.
+# loads and training imports TensorFlow under JAX (whose start-up lines must
+# not reach stderr); the others in-process.
 @pytest.mark.parametrize(
     "args,message,subprocess",
     [
@@ -76,7 +75,9 @@ def test_sample_under_another_backend_matches(smoke_run, tmp_path, capsys):
         (["train", "--config", "configs/smoke.yaml", "--set", "trainig.epochs=2"],
          "did you mean 'training.epochs'", False),
         (["sample", "--model", "missing.keras", "--out", "x.png"], "model file not found: missing.keras",
-         True),
+         False),
+        (["train", "--config", "configs/smoke.yaml", "--data-dir", "no-such-dir", "--backend", "jax"],
+         "no-such-dir/mnist.npz not found", True),
         (["sample", "--model", "m.keras", "--out", "x.jpg"], "--out must end in .png; got x.jpg", False),
         (["sample", "--model", "m.keras"], "the following arguments are required: --out", True),
         (["train", "--config", "configs/smoke.yaml", "--backend", "mxnet"], "invalid choice: 'mxnet'",
@@ -89,10 +90,25 @@ def test_errors_are_one_line_exit_2(args, message, subprocess, capsys, monkeypat
         code, stderr = result.returncode, result.stderr
     else:
         monkeypatch.chdir(ROOT)
-        code = _main(*args)
+        code = cli_main(*args)
         stderr = capsys.readouterr().err
     assert code == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
     assert message in lines[0]
     assert "Traceback" not in stderr
+
+
+def test_progress_lines_for_logs():
+    """What `train` prints between epochs when its output is not a terminal."""
+    model = one_level_model()
+    stream = io.StringIO()
+    model.fit(squares(24), batch_size=8, epochs=2, verbose=0,
+              callbacks=[kd.ProgressLog(every_seconds=0, stream=stream)])
+    lines = stream.getvalue().splitlines()
+    assert [line.split("  ")[:2] for line in lines] == [
+        [f"epoch {epoch}/2", f"step {step}/3"] for epoch in (1, 2) for step in (1, 2, 3)]
+    assert re.fullmatch(r"epoch 2/2  step 3/3  loss \d+\.\d{4}  "
+                        r"\(\d+\.\d min, ~0\.0 min left in the epoch\)", lines[-1])
+    with pytest.raises(ValueError, match="every_seconds must be >= 0; got -1"):
+        kd.ProgressLog(every_seconds=-1)
