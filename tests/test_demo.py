@@ -10,6 +10,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import BACKEND
+from conftest import cli_main
 from conftest import tiny_model
 from keras_diffusion import demo
 
@@ -149,6 +151,8 @@ def _screenshot(browser, name):
         browser.save_screenshot(os.path.join(folder, f"demo_{name}.png"))
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="the page is the same on every backend (its "
+                                              "functions are tested on each); run under JAX")
 def test_the_page_works_in_a_browser(data_dir):
     selenium = pytest.importorskip("selenium", reason="selenium is in the dev extra")
     from selenium.webdriver import ActionChains
@@ -212,3 +216,11 @@ def test_the_page_works_in_a_browser(data_dir):
     finally:
         browser.quit()
         app.close()
+
+
+def test_the_demo_command_refuses_bad_arguments(capsys):
+    for argv, message in ((["--model", "m.keras", "--port", "0"], "--port must be from 1 to 65535; got 0"),
+                          (["--model", "missing.keras"], "model file not found: missing.keras")):
+        assert cli_main("demo", *argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0] == f"keras-diffusion demo: error: {message}"
