@@ -110,6 +110,31 @@ def make(name, args):
     print(json.dumps(record["evaluation"], indent=2))
 
 
+def table():
+    """The Markdown table of the shipped presets, from their records."""
+    from keras_diffusion.presets import presets
+
+    lines = ["| preset | config | params | MB | FID | KID | label accuracy | trained |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, record in presets().items():
+        full = record["evaluation"][0]
+        accuracy = full.get("label_accuracy")
+        lines.append(
+            f"| `{name}` | `{record['command'].split('--config ')[1].split()[0]}` | "
+            f"{record['parameters'] / 1e6:.2f}M | {record['file_mb']:.1f} | {full['fid']:.2f} | "
+            f"{full['kid']:.4f} | {'-' if accuracy is None else f'{accuracy:.1%}'} | "
+            f"{record['training_minutes']:.0f} min, {record['backend']}, {record['hardware']} |")
+    first = next(iter(presets().values()), None)
+    if first:
+        full = first["evaluation"][0]
+        lines += ["", f"Scores: {full['num_images']:,} samples, DPM-Solver++(2M) {full['steps']} steps, "
+                      "against the test split, over the built-in feature net (docs/quality.md); "
+                      "label accuracy with guidance "
+                      f"{full['guidance']:g}. Made by `python benchmarks/presets.py NAME --data-dir D "
+                      "--write README.md`."]
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help=f"presets to make: {', '.join(PRESETS)}")
@@ -120,7 +145,11 @@ def main():
     parser.add_argument("--skip-training", action="store_true",
                         help="re-record from the runs already in --runs")
     parser.add_argument("--list", action="store_true", help="print the presets and configs")
+    parser.add_argument("--write", help="put the table of shipped presets into this Markdown file")
     args = parser.parse_args()
+    if args.write and not args.names:
+        _write(args.write)
+        return
     if args.list or not args.names:
         for name, (config, description) in PRESETS.items():
             print(f"{name:18} {config:32} {description}")
@@ -133,6 +162,15 @@ def main():
     os.environ["KERAS_BACKEND"] = args.backend
     for name in args.names:
         make(name, args)
+    if args.write:
+        _write(args.write)
+
+
+def _write(path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _markdown import write_between_markers
+
+    write_between_markers(Path(path), "presets", table(), "Presets")
 
 
 if __name__ == "__main__":
