@@ -148,7 +148,13 @@ def _screenshot(browser, name):
     """With KD_DEMO_SCREENSHOTS=DIR, a picture of the page for the docs."""
     folder = os.environ.get("KD_DEMO_SCREENSHOTS")
     if folder:
-        browser.save_screenshot(os.path.join(folder, f"demo_{name}.png"))
+        from PIL import Image
+
+        path = os.path.join(folder, f"demo_{name}.png")
+        browser.save_screenshot(path)
+        page = np.asarray(Image.open(path).convert("L"))
+        rows = np.flatnonzero(page.min(axis=1) < 250)  # down to the last row with content
+        Image.open(path).crop((0, 0, page.shape[1], rows[-1] + 24)).save(path)
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="the page is the same on every backend (its "
