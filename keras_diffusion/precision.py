@@ -71,20 +71,22 @@ def instruction_sets():
 
 
 def hardware():
-    """One line naming the machine a figure was measured on: the GPU torch
-    sees, else the CPU model, its instruction sets and core count."""
+    """One line naming the machine a figure was measured on: the CPU model,
+    its instruction sets and core count, and the accelerator the Keras
+    backend runs on, if any (which loads Keras)."""
     import os
     import platform
 
-    try:
-        import torch
+    from keras_diffusion import backend
 
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
     model = cpu_model() or f"{platform.processor() or platform.machine()} CPU"
-    return f"{model} ({instruction_sets()}), {os.cpu_count()} cores"
+    cpu = f"{model} ({instruction_sets()}), {os.cpu_count()} cores"
+    device = backend.current().accelerator()
+    if device is None:
+        return cpu
+    if device in ("tpu", "gpu"):
+        return f"a {device.upper()} on {cpu}"
+    return f"a CUDA GPU (compute capability {device[0]}.{device[1]}) on {cpu}"
 
 
 def is_native(dtype):
