@@ -160,11 +160,13 @@ def model_card(record, repo_id=None):
               "and PyTorch backends of Keras 3.")
     lines += [about, ""]
     where = f"hf://{repo_id}" if repo_id else record.get("name", "MODEL")
-    example = ("labels=list(range(10)), guidance_scale=2.0, " if conditional else
+    classes = (config.get("network") or {}).get("num_classes")
+    example = (f"labels=list(range({min(classes, 10)})), guidance_scale=2.0, " if conditional else
                'prompts="a handwritten seven", guidance_scale=3.0, ' if prompted else "")
     lines += ["## Use", "", "```python", "import keras_diffusion as kd", "",
               f'model = kd.load_model("{where}")',
-              f"images = model.generate(10, {example}steps=20, sampler=\"dpmpp_2m\", seed=0)",
+              f"images = model.generate({min(classes or 10, 10)}, {example}steps=20, "
+              'sampler="dpmpp_2m", seed=0)',
               "```", "", "or from the command line:", "", "```",
               f"keras-diffusion sample --model {where} --num 16 --out samples.png", "```", ""]
     training = [f"- {label}: {record[key]}" for key, label in (
