@@ -124,14 +124,14 @@ def table():
             f"{record['parameters'] / 1e6:.2f}M | {record['file_mb']:.1f} | {full['fid']:.2f} | "
             f"{full['kid']:.4f} | {'-' if accuracy is None else f'{accuracy:.1%}'} | "
             f"{record['training_minutes']:.0f} min, {record['backend']}, {record['hardware']} |")
-    first = next(iter(presets().values()), None)
-    if first:
-        full = first["evaluation"][0]
-        lines += ["", f"Scores: {full['num_images']:,} samples, DPM-Solver++(2M) {full['steps']} steps, "
-                      "against the test split, over the built-in feature net (docs/quality.md); "
-                      "label accuracy with guidance "
-                      f"{full['guidance']:g}. Made by `python benchmarks/presets.py NAME --data-dir D "
-                      "--write README.md`."]
+    rows = [record["evaluation"][0] for record in presets().values()]
+    if rows:
+        guided = [row["guidance"] for row in rows if "label_accuracy" in row]
+        lines += ["", f"Scores: {rows[0]['num_images']:,} samples, DPM-Solver++(2M) "
+                      f"{rows[0]['steps']} steps, against the test split, over the built-in "
+                      "feature net (docs/quality.md)"
+                      + (f"; class-conditional presets with guidance {guided[0]:g}" if guided else "")
+                      + ". Made by `python benchmarks/presets.py NAME --data-dir D --write README.md`."]
     return "\n".join(lines)
 
 

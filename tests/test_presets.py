@@ -22,7 +22,7 @@ from keras_diffusion import presets
 from keras_diffusion.config import dataset_of_run
 
 # Trained by benchmarks/presets.py from configs/*.yaml.
-SHIPPED = ("mnist_conditional",)
+SHIPPED = ("cifar10", "mnist_conditional")
 
 
 @pytest.fixture(scope="module")
