@@ -288,19 +288,19 @@ def _no_arguments(parser):
 
 
 def _presets(args):
+    from keras_diffusion.presets import format_number
+    from keras_diffusion.presets import model_kind
     from keras_diffusion.presets import presets
 
     rows = [("name", "dataset", "kind", "params", "MB", "FID", "KID", "accuracy", "trained")]
     for name, record in presets().items():
-        config = record.get("config", {})
-        kind = ("prompted" if config.get("text", {}).get("enabled") else "conditional"
-                if config.get("network", {}).get("num_classes") else "unconditional")
+        kind = model_kind(record.get("config") or {}).replace("class-", "")
         scores = (record.get("evaluation") or [{}])[0]
         accuracy = scores.get("label_accuracy", scores.get("prompt_adherence"))
         rows.append((
             name, record.get("dataset", "-"), kind, f"{record.get('parameters', 0) / 1e6:.1f}M",
-            f"{record.get('file_mb', 0):.1f}", _format(scores.get("fid"), ".2f"),
-            _format(scores.get("kid"), ".4f"), _format(accuracy, ".1%"),
+            f"{record.get('file_mb', 0):.1f}", format_number(scores.get("fid"), ".2f"),
+            format_number(scores.get("kid"), ".4f"), format_number(accuracy, ".1%"),
             f"{record.get('training_minutes', 0):.0f} min, {record.get('backend', '?')}, "
             f"{record.get('hardware', '?')}"))
     if len(rows) == 1:
@@ -311,10 +311,6 @@ def _presets(args):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     print("scores: keras-diffusion evaluate --model NAME (the record's command reproduces them; "
           "see each preset's .json)")
-
-
-def _format(value, spec):
-    return "-" if value is None else format(value, spec)
 
 
 def _push_arguments(push):

@@ -138,18 +138,24 @@ def _last_evaluation(history_path):
     return None
 
 
+def model_kind(config):
+    """"prompted", "class-conditional" or "unconditional", from a config."""
+    if (config.get("text") or {}).get("enabled"):
+        return "prompted"
+    return "class-conditional" if (config.get("network") or {}).get("num_classes") else "unconditional"
+
+
 def model_card(record, repo_id=None):
     """The README.md of a Hub repository holding a model with `record`:
     metadata for the Hub, how to load and sample it, and how it was
     trained and scored, as far as the record knows."""
     dataset = record.get("dataset")
     config = record.get("config") or {}
-    prompted = bool((config.get("text") or {}).get("enabled"))
-    conditional = (config.get("network") or {}).get("num_classes") is not None
+    kind = model_kind(config)
+    prompted, conditional = kind == "prompted", kind == "class-conditional"
     tags = ["keras-diffusion", "keras", "diffusion", "image-generation"] + ([dataset] if dataset else [])
     pipeline_tag = "text-to-image" if prompted else "unconditional-image-generation"
     name = repo_id or record.get("name", "model")
-    kind = "prompted" if prompted else "class-conditional" if conditional else "unconditional"
     lines = ["---", "library_name: keras", f"pipeline_tag: {pipeline_tag}", "tags:"]
     lines += [f"- {tag}" for tag in tags]
     lines += ["---", "", f"# {name}", ""]
@@ -186,8 +192,8 @@ def model_card(record, repo_id=None):
             accuracy = row.get("label_accuracy", row.get("prompt_adherence"))
             lines.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
                 row.get("num_images", "-"), row.get("sampler", "-"), row.get("steps", "-"),
-                row.get("guidance", "-"), _number(row.get("fid"), ".3f"),
-                _number(row.get("kid"), ".5f"), _number(accuracy, ".2%"),
+                row.get("guidance", "-"), format_number(row.get("fid"), ".3f"),
+                format_number(row.get("kid"), ".5f"), format_number(accuracy, ".2%"),
                 f"`{row['command']}`" if row.get("command") else row.get("source", "-")))
         lines.append("")
     if config:
@@ -198,5 +204,6 @@ def model_card(record, repo_id=None):
     return "\n".join(lines)
 
 
-def _number(value, spec):
+def format_number(value, spec):
+    """`value` formatted by `spec`, or "-" for a score that is missing."""
     return "-" if value is None else format(value, spec)
