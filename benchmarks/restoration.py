@@ -83,17 +83,6 @@ def _parse():
 
 
 # ------------------------------------------------------------------ metrics
-def psnr(restored, clean, region=None):
-    """Per-image PSNR (peak 1.0), over `region` (a boolean mask) if given."""
-    error = (np.clip(restored, 0, 1) - clean) ** 2
-    if region is None:
-        mse = error.reshape(len(clean), -1).mean(axis=1)
-    else:
-        region = np.broadcast_to(region, clean.shape).reshape(len(clean), -1)
-        mse = (error.reshape(len(clean), -1) * region).sum(axis=1) / region.sum(axis=1)
-    return 10 * np.log10(1.0 / np.maximum(mse, 1e-12))
-
-
 def ssim(restored, clean):
     from skimage.metrics import structural_similarity
 
@@ -111,6 +100,8 @@ def timed(fn):
 
 # ---------------------------------------------------------------- denoising
 def denoising(model, clean, args):
+    import keras_diffusion as kd
+
     rng = np.random.default_rng(0)
     rows = []
     for sigma in SIGMAS:
@@ -129,7 +120,7 @@ def denoising(model, clean, args):
         for name, fn in methods.items():
             restored, seconds = timed(fn)
             target = clean[:len(restored)]
-            rows.append((sigma, name, psnr(restored, target), ssim(restored, target),
+            rows.append((sigma, name, kd.metrics.psnr(restored, target), ssim(restored, target),
                          seconds / len(restored)))
             print(f"  sigma {sigma} {name}: PSNR {rows[-1][2].mean():.2f} "
                   f"SSIM {rows[-1][3].mean():.3f} ({len(restored)} images)", flush=True)
@@ -170,7 +161,8 @@ def inpainting(model, clean, args):
         }
         for name, fn in methods.items():
             restored, seconds = timed(fn)
-            rows.append((kind, name, psnr(restored, clean, missing).mean(), seconds / len(clean)))
+            score = kd.metrics.psnr(restored, clean, missing).mean()
+            rows.append((kind, name, score, seconds / len(clean)))
             print(f"  {kind} {name}: PSNR (missing pixels) {rows[-1][2]:.2f}", flush=True)
     return rows
 

@@ -340,10 +340,10 @@ class Autoencoder(keras.Model):
     def psnr(self, images, batch_size=None):
         """The reconstruction PSNR of `images` in dB (peak 1.0, per image,
         then averaged), the measure of an autoencoder's quality."""
+        from keras_diffusion.metrics import psnr
+
         images = check_images(images, self.image_shape)
-        error = self.reconstruct(images, batch_size=batch_size).astype(np.float64) - images
-        mse = np.mean(error**2, axis=tuple(range(1, images.ndim)))
-        return float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-12))))
+        return float(psnr(self.reconstruct(images, batch_size=batch_size), images).mean())
 
     # -------------------------------------------------------- serialisation
     def get_config(self):

@@ -17,13 +17,13 @@ message, never a traceback.
 >>> app.launch()                                   # http://127.0.0.1:7860
 """
 
-import math
 import os
 import time
 
 import numpy as np
 
 from keras_diffusion.images import tile_images
+from keras_diffusion.metrics import psnr
 
 # Small images are shown enlarged by a whole factor, to about this many pixels.
 DISPLAY_PIXELS = 256
@@ -171,8 +171,8 @@ def denoise(model, image, *, sigma=0.2, steps=10, seed=0):
                         f"{steps} steps")
     shown = [noisy, result.images[0]]
     if sigma > 0:
-        line += (f"; PSNR {_psnr(noisy, clean):.1f} dB noisy, "
-                 f"{_psnr(result.images[0], clean):.1f} dB denoised")
+        noisy_db, denoised_db = psnr(np.stack([noisy, result.images[0]]), np.stack([clean, clean]))
+        line += f"; PSNR {noisy_db:.1f} dB noisy, {denoised_db:.1f} dB denoised"
         shown.append(clean)
     return to_display(np.stack(shown), display_scale(model)), line
 
@@ -191,11 +191,6 @@ def img2img(model, image, *, strength=0.5, labels="", prompt="", guidance=1.0, s
             _took(start, f"strength {strength}, {steps} steps"))
 
 
-def _psnr(a, b):
-    mse = float(np.mean((np.clip(a, 0, 1) - b) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
 # ------------------------------------------------------------------ the page
 def _gradio():
     # The page is local: no usage statistics sent to Gradio's servers.
@@ -211,130 +206,157 @@ def build_app(model, examples=None, title="keras_diffusion"):
     """The Gradio `Blocks` of the page for `model`; `examples` (`(N, H, W,
     C)` images in [0, 1], e.g. test images) can be picked in the inpaint,
     denoise and img2img tabs."""
-    gr = _gradio()
-    scale = display_scale(model)
-    height, width, channels = model.image_shape
-    shown = (width * scale, height * scale)
-    mode = "L" if channels == 1 else "RGB"
-    examples = [] if examples is None else [
-        to_display(image[None], scale, nrow=1)[2 * scale:-2 * scale, 2 * scale:-2 * scale]
-        for image in examples]
-    conditional, prompted = getattr(model, "conditional", False), getattr(model, "prompted", False)
-    class_names = ", ".join(model.class_names or map(str, range(model.num_classes))) if conditional \
-        else ""
+    page = _Page(model, examples)
+    with page.gr.Blocks(title=title) as app:
+        page.gr.Markdown(f"## {title}\n{_describe(model)}")
+        for tab in (page.generate_tab, page.inpaint_tab, page.denoise_tab, page.img2img_tab):
+            tab()
+    return app
 
-    def on_page(function):
-        """The page shows a `ValueError`'s sentence, not a traceback."""
+
+class _Page:
+    """The parts every tab of the page shares: the model, how its images are
+    shown, the test images to pick, and the conditioning inputs it takes."""
+
+    def __init__(self, model, examples):
+        self.gr = _gradio()
+        self.model = model
+        self.scale = display_scale(model)
+        height, width, channels = model.image_shape
+        self.shown = (width * self.scale, height * self.scale)
+        self.mode = "L" if channels == 1 else "RGB"
+        border = 2 * self.scale
+        self.examples = [] if examples is None else [
+            to_display(image[None], self.scale, nrow=1)[border:-border, border:-border]
+            for image in examples]
+        self.conditional = getattr(model, "conditional", False)
+        self.prompted = getattr(model, "prompted", False)
+
+    # ------------------------------------------------------------ helpers
+    def on_page(self, function):
+        """`function` as a handler whose `ValueError` the page shows as one
+        sentence, not a traceback."""
         def run(*args):
             try:
                 return function(*args)
             except ValueError as error:
-                raise gr.Error(" ".join(str(error).split()), print_exception=False) from None
+                raise self.gr.Error(" ".join(str(error).split()), print_exception=False) from None
         return run
 
-    def condition_inputs(tab):
-        inputs = []
-        if conditional:
-            inputs.append(gr.Textbox(label=f"labels (comma-separated; classes: {class_names})",
+    def condition_inputs(self, tab):
+        """Labels, a prompt and a guidance scale, as far as the model takes them."""
+        gr, inputs = self.gr, []
+        if self.conditional:
+            names = ", ".join(self.model.class_names or map(str, range(self.model.num_classes)))
+            inputs.append(gr.Textbox(label=f"labels (comma-separated; classes: {names})",
                                      value="", elem_id=f"{tab}-labels"))
-        if prompted:
+        if self.prompted:
             inputs.append(gr.Textbox(label="prompt", value="", elem_id=f"{tab}-prompt"))
-        if conditional or prompted:
+        if self.conditional or self.prompted:
             inputs.append(gr.Slider(0, 8, value=2.0 if tab == "generate" else 1.0, step=0.5,
                                     label="guidance scale", elem_id=f"{tab}-guidance"))
         return inputs
 
-    def action(tab, text, shows):
-        """The tab's button, the image it shows and the line saying how long it took."""
-        button = gr.Button(text, variant="primary", elem_id=f"{tab}-button")
-        output = gr.Image(label=shows, elem_id=f"{tab}-output", format="png")
-        return button, output, gr.Markdown(elem_id=f"{tab}-timing")
-
-    def image_input(tab):
-        image = gr.Image(label="image", type="numpy", image_mode=mode, sources=("upload",),
-                         elem_id=f"{tab}-input")
-        if examples:
-            gr.Examples([[example] for example in examples], [image], label="test images")
-        return image
-
-    def conditions(values):
-        values = list(values)
-        found = {}
-        if conditional:
+    def conditions(self, values):
+        """The values of `condition_inputs` as keyword arguments, and the rest."""
+        values, found = list(values), {}
+        if self.conditional:
             found["labels"] = values.pop(0)
-        if prompted:
+        if self.prompted:
             found["prompt"] = values.pop(0)
-        if conditional or prompted:
+        if self.conditional or self.prompted:
             found["guidance"] = values.pop(0)
         return found, values
 
-    with gr.Blocks(title=title) as app:
-        gr.Markdown(f"## {title}\n{_describe(model)}")
+    def action(self, tab, text, shows):
+        """The tab's button, the image it shows and the line saying how long it took."""
+        button = self.gr.Button(text, variant="primary", elem_id=f"{tab}-button")
+        output = self.gr.Image(label=shows, elem_id=f"{tab}-output", format="png")
+        return button, output, self.gr.Markdown(elem_id=f"{tab}-timing")
+
+    def image_input(self, tab):
+        image = self.gr.Image(label="image", type="numpy", image_mode=self.mode,
+                              sources=("upload",), elem_id=f"{tab}-input")
+        if self.examples:
+            self.gr.Examples([[example] for example in self.examples], [image], label="test images")
+        return image
+
+    def seed_input(self, label="seed"):
+        return self.gr.Number(0, precision=0, label=label)
+
+    # ------------------------------------------------------------ the tabs
+    def generate_tab(self):
+        gr = self.gr
         with gr.Tab("Generate", id="generate"):
-            condition = condition_inputs("generate")
+            condition = self.condition_inputs("generate")
             with gr.Row():
-                num = gr.Slider(1, 64, value=min(8, 64), step=1, label="images")
+                num = gr.Slider(1, 64, value=8, step=1, label="images")
                 sampler = gr.Dropdown(list(SAMPLERS), value="dpmpp_2m", label="sampler")
                 steps = gr.Slider(1, 100, value=20, step=1, label="steps")
-                seed = gr.Number(0, precision=0, label="seed")
-            button, output, timing = action("generate", "Generate", "samples")
+                seed = self.seed_input()
+            button, output, timing = self.action("generate", "Generate", "samples")
 
-            def run_generate(*values):
-                found, (n, sampler_name, step_count, seed_value) = conditions(values)
-                return generate(model, num=n, sampler=sampler_name, steps=step_count,
-                                seed=seed_value, **found)
-            button.click(on_page(run_generate), [*condition, num, sampler, steps, seed],
-                         [output, timing])
+        def run(*values):
+            found, (n, sampler_name, step_count, seed_value) = self.conditions(values)
+            return generate(self.model, num=n, sampler=sampler_name, steps=step_count,
+                            seed=seed_value, **found)
+        button.click(self.on_page(run), [*condition, num, sampler, steps, seed], [output, timing])
 
+    def inpaint_tab(self):
+        gr = self.gr
         with gr.Tab("Inpaint", id="inpaint"):
             editor = gr.ImageEditor(
                 label="paint over what to fill in", type="numpy", image_mode="RGBA",
-                canvas_size=shown, sources=("upload",), transforms=(), layers=False,
-                brush=gr.Brush(colors=["#ff3030"], default_size=max(4, 3 * scale),
+                canvas_size=self.shown, sources=("upload",), transforms=(), layers=False,
+                brush=gr.Brush(colors=["#ff3030"], default_size=max(4, 3 * self.scale),
                                color_mode="fixed"),
                 elem_id="inpaint-editor")
-            if examples:
+            if self.examples:
                 gr.Examples([[{"background": image, "layers": [], "composite": image}]
-                             for image in examples], [editor], label="test images")
-            condition = condition_inputs("inpaint")
+                             for image in self.examples], [editor], label="test images")
+            condition = self.condition_inputs("inpaint")
             with gr.Row():
                 steps = gr.Slider(5, 100, value=25, step=1, label="steps")
-                seed = gr.Number(0, precision=0, label="seed")
-            button, output, timing = action("inpaint", "Inpaint", "with the hole | filled in")
+                seed = self.seed_input()
+            button, output, timing = self.action("inpaint", "Inpaint", "with the hole | filled in")
 
-            def run_inpaint(value, *values):
-                found, (step_count, seed_value) = conditions(values)
-                return inpaint(model, value, steps=step_count, seed=seed_value, **found)
-            button.click(on_page(run_inpaint), [editor, *condition, steps, seed], [output, timing])
+        def run(value, *values):
+            found, (step_count, seed_value) = self.conditions(values)
+            return inpaint(self.model, value, steps=step_count, seed=seed_value, **found)
+        button.click(self.on_page(run), [editor, *condition, steps, seed], [output, timing])
 
+    def denoise_tab(self):
+        gr = self.gr
         with gr.Tab("Denoise", id="denoise"):
-            image = image_input("denoise")
+            image = self.image_input("denoise")
             with gr.Row():
                 sigma = gr.Slider(0, 1, value=0.2, step=0.01,
                                   label="add noise of sigma (0: the image is noisy already)")
                 steps = gr.Slider(1, 50, value=10, step=1, label="steps")
-                seed = gr.Number(0, precision=0, label="noise seed")
-            button, output, timing = action("denoise", "Denoise", "noisy | denoised | clean")
-            button.click(on_page(lambda picture, s, n, r: denoise(model, picture, sigma=s, steps=n,
-                                                                 seed=r)),
-                         [image, sigma, steps, seed], [output, timing])
+                seed = self.seed_input("noise seed")
+            button, output, timing = self.action("denoise", "Denoise", "noisy | denoised | clean")
 
+        def run(picture, sigma_value, step_count, seed_value):
+            return denoise(self.model, picture, sigma=sigma_value, steps=step_count, seed=seed_value)
+        button.click(self.on_page(run), [image, sigma, steps, seed], [output, timing])
+
+    def img2img_tab(self):
+        gr = self.gr
         with gr.Tab("img2img", id="img2img"):
-            image = image_input("img2img")
-            condition = condition_inputs("img2img")
+            image = self.image_input("img2img")
+            condition = self.condition_inputs("img2img")
             with gr.Row():
                 strength = gr.Slider(0.05, 1, value=0.5, step=0.05, label="strength")
                 steps = gr.Slider(5, 100, value=50, step=1, label="steps")
-                seed = gr.Number(0, precision=0, label="seed")
-            button, output, timing = action("img2img", "img2img", "image | result")
+                seed = self.seed_input()
+            button, output, timing = self.action("img2img", "img2img", "image | result")
 
-            def run_img2img(picture, *values):
-                found, (strength_value, step_count, seed_value) = conditions(values)
-                return img2img(model, picture, strength=strength_value, steps=step_count,
-                               seed=seed_value, **found)
-            button.click(on_page(run_img2img), [image, *condition, strength, steps, seed],
-                         [output, timing])
-    return app
+        def run(picture, *values):
+            found, (strength_value, step_count, seed_value) = self.conditions(values)
+            return img2img(self.model, picture, strength=strength_value, steps=step_count,
+                           seed=seed_value, **found)
+        button.click(self.on_page(run), [image, *condition, strength, steps, seed],
+                     [output, timing])
 
 
 def test_images(source, data_dir=None, count=6):

@@ -65,6 +65,23 @@ def _naive_mmd(x, y):
     return xx + yy - 2 * xy
 
 
+def test_psnr_is_closed_form_per_image_and_over_a_mask():
+    clean = np.full((2, 4, 4, 1), 0.5)
+    noisy = clean.copy()
+    noisy[0] += 0.1                  # MSE 0.01: 20 dB
+    noisy[1, :2] += 0.2              # MSE 0.04 on half the pixels, 0.02 overall
+    np.testing.assert_allclose(metrics.psnr(noisy, clean), [20.0, 10 * np.log10(50)])
+    top = np.zeros((4, 4, 1), bool)
+    top[:2] = True                   # broadcast to every image
+    np.testing.assert_allclose(metrics.psnr(noisy, clean, top), [20.0, 10 * np.log10(25)])
+    assert metrics.psnr(clean + 0.8, clean)[0] == pytest.approx(10 * np.log10(4))  # clipped to 1
+    assert metrics.psnr(clean, clean)[0] == pytest.approx(120.0)
+    with pytest.raises(ValueError, match=r"equal shape .*\(2, 4, 4, 1\) and \(1, 4, 4, 1\)"):
+        metrics.psnr(noisy, clean[:1])
+    with pytest.raises(ValueError, match="selects no pixel"):
+        metrics.psnr(noisy, clean, np.zeros((4, 4, 1), bool))
+
+
 def test_kernel_distance_is_the_unbiased_polynomial_mmd():
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(12, 3)), rng.normal(0.7, 1.0, size=(12, 3))
