@@ -106,7 +106,7 @@ class SampleGrid(keras.callbacks.Callback):
             nrow = max(1, num // len(self.prompts))
             prompts = [prompt for prompt in self.prompts for _ in range(nrow)]
             num = len(prompts)
-        guided = self.model.conditional or getattr(self.model, "prompted", False)
+        guided = self.model.guided
         images = self.model.generate(
             num,
             steps=self.steps,
@@ -183,8 +183,7 @@ class SampleQuality(keras.callbacks.Callback):
         scores = score_model(
             self.model, feature_net=self.feature_net, reference_features=self.reference_features,
             num_images=self.num_images, steps=self.steps, sampler=self.sampler, seed=self.seed,
-            guidance_scale=(self.guidance_scale if self.model.conditional
-                            or getattr(self.model, "prompted", False) else 1.0),
+            guidance_scale=self.guidance_scale if self.model.guided else 1.0,
             kid_subset_size=self.num_images, prompts=self.prompts,
         )
         self.scores[epoch] = scores

@@ -229,8 +229,7 @@ class _Page:
         self.examples = [] if examples is None else [
             to_display(image[None], self.scale, nrow=1)[border:-border, border:-border]
             for image in examples]
-        self.conditional = getattr(model, "conditional", False)
-        self.prompted = getattr(model, "prompted", False)
+        self.conditional, self.prompted = model.conditional, model.prompted
 
     # ------------------------------------------------------------ helpers
     def on_page(self, function):
@@ -252,7 +251,7 @@ class _Page:
                                      value="", elem_id=f"{tab}-labels"))
         if self.prompted:
             inputs.append(gr.Textbox(label="prompt", value="", elem_id=f"{tab}-prompt"))
-        if self.conditional or self.prompted:
+        if self.model.guided:
             inputs.append(gr.Slider(0, 8, value=2.0 if tab == "generate" else 1.0, step=0.5,
                                     label="guidance scale", elem_id=f"{tab}-guidance"))
         return inputs
@@ -264,7 +263,7 @@ class _Page:
             found["labels"] = values.pop(0)
         if self.prompted:
             found["prompt"] = values.pop(0)
-        if self.conditional or self.prompted:
+        if self.model.guided:
             found["guidance"] = values.pop(0)
         return found, values
 

@@ -192,16 +192,16 @@ def _endpoints(model, *, timesteps, sampler, eta, denoise_steps):
     constants = dict(timesteps=timesteps, sampler=sampler, eta=float(eta),
                      clip_x0=pipeline.clips(model))
 
-    def sample(noise, step_noise=None, labels=None, guidance=1.0):
+    def sample(noise, step_noise=None, condition_input=None, guidance=1.0):
         # The very loop `DiffusionModel.generate` compiles: same numerics.
-        # `labels` is the condition: labels, or a prompted model's token ids.
+        # `condition_input`: labels, or a prompted model's token ids.
         run = pipeline.loop_function(
             model, samplers.run_sampler, constants=constants, guidance_scale=guidance
         )
         weights, state = pipeline.sampling_state(model)
-        if prompted and labels is not None:
-            labels = condition(labels)
-        return pipeline.decode_tensor(model, run(weights, state, labels, noise, step_noise))
+        if prompted and condition_input is not None:
+            condition_input = condition(condition_input)
+        return pipeline.decode_tensor(model, run(weights, state, condition_input, noise, step_noise))
 
     if not samplers.SAMPLERS[sampler].needs_noise(eta):
         def generate(noise):

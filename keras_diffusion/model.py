@@ -170,6 +170,12 @@ class DiffusionModel(keras.Model):
         return self.text_encoder is not None
 
     @property
+    def guided(self):
+        """Whether the model takes a condition (labels or prompts), and so
+        classifier-free guidance applies to it."""
+        return self.conditional or self.prompted
+
+    @property
     def metrics(self):
         return [self.loss_tracker]
 

@@ -297,8 +297,8 @@ def text_function(model, weights, state):
 def empty_condition(model):
     """The condition of no prompt, for one image: `(1, 2, L)` token ids of
     the empty prompt twice."""
-    ids = tokenize(model, [""])
-    return ops.convert_to_tensor(np.stack([ids, ids], axis=1))
+    ids = model.empty_prompt_ids
+    return ops.convert_to_tensor(np.stack([ids, ids])[np.newaxis])
 
 
 def denoiser(model, weights, state, condition, guidance_scale):
