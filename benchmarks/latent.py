@@ -47,7 +47,7 @@ from keras_diffusion.training import train_autoencoder
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _markdown import write_between_markers  # noqa: E402
-from throughput import _device_name  # noqa: E402
+from keras_diffusion.precision import hardware  # noqa: E402
 
 
 class OnLatents(kd.DiffusionModel):
@@ -165,7 +165,7 @@ def main(argv=None):
     cached_train = count / (time.perf_counter() - start)
 
     rows = [
-        f"Measured on {_device_name()}, Keras {keras.__version__}, backend "
+        f"Measured on {hardware()}, Keras {keras.__version__}, backend "
         f"{keras.backend.backend()}, batch {args.batch}, float32:",
         "",
         "| | value |",
@@ -250,7 +250,7 @@ def equal_minutes(args):
             f"{args.score_images / scores['seconds']:.1f} |{accuracy}")
         print(rows[-1], flush=True)
     text = "\n".join([
-        f"Equal minutes on {_device_name()}, Keras {keras.__version__}, backend "
+        f"Equal minutes on {hardware()}, Keras {keras.__version__}, backend "
         f"{keras.backend.backend()}: each recipe trained for {args.equal_minutes:g} minutes of wall "
         f"clock (the latent one spending {args.ae_share:.0%} on its autoencoder), constant learning "
         f"rate after warm-up; {args.score_images:,} DPM++(2M) 20-step samples of each scored against "

@@ -32,6 +32,9 @@ PRESETS = {
     "mnist_conditional": ("configs/mnist_conditional.yaml",
                           "Class-conditional MNIST digits with classifier-free guidance "
                           "(labels 0-9 or names 'zero'..'nine'), 28x28x1."),
+    "mnist_prompts": ("configs/mnist_prompts.yaml",
+                      "Text-to-image MNIST digits: prompts such as 'a handwritten seven' or "
+                      "'the digit 7', with classifier-free guidance, 28x28x1."),
     "fashion_mnist": ("configs/fashion_mnist.yaml", "Unconditional Fashion-MNIST, 28x28x1."),
     "cifar10": ("configs/cifar10.yaml", "Unconditional CIFAR-10, 32x32x3."),
 }
@@ -70,8 +73,7 @@ def make(name, args):
               "--data-dir", args.data_dir, "--output", str(run)], env)
         minutes = (time.perf_counter() - start) / 60
     else:
-        minutes = json.loads((ROOT / "keras_diffusion/preset_files" / f"{name}.json")
-                             .read_text())["training_minutes"]
+        minutes = _recorded_minutes(name, run)
 
     import keras
     import yaml
@@ -96,9 +98,8 @@ def make(name, args):
         "keras": keras.__version__,
     }
     save_preset(model, name, record)
-    guidance = config["sampling"].get("guidance_scale") or 1.0
-    if config["network"].get("num_classes") is None:
-        guidance = 1.0
+    guided = config["network"].get("num_classes") is not None or config.get("text", {}).get("enabled")
+    guidance = (args.guidance or config["sampling"].get("guidance_scale") or 1.0) if guided else 1.0
     # The full evaluation on the training backend; the small one on each
     # backend, as noise is drawn by each backend's own generator.
     record["evaluation"] = [_evaluate(name, args.backend, args.data_dir, env, args.num, 20, guidance)]
@@ -110,15 +111,26 @@ def make(name, args):
     print(json.dumps(record["evaluation"], indent=2))
 
 
+def _recorded_minutes(name, run):
+    """The training minutes of a run made before: from the preset's record if
+    there is one, else the time between the run's first file (its config,
+    written at the start) and its model (written at the end)."""
+    record = ROOT / "keras_diffusion/preset_files" / f"{name}.json"
+    if record.exists():
+        return json.loads(record.read_text())["training_minutes"]
+    return ((run / "model.keras").stat().st_mtime - (run / "config.yaml").stat().st_mtime) / 60
+
+
 def table():
     """The Markdown table of the shipped presets, from their records."""
     from keras_diffusion.presets import presets
 
-    lines = ["| preset | config | params | MB | FID | KID | label accuracy | trained |",
+    lines = ["| preset | config | params | MB | FID | KID | label accuracy or prompt adherence | "
+             "trained |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, record in presets().items():
         full = record["evaluation"][0]
-        accuracy = full.get("label_accuracy")
+        accuracy = full.get("label_accuracy", full.get("prompt_adherence"))
         lines.append(
             f"| `{name}` | `{record['command'].split('--config ')[1].split()[0]}` | "
             f"{record['parameters'] / 1e6:.2f}M | {record['file_mb']:.1f} | {full['fid']:.2f} | "
@@ -126,11 +138,13 @@ def table():
             f"{record['training_minutes']:.0f} min, {record['backend']}, {record['hardware']} |")
     rows = [record["evaluation"][0] for record in presets().values()]
     if rows:
-        guided = [row["guidance"] for row in rows if "label_accuracy" in row]
+        guided = sorted({row["guidance"] for row in rows if row.get("guidance", 1.0) != 1.0})
         lines += ["", f"Scores: {rows[0]['num_images']:,} samples, DPM-Solver++(2M) "
                       f"{rows[0]['steps']} steps, against the test split, over the built-in "
                       "feature net (docs/quality.md)"
-                      + (f"; class-conditional presets with guidance {guided[0]:g}" if guided else "")
+                      + (f"; guided presets at guidance {' or '.join(f'{g:g}' for g in guided)} "
+                         "(see their records), prompted ones with the held-out prompts of "
+                         "docs/prompts.md" if guided else "")
                       + ". Made by `python benchmarks/presets.py NAME --data-dir D --write README.md`."]
     return "\n".join(lines)
 
@@ -144,6 +158,8 @@ def main():
     parser.add_argument("--num", type=int, default=1000, help="samples of the full evaluation")
     parser.add_argument("--skip-training", action="store_true",
                         help="re-record from the runs already in --runs")
+    parser.add_argument("--guidance", type=float,
+                        help="guidance of the evaluations (default: the config's sampling one)")
     parser.add_argument("--list", action="store_true", help="print the presets and configs")
     parser.add_argument("--write", help="put the table of shipped presets into this Markdown file")
     args = parser.parse_args()

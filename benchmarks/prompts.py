@@ -50,7 +50,7 @@ from keras_diffusion.training import build_optimizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _markdown import write_between_markers  # noqa: E402
-from throughput import _device_name  # noqa: E402
+from keras_diffusion.precision import hardware  # noqa: E402
 
 GRID_PROMPTS = ("a drawing of the number zero", "an image of a handwritten 3",
                 "a drawing of the number five", "an image of a handwritten 7",
@@ -158,7 +158,7 @@ def main(argv=None):
 
     tokens = text_model.tokenizer.max_length
     text = "\n".join([
-        f"Measured on {_device_name()}, Keras {keras.__version__}, backend "
+        f"Measured on {hardware()}, Keras {keras.__version__}, backend "
         f"{keras.backend.backend()}: both models trained for {args.train_steps:,} steps of "
         f"{labelled['training']['batch_size']} on the 60,000 MNIST training images, one after the "
         f"other in one process (trained and scored here: {' and '.join(args.models)}); "
@@ -227,7 +227,7 @@ def cifar10_latent(args):
                                           steps=20, sampler="dpmpp_2m", seed=1),
                            args.grid, nrow=4, title="a close-up photo of a {class}, one row each")
     text = "\n".join([
-        f"Measured on {_device_name()}, Keras {keras.__version__}, backend "
+        f"Measured on {hardware()}, Keras {keras.__version__}, backend "
         f"{keras.backend.backend()}: `configs/cifar10_latent.yaml` with a `text` section (a "
         f"2-layer, 64-wide TextEncoder), trained for {args.cifar10_latent_minutes:g} minutes of "
         f"wall clock (autoencoder {ae_seconds / 60:.1f} min, then {steps:,} steps of {batch}; "

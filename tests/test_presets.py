@@ -22,7 +22,7 @@ from keras_diffusion import presets
 from keras_diffusion.config import dataset_of_run
 
 # Trained by benchmarks/presets.py from configs/*.yaml.
-SHIPPED = ("cifar10", "mnist_conditional")
+SHIPPED = ("cifar10", "mnist_conditional", "mnist_prompts")
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +185,18 @@ def test_the_first_command_draws_recognisable_digits(tmp_path):
     images = np.load(npz)["images"]
     assert images.shape == (10, 28, 28, 1)  # one per class
     assert kd.metrics.label_accuracy(images, np.arange(10), "mnist") >= 0.9
+
+
+def test_the_prompted_preset_draws_the_digit_a_held_out_prompt_names(tmp_path):
+    """A prompt from a template never seen in training, for each digit."""
+    words = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    npz = tmp_path / "prompts.npz"
+    prompts = [arg for word in words for arg in ("--prompt", f"a drawing of the number {word}")]
+    assert cli_main("sample", "--model", "mnist_prompts", *prompts, "--num", 20, "--guidance", 3,
+                    "--steps", 20, "--out", tmp_path / "prompts.png", "--npz", npz) == 0
+    images = np.load(npz)["images"]
+    assert images.shape == (20, 28, 28, 1)  # one row of two per prompt
+    assert kd.metrics.label_accuracy(images, np.repeat(np.arange(10), 2), "mnist") >= 0.85
 
 
 def test_a_preset_scores_as_its_record_says(data_dir, tmp_path):

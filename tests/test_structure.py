@@ -103,3 +103,43 @@ def test_only_the_backend_folder_branches_on_the_backend():
 def test_pipeline_works_on_the_protocol_not_a_class():
     source = Path(pipeline.__file__).read_text()
     assert "DiffusionModel" not in source.replace("`DiffusionModel.generate`", "")
+
+
+def _top_level_names(path):
+    """The names a module's source binds at its top level."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for target in targets for t in ast.walk(target) if isinstance(t, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    return names
+
+
+def test_the_benchmarks_import_only_names_that_exist():
+    """A benchmark runs for minutes before it reaches its report; a name it
+    imports from the package or from a sibling script must exist at once."""
+    import importlib
+    import importlib.util
+
+    folder = PACKAGE.parent / "benchmarks"
+    siblings = {path.stem: path for path in folder.glob("*.py")}
+    assert {"throughput", "presets", "prompts"} <= set(siblings)
+    missing = []
+    for path in sorted(siblings.values()):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or node.level or not node.module:
+                continue
+            if node.module in siblings:
+                known = _top_level_names(siblings[node.module])
+                missing += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                            if a.name not in known]
+            elif node.module.split(".")[0] == "keras_diffusion":
+                module = importlib.import_module(node.module)
+                missing += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(module, a.name)
+                            and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+    assert not missing, missing
