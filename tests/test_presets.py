@@ -22,7 +22,7 @@ from keras_diffusion import presets
 from keras_diffusion.config import dataset_of_run
 
 # Trained by benchmarks/presets.py from configs/*.yaml.
-SHIPPED = ("cifar10", "mnist_conditional", "mnist_prompts")
+SHIPPED = ("cifar10", "mnist", "mnist_conditional", "mnist_prompts")
 
 
 @pytest.fixture(scope="module")
