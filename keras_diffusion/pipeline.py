@@ -22,9 +22,9 @@ It works on any model that offers this protocol, and imports no model class:
 - `text_encoder`, optional: for a prompted model, a Keras model mapping
   token ids `(N, L)` to features `(N, L, D)`, which the network (called as
   `network([x_t, t, context])`) cross-attends to; with it, `tokenizer`
-  (texts to `(N, L)` int ids) and `text_sampling_weights` (matching
-  `text_encoder.trainable_variables`). The empty prompt is its null
-  condition.
+  (texts to `(N, L)` int ids), `text_sampling_weights` (matching
+  `text_encoder.trainable_variables`) and `empty_prompt_ids`, the `(L,)`
+  ids of the empty prompt, its null condition.
 - `image_shape`: `(H, W, C)` of the images the model takes and makes;
   `sample_shape`: that of what the samplers run on (the same for a pixel
   model; the latent shape for a latent one).
