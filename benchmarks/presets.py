@@ -80,6 +80,7 @@ def make(name, args):
 
     from keras_diffusion.model import load_model
     from keras_diffusion.precision import hardware
+    from keras_diffusion.presets import model_kind
     from keras_diffusion.presets import save_preset
 
     model = load_model(run / "model.keras")
@@ -98,7 +99,7 @@ def make(name, args):
         "keras": keras.__version__,
     }
     save_preset(model, name, record)
-    guided = config["network"].get("num_classes") is not None or config.get("text", {}).get("enabled")
+    guided = model_kind(config) != "unconditional"
     guidance = (args.guidance or config["sampling"].get("guidance_scale") or 1.0) if guided else 1.0
     # The full evaluation on the training backend; the small one on each
     # backend, as noise is drawn by each backend's own generator.
