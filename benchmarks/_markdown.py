@@ -2,10 +2,11 @@
 table can be re-measured without touching the rest of the file."""
 
 
-def write_between_markers(path, key, text, title):
+def write_between_markers(path, key, text, title, *, after=None):
     """Put `text` between `<!-- key:start -->` and `<!-- key:end -->` in
-    `path`, appending the block (to a new file headed `# title`) when the
-    markers are missing."""
+    `path`. Where the markers are missing the block is added: after the last
+    end marker whose key starts with `after` (so blocks of one kind stay
+    together), else at the end of the file (a new file is headed `# title`)."""
     start, end = (f"<!-- {key}:{edge} -->" for edge in ("start", "end"))
     block = f"{start}\n{text}\n{end}"
     old = path.read_text() if path.is_file() else f"# {title}\n"
@@ -13,6 +14,12 @@ def write_between_markers(path, key, text, title):
         before, rest = old.split(start, 1)
         new = before + block + rest.split(end, 1)[1]
     else:
-        new = old.rstrip("\n") + f"\n\n{block}\n"
+        anchor = old.rfind(f"<!-- {after}") if after else -1
+        anchor = old.find(":end -->", anchor) if anchor >= 0 else -1
+        if anchor >= 0:
+            cut = anchor + len(":end -->")
+            new = old[:cut] + f"\n\n{block}" + old[cut:]
+        else:
+            new = old.rstrip("\n") + f"\n\n{block}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new)

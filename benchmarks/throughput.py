@@ -27,9 +27,21 @@ import sys
 import time
 from pathlib import Path
 
-from keras_diffusion.precision import hardware  # Keras loads later, in each worker
+from keras_diffusion.precision import hardware as _hardware  # Keras loads later, in each worker
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _markdown import write_between_markers  # noqa: E402
+from ops import isa_environment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def hardware():
+    """The machine, as `precision.hardware` names it, and whether `--isa`
+    capped the frameworks' CPU kernels (then the figures are that
+    instruction set's, not the CPU's own)."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return _hardware() + (f", kernels capped at {isa} (--isa {isa.lower()})" if isa else "")
 
 # The reference UNet of issue 5: 3,939,393 parameters, as diffusers' UNet2DModel below.
 MODELS = {
@@ -49,8 +61,10 @@ def _timed(fn, repeats):
     return (time.perf_counter() - start) / repeats
 
 
-def run_ours(args):
-    """Measure keras_diffusion on the backend this process was started with."""
+def build_ours(args):
+    """keras_diffusion's reference model on the backend this process was
+    started with, compiled in `args.precision`, and `fit(steps)`, which
+    trains it on that many batches of fixed random images."""
     import keras
     import numpy as np
 
@@ -73,6 +87,15 @@ def run_ours(args):
         return model.fit(images[: args.batch * steps], batch_size=args.batch, epochs=1,
                          shuffle=False, verbose=0).history["loss"][-1]
 
+    return model, fit
+
+
+def run_ours(args):
+    """Measure keras_diffusion on the backend this process was started with."""
+    import keras
+
+    model, fit = build_ours(args)
+    network, precision = model.network, keras.config.dtype_policy().name
     start = time.perf_counter()
     fit(args.warmup_steps)  # compiles, then warms up
     compile_s = time.perf_counter() - start
@@ -93,7 +116,7 @@ def run_ours(args):
 
         generate()  # compile
         result[f"{name}_images_per_s"] = args.sample_batch / _timed(generate, args.sample_repeats)
-    result["forward_gflops_per_image"] = _forward_gflops(network, spec["image_shape"])
+    result["forward_gflops_per_image"] = _forward_gflops(network, MODELS[args.model]["image_shape"])
     result["device"] = hardware()
     return result
 
@@ -128,14 +151,25 @@ def _forward_gflops(network, image_shape):
     return None
 
 
-def run_diffusers(args):
-    """The same measurements for diffusers' UNet2DModel, trained the way its
-    `train_unconditional.py` example does (DDPMScheduler noise, MSE on
-    epsilon, AdamW, EMAModel) and sampled with DDIMPipeline."""
+def _synced(fn):
+    """`fn`, returning only once a CUDA device has finished its work."""
+    import torch
+
+    def run():
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return out
+    return run
+
+
+def build_diffusers(args):
+    """diffusers' UNet2DModel of the reference shape and `train_step()`,
+    which trains it one batch the way its `train_unconditional.py` example
+    does (DDPMScheduler noise, MSE on epsilon, AdamW, EMAModel); also its
+    parameter count and forward GFLOP per image."""
     import torch
     import torch.nn.functional as F
-    from diffusers import DDIMPipeline
-    from diffusers import DDIMScheduler
     from diffusers import DDPMScheduler
     from diffusers import UNet2DModel
     from diffusers.training_utils import EMAModel
@@ -164,15 +198,7 @@ def run_diffusers(args):
     autocast = args.precision == "mixed_bfloat16"
     images = torch.rand(args.batch, channels, height, width, device=device) * 2 - 1
 
-    def synced(fn):
-        def run():
-            out = fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            return out
-        return run
-
-    @synced
+    @_synced
     def train_step():
         noise = torch.randn_like(images)
         t = torch.randint(0, 1000, (args.batch,), device=device)
@@ -186,6 +212,18 @@ def run_diffusers(args):
         return loss
 
     unet.train()
+    return unet, train_step, int(params), forward_gflops
+
+
+def run_diffusers(args):
+    """The same measurements for diffusers' UNet2DModel, trained by
+    `build_diffusers` and sampled with DDIMPipeline."""
+    import torch
+    from diffusers import DDIMPipeline
+    from diffusers import DDIMScheduler
+
+    unet, train_step, params, forward_gflops = build_diffusers(args)
+    device, autocast = unet.device.type, args.precision == "mixed_bfloat16"
     start = time.perf_counter()
     for _ in range(args.warmup_steps):
         train_step()
@@ -195,7 +233,7 @@ def run_diffusers(args):
     pipeline = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
     pipeline.set_progress_bar_config(disable=True)
 
-    @synced
+    @_synced
     def generate():
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             return pipeline(batch_size=args.sample_batch, num_inference_steps=50, output_type="np")
@@ -213,6 +251,7 @@ def run_diffusers(args):
 # ------------------------------------------------------------------ driver
 def _spawn(args, library, backend, precision):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    env.update(isa_environment(args.isa))
     if args.threads:
         # The same CPU thread budget for every framework: OpenMP (PyTorch), TF's
         # pools, and XLA's Eigen pool (which only has an on/off switch).
@@ -307,6 +346,9 @@ def main():
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads per framework (0: each framework's default); 1 gives steadier "
                              "ratios on a shared machine")
+    parser.add_argument("--isa", choices=("native", "avx2"), default="native",
+                        help="avx2: cap every framework's CPU kernels at AVX2, as on an AVX2-only "
+                             "CPU (benchmarks/ops.py says how)")
     parser.add_argument("--vs-diffusers", action="store_true")
     parser.add_argument("--diffusers-precision", choices=("float32", "mixed_bfloat16"),
                         help="run diffusers at this precision whatever --precisions says")
@@ -347,19 +389,21 @@ def main():
     counts = sorted({(r["library"], r["params"]) for r in runs})
     print("parameters: " + ", ".join(f"{lib} {n:,}" for lib, n in counts))
     if args.write:
-        _write_report(Path(args.write), text, command, runs)
+        _write_report(Path(args.write), text, command, runs, args.threads)
 
 
-BEGIN, END = "<!-- throughput results: begin -->", "<!-- throughput results: end -->"
-
-
-def _write_report(path, text, command, results):
-    """Put the table between the BEGIN/END markers of `path` (keeping the
-    prose around them), or write a new file holding only the table."""
+def _write_report(path, text, command, results, threads):
+    """Put the table in `path` in the block of this machine and thread
+    setting, so each CPU kind keeps its own tables: a run replaces the
+    block of the machine it ran on and leaves the others as they are."""
     devices = sorted({r.get("device") or "?" for r in results})
+    threads = {0: "each framework's default threads", 1: "one thread per framework"}.get(
+        threads, f"{threads} threads per framework")
+    heading = f"{', '.join(devices)}; {threads}"
     block = "\n".join([
-        BEGIN,
-        f"Measured with `{command}` on {', '.join(devices)}, {time.strftime('%Y-%m-%d %H:%M')}.",
+        f"#### {heading}",
+        "",
+        f"Measured with `{command}`, {time.strftime('%Y-%m-%d %H:%M')}.",
         "",
         text,
         "",
@@ -369,15 +413,16 @@ def _write_report(path, text, command, results):
         *[json.dumps(r) for r in results],
         "```",
         "</details>",
-        END,
     ])
-    old = path.read_text() if path.exists() else ""
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + block + old[old.index(END) + len(END):]
-    else:
-        new = "# Performance\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
+    write_between_markers(path, _block_key(heading), block, "Performance", after="throughput-")
+
+
+def _block_key(heading):
+    """The marker key of a block: its heading, lower-cased, with every run
+    of other characters turned into one dash."""
+    import re
+
+    return "throughput-" + re.sub(r"[^a-z0-9]+", "-", heading.lower()).strip("-")
 
 
 if __name__ == "__main__":
