@@ -30,9 +30,16 @@ MODEL = FIXTURES / "model_v0_1.keras"
 # The same kernels on the same shapes give the same bits on one machine. The
 # recording was made on another CPU kind than some that run this: its float32
 # kernels sum in other orders (~1e-6 of the output scale per network
-# evaluation, see test_model.NETWORK_RTOL), and with v-prediction no step
-# amplifies that by more than a few times.
-ATOL = 1e-5
+# evaluation, see test_model.NETWORK_RTOL), and with v-prediction no step of a
+# plain sampling chain amplifies that by more than a few times. Inpainting's
+# resampling is the exception: it re-noises the image from a prediction made
+# near t = 0, where turning the predicted image into noise divides its error
+# by sqrt(1 - alpha_bar_1) ~ 0.03; on PyTorch on an AMD EPYC (Zen 5) it
+# differed from the recording by 1.6e-5 where every other output stayed
+# under 2e-6. A changed sampler or the wrong weights move these outputs by
+# more than 1e-3 (the EMA and raw weights alone differ by that much).
+ATOL = {"inpaint": 5e-5}
+DEFAULT_ATOL = 1e-5
 
 
 def recorded(name=BACKEND):
@@ -98,7 +105,8 @@ def test_the_0_1_file_samples_as_0_1_did(legacy_model):
     for name, value in got.items():
         assert value.shape == expected[name].shape, name
         difference = float(np.abs(value - expected[name]).max())
-        assert difference <= ATOL, f"{name}: differs from 0.1.0 by {difference:.2e}"
+        limit = ATOL.get(name, DEFAULT_ATOL)
+        assert difference <= limit, f"{name}: differs from 0.1.0 by {difference:.2e}"
     # Not trivially saturated: the images hold values between the clip limits.
     assert 0.05 < np.mean((got["generate_guided"] > 0.01) & (got["generate_guided"] < 0.99))
 
