@@ -9,7 +9,12 @@ Keras), each in its own subprocess.
 (`ONEDNN_MAX_CPU_ISA` for oneDNN, which TensorFlow and PyTorch use for
 convolutions; `--xla_cpu_max_isa` for XLA; `ATEN_CPU_CAPABILITY` for
 PyTorch's own kernels), so a Xeon with AVX-512 and AMX runs the code paths
-an AVX2-only CPU runs. The ops, on the shapes of the reference UNet
+an AVX2-only CPU runs. One thing no cap hides is the CPU's features, by
+which TensorFlow decides whether to use oneDNN at all: on an AVX2-only CPU
+its default is off, which keras_diffusion overrides (it sets
+`TF_ENABLE_ONEDNN_OPTS=1` unless told otherwise); prefix
+`TF_ENABLE_ONEDNN_OPTS=0` to time TensorFlow's own default there. The ops,
+on the shapes of the reference UNet
 (docs/performance.md) at batch 32:
 
 - `conv3x3`: 3x3 convolution 64 -> 64 channels on 28x28, plus bias;

@@ -39,9 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def hardware():
     """The machine, as `precision.hardware` names it, and whether `--isa`
     capped the frameworks' CPU kernels (then the figures are that
-    instruction set's, not the CPU's own)."""
+    instruction set's, not the CPU's own) or TensorFlow was kept off oneDNN
+    (its own default on CPUs without AVX512-VNNI, AVX512-BF16, AVX-VNNI or
+    AMX, which keras_diffusion overrides)."""
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return _hardware() + (f", kernels capped at {isa} (--isa {isa.lower()})" if isa else "")
+    capped = f", kernels capped at {isa} (--isa {isa.lower()})" if isa else ""
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").lower() in ("0", "false"):
+        capped += ", TensorFlow without oneDNN (TF_ENABLE_ONEDNN_OPTS=0)"
+    return _hardware() + capped
 
 # The reference UNet of issue 5: 3,939,393 parameters, as diffusers' UNet2DModel below.
 MODELS = {

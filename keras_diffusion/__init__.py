@@ -12,6 +12,14 @@ import sys
 
 __version__ = "0.1.0"
 
+# TensorFlow runs its CPU convolutions and matrix products on oneDNN only on
+# CPUs with AVX512-VNNI, AVX512-BF16, AVX-VNNI or AMX; on the others (AVX2
+# only, as an AMD EPYC Zen 3) it falls back to its Eigen kernels, where this
+# library's reference UNet trained 1.4x slower (docs/performance.md).
+# So oneDNN is on unless the user says otherwise. TensorFlow reads this once,
+# when it loads: set before any import of it, it decides.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
 _EXPORTS = {
     "DiffusionSchedule": "keras_diffusion.schedule",
     "UNet": "keras_diffusion.network",

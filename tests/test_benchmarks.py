@@ -58,6 +58,7 @@ def test_each_cpu_kind_keeps_its_own_throughput_table(tmp_path, throughput):
 
 def test_an_isa_capped_run_is_its_own_kind(monkeypatch, throughput):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")
     native = throughput.hardware()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     capped = throughput.hardware()
@@ -65,3 +66,5 @@ def test_an_isa_capped_run_is_its_own_kind(monkeypatch, throughput):
     assert throughput._block_key(capped) != throughput._block_key(native)
     assert throughput._block_key("AMD EPYC (AVX2, AVX-512), 2 cores; one thread per framework") == \
         "throughput-amd-epyc-avx2-avx-512-2-cores-one-thread-per-framework"
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    assert throughput.hardware() == capped + ", TensorFlow without oneDNN (TF_ENABLE_ONEDNN_OPTS=0)"
