@@ -588,6 +588,20 @@ def _one_line(error):
     return text if len(text) <= 600 else text[:597] + "..."
 
 
+def _xla_flags_with_a_device_per_core(flags, cores):
+    """`flags` (the XLA_FLAGS variable) with XLA's CPU split into one device
+    per core, rounded down to a power of two so that the usual batch sizes
+    divide evenly, unless they set a device count already. XLA runs each CPU
+    convolution on one core; with a device per core, `distribute:
+    data_parallel` trains on JAX on all of them (1.3x on 2 cores,
+    docs/performance.md). Unused, the extra devices cost nothing measurable;
+    on a GPU machine JAX trains on the GPUs, as before."""
+    if "xla_force_host_platform_device_count" in flags or cores < 2:
+        return flags
+    count = 1 << (cores.bit_length() - 1)
+    return f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
 def main(argv=None):
     args = _build_parser().parse_args(argv)
     if args.backend:
@@ -602,6 +616,9 @@ def main(argv=None):
               "(or pass --backend)", file=sys.stderr)
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Read by XLA when it starts (JAX's CPU devices; TensorFlow ignores it).
+    os.environ["XLA_FLAGS"] = _xla_flags_with_a_device_per_core(
+        os.environ.get("XLA_FLAGS", ""), os.cpu_count() or 1)
     try:
         with quiet_stderr():
             import keras_diffusion

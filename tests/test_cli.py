@@ -112,3 +112,40 @@ def test_progress_lines_for_logs():
                         r"\(\d+\.\d min, ~0\.0 min left in the epoch\)", lines[-1])
     with pytest.raises(ValueError, match="every_seconds must be >= 0; got -1"):
         kd.ProgressLog(every_seconds=-1)
+
+
+@pytest.mark.parametrize("flags, cores, expected", [
+    ("", 2, "--xla_force_host_platform_device_count=2"),
+    ("--xla_cpu_multi_thread_eigen=false", 6,
+     "--xla_cpu_multi_thread_eigen=false --xla_force_host_platform_device_count=4"),
+    ("--xla_force_host_platform_device_count=3", 8, "--xla_force_host_platform_device_count=3"),
+    ("", 1, ""),
+])
+def test_xla_gets_a_cpu_device_per_core(flags, cores, expected):
+    from keras_diffusion.cli import _xla_flags_with_a_device_per_core
+
+    assert _xla_flags_with_a_device_per_core(flags, cores) == expected
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="how many CPU devices JAX sees; runs under JAX")
+def test_the_command_trains_jax_on_every_core(tmp_path):
+    """XLA runs a CPU convolution on one core; the command gives JAX a CPU
+    device per core, which `distribute: data_parallel` shares each batch
+    over. The child reports how many devices JAX saw once the command ran."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import child_env
+
+    env = child_env()
+    env["XLA_FLAGS"] = " ".join(f for f in env["XLA_FLAGS"].split()
+                                if "device_count" not in f)
+    code = ("import sys\nsys.argv[0] = 'keras-diffusion'  # as the console script starts\n"
+            "from keras_diffusion import cli\ncode = cli.main(['presets'])\n"
+            "import jax\nprint(code, jax.device_count())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cores = os.cpu_count() or 1
+    assert out.stdout.split()[-2:] == ["0", str(1 << (cores.bit_length() - 1))]
