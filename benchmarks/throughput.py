@@ -266,6 +266,12 @@ def _spawn(args, library, backend, precision):
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
                                 " intra_op_parallelism_threads=1").strip()
     command = [sys.executable, __file__, "--worker", library, "--precision", precision]
+    if args.jax_data_parallel and library == "keras_diffusion" and backend == "jax":
+        # What `keras-diffusion train` gives JAX on a CPU: one device per core.
+        cores = os.cpu_count() or 1
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
+                            f"{1 << (cores.bit_length() - 1)}").strip()
+        command.append("--jax-data-parallel")
     for key in ("model", "batch", "sample_batch", "train_steps", "warmup_steps", "sample_repeats", "threads"):
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     command += ["--jit-compile", str(args.jit_compile).lower()]
@@ -354,6 +360,9 @@ def main():
     parser.add_argument("--isa", choices=("native", "avx2"), default="native",
                         help="avx2: cap every framework's CPU kernels at AVX2, as on an AVX2-only "
                              "CPU (benchmarks/ops.py says how)")
+    parser.add_argument("--jax-data-parallel", action="store_true",
+                        help="train and sample JAX with distribute=data_parallel over one CPU device "
+                             "per core, as the keras-diffusion command can")
     parser.add_argument("--vs-diffusers", action="store_true")
     parser.add_argument("--diffusers-precision", choices=("float32", "mixed_bfloat16"),
                         help="run diffusers at this precision whatever --precisions says")
@@ -370,7 +379,16 @@ def main():
             import torch
 
             torch.set_num_threads(args.threads)
-        result = run_diffusers(args) if args.worker == "diffusers" else run_ours(args)
+        if args.worker == "diffusers":
+            result = run_diffusers(args)
+        elif args.jax_data_parallel:
+            from keras_diffusion.distribute import distribution_scope
+
+            with distribution_scope("data_parallel") as devices:
+                result = run_ours(args)
+            result["backend"] += f" (data_parallel, {devices} devices)"
+        else:
+            result = run_ours(args)
         print(json.dumps(result), flush=True)
         return
 
@@ -394,17 +412,19 @@ def main():
     counts = sorted({(r["library"], r["params"]) for r in runs})
     print("parameters: " + ", ".join(f"{lib} {n:,}" for lib, n in counts))
     if args.write:
-        _write_report(Path(args.write), text, command, runs, args.threads)
+        setting = {0: "each framework's default threads", 1: "one thread per framework"}.get(
+            args.threads, f"{args.threads} threads per framework")
+        if args.jax_data_parallel:
+            setting += ", JAX data_parallel"
+        _write_report(Path(args.write), text, command, runs, setting)
 
 
-def _write_report(path, text, command, results, threads):
-    """Put the table in `path` in the block of this machine and thread
-    setting, so each CPU kind keeps its own tables: a run replaces the
-    block of the machine it ran on and leaves the others as they are."""
+def _write_report(path, text, command, results, setting):
+    """Put the table in `path` in the block of this machine and `setting`
+    (threads, distribution), so each CPU kind keeps its own tables: a run
+    replaces the block of the machine it ran on and leaves the others."""
     devices = sorted({r.get("device") or "?" for r in results})
-    threads = {0: "each framework's default threads", 1: "one thread per framework"}.get(
-        threads, f"{threads} threads per framework")
-    heading = f"{', '.join(devices)}; {threads}"
+    heading = f"{', '.join(devices)}; {setting}"
     block = "\n".join([
         f"#### {heading}",
         "",

@@ -38,7 +38,8 @@ def test_each_cpu_kind_keeps_its_own_throughput_table(tmp_path, throughput):
 
     def report(device, train):
         runs = _run(device, train)
-        throughput._write_report(doc, throughput.table(runs), "python benchmarks/throughput.py", runs, 1)
+        throughput._write_report(doc, throughput.table(runs), "python benchmarks/throughput.py", runs,
+                                 "one thread per framework")
 
     report(xeon, 40.0)  # a new kind goes after the last table, before the prose
     report(epyc, 25.0)
