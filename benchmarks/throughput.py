@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from keras_diffusion.cli import _xla_flags_with_a_device_per_core
+from keras_diffusion.cli import _usable_cores
 from keras_diffusion.precision import hardware as _hardware  # Keras loads later, in each worker
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -269,7 +270,7 @@ def _spawn(args, library, backend, precision):
     command = [sys.executable, __file__, "--worker", library, "--precision", precision]
     if args.jax_data_parallel and library == "keras_diffusion" and backend == "jax":
         # What `keras-diffusion train` gives JAX on a CPU: one device per core.
-        env["XLA_FLAGS"] = _xla_flags_with_a_device_per_core(env.get("XLA_FLAGS", ""), os.cpu_count() or 1)
+        env["XLA_FLAGS"] = _xla_flags_with_a_device_per_core(env.get("XLA_FLAGS", ""), _usable_cores())
         command.append("--jax-data-parallel")
     for key in ("model", "batch", "sample_batch", "train_steps", "warmup_steps", "sample_repeats", "threads"):
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]

@@ -588,6 +588,14 @@ def _one_line(error):
     return text if len(text) <= 600 else text[:597] + "..."
 
 
+def _usable_cores():
+    """The cores this process may run on (its CPU affinity where the OS
+    says, which a container or `taskset` may limit), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def _xla_flags_with_a_device_per_core(flags, cores):
     """`flags` (the XLA_FLAGS variable) with XLA's CPU split into one device
     per core, rounded down to a power of two so that the usual batch sizes
@@ -618,7 +626,7 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # Read by XLA when it starts (JAX's CPU devices; TensorFlow ignores it).
     os.environ["XLA_FLAGS"] = _xla_flags_with_a_device_per_core(
-        os.environ.get("XLA_FLAGS", ""), os.cpu_count() or 1)
+        os.environ.get("XLA_FLAGS", ""), _usable_cores())
     try:
         with quiet_stderr():
             import keras_diffusion
