@@ -15,12 +15,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # cache every program
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+# First, as in a user's program: it turns on TensorFlow's oneDNN kernels,
+# which TensorFlow decides once, when it loads.
+import keras_diffusion as kd  # noqa: I001
+
 import keras
 import numpy as np
 import pytest
 from keras import ops
-
-import keras_diffusion as kd
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT.parent / "shared" / "data"

@@ -167,3 +167,28 @@ def test_tensorflow_uses_onednn_unless_the_user_turns_it_off(setting, on):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == [setting or "1", str(on)]
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's oneDNN switch; runs under TensorFlow")
+@pytest.mark.parametrize("user_setting, warned", [(None, True), ("0", False)])
+def test_a_tensorflow_loaded_first_without_onednn_warns_once(user_setting, warned):
+    """TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when it loads: one loaded
+    before keras_diffusion, with oneDNN off, keeps it off (here forced with
+    0 for the first import, as an AVX2-only CPU's default would leave it).
+    `fit` then warns once, unless the user asked for it off."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3",
+               TF_ENABLE_ONEDNN_OPTS="0")
+    restore = "" if user_setting else "del os.environ['TF_ENABLE_ONEDNN_OPTS']\n"
+    code = ("import os, warnings\nimport tensorflow\n" + restore +
+            "import keras_diffusion\nfrom keras_diffusion.backend import tensorflow as tf_backend\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    tf_backend.warn_without_onednn(); tf_backend.warn_without_onednn()\n"
+            "print(sum('oneDNN' in str(w.message) for w in caught))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == ("1" if warned else "0")
