@@ -9,9 +9,10 @@ convolutions, the fused `group_norm`, matrix products for attention and
 the time embedding), so the time a step spends in them bounds how much
 faster than diffusers any step built on those kernels can be: diffusers'
 step time over the sum, family by family, of the lesser of the two
-libraries' kernel times (the bound a step doing nothing else would reach). Self CPU time per ATen op, per step,
-summed into those families; "other" is everything else (element-wise
-ops, the optimizer, the EMA, Python and framework overhead).
+libraries' kernel times (the bound a step doing nothing else would reach).
+Self CPU time per ATen op, per step, summed into those families; "other"
+is everything else (element-wise ops, the optimizer, the EMA, Python and
+framework overhead).
 """
 
 import argparse
@@ -61,12 +62,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="mnist", choices=sorted(MODELS))
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=4, help="steps timed, then as many profiled (after 2 to warm up)")
+    parser.add_argument("--steps", type=int, default=4,
+                        help="steps timed, then as many profiled (after 2 to warm up)")
     parser.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (0: its default)")
     args = parser.parse_args()
     args.precision, args.jit_compile, args.train_steps = "float32", "auto", args.steps
     if os.environ["KERAS_BACKEND"] != "torch":
-        parser.error(f"this profiles the PyTorch backend; KERAS_BACKEND is {os.environ['KERAS_BACKEND']!r}")
+        parser.error("this profiles the PyTorch backend; "
+                     f"KERAS_BACKEND is {os.environ['KERAS_BACKEND']!r}")
     import torch
 
     if args.threads:

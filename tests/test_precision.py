@@ -10,6 +10,7 @@ import pytest
 import keras_diffusion as kd
 from conftest import BACKEND
 from conftest import SMOKE
+from conftest import child_env
 from conftest import one_level_model
 from keras_diffusion import backend
 from keras_diffusion import precision
@@ -149,24 +150,31 @@ def test_train_builds_the_model_in_the_resolved_precision(machine, monkeypatch, 
     assert keras.mixed_precision.dtype_policy().name == "float32"  # restored
 
 
+
+def _tensorflow_child(code, onednn_setting):
+    """The last line `code` prints in a child Python under TensorFlow, with
+    TF_ENABLE_ONEDNN_OPTS set to `onednn_setting` (None: unset)."""
+    import subprocess
+    import sys
+
+    env = child_env("tensorflow")
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    if onednn_setting is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = onednn_setting
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.splitlines()[-1]
+
+
 @pytest.mark.parametrize("setting, on", [(None, True), ("0", False)])
 def test_tensorflow_uses_onednn_unless_the_user_turns_it_off(setting, on):
     """TensorFlow's own default keeps oneDNN off on AVX2-only CPUs, where
     its Eigen kernels trained the reference UNet 1.4x slower; importing
     keras_diffusion turns it on, and an explicit setting stays the user's."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
-    env.update(KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3",
-               **({} if setting is None else {"TF_ENABLE_ONEDNN_OPTS": setting}))
     code = ("import os, keras_diffusion\n"
             "from tensorflow.python.util import _pywrap_util_port as port\n"
             "print(os.environ['TF_ENABLE_ONEDNN_OPTS'], port.IsMklEnabled())")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-2:] == [setting or "1", str(on)]
+    assert _tensorflow_child(code, setting).split() == [setting or "1", str(on)]
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's oneDNN switch; runs under TensorFlow")
@@ -176,12 +184,6 @@ def test_a_tensorflow_loaded_first_without_onednn_warns_once(user_setting, warne
     before keras_diffusion, with oneDNN off, keeps it off (here forced with
     0 for the first import, as an AVX2-only CPU's default would leave it).
     `fit` then warns once, unless the user asked for it off."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3",
-               TF_ENABLE_ONEDNN_OPTS="0")
     restore = "" if user_setting else "del os.environ['TF_ENABLE_ONEDNN_OPTS']\n"
     code = ("import os, warnings\nimport tensorflow\n" + restore +
             "import keras_diffusion\nfrom keras_diffusion.backend import tensorflow as tf_backend\n"
@@ -189,6 +191,4 @@ def test_a_tensorflow_loaded_first_without_onednn_warns_once(user_setting, warne
             "    warnings.simplefilter('always')\n"
             "    tf_backend.warn_without_onednn(); tf_backend.warn_without_onednn()\n"
             "print(sum('oneDNN' in str(w.message) for w in caught))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-1] == ("1" if warned else "0")
+    assert _tensorflow_child(code, "0") == ("1" if warned else "0")
