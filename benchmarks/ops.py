@@ -23,6 +23,10 @@ on the shapes of the reference UNet
 - `attention`: one head of self-attention over the 49 positions of 7x7x128;
 - `dense`: a 128 -> 512 matmul on the time embedding.
 
+JAX runs twice: `jax` with XLA's convolutions on its Eigen kernels, as
+keras_diffusion sets it (`keras_diffusion._xla_flags_with_eigen_convolutions`),
+and `jax-ynnpack` on YNNPACK, XLA's own default in jaxlib 0.10.
+
 Each is timed as a compiled function (`tf.function`, `jax.jit`; PyTorch
 eager, as its training runs) computing the gradient of the sum of the output
 with respect to the input and the weights: milliseconds per call, median of
@@ -221,7 +225,10 @@ def run_torch(repeats):
     return results
 
 
-WORKERS = {"tensorflow": run_tensorflow, "jax": run_jax, "torch": run_torch}
+WORKERS = {"tensorflow": run_tensorflow, "jax": run_jax, "jax-ynnpack": run_jax, "torch": run_torch}
+# XLA's convolution kernels: "jax" runs them where keras_diffusion puts them
+# (Eigen, on every core), "jax-ynnpack" where XLA itself would (YNNPACK).
+XLA_CONVOLUTIONS = {"jax": "-individual_convolution", "jax-ynnpack": "individual_convolution"}
 
 
 # ------------------------------------------------------------------- driver
@@ -239,7 +246,7 @@ def isa_environment(isa):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--isa", choices=("native", "avx2"), default="native")
-    parser.add_argument("--frameworks", default="tensorflow,jax,torch")
+    parser.add_argument("--frameworks", default="tensorflow,jax,jax-ynnpack,torch")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -249,8 +256,13 @@ def main(argv=None):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **isa_environment(args.isa))
     table = {}
     for framework in args.frameworks.split(","):
+        worker_env = dict(env)
+        if framework in XLA_CONVOLUTIONS:
+            worker_env["XLA_FLAGS"] = " ".join(filter(None, [
+                env.get("XLA_FLAGS"),
+                f"--xla_cpu_experimental_ynn_fusion_type={XLA_CONVOLUTIONS[framework]}"]))
         out = subprocess.run([sys.executable, __file__, "--worker", framework, "--repeats",
-                              str(args.repeats)], env=env, capture_output=True, text=True)
+                              str(args.repeats)], env=worker_env, capture_output=True, text=True)
         line = [row for row in out.stdout.splitlines() if row.startswith("RESULT ")]
         if out.returncode or not line:
             print(f"{framework} failed:\n{out.stderr[-2000:]}", file=sys.stderr)

@@ -20,6 +20,7 @@ forward passes.
 """
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -259,14 +260,17 @@ def run_diffusers(args):
 def _spawn(args, library, backend, precision):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     env.update(isa_environment(args.isa))
+    pin = None
     if args.threads:
-        # The same CPU thread budget for every framework: OpenMP (PyTorch), TF's
-        # pools, and XLA's Eigen pool (which only has an on/off switch).
+        # The same CPU thread budget for every framework: OpenMP (PyTorch) and
+        # TF's pools by their settings; XLA has no setting that holds (its Eigen
+        # convolutions use every core with --xla_cpu_multi_thread_eigen=false),
+        # so each worker also runs on the first `threads` cores it may use.
         n = str(args.threads)
         env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, TF_NUM_INTRAOP_THREADS=n, TF_NUM_INTEROP_THREADS="1")
-        if args.threads == 1:
-            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-                                " intra_op_parallelism_threads=1").strip()
+        if hasattr(os, "sched_setaffinity"):
+            cores = sorted(os.sched_getaffinity(0))[:args.threads]
+            pin = functools.partial(os.sched_setaffinity, 0, cores)
     command = [sys.executable, __file__, "--worker", library, "--precision", precision]
     if args.jax_data_parallel and library == "keras_diffusion" and backend == "jax":
         # What `keras-diffusion train` gives JAX on a CPU: one device per core.
@@ -276,7 +280,7 @@ def _spawn(args, library, backend, precision):
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     command += ["--jit-compile", str(args.jit_compile).lower()]
     print(f"... {library} {backend} {precision}", file=sys.stderr, flush=True)
-    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT, preexec_fn=pin)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         sys.stderr.write(done.stderr[-3000:])

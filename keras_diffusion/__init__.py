@@ -7,6 +7,8 @@ the `keras-diffusion` command: there the modules load on first use, after its
 """
 
 import importlib
+import importlib.metadata
+import json
 import os
 import sys
 
@@ -19,6 +21,64 @@ __version__ = "0.1.0"
 # So oneDNN is on unless the user says otherwise. TensorFlow reads this once,
 # when it loads: set before any import of it, it decides.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
+def _version(distribution):
+    """(major, minor) of an installed distribution, or None."""
+    try:
+        parts = importlib.metadata.version(distribution).split(".")
+        return int(parts[0]), int(parts[1])
+    except (importlib.metadata.PackageNotFoundError, IndexError, ValueError):
+        return None
+
+
+def _xla_flags_with_eigen_convolutions(flags, jaxlib, tensorflow):
+    """`flags` (the XLA_FLAGS variable) with XLA's CPU convolutions on its
+    Eigen kernels rather than YNNPACK, unless they choose already.
+
+    jaxlib 0.10's XLA hands CPU convolutions to YNNPACK, which runs those of
+    this library's UNets (64 channels in or out) on one core. Eigen runs them
+    on every core: the reference UNet trained 1.35x faster under JAX on 2
+    cores (docs/performance.md). XLA stops the process on a flag it does not
+    know, and TensorFlow's XLA reads this variable too, so the flag goes in
+    only where both know it: jaxlib 0.10 (`jaxlib`, `tensorflow`: (major,
+    minor) or None if not installed) and TensorFlow 2.21 or later."""
+    if jaxlib != (0, 10) or (tensorflow is not None and tensorflow < (2, 21)):
+        return flags
+    if "xla_cpu_experimental_ynn_fusion_type" in flags:
+        return flags
+    return f"{flags} --xla_cpu_experimental_ynn_fusion_type=-individual_convolution".strip()
+
+
+def _configured_backend():
+    """The backend Keras has loaded, or will: KERAS_BACKEND, else the one in
+    keras.json, else TensorFlow."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    try:
+        with open(os.path.join(home, "keras.json")) as file:
+            return json.load(file).get("backend", "tensorflow")
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"
+
+
+def _set_xla_flags():
+    """Put XLA's CPU convolutions on Eigen when Keras runs on JAX. Only then:
+    TensorFlow reads XLA_FLAGS too, and with this flag its float32 training on
+    one thread ran 1.4x slower. XLA reads the variable once, when JAX starts
+    its first device, so this runs on import and again when the command has
+    set its backend."""
+    if _configured_backend() == "jax":
+        flags = _xla_flags_with_eigen_convolutions(
+            os.environ.get("XLA_FLAGS", ""), _version("jaxlib"), _version("tensorflow"))
+        if flags:
+            os.environ["XLA_FLAGS"] = flags
+
+
+_set_xla_flags()
 
 _EXPORTS = {
     "DiffusionSchedule": "keras_diffusion.schedule",

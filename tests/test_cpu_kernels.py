@@ -1,0 +1,92 @@
+"""Which CPU kernels the frameworks run: importing keras_diffusion puts XLA's
+CPU convolutions on its multi-threaded Eigen kernels, where the installed
+XLA knows how, and leaves a user's own choice alone."""
+
+import subprocess
+import sys
+
+import pytest
+
+import keras_diffusion as kd
+from conftest import BACKEND
+from conftest import child_env
+
+EIGEN = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+YNNPACK = "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"
+
+
+@pytest.mark.parametrize("flags, jaxlib, tensorflow, expected", [
+    ("", (0, 10), (2, 21), EIGEN),
+    ("--xla_force_host_platform_device_count=2", (0, 10), None,
+     "--xla_force_host_platform_device_count=2 " + EIGEN),
+    (YNNPACK, (0, 10), (2, 21), YNNPACK),  # the user's choice
+    ("", (0, 9), (2, 21), ""),  # an XLA this was not measured on
+    ("", None, (2, 21), ""),  # no JAX
+    ("", (0, 10), (2, 20), ""),  # TensorFlow 2.20's XLA does not know the flag
+])
+def test_xla_convolutions_go_to_eigen_where_xla_knows_the_flag(flags, jaxlib, tensorflow, expected):
+    assert kd._xla_flags_with_eigen_convolutions(flags, jaxlib, tensorflow) == expected
+
+
+@pytest.mark.parametrize("keras_backend, keras_json, backend", [
+    ("jax", None, "jax"),
+    (None, "jax", "jax"),  # keras.json, as Keras reads it
+    (None, None, "tensorflow"),  # Keras' default
+    ("tensorflow", "jax", "tensorflow"),  # KERAS_BACKEND wins
+    ("torch", None, "torch"),
+])
+def test_only_jax_gets_the_flag(tmp_path, keras_backend, keras_json, backend):
+    """TensorFlow reads XLA_FLAGS too and trained slower with the flag, so it
+    is set only where Keras will run on JAX; the child imports the package as
+    the command does, before Keras loads."""
+    env = child_env()
+    env.pop("XLA_FLAGS")
+    env.pop("KERAS_BACKEND")
+    env["KERAS_HOME"] = str(tmp_path)
+    if keras_backend:
+        env["KERAS_BACKEND"] = keras_backend
+    if keras_json:
+        (tmp_path / "keras.json").write_text('{"backend": "%s"}' % keras_json)
+    code = ("import os, sys\nsys.argv[0] = 'keras-diffusion'\nimport keras_diffusion as kd\n"
+            "print(kd._configured_backend(), repr(os.environ.get('XLA_FLAGS', '')))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = kd._xla_flags_with_eigen_convolutions(
+        "", kd._version("jaxlib"), kd._version("tensorflow")) if backend == "jax" else ""
+    assert out.stdout.split() == [backend, repr(expected)]
+
+
+# A 3x3 convolution with 64 channels, which jaxlib 0.10's XLA gives YNNPACK by
+# default; the child prints whether it did, and the largest difference from
+# the convolution summed out in NumPy.
+_CONVOLUTION = """
+import keras_diffusion
+import jax, numpy as np
+x = np.random.default_rng(0).normal(size=(2, 8, 8, 64)).astype("float32")
+w = np.random.default_rng(1).normal(size=(3, 3, 64, 64)).astype("float32")
+conv = lambda x, w: jax.lax.conv_general_dilated(
+    x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+compiled = jax.jit(conv).lower(x, w).compile()
+padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+expected = sum(np.einsum("nhwc,co->nhwo", padded[:, i:i + 8, j:j + 8], w[i, j])
+               for i in range(3) for j in range(3))
+print("__ynn_fusion" in compiled.as_text(), np.abs(np.asarray(compiled(x, w)) - expected).max())
+"""
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="which kernel XLA compiles a convolution to; runs under JAX")
+@pytest.mark.parametrize("user_flags", ["", YNNPACK])
+def test_jax_convolutions_run_on_eigen_unless_the_user_chooses(user_flags):
+    """Compiled as a user's program compiles it (all of XLA's passes, which
+    the suite's other children skip), after `import keras_diffusion`."""
+    env = child_env("jax")
+    env["XLA_FLAGS"] = user_flags  # without the suite's flags
+    out = subprocess.run([sys.executable, "-c", _CONVOLUTION], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    to_ynnpack, error = out.stdout.split()[-2:]
+    eigen = kd._xla_flags_with_eigen_convolutions(
+        user_flags, kd._version("jaxlib"), kd._version("tensorflow")) == EIGEN
+    assert to_ynnpack == str(not eigen)
+    assert float(error) < 1e-3  # |values| ~ 25: both kernels compute the convolution
