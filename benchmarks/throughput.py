@@ -263,12 +263,13 @@ def _spawn(args, library, backend, precision):
     pin = None
     if args.threads:
         # The same CPU thread budget for every framework: OpenMP (PyTorch) and
-        # TF's pools by their settings; XLA has no setting that holds (its Eigen
-        # convolutions use every core with --xla_cpu_multi_thread_eigen=false),
-        # so each worker also runs on the first `threads` cores it may use.
+        # TF's pools by their settings (a TensorFlow worker so set used 0.99 of
+        # a core); XLA has none that holds (its Eigen convolutions use every
+        # core with --xla_cpu_multi_thread_eigen=false), so the JAX worker runs
+        # on the first `threads` cores it may use.
         n = str(args.threads)
         env.update(OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, TF_NUM_INTRAOP_THREADS=n, TF_NUM_INTEROP_THREADS="1")
-        if hasattr(os, "sched_setaffinity"):
+        if backend == "jax" and hasattr(os, "sched_setaffinity"):
             cores = sorted(os.sched_getaffinity(0))[:args.threads]
             pin = functools.partial(os.sched_setaffinity, 0, cores)
     command = [sys.executable, __file__, "--worker", library, "--precision", precision]

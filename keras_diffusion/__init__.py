@@ -67,10 +67,10 @@ def _configured_backend():
 
 def _set_xla_flags():
     """Put XLA's CPU convolutions on Eigen when Keras runs on JAX. Only then:
-    TensorFlow reads XLA_FLAGS too, and with this flag its float32 training on
-    one thread ran 1.4x slower. XLA reads the variable once, when JAX starts
-    its first device, so this runs on import and again when the command has
-    set its backend."""
+    TensorFlow runs its convolutions on oneDNN, not XLA, and a user's XLA_FLAGS
+    stay as they were under the other backends. XLA reads the variable once,
+    when JAX starts its first device, so this runs on import and again when
+    the command has set its backend."""
     if _configured_backend() == "jax":
         flags = _xla_flags_with_eigen_convolutions(
             os.environ.get("XLA_FLAGS", ""), _version("jaxlib"), _version("tensorflow"))

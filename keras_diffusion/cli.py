@@ -600,11 +600,11 @@ def _usable_cores():
 def _xla_flags_with_a_device_per_core(flags, cores):
     """`flags` (the XLA_FLAGS variable) with XLA's CPU split into one device
     per core, rounded down to a power of two so that the usual batch sizes
-    divide evenly, unless they set a device count already. XLA runs each CPU
-    convolution on one core; with a device per core, `distribute:
-    data_parallel` trains on JAX on all of them (1.3x on 2 cores,
-    docs/performance.md). Unused, the extra devices cost nothing measurable;
-    on a GPU machine JAX trains on the GPUs, as before."""
+    divide evenly, unless they set a device count already. With a device per
+    core, `distribute: data_parallel` splits each batch over the cores, on
+    top of the cores XLA's convolutions use within one device (1.08x on 2
+    cores, docs/performance.md). Unused, the extra devices cost nothing
+    measurable; on a GPU machine JAX trains on the GPUs, as before."""
     if "xla_force_host_platform_device_count" in flags or cores < 2:
         return flags
     count = 1 << (cores.bit_length() - 1)

@@ -36,9 +36,8 @@ def test_xla_convolutions_go_to_eigen_where_xla_knows_the_flag(flags, jaxlib, te
     ("torch", None, "torch"),
 ])
 def test_only_jax_gets_the_flag(tmp_path, keras_backend, keras_json, backend):
-    """TensorFlow reads XLA_FLAGS too and trained slower with the flag, so it
-    is set only where Keras will run on JAX; the child imports the package as
-    the command does, before Keras loads."""
+    """The flag is for JAX, so it is set only where Keras will run on JAX;
+    the child imports the package as the command does, before Keras loads."""
     env = child_env()
     env.pop("XLA_FLAGS")
     env.pop("KERAS_BACKEND")
