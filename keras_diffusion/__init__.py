@@ -8,7 +8,6 @@ the `keras-diffusion` command: there the modules load on first use, after its
 
 import importlib
 import importlib.metadata
-import json
 import os
 import sys
 
@@ -50,35 +49,15 @@ def _xla_flags_with_eigen_convolutions(flags, jaxlib, tensorflow):
     return f"{flags} --xla_cpu_experimental_ynn_fusion_type=-individual_convolution".strip()
 
 
-def _configured_backend():
-    """The backend Keras has loaded, or will: KERAS_BACKEND, else the one in
-    keras.json, else TensorFlow."""
-    if "keras" in sys.modules:
-        return sys.modules["keras"].backend.backend()
-    if os.environ.get("KERAS_BACKEND"):
-        return os.environ["KERAS_BACKEND"]
-    home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
-    try:
-        with open(os.path.join(home, "keras.json")) as file:
-            return json.load(file).get("backend", "tensorflow")
-    except (OSError, ValueError, AttributeError):
-        return "tensorflow"
-
-
-def _set_xla_flags():
-    """Put XLA's CPU convolutions on Eigen when Keras runs on JAX. Only then:
-    TensorFlow runs its convolutions on oneDNN, not XLA, and a user's XLA_FLAGS
-    stay as they were under the other backends. XLA reads the variable once,
-    when JAX starts its first device, so this runs on import and again when
-    the command has set its backend."""
-    if _configured_backend() == "jax":
-        flags = _xla_flags_with_eigen_convolutions(
-            os.environ.get("XLA_FLAGS", ""), _version("jaxlib"), _version("tensorflow"))
-        if flags:
-            os.environ["XLA_FLAGS"] = flags
-
-
-_set_xla_flags()
+# Read by XLA when JAX starts its first device: set on import, before that.
+# Unconditional, as the oneDNN switch above: PyTorch ignores it, and TensorFlow
+# runs its CPU convolutions on oneDNN, not XLA (its training showed the same
+# two speeds on the Zen 5 with the flag and without, docs/performance.md).
+_flags = _xla_flags_with_eigen_convolutions(
+    os.environ.get("XLA_FLAGS", ""), _version("jaxlib"), _version("tensorflow"))
+if _flags:
+    os.environ["XLA_FLAGS"] = _flags
+del _flags
 
 _EXPORTS = {
     "DiffusionSchedule": "keras_diffusion.schedule",

@@ -10,7 +10,6 @@ import os
 import sys
 from pathlib import Path
 
-from keras_diffusion import _set_xla_flags
 from keras_diffusion.data import DATASETS  # numpy only: Keras still loads after --backend
 from keras_diffusion.precision import PRECISIONS
 from keras_diffusion.quiet import quiet_stderr
@@ -628,7 +627,6 @@ def main(argv=None):
     # Read by XLA when it starts (JAX's CPU devices; TensorFlow ignores it).
     os.environ["XLA_FLAGS"] = _xla_flags_with_a_device_per_core(
         os.environ.get("XLA_FLAGS", ""), _usable_cores())
-    _set_xla_flags()  # now that KERAS_BACKEND is known
     try:
         with quiet_stderr():
             import keras_diffusion

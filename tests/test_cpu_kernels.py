@@ -28,34 +28,6 @@ def test_xla_convolutions_go_to_eigen_where_xla_knows_the_flag(flags, jaxlib, te
     assert kd._xla_flags_with_eigen_convolutions(flags, jaxlib, tensorflow) == expected
 
 
-@pytest.mark.parametrize("keras_backend, keras_json, backend", [
-    ("jax", None, "jax"),
-    (None, "jax", "jax"),  # keras.json, as Keras reads it
-    (None, None, "tensorflow"),  # Keras' default
-    ("tensorflow", "jax", "tensorflow"),  # KERAS_BACKEND wins
-    ("torch", None, "torch"),
-])
-def test_only_jax_gets_the_flag(tmp_path, keras_backend, keras_json, backend):
-    """The flag is for JAX, so it is set only where Keras will run on JAX;
-    the child imports the package as the command does, before Keras loads."""
-    env = child_env()
-    env.pop("XLA_FLAGS")
-    env.pop("KERAS_BACKEND")
-    env["KERAS_HOME"] = str(tmp_path)
-    if keras_backend:
-        env["KERAS_BACKEND"] = keras_backend
-    if keras_json:
-        (tmp_path / "keras.json").write_text('{"backend": "%s"}' % keras_json)
-    code = ("import os, sys\nsys.argv[0] = 'keras-diffusion'\nimport keras_diffusion as kd\n"
-            "print(kd._configured_backend(), repr(os.environ.get('XLA_FLAGS', '')))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    expected = kd._xla_flags_with_eigen_convolutions(
-        "", kd._version("jaxlib"), kd._version("tensorflow")) if backend == "jax" else ""
-    assert out.stdout.split() == [backend, repr(expected)]
-
-
 # A 3x3 convolution with 64 channels, which jaxlib 0.10's XLA gives YNNPACK by
 # default; the child prints whether it did, and the largest difference from
 # the convolution summed out in NumPy.
