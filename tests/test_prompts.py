@@ -151,10 +151,11 @@ def test_generate_from_prompts(trained):
     assert np.abs(mixed[1::2] - images[1::2]).max() > 0.05  # ~1 where they differ most
     batched = model.generate(4, prompts=[TOP, BOTTOM, TOP, BOTTOM], batch_size=2, **options)
     # Batches of 2 run another compiled program, whose float32 sums may come in
-    # another order: on JAX with single-threaded XLA kernels 5 of 256 values
-    # moved by up to 5e-4 after three guided steps; a prompt given to the wrong
-    # image moves them by up to ~1.
-    np.testing.assert_allclose(batched, mixed, atol=1e-3)
+    # another order: on JAX 5 of 256 values moved by up to 5e-4 after three
+    # guided steps with YNNPACK convolutions, 1 by 1.2e-3 with XLA's Eigen ones
+    # (keras_diffusion's setting); a prompt given to the wrong image moves them
+    # by up to ~1.
+    np.testing.assert_allclose(batched, mixed, atol=5e-3)
     np.testing.assert_allclose(model.generate(2, steps=3, seed=4),
                                model.generate(2, steps=3, seed=4, prompts=""), atol=1e-6)
 
