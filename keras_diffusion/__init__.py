@@ -31,6 +31,14 @@ def _version(distribution):
         return None
 
 
+def _with_xla_flag(flags, name, value):
+    """`flags` (the XLA_FLAGS variable) with `--name=value` added, unless
+    they set `name` already: the user's choice wins."""
+    if name in flags:
+        return flags
+    return f"{flags} --{name}={value}".strip()
+
+
 def _xla_flags_with_eigen_convolutions(flags, jaxlib, tensorflow):
     """`flags` (the XLA_FLAGS variable) with XLA's CPU convolutions on its
     Eigen kernels rather than YNNPACK, unless they choose already.
@@ -44,9 +52,7 @@ def _xla_flags_with_eigen_convolutions(flags, jaxlib, tensorflow):
     minor) or None if not installed) and TensorFlow 2.21 or later."""
     if jaxlib != (0, 10) or (tensorflow is not None and tensorflow < (2, 21)):
         return flags
-    if "xla_cpu_experimental_ynn_fusion_type" in flags:
-        return flags
-    return f"{flags} --xla_cpu_experimental_ynn_fusion_type=-individual_convolution".strip()
+    return _with_xla_flag(flags, "xla_cpu_experimental_ynn_fusion_type", "-individual_convolution")
 
 
 # Read by XLA when JAX starts its first device: set on import, before that.

@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from keras_diffusion import _with_xla_flag
 from keras_diffusion.data import DATASETS  # numpy only: Keras still loads after --backend
 from keras_diffusion.precision import PRECISIONS
 from keras_diffusion.quiet import quiet_stderr
@@ -604,10 +605,9 @@ def _xla_flags_with_a_device_per_core(flags, cores):
     top of the cores XLA's convolutions use within one device (1.08x on 2
     cores, docs/performance.md). Unused, the extra devices cost nothing
     measurable; on a GPU machine JAX trains on the GPUs, as before."""
-    if "xla_force_host_platform_device_count" in flags or cores < 2:
+    if cores < 2:
         return flags
-    count = 1 << (cores.bit_length() - 1)
-    return f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    return _with_xla_flag(flags, "xla_force_host_platform_device_count", 1 << (cores.bit_length() - 1))
 
 
 def main(argv=None):
