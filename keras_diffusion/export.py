@@ -95,7 +95,7 @@ def export_saved_model(
     steps=50,
     sampler="ddim",
     eta=0.0,
-    timestep_spacing="linspace",
+    timestep_spacing=None,
     denoise_steps=10,
     verbose=False,
 ):

@@ -58,17 +58,38 @@ def download(path):
 
     name = repo_id(path)
     hub = _huggingface_hub()
-    try:
-        folder = hub.snapshot_download(repo_id=name, library_name="keras-diffusion",
-                                       library_version=__version__)
-    except Exception as error:  # offline, unknown repository, no access: many types
-        raise OSError(f"could not download {path} from the Hugging Face Hub "
-                      f"({_first_line(error)}); without a network connection only a local "
-                      "file, a preset or a repository downloaded before can be loaded") from error
-    if not (Path(folder) / "config.json").is_file():
-        raise ValueError(f"{path} holds no Keras model (no config.json); it was not written by "
-                         "keras-diffusion push or keras.saving.save_model.")
-    return folder
+
+    def snapshot(patterns):
+        try:
+            return hub.snapshot_download(repo_id=name, allow_patterns=patterns,
+                                         library_name="keras-diffusion",
+                                         library_version=__version__)
+        except Exception as error:  # offline, unknown repository, no access: many types
+            raise OSError(f"could not download {path} from the Hugging Face Hub "
+                          f"({_first_line(error)}); without a network connection only a local "
+                          "file, a preset or a repository downloaded before can be "
+                          "loaded") from error
+
+    # The index files first, then what the kind of repository needs: a
+    # Stable Diffusion repository also holds fp16 copies, PyTorch .bin files
+    # and single-file checkpoints, gigabytes that nothing here reads.
+    folder = Path(snapshot(["config.json", "model_index.json"]))
+    if (folder / "model_index.json").is_file():
+        return snapshot(PIPELINE_FILES)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{path} holds no Keras model (no config.json) and no diffusers pipeline "
+                         "(no model_index.json).")
+    return snapshot(None)
+
+
+# What a diffusers Stable Diffusion repository needs downloaded: configs,
+# tokenizer, scheduler and the float32 safetensors (whole or sharded).
+PIPELINE_FILES = [
+    "model_index.json", "*/config.json", "scheduler/*", "tokenizer/*",
+    "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/model.safetensors", "*/*.safetensors.index.json",
+    "unet/diffusion_pytorch_model-*-of-*.safetensors", "text_encoder/model-*-of-*.safetensors",
+]
 
 
 def record_of(source):

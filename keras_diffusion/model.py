@@ -344,11 +344,13 @@ class DiffusionModel(keras.Model):
         labels=None,
         guidance_scale=1.0,
         eta=0.0,
-        timestep_spacing="linspace",
+        timestep_spacing=None,
         batch_size=None,
         use_karras_sigmas=None,
         prompts=None,
         negative_prompts=None,
+        noise=None,
+        image_size=None,
     ):
         """Sample `num_images` images with the EMA weights.
 
@@ -360,15 +362,22 @@ class DiffusionModel(keras.Model):
         classifier-free guidance (1: plain conditional, 0: unconditional).
         `prompts` (prompted models): one string for all images or one per
         image; `negative_prompts` likewise, the direction guidance steers
-        away from (default: the empty prompt).
+        away from (default: the empty prompt). `timestep_spacing` None is the
+        schedule's default (`"linspace"` unless its scheduler config says
+        otherwise). `noise`: the starting noise `(num_images, h, w, C)`, NHWC,
+        shaped like the samples (a latent model's latents), instead of one
+        drawn from `seed`. `image_size`: `(H, W)` for a model whose network
+        takes any size it divides (a Stable Diffusion UNet); None for the
+        model's own.
 
         Returns a numpy array `(num_images, H, W, C)`, float32 in [0, 1].
         The same `seed` gives the same images on the same backend.
         """
         x0 = pipeline.sample(
             self, num_images, steps=steps, sampler=sampler, seed=seed, labels=labels,
-            prompts=prompts, negative_prompts=negative_prompts, guidance_scale=guidance_scale, eta=eta, timestep_spacing=timestep_spacing,
-            batch_size=batch_size, use_karras_sigmas=use_karras_sigmas,
+            prompts=prompts, negative_prompts=negative_prompts, guidance_scale=guidance_scale,
+            eta=eta, timestep_spacing=timestep_spacing, batch_size=batch_size,
+            use_karras_sigmas=use_karras_sigmas, noise=noise, image_size=image_size,
         )
         return pipeline.decode(self, x0, batch_size=batch_size)
 
@@ -559,7 +568,7 @@ def check_model_arguments(*, prediction, ema_decay, min_snr_gamma, label_dropout
         raise ValueError(f"min_snr_gamma must be > 0 or None; got {min_snr_gamma!r}.")
 
 
-def load_model(source, precision=None):
+def load_model(source, precision=None, config=None):
     """Load a trained `DiffusionModel`, on any backend, from `source`:
 
     - a `.keras` file written by `model.save` or `keras-diffusion train`;
@@ -568,7 +577,13 @@ def load_model(source, precision=None):
     - `hf://OWNER/NAME`, a Hugging Face Hub repository written by
       `keras-diffusion push` (needs `huggingface_hub`; cached after the
       first download);
-    - a folder holding an unzipped Keras model (what a Hub repository is).
+    - a folder holding an unzipped Keras model (what a Hub repository is);
+    - a Stable Diffusion 1.x / 2.x checkpoint: a diffusers pipeline folder
+      (`model_index.json`), an `hf://` repository holding one, or one
+      original-layout file (`.safetensors`; `.ckpt` only where it can be
+      read without running code), which `config` (a diffusers folder of
+      the same model, weights not needed) describes; None takes the
+      shipped SD 1.5 / 2.1 configuration of the file's family.
 
     The network computes in the global dtype policy (float32 unless set),
     whatever precision it was trained in: its weights are float32 either
@@ -594,9 +609,19 @@ def load_model(source, precision=None):
     name = path = os.fspath(source)
     if hub.is_hub_path(path):
         path = hub.download(path)
-    elif presets.is_preset(path):
+    checkpoint_file = os.path.isfile(path) and path.lower().endswith(
+        (".safetensors", ".ckpt", ".bin", ".pt", ".pth"))
+    if checkpoint_file or (os.path.isdir(path)
+                           and not os.path.isfile(os.path.join(path, "config.json"))):
+        # Not a Keras model: a Stable Diffusion checkpoint, or a clear error.
+        from keras_diffusion.stable_diffusion import checkpoints
+
+        policy = None if precision is None else precisions.resolve(precision, sampling=True)
+        with precisions.policy_scope(policy):
+            return checkpoints.load(path, config=config)
+    if presets.is_preset(path):
         path = os.fspath(presets.preset_file(path))
-    elif os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+    elif os.path.isdir(path):
         pass  # an unzipped model, as a Hub repository holds it
     elif not os.path.isfile(path):
         known = f" (nor a preset: {', '.join(presets.presets()) or 'none'})" if "." not in path else ""
@@ -604,19 +629,16 @@ def load_model(source, precision=None):
     elif not path.endswith(".keras") or not zipfile.is_zipfile(path):
         raise ValueError(
             f"{path} is not a Keras model archive; expected a .keras file written by "
-            "model.save or keras-diffusion train."
+            "model.save or keras-diffusion train (or a Stable Diffusion checkpoint: a diffusers "
+            "folder or a .safetensors file)."
         )
     policy = None if precision is None else precisions.resolve(precision, sampling=True)
-    global_policy = keras.mixed_precision.dtype_policy()
     try:
-        if policy is not None:
-            keras.mixed_precision.set_dtype_policy(policy)
-        model = keras.saving.load_model(path)
+        with precisions.policy_scope(policy):
+            model = keras.saving.load_model(path)
     except Exception as error:  # a truncated or foreign archive fails in many ways
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"could not load {name} as a Keras model ({first_line}).") from error
-    finally:
-        keras.mixed_precision.set_dtype_policy(global_policy)
     if not isinstance(model, DiffusionModel):
         raise ValueError(f"{name} holds a {type(model).__name__}, not a keras_diffusion DiffusionModel.")
     return model

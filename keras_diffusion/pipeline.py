@@ -120,7 +120,7 @@ def encode_mask(model, known):
     n, height, width, _ = known.shape
     f = autoencoder.factor
     cells = known.all(axis=-1).reshape(n, height // f, f, width // f, f).all(axis=(2, 4))
-    shape = (n,) + tuple(model.sample_shape)
+    shape = (n, height // f, width // f, model.sample_shape[-1])
     return np.broadcast_to(cells[..., np.newaxis], shape).astype("float32")
 
 
@@ -456,7 +456,8 @@ def run_sampler(model, x, *, timesteps, sampler, eta=0.0, condition=None, guidan
 
 def sample(model, num_images, *, steps=50, sampler="ddim", seed=None, labels=None,
            prompts=None, negative_prompts=None, guidance_scale=1.0, eta=0.0,
-           timestep_spacing="linspace", batch_size=None, use_karras_sigmas=None):
+           timestep_spacing=None, batch_size=None, use_karras_sigmas=None, noise=None,
+           image_size=None):
     """`num_images` samples from pure noise, in the space the samplers run
     in (see `decode`); the arguments are those of `DiffusionModel.generate`."""
     check_integer("num_images", num_images)
@@ -466,7 +467,11 @@ def sample(model, num_images, *, steps=50, sampler="ddim", seed=None, labels=Non
         model.schedule, sampler, steps, eta=eta, spacing=timestep_spacing,
         use_karras_sigmas=use_karras_sigmas,
     )
-    noise = keras.random.normal((num_images,) + tuple(model.sample_shape), seed=seed)
+    shape = sample_shape(model, image_size)
+    if noise is None:
+        noise = keras.random.normal((num_images,) + shape, seed=seed)
+    else:
+        noise = ops.convert_to_tensor(check_noise(model, noise, num_images, shape, image_size))
     step_seed = None if seed is None else seed + 1
     step_noise = samplers.draw_step_noise(
         noise.shape, sampler, len(timesteps), eta=eta, seed=step_seed
@@ -475,3 +480,63 @@ def sample(model, num_images, *, steps=50, sampler="ddim", seed=None, labels=Non
         model, noise, timesteps=timesteps, sampler=sampler, eta=eta, condition=condition,
         guidance_scale=guidance_scale, step_noise=step_noise, batch_size=batch_size,
     )
+
+
+# ------------------------------------------------------------ image sizes
+def size_multiple(model):
+    """The multiple of which every image side must be: the network's
+    downsampling factor, times the autoencoder's for a latent model."""
+    autoencoder = _autoencoder(model)
+    return (getattr(model.network, "downsampling_factor", 1)
+            * (1 if autoencoder is None else autoencoder.factor))
+
+
+def flexible_size(model):
+    """Whether the network takes inputs of any (divisible) height and width."""
+    return None in tuple(model.network.inputs[0].shape[1:3])
+
+
+def sample_shape(model, image_size=None):
+    """`(h, w, C)` of one sample the samplers run on, for images of
+    `image_size` `(H, W)`; None: the model's own size."""
+    if image_size is None:
+        return tuple(model.sample_shape)
+    if (not isinstance(image_size, (tuple, list)) or len(image_size) != 2
+            or not all(isinstance(side, (int, np.integer)) and side > 0 for side in image_size)):
+        raise ValueError(f"image_size must be (height, width), two positive integers; "
+                         f"got {image_size!r}.")
+    height, width = (int(side) for side in image_size)
+    if not flexible_size(model):
+        if (height, width) != tuple(model.image_shape[:2]):
+            raise ValueError(f"this model makes {model.image_shape[0]}x{model.image_shape[1]} "
+                             f"images only; got image_size={image_size!r}.")
+        return tuple(model.sample_shape)
+    multiple = size_multiple(model)
+    if height % multiple or width % multiple:
+        raise ValueError(f"image_size {height}x{width} does not divide: both sides must be "
+                         f"multiples of {multiple} for this model.")
+    autoencoder = _autoencoder(model)
+    factor = 1 if autoencoder is None else autoencoder.factor
+    return (height // factor, width // factor, model.sample_shape[-1])
+
+
+def check_noise(model, noise, num_images, shape, image_size):
+    """`noise` given to `generate` as float32 numpy `(num_images, *shape)`:
+    the starting point of the samplers, shaped like the samples (NHWC
+    latents for a latent model); with no `image_size` its height and width
+    set the size."""
+    noise = np.asarray(ops.convert_to_numpy(noise) if ops.is_tensor(noise) else noise)
+    kind = "latents" if _autoencoder(model) is not None else "images"
+    if noise.ndim != 4 or not np.issubdtype(noise.dtype, np.floating):
+        raise ValueError(f"noise must be float {kind} of shape (N, height, width, channels), NHWC; "
+                         f"got {noise.dtype} of shape {noise.shape}.")
+    if image_size is None and flexible_size(model):
+        autoencoder = _autoencoder(model)
+        factor = 1 if autoencoder is None else autoencoder.factor
+        shape = sample_shape(model, (noise.shape[1] * factor, noise.shape[2] * factor))
+    if noise.shape != (num_images,) + tuple(shape):
+        raise ValueError(f"noise must have shape {(num_images,) + tuple(shape)} (one {kind} "
+                         f"sample per image, NHWC); got {noise.shape}.")
+    if not np.isfinite(noise).all():
+        raise ValueError("noise holds NaN or infinite values.")
+    return noise.astype("float32")

@@ -13,6 +13,7 @@ always `float32`). An explicit `mixed_bfloat16` or `mixed_float16` is
 kept, with one warning per process where the hardware would emulate it.
 """
 
+import contextlib
 import functools
 import warnings
 
@@ -24,6 +25,21 @@ _CPU_FLAGS = {
     "float16": ("amx_fp16", "avx512_fp16"),
 }
 _warned = set()
+
+
+@contextlib.contextmanager
+def policy_scope(policy):
+    """Keras' global dtype policy set to `policy` (a policy name) inside the
+    block and restored after it; None leaves the policy as it is."""
+    import keras
+
+    previous = keras.mixed_precision.dtype_policy()
+    try:
+        if policy is not None:
+            keras.mixed_precision.set_dtype_policy(policy)
+        yield
+    finally:
+        keras.mixed_precision.set_dtype_policy(previous)
 
 
 def check_precision(precision):

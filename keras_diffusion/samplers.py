@@ -129,7 +129,7 @@ def sample(
 
 
 def plan_timesteps(
-    schedule, sampler, steps, *, eta=0.0, spacing="linspace", start_timestep=None,
+    schedule, sampler, steps, *, eta=0.0, spacing=None, start_timestep=None,
     use_karras_sigmas=None,
 ):
     """Validate sampler arguments and return the descending timesteps to run
@@ -143,8 +143,11 @@ def plan_timesteps(
             f"eta is a DDIM option; sampler {sampler!r} takes none (got eta={eta!r}). "
             "For a stochastic few-step sampler use 'dpmpp_2m_sde'."
         )
+    if spacing is None:
+        spacing = schedule.default_spacing(sampler)
     if use_karras_sigmas is None:
-        use_karras_sigmas = spec.karras
+        use_karras_sigmas = (spec.karras if schedule.use_karras_sigmas is None
+                             else schedule.use_karras_sigmas)
     timesteps = schedule.sampling_timesteps(steps, spacing, use_karras_sigmas=use_karras_sigmas)
     if start_timestep is not None:
         timesteps = _timesteps_from(timesteps, start_timestep)
@@ -212,7 +215,10 @@ def _ddim_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta,
     (a tensor too) are run; see `run_ddim_from`.
     """
     ts = ops.convert_to_tensor(timesteps, dtype="int32")
-    ts_prev = ops.concatenate([ts[1:], ops.full((1,), -1, dtype="int32")])
+    final = schedule.final_alpha_bar_timestep
+    ts_prev = ops.concatenate([ts[1:], ops.full((1,), final, dtype="int32")])
+    if num_steps is not None:  # a padded table: -1 follows the last step run
+        ts_prev = ops.where(ts_prev < 0, final, ts_prev)
 
     def body(i, x):
         z = None if step_noise is None else ops.take(step_noise, i, axis=0)

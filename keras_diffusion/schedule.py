@@ -17,7 +17,12 @@ from keras_diffusion.checks import is_integer
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v", "x0")
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+# The "_exclusive" spacings are diffusers' "linspace" and "leading" for its
+# multistep solvers (DPMSolverMultistepScheduler): a plan of steps + 1
+# timesteps with the last (t = 0, or the offset) dropped, as the solver's
+# final step goes to sigma = 0 itself.
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "linspace_exclusive",
+                     "leading_exclusive")
 
 
 def _betas(beta_schedule, timesteps, beta_start, beta_end):
@@ -60,6 +65,17 @@ class DiffusionSchedule(keras.layers.Layer):
         timesteps: number of training timesteps T.
         beta_start: first beta (ignored by `"cosine"`).
         beta_end: last beta (ignored by `"cosine"`).
+        steps_offset: added to every timestep of a `"leading"` plan
+            (diffusers' `steps_offset`; Stable Diffusion uses 1).
+        set_alpha_to_one: whether DDIM's last step goes to alpha-bar = 1 (a
+            clean image) or, as diffusers does with `set_alpha_to_one=False`
+            (Stable Diffusion), to alpha-bar_0.
+        timestep_spacing: the spacing of a sampling plan when a caller names
+            none: one name for every sampler, a dict `{sampler: spacing}`
+            (diffusers' defaults differ by scheduler class), or None for
+            `"linspace"`.
+        use_karras_sigmas: the default of the samplers' `use_karras_sigmas`
+            when a caller names none; None keeps each sampler's own.
 
     Timesteps are integers in `[0, timesteps)`. Images are `(B, H, W, C)`
     tensors in [-1, 1]; `t` is a `(B,)` integer tensor.
@@ -77,6 +93,10 @@ class DiffusionSchedule(keras.layers.Layer):
         timesteps=1000,
         beta_start=0.0001,
         beta_end=0.02,
+        steps_offset=0,
+        set_alpha_to_one=True,
+        timestep_spacing=None,
+        use_karras_sigmas=None,
         **kwargs,
     ):
         kwargs["dtype"] = "float32"
@@ -92,6 +112,17 @@ class DiffusionSchedule(keras.layers.Layer):
                 "beta_start and beta_end must satisfy 0 < beta_start < beta_end < 1; "
                 f"got beta_start={beta_start!r}, beta_end={beta_end!r}."
             )
+        check_integer("steps_offset", steps_offset, low=0)
+        for spacing in (timestep_spacing.values() if isinstance(timestep_spacing, dict)
+                        else [timestep_spacing]):
+            if spacing is not None and spacing not in TIMESTEP_SPACINGS:
+                raise ValueError(f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, "
+                                 f"a dict of them by sampler, or None; got {spacing!r}.")
+        self.steps_offset = int(steps_offset)
+        self.set_alpha_to_one = bool(set_alpha_to_one)
+        self.timestep_spacing = (dict(timestep_spacing) if isinstance(timestep_spacing, dict)
+                                 else timestep_spacing)
+        self.use_karras_sigmas = None if use_karras_sigmas is None else bool(use_karras_sigmas)
         self.beta_schedule = beta_schedule
         self.timesteps = int(timesteps)
         self.beta_start = float(beta_start)
@@ -187,6 +218,19 @@ class DiffusionSchedule(keras.layers.Layer):
         return clipped
 
     # ----------------------------------------------------------- inference
+    def default_spacing(self, sampler):
+        """The timestep spacing of `sampler` when the caller names none."""
+        spacing = self.timestep_spacing
+        if isinstance(spacing, dict):
+            spacing = spacing.get(sampler)
+        return spacing or "linspace"
+
+    @property
+    def final_alpha_bar_timestep(self):
+        """The timestep DDIM's last step goes to: -1 (alpha-bar 1, no noise)
+        or, without `set_alpha_to_one`, 0 (diffusers' `final_alpha_cumprod`)."""
+        return -1 if self.set_alpha_to_one else 0
+
     def sampling_timesteps(self, steps, spacing="linspace", use_karras_sigmas=False):
         """Descending integer timesteps for a `steps`-step sampler, with the
         meaning of diffusers' `timestep_spacing` (Lin et al. 2023, table 2).
@@ -214,8 +258,12 @@ class DiffusionSchedule(keras.layers.Layer):
         if spacing == "linspace":
             # One step starts from pure noise, not at t = 0 (where diffusers' linspace puts it).
             ts = np.linspace(0, T - 1, steps).round()[::-1] if steps > 1 else np.array([T - 1])
+        elif spacing == "linspace_exclusive":
+            ts = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1]
         elif spacing == "leading":
-            ts = (np.arange(steps) * (T // steps)).round()[::-1]
+            ts = (np.arange(steps) * (T // steps)).round()[::-1] + self.steps_offset
+        elif spacing == "leading_exclusive":
+            ts = (np.arange(steps + 1) * (T // (steps + 1))).round()[::-1][:-1] + self.steps_offset
         else:
             ts = np.round(np.arange(T, 0, -T / steps)) - 1
         return ts.astype(np.int32)
@@ -302,6 +350,11 @@ class DiffusionSchedule(keras.layers.Layer):
             beta_start=self.beta_start,
             beta_end=self.beta_end,
         )
+        # Written only when set, so files of schedules without them stay as they were.
+        defaults = dict(steps_offset=0, set_alpha_to_one=True, timestep_spacing=None,
+                        use_karras_sigmas=None)
+        config.update({name: getattr(self, name) for name, default in defaults.items()
+                       if getattr(self, name) != default})
         return config
 
 

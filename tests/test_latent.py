@@ -140,8 +140,9 @@ def test_decode_and_the_latent_model_check_shapes(autoencoder):
                                          r"autoencoder makes \(4, 4, 2\) latents; build the UNet "
                                          r"with image_shape=\(4, 4, 2\)\."):
         kd.LatentDiffusionModel(ae, one_level_unet((8, 8, 2)))
-    with pytest.raises(ValueError, match=r"autoencoder must be a keras_diffusion Autoencoder; "
-                                         r"got UNet\."):
+    with pytest.raises(ValueError, match=r"autoencoder must be a keras_diffusion Autoencoder or "
+                                         r"offer its protocol; UNet lacks encoder, decoder, "
+                                         r"posterior"):
         kd.LatentDiffusionModel(one_level_unet((4, 4, 2)), one_level_unet((4, 4, 2)))
 
 

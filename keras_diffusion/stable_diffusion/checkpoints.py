@@ -1,0 +1,243 @@
+"""Stable Diffusion checkpoints -> a `LatentDiffusionModel` holding our parts.
+
+Two layouts are read:
+
+- a diffusers pipeline folder (`model_index.json`, `unet/`, `vae/`,
+  `text_encoder/`, `tokenizer/`, `scheduler/`), as `save_pretrained` writes
+  it and the Hub serves it; weights in `*.safetensors` (sharded or not), or
+  in PyTorch's `*.bin` where they can be read without running code;
+- one original (CompVis / Stability) file, whose keys `single_file` renames
+  to diffusers' and whose configurations come from a diffusers folder given
+  as `config`, or from the shipped SD 1.5 / SD 2.1 ones.
+
+The scheduler's config sets the model's `DiffusionSchedule`: its betas and
+prediction type, and the sampling defaults diffusers derives from it
+(`timestep_spacing` per scheduler class, `steps_offset`,
+`set_alpha_to_one`), so `sampler="ddim"` runs `DDIMScheduler` and
+`"dpmpp_2m"` `DPMSolverMultistepScheduler` as a diffusers pipeline built
+from that config would.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import keras
+
+from keras_diffusion.schedule import DiffusionSchedule
+from keras_diffusion.stable_diffusion import single_file
+from keras_diffusion.stable_diffusion import weights
+from keras_diffusion.stable_diffusion.clip import CLIPTextTransformer
+from keras_diffusion.stable_diffusion.tokenizer import CLIPTokenizer
+from keras_diffusion.stable_diffusion.unet import StableDiffusionUNet
+from keras_diffusion.stable_diffusion.vae import StableDiffusionVAE
+
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
+
+# diffusers' scheduler config -> our names.
+_BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear",
+                   "squaredcos_cap_v2": "cosine"}
+_PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}
+# The timestep spacing of diffusers' scheduler classes when their config
+# names none. A pipeline's scheduler swapped by `Other.from_config(
+# pipeline.scheduler.config)` (how diffusers' users pick a sampler) inherits
+# its spacing, so the class the checkpoint names decides for every sampler.
+_CLASS_SPACINGS = {"PNDMScheduler": "leading", "DDIMScheduler": "leading",
+                   "DDPMScheduler": "leading", "LMSDiscreteScheduler": "linspace",
+                   "EulerDiscreteScheduler": "linspace",
+                   "EulerAncestralDiscreteScheduler": "linspace",
+                   "DPMSolverMultistepScheduler": "linspace"}
+_SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_sde")
+_SOLVERS = ("dpmpp_2m", "dpmpp_2m_sde")
+
+
+# ------------------------------------------------------------- reading files
+def is_pipeline_folder(path):
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_index.json"))
+
+
+def is_single_file(path):
+    return os.path.isfile(path) and str(path).lower().endswith(SINGLE_FILE_SUFFIXES)
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}).") from None
+
+
+def _component_weights(folder):
+    """The state dict of one component folder (`unet/`, `vae/`, ...): its
+    safetensors file, its shards, or a PyTorch `.bin`."""
+    folder = Path(folder)
+    for stem in ("diffusion_pytorch_model", "model"):
+        index = folder / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(_read_json(index)["weight_map"].values()))
+            state = {}
+            for shard in shards:
+                state.update(single_file.read_safetensors(folder / shard))
+            return state
+        if (folder / f"{stem}.safetensors").is_file():
+            return single_file.read_safetensors(folder / f"{stem}.safetensors")
+    for stem in ("diffusion_pytorch_model", "pytorch_model"):
+        if (folder / f"{stem}.bin").is_file():
+            return single_file.read_weights(folder / f"{stem}.bin")
+    raise FileNotFoundError(
+        f"{folder} holds no weights: expected diffusion_pytorch_model.safetensors or "
+        "model.safetensors (or a sharded index, or a PyTorch .bin)."
+    )
+
+
+def check_pipeline_class(index, path):
+    name = index.get("_class_name")
+    if name not in SUPPORTED_PIPELINES:
+        unet_note = ""
+        if name == "StableDiffusionInpaintPipeline":
+            unet_note = " (an inpainting UNet with 9 input channels; inpaint with a plain SD model)"
+        raise ValueError(
+            f"{path} holds a {name}{unet_note}, which keras_diffusion does not load; supported: "
+            f"{', '.join(SUPPORTED_PIPELINES)} (Stable Diffusion 1.x and 2.x)."
+        )
+
+
+# ----------------------------------------------------------------- schedule
+def schedule_from_config(config):
+    """`(DiffusionSchedule, prediction)` from a diffusers scheduler config."""
+    beta_schedule = config.get("beta_schedule", "linear")
+    if beta_schedule not in _BETA_SCHEDULES:
+        raise ValueError(f"scheduler beta_schedule {beta_schedule!r} is not supported; supported: "
+                         f"{', '.join(_BETA_SCHEDULES)}.")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in _PREDICTIONS:
+        raise ValueError(f"scheduler prediction_type {prediction!r} is not supported; supported: "
+                         f"{', '.join(_PREDICTIONS)}.")
+    for option, off in (("trained_betas", None), ("rescale_betas_zero_snr", False),
+                        ("thresholding", False)):
+        if config.get(option, off) not in (off, [], False):
+            raise ValueError(f"scheduler option {option}={config[option]!r} is not supported.")
+    spacing = config.get("timestep_spacing") or _CLASS_SPACINGS.get(config.get("_class_name"),
+                                                                      "leading")
+    if spacing not in ("linspace", "leading", "trailing"):
+        raise ValueError(f"scheduler timestep_spacing {spacing!r} is not supported; supported: "
+                         "linspace, leading, trailing.")
+    # The multistep solvers plan one step more and drop its end (see
+    # keras_diffusion.schedule.TIMESTEP_SPACINGS).
+    solver_spacing = {"trailing": "trailing"}.get(spacing, f"{spacing}_exclusive")
+    spacings = {sampler: solver_spacing if sampler in _SOLVERS else spacing
+                for sampler in _SAMPLERS}
+    schedule = DiffusionSchedule(
+        _BETA_SCHEDULES[beta_schedule],
+        timesteps=int(config.get("num_train_timesteps", 1000)),
+        beta_start=float(config.get("beta_start", 0.0001)),
+        beta_end=float(config.get("beta_end", 0.02)),
+        steps_offset=int(config.get("steps_offset", 0)),
+        set_alpha_to_one=bool(config.get("set_alpha_to_one", True)),
+        timestep_spacing=spacings,
+        use_karras_sigmas=bool(config.get("use_karras_sigmas", False)),
+    )
+    return schedule, _PREDICTIONS[prediction]
+
+
+# ----------------------------------------------------------------- assembly
+def _build(parts_config, states, tokenizer, name):
+    """The model from the components' reference configs and state dicts."""
+    # By its registered name, not an import: `load_model` (in
+    # keras_diffusion.model) calls this module, and the latent model imports
+    # that one. Importing keras_diffusion registers every class.
+    latent_model = keras.saving.get_registered_object("keras_diffusion>LatentDiffusionModel")
+    unet = StableDiffusionUNet.from_reference_config(parts_config["unet"])
+    if unet.config.get("in_channels", 4) != 4:
+        raise ValueError(
+            f"the UNet takes {unet.config['in_channels']} input channels (an inpainting UNet); "
+            "supported: Stable Diffusion 1.x and 2.x text-to-image UNets with 4."
+        )
+    vae = StableDiffusionVAE.from_reference_config(parts_config["vae"])
+    text_encoder = CLIPTextTransformer.from_reference_config(parts_config["text_encoder"])
+    weights.load_state_dict(unet, states["unet"], "UNet")
+    weights.load_state_dict(vae, states["vae"], "VAE")
+    weights.load_state_dict(text_encoder, states["text_encoder"], "text encoder")
+    schedule, prediction = schedule_from_config(parts_config["scheduler"])
+    side = int(parts_config["unet"].get("sample_size", 64)) * vae.factor
+    return latent_model(
+        vae, unet, schedule, prediction=prediction, ema_decay=None, text_encoder=text_encoder,
+        tokenizer=tokenizer, train_text_encoder=False, image_size=(side, side), name=name,
+    )
+
+
+def _component_configs(folder):
+    folder = Path(folder)
+    return {
+        "unet": _read_json(folder / "unet" / "config.json"),
+        "vae": _read_json(folder / "vae" / "config.json"),
+        "text_encoder": _read_json(folder / "text_encoder" / "config.json"),
+        "scheduler": _read_json(folder / "scheduler" / "scheduler_config.json"),
+    }
+
+
+def load_pipeline_folder(path):
+    """A `LatentDiffusionModel` from a diffusers Stable Diffusion folder."""
+    folder = Path(path)
+    check_pipeline_class(_read_json(folder / "model_index.json"), path)
+    configs = _component_configs(folder)
+    states = {part: _component_weights(folder / part) for part in ("unet", "vae", "text_encoder")}
+    tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
+    return _build(configs, states, tokenizer, name="stable_diffusion")
+
+
+def load_single_file(path, config=None):
+    """A `LatentDiffusionModel` from one original-layout checkpoint file.
+
+    `config`: a diffusers folder (no weights needed) whose component
+    configs, scheduler and tokenizer describe the checkpoint; None takes
+    the shipped configuration of the file's family (SD 1.5 or SD 2.1)."""
+    state = single_file.read_weights(path)
+    family = single_file.detect_family(state.keys())
+    if config is None:
+        config = _shipped_config(family)
+    elif not is_pipeline_folder(config):
+        raise FileNotFoundError(f"config {config} is not a diffusers folder (no model_index.json).")
+    configs = _component_configs(config)
+    parts = single_file.to_diffusers(state, unet_config=configs["unet"],
+                                     vae_config=configs["vae"],
+                                     text_config=configs["text_encoder"])
+    tokenizer = CLIPTokenizer.from_folder(Path(config) / "tokenizer")
+    return _build(configs, parts, tokenizer, name="stable_diffusion")
+
+
+def _shipped_config(family):
+    folder = Path(__file__).parent / "configs" / family
+    if not is_pipeline_folder(folder):
+        raise ValueError(
+            f"no configuration ships for a {family} single file; pass config=<a diffusers folder "
+            "of the same model> (its configs and tokenizer; weights are not needed)."
+        )
+    return folder
+
+
+def load(source, config=None):
+    """A Stable Diffusion model from a diffusers folder or one file."""
+    path = os.fspath(source)
+    if is_pipeline_folder(path):
+        return load_pipeline_folder(path)
+    if is_single_file(path):
+        return load_single_file(path, config=config)
+    if os.path.isdir(path):
+        raise ValueError(
+            f"{path} is a folder without model_index.json: expected a diffusers pipeline folder "
+            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or an "
+            "unzipped Keras model (config.json)."
+        )
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+
+
+def is_checkpoint(path):
+    """Whether `path` names something `load` reads."""
+    path = os.fspath(path)
+    return is_pipeline_folder(path) or is_single_file(path)
+

@@ -1,0 +1,143 @@
+"""Tiny random Stable Diffusion pipelines, built offline with diffusers and
+transformers, as diffusers' own tests build their dummy components.
+
+`write_pipeline(folder, style)` saves a `StableDiffusionPipeline` of the
+given style with `save_pretrained`:
+
+- `"sd1"`: epsilon prediction, convolutional transformer projections, one
+  head size for every level, CLIP with `quick_gelu`;
+- `"sd2"`: v prediction, linear projections, per-level head counts, CLIP
+  with `gelu` and `!` as its padding token.
+
+The tokenizer's files are written here: the byte-level alphabet of CLIP's
+BPE, its end-of-word forms, merges that spell a handful of words, and the
+two special tokens.
+"""
+
+import json
+from pathlib import Path
+
+WORDS = ("a", "photo", "of", "cat", "dog", "the", "tree", "jackfruits", "hang", "from",
+         "branches", "blurry", "red", "sks")
+
+
+def byte_alphabet():
+    """The 256 printable characters that CLIP's BPE spells bytes with: the
+    printable Latin-1 bytes stand for themselves, the others are moved to
+    code points from 256 on."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return [chars[byte] for byte in range(256)]
+
+
+def tokenizer_files():
+    """`(vocab, merges)`: merges that build each of `WORDS` left to right."""
+    merges = []
+    for word in WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            if pair not in merges:
+                merges.append(pair)
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+    alphabet = byte_alphabet()
+    tokens = alphabet + [char + "</w>" for char in alphabet] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: index for index, token in enumerate(tokens)}, merges
+
+
+def write_tokenizer(folder, pad_token):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = tokenizer_files()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                              pad_token=pad_token, model_max_length=77)
+    return tokenizer
+
+
+def build_pipeline(style, tokenizer_folder):
+    """A random `StableDiffusionPipeline` of `style` ("sd1" or "sd2")."""
+    import torch
+    from diffusers import AutoencoderKL
+    from diffusers import DDIMScheduler
+    from diffusers import StableDiffusionPipeline
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig
+    from transformers import CLIPTextModel
+
+    sd2 = style == "sd2"
+    tokenizer = write_tokenizer(tokenizer_folder, pad_token="!" if sd2 else "<|endoftext|>")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4,
+        out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        norm_num_groups=8, attention_head_dim=(2, 4) if sd2 else 4,
+        use_linear_projection=sd2,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=8, sample_size=16,
+    )
+    vocab_size = len(tokenizer.get_vocab())
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_size=32, intermediate_size=37,
+        num_attention_heads=4, num_hidden_layers=3, vocab_size=vocab_size,
+        max_position_embeddings=77, hidden_act="gelu" if sd2 else "quick_gelu",
+    ))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+        prediction_type="v_prediction" if sd2 else "epsilon",
+    )
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def write_pipeline(folder, style):
+    """Save a tiny pipeline of `style` to `folder`; return the pipeline.
+    The tokenizer's `vocab.json` and `merges.txt` are written beside it, to
+    `<folder>_tokenizer` (transformers saves `tokenizer.json` only)."""
+    folder = Path(folder)
+    pipeline = build_pipeline(style, folder.parent / f"{folder.name}_tokenizer")
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return pipeline
+
+
+def reference_images(pipeline, latents, *, prompts, negative_prompts=None, steps=4,
+                     guidance_scale=7.5, scheduler="ddim"):
+    """diffusers' images (NHWC in [0, 1], numpy) from NHWC numpy `latents`."""
+    import numpy as np
+    import torch
+    from diffusers import DDIMScheduler
+    from diffusers import DPMSolverMultistepScheduler
+
+    kind = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}[scheduler]
+    pipeline.scheduler = kind.from_config(pipeline.scheduler.config)
+    height, width = latents.shape[1] * 2, latents.shape[2] * 2
+    with torch.no_grad():
+        images = pipeline(
+            prompt=prompts, negative_prompt=negative_prompts, height=height, width=width,
+            num_inference_steps=steps, guidance_scale=guidance_scale,
+            latents=torch.from_numpy(np.ascontiguousarray(latents.transpose(0, 3, 1, 2))),
+            output_type="np",
+        ).images
+    return np.asarray(images, dtype="float32")

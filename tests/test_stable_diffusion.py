@@ -1,0 +1,147 @@
+"""Stable Diffusion checkpoints: a diffusers folder loads into our parts and
+generates diffusers' images, on every backend.
+
+The pipelines are tiny and random, built offline by `sd_pipelines` and saved
+with `save_pretrained`; the same starting latents go to both libraries.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import keras_diffusion as kd
+from sd_pipelines import reference_images
+from sd_pipelines import write_pipeline
+
+PROMPTS = ["a photo of a cat", "jackfruits hang from the branches of the tree"]
+NEGATIVE = ["blurry", "a red dog"]
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def sd(request, tmp_path_factory):
+    """`(folder, diffusers pipeline, our model)` of one style."""
+    folder = tmp_path_factory.mktemp(request.param) / "pipeline"
+    pipeline = write_pipeline(folder, request.param)
+    return folder, pipeline, kd.load_model(folder)
+
+
+def _latents(seed=0, shape=(2, 8, 12, 4)):
+    return np.random.default_rng(seed).standard_normal(shape).astype("float32")
+
+
+def test_a_diffusers_folder_loads_as_a_latent_model(sd):
+    folder, pipeline, model = sd
+    assert isinstance(model, kd.LatentDiffusionModel)
+    config = pipeline.scheduler.config
+    assert model.prediction == {"epsilon": "epsilon", "v_prediction": "v"}[config.prediction_type]
+    np.testing.assert_allclose(model.schedule.alphas_cumprod,
+                               pipeline.scheduler.alphas_cumprod.numpy(), rtol=1e-6)
+    assert model.image_shape == (16, 16, 3)  # sample_size 8 times the VAE's factor 2
+    assert model.ema_decay is None and not model.train_text_encoder
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_guided_sampling_equals_diffusers(sd, sampler):
+    _, pipeline, model = sd
+    latents = _latents()
+    expected = reference_images(pipeline, latents, prompts=PROMPTS, negative_prompts=NEGATIVE,
+                                steps=4, guidance_scale=7.5, scheduler=sampler)
+    images = model.generate(2, prompts=PROMPTS, negative_prompts=NEGATIVE, guidance_scale=7.5,
+                            steps=4, sampler=sampler, noise=latents)
+    assert images.shape == (2, 16, 24, 3)
+    np.testing.assert_allclose(images, expected, atol=2e-3)
+    # The prompts matter: other prompts move the image by far more than that.
+    other = model.generate(2, prompts="a dog", guidance_scale=7.5, steps=4, sampler=sampler,
+                           noise=latents)
+    assert np.abs(other - images).max() > 0.05
+
+
+def test_the_model_saves_as_one_keras_file(sd, tmp_path):
+    _, _, model = sd
+    model.save(tmp_path / "sd.keras")
+    loaded = kd.load_model(tmp_path / "sd.keras")
+    latents = _latents(1, (1, 8, 8, 4))
+    kwargs = dict(prompts="a photo of a dog", guidance_scale=3.0, steps=3, noise=latents)
+    np.testing.assert_allclose(loaded.generate(1, **kwargs), model.generate(1, **kwargs),
+                               atol=1e-5)
+    assert loaded.schedule.get_config() == model.schedule.get_config()
+
+
+def test_the_vocab_and_merges_layout_tokenizes_as_tokenizer_json(sd, tmp_path):
+    folder, _, model = sd
+    copy = tmp_path / "vocab_layout"
+    shutil.copytree(folder, copy)
+    shutil.rmtree(copy / "tokenizer")
+    shutil.copytree(folder.parent / f"{folder.name}_tokenizer", copy / "tokenizer")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / "tokenizer" / name).is_file():
+            shutil.copy(folder / "tokenizer" / name, copy / "tokenizer" / name)
+    texts = PROMPTS + ["", "A Photo, of: THE dog's tree!!"]
+    np.testing.assert_array_equal(kd.load_model(copy).tokenizer(texts), model.tokenizer(texts))
+
+
+def test_generate_takes_any_size_the_model_divides(sd):
+    _, _, model = sd
+    images = model.generate(1, prompts="a cat", steps=2, image_size=(8, 20), seed=0)
+    assert images.shape == (1, 8, 20, 3)
+    assert np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+    with pytest.raises(ValueError, match="image_size 12x20 does not divide: both sides must be "
+                                         "multiples of 4"):
+        model.generate(1, prompts="a cat", steps=2, image_size=(12, 20))
+    with pytest.raises(ValueError, match=r"noise must have shape \(2, 8, 8, 4\)"):
+        model.generate(2, prompts="a cat", steps=2, noise=_latents(0, (1, 8, 8, 4)))
+
+
+def test_img2img_and_inpaint_run_on_an_sd_model(sd):
+    _, _, model = sd
+    photo = np.random.default_rng(2).uniform(0, 1, (1, 16, 16, 3)).astype("float32")
+    edited = model.img2img(photo, strength=0.5, steps=4, prompts="a cat", seed=0)
+    assert edited.shape == photo.shape
+    mask = np.ones((1, 16, 16, 1), "float32")
+    mask[:, 4:12, 4:12] = 0
+    filled = model.inpaint(photo, mask, steps=4, prompts="a cat", seed=0, resamples=1)
+    known = np.broadcast_to(mask, photo.shape) > 0
+    np.testing.assert_array_equal(filled[known], photo[known])
+
+
+# ------------------------------------------------------------- bad input
+def test_a_folder_without_model_index_is_refused(tmp_path):
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(ValueError, match="is a folder without model_index.json"):
+        kd.load_model(tmp_path)
+
+
+def test_an_unsupported_pipeline_is_named(sd, tmp_path):
+    folder, _, _ = sd
+    copy = tmp_path / "xl"
+    shutil.copytree(folder, copy)
+    index = json.loads((copy / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionXLPipeline"
+    (copy / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="holds a StableDiffusionXLPipeline, which keras_diffusion "
+                                         "does not load; supported: StableDiffusionPipeline"):
+        kd.load_model(copy)
+
+
+def test_a_truncated_weights_file_is_named(sd, tmp_path):
+    folder, _, _ = sd
+    copy = tmp_path / "truncated"
+    shutil.copytree(folder, copy)
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="diffusion_pytorch_model.safetensors"):
+        kd.load_model(copy)
+
+
+def test_weights_of_another_architecture_list_the_keys(sd, tmp_path):
+    folder, _, _ = sd
+    copy = tmp_path / "other"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "unet" / "config.json").read_text())
+    config["layers_per_block"] = 2
+    (copy / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"the UNet weights do not match its architecture: "
+                                         r"\d+ missing \(down_blocks\.0\.attentions\.1"):
+        kd.load_model(copy)
