@@ -1,0 +1,610 @@
+"""The original (CompVis / Stability) single-file layout of Stable Diffusion
+1.x and 2.x checkpoints, renamed to and from the diffusers / transformers keys.
+
+An original file holds the whole pipeline under three prefixes:
+`model.diffusion_model.*` (the UNet), `first_stage_model.*` (the VAE) and
+`cond_stage_model.*` (the text encoder: OpenAI CLIP for SD 1.x under
+`cond_stage_model.transformer.text_model.*`, OpenCLIP for SD 2.x under
+`cond_stage_model.model.*`). `to_diffusers` turns it into the three state
+dicts a diffusers folder holds (`unet`, `vae`, `text_encoder`), which the
+Keras parts load by key (`weights.load_state_dict`); `to_original` is the
+inverse and writes files that diffusers' own `from_single_file` reads.
+
+The knowledge is data. A part is a list of blocks `(original prefix,
+diffusers prefix, table)`, derived from the diffusers config (levels, layers
+per level, which levels attend); a table lists a block's modules `(original
+name, diffusers name, parameters, layout)`. A new checkpoint family is a new
+`FAMILIES` entry (prefixes, text table, ignored keys), not new control flow.
+
+Layouts (original -> diffusers):
+
+- `"same"`: unchanged;
+- `"conv1x1"`: the original VAE attention's 1x1 convolution `(out, in, 1, 1)`
+  -> diffusers' `Linear` weight `(out, in)` (biases pass unchanged);
+- `"split"`: OpenCLIP's fused attention input projection `(3 d, ...)` -> the
+  query, key and value projections `(d, ...)` each.
+
+The text encoder's keys are transformers' `CLIPTextModel` keys as transformers
+(>= 5.6) writes them, without the `text_model.` level older versions nest
+them under; `to_original` accepts both.
+"""
+
+import os
+
+import numpy as np
+
+from keras_diffusion.stable_diffusion import weights
+
+# ---------------------------------------------------------------------------
+# Tables: (original module, diffusers module, parameters, layout). Parameters
+# are (original name, diffusers name) pairs; a module name "" means the
+# parameter sits at the block's own level.
+
+WEIGHT_BIAS = (("weight", "weight"), ("bias", "bias"))
+WEIGHT = (("weight", "weight"),)
+
+
+def _same(*names, params=WEIGHT_BIAS):
+    """Modules named alike in both layouts."""
+    return tuple((name, name, params, "same") for name in names)
+
+
+MODULE = _same("")  # a block that is one convolution, norm or linear layer
+
+UNET_TOP = (
+    ("time_embed.0", "time_embedding.linear_1", WEIGHT_BIAS, "same"),
+    ("time_embed.2", "time_embedding.linear_2", WEIGHT_BIAS, "same"),
+    ("input_blocks.0.0", "conv_in", WEIGHT_BIAS, "same"),
+    ("out.0", "conv_norm_out", WEIGHT_BIAS, "same"),
+    ("out.2", "conv_out", WEIGHT_BIAS, "same"),
+)
+
+UNET_RESNET = (
+    ("in_layers.0", "norm1", WEIGHT_BIAS, "same"),
+    ("in_layers.2", "conv1", WEIGHT_BIAS, "same"),
+    ("emb_layers.1", "time_emb_proj", WEIGHT_BIAS, "same"),
+    ("out_layers.0", "norm2", WEIGHT_BIAS, "same"),
+    ("out_layers.3", "conv2", WEIGHT_BIAS, "same"),
+)
+UNET_SHORTCUT = (("skip_connection", "conv_shortcut", WEIGHT_BIAS, "same"),)
+
+# The original SpatialTransformer already uses diffusers' names (diffusers
+# took them from it); `proj_in`/`proj_out` are 1x1 convolutions or linear
+# layers (`use_linear_projection`) alike in both layouts.
+TRANSFORMER_OUTER = _same("norm", "proj_in", "proj_out")
+TRANSFORMER_BLOCK = (
+    _same("norm1", "norm2", "norm3", "attn1.to_out.0", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
+    + _same("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q", "attn2.to_k", "attn2.to_v",
+            params=WEIGHT)
+)
+
+VAE_TOP = (
+    ("encoder.conv_in", "encoder.conv_in", WEIGHT_BIAS, "same"),
+    ("encoder.norm_out", "encoder.conv_norm_out", WEIGHT_BIAS, "same"),
+    ("encoder.conv_out", "encoder.conv_out", WEIGHT_BIAS, "same"),
+    ("decoder.conv_in", "decoder.conv_in", WEIGHT_BIAS, "same"),
+    ("decoder.norm_out", "decoder.conv_norm_out", WEIGHT_BIAS, "same"),
+    ("decoder.conv_out", "decoder.conv_out", WEIGHT_BIAS, "same"),
+    ("quant_conv", "quant_conv", WEIGHT_BIAS, "same"),
+    ("post_quant_conv", "post_quant_conv", WEIGHT_BIAS, "same"),
+)
+VAE_RESNET = _same("norm1", "conv1", "norm2", "conv2")
+VAE_SHORTCUT = (("nin_shortcut", "conv_shortcut", WEIGHT_BIAS, "same"),)
+VAE_ATTENTION = (
+    ("norm", "group_norm", WEIGHT_BIAS, "same"),
+    ("q", "to_q", WEIGHT_BIAS, "conv1x1"),
+    ("k", "to_k", WEIGHT_BIAS, "conv1x1"),
+    ("v", "to_v", WEIGHT_BIAS, "conv1x1"),
+    ("proj_out", "to_out.0", WEIGHT_BIAS, "conv1x1"),
+)
+
+# A text table: the modules outside the layers, and one layer's modules with
+# the original and diffusers layer prefixes (formatted with the layer index).
+CLIP_TEXT = {
+    "top": _same("embeddings.token_embedding", "embeddings.position_embedding", params=WEIGHT)
+    + _same("final_layer_norm"),
+    "layer": ("encoder.layers.{}", "encoder.layers.{}"),
+    "layer_table": _same("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                         "self_attn.out_proj", "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"),
+}
+OPENCLIP_TEXT = {
+    "top": (
+        ("token_embedding", "embeddings.token_embedding", WEIGHT, "same"),
+        ("", "embeddings.position_embedding", (("positional_embedding", "weight"),), "same"),
+        ("ln_final", "final_layer_norm", WEIGHT_BIAS, "same"),
+    ),
+    "layer": ("transformer.resblocks.{}", "encoder.layers.{}"),
+    "layer_table": (
+        ("attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         (("in_proj_weight", "weight"), ("in_proj_bias", "bias")), "split"),
+        ("attn.out_proj", "self_attn.out_proj", WEIGHT_BIAS, "same"),
+        ("ln_1", "layer_norm1", WEIGHT_BIAS, "same"),
+        ("ln_2", "layer_norm2", WEIGHT_BIAS, "same"),
+        ("mlp.c_fc", "mlp.fc1", WEIGHT_BIAS, "same"),
+        ("mlp.c_proj", "mlp.fc2", WEIGHT_BIAS, "same"),
+    ),
+}
+
+# The noise schedule that the original training code (ldm's DDPM) stores as
+# buffers beside the weights. The schedule comes from the scheduler config
+# instead, and diffusers reads none of these.
+SCHEDULE_BUFFERS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+    "posterior_mean_coef1", "posterior_mean_coef2", "logvar",
+)
+
+# Each family: where its parts live, its text table, and what a file of it
+# may hold that diffusers does not load (dropped, never an error):
+# - `model_ema.*`: the EMA copy of the UNet some files carry besides the
+#   weights; diffusers loads the non-EMA weights unless asked otherwise;
+# - the schedule buffers above;
+# - SD 1.x: CLIP's `position_ids`, a constant `arange` buffer;
+# - SD 2.x: OpenCLIP's `text_projection` and `logit_scale` (the contrastive
+#   head; `CLIPTextModel` has none), the image tower `visual.*` of a full
+#   OpenCLIP model, and the last `text_layers_dropped` resblocks: SD 2.x
+#   conditions on the penultimate layer, so diffusers' text encoder keeps
+#   23 of OpenCLIP's 24 layers.
+FAMILIES = {
+    "sd1": {
+        "name": "Stable Diffusion 1.x",
+        "telltale": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+        "prefixes": {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+                     "text_encoder": "cond_stage_model.transformer.text_model."},
+        "text": CLIP_TEXT,
+        "text_layers_dropped": 0,
+        "ignored_keys": SCHEDULE_BUFFERS
+        + ("cond_stage_model.transformer.text_model.embeddings.position_ids",),
+        "ignored_prefixes": ("model_ema.",),
+    },
+    "sd2": {
+        "name": "Stable Diffusion 2.x",
+        "telltale": "cond_stage_model.model.token_embedding.weight",
+        "prefixes": {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+                     "text_encoder": "cond_stage_model.model."},
+        "text": OPENCLIP_TEXT,
+        "text_layers_dropped": 1,
+        "ignored_keys": SCHEDULE_BUFFERS
+        + ("cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale"),
+        "ignored_prefixes": ("model_ema.", "cond_stage_model.model.visual."),
+    },
+}
+
+# Files that are something else: a key prefix that gives each away.
+OTHER_LAYOUTS = (
+    ("conditioner.embedders.", "an SDXL checkpoint (base or refiner)"),
+    ("text_encoders.clip_", "a Stable Diffusion 3 / 3.5 checkpoint"),
+    ("model.diffusion_model.joint_blocks.", "a Stable Diffusion 3 / 3.5 checkpoint"),
+    ("joint_blocks.", "a Stable Diffusion 3 / 3.5 transformer"),
+    ("model.diffusion_model.double_blocks.", "a Flux checkpoint"),
+    ("double_blocks.", "a Flux transformer"),
+    ("control_model.", "a ControlNet checkpoint"),
+    ("lora_unet_", "a LoRA (kohya layout), not a full checkpoint"),
+    ("lora_te_", "a LoRA (kohya layout), not a full checkpoint"),
+    ("down_blocks.", "a diffusers-layout UNet (load its diffusers folder instead)"),
+    ("encoder.down.", "a VAE on its own in the original layout, not a full checkpoint"),
+    ("model.diffusion_model.",
+     "an original-layout UNet without a text encoder (no cond_stage_model.* keys)"),
+)
+
+# Config options that would add or rename keys, and the only value each takes
+# here (the value SD 1.x and 2.x use; a missing option means that value).
+UNET_FIXED = {
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "class_embed_type": None,
+    "addition_embed_type": None, "num_class_embeds": None, "time_cond_proj_dim": None,
+    "encoder_hid_dim": None, "time_embedding_type": "positional", "dual_cross_attention": False,
+    "attention_type": "default", "reverse_transformer_layers_per_block": None,
+}
+UNET_DOWN_BLOCKS = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}  # type -> attends
+UNET_UP_BLOCKS = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
+VAE_FIXED = {"mid_block_add_attention": True, "use_quant_conv": True, "use_post_quant_conv": True}
+VAE_BLOCKS = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+# ---------------------------------------------------------------------------
+# Layouts: original array -> diffusers arrays, and back.
+
+
+def _conv1x1_to_linear(value, count):
+    if value.ndim == 4 and value.shape[2:] == (1, 1):
+        return [value.reshape(value.shape[:2])]
+    return [value]
+
+
+def _linear_to_conv1x1(values):
+    value = values[0]
+    return value.reshape(value.shape + (1, 1)) if value.ndim == 2 else value
+
+
+def _split(value, count):
+    if value.shape[0] % count:
+        raise ValueError(f"a fused projection of shape {value.shape} does not split into {count} "
+                         "equal parts along its first axis.")
+    return np.split(value, count, axis=0)
+
+
+LAYOUTS = {
+    "same": (lambda value, count: [value], lambda values: values[0]),
+    "conv1x1": (_conv1x1_to_linear, _linear_to_conv1x1),
+    "split": (_split, lambda values: np.concatenate(values, axis=0)),
+}
+
+
+# ---------------------------------------------------------------------------
+# Blocks derived from the configs.
+
+
+def _join(*names):
+    return ".".join(name for name in names if name)
+
+
+def _per_level(value, levels, option):
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * levels
+    if len(values) != levels:
+        raise ValueError(f"the config's {option} {value!r} names {len(values)} levels; "
+                         f"block_out_channels names {levels}.")
+    return [int(v) for v in values]
+
+
+def _check_fixed(config, fixed, what):
+    for option, accepted in fixed.items():
+        if config.get(option, accepted) != accepted:
+            raise ValueError(f"the {what} config option {option}={config[option]!r} is not supported "
+                             f"by the single-file layout here (supported: {accepted!r}).")
+
+
+def _block_types(config, option, accepted, levels, what):
+    types = list(config.get(option, ()))
+    unknown = [t for t in types if t not in accepted]
+    if unknown or len(types) != levels:
+        raise ValueError(f"the {what} config's {option} {types!r} is not supported: it needs one of "
+                         f"{sorted(accepted)} per level of block_out_channels ({levels} levels).")
+    return types
+
+
+def _transformer(depth):
+    blocks = [(f"transformer_blocks.{t}", f"transformer_blocks.{t}", TRANSFORMER_BLOCK)
+              for t in range(depth)]
+    return [("", "", TRANSFORMER_OUTER)] + blocks
+
+
+def _unet_blocks(config):
+    """`(original prefix, diffusers prefix, table)` for every UNet block,
+    in the order of the original `input_blocks` / `middle_block` /
+    `output_blocks` numbering."""
+    _check_fixed(config, UNET_FIXED, "UNet")
+    channels = [int(c) for c in config["block_out_channels"]]
+    levels = len(channels)
+    down = _block_types(config, "down_block_types", UNET_DOWN_BLOCKS, levels, "UNet")
+    up = _block_types(config, "up_block_types", UNET_UP_BLOCKS, levels, "UNet")
+    layers = _per_level(config.get("layers_per_block", 2), levels, "layers_per_block")
+    depth = _per_level(config.get("transformer_layers_per_block", 1), levels,
+                       "transformer_layers_per_block")
+    blocks = [("", "", UNET_TOP)]
+
+    def resnet(original, diffusers, c_in, c_out):
+        table = UNET_RESNET + (UNET_SHORTCUT if c_in != c_out else ())
+        blocks.append((original, diffusers, table))
+
+    def attention(original, diffusers, level_depth):
+        blocks.extend((_join(original, o), _join(diffusers, d), table)
+                      for o, d, table in _transformer(level_depth))
+
+    index, c_in = 1, channels[0]  # input_blocks.0 is conv_in
+    for level, (kind, c_out) in enumerate(zip(down, channels)):
+        for layer in range(layers[level]):
+            resnet(f"input_blocks.{index}.0", f"down_blocks.{level}.resnets.{layer}", c_in, c_out)
+            if UNET_DOWN_BLOCKS[kind]:
+                attention(f"input_blocks.{index}.1", f"down_blocks.{level}.attentions.{layer}",
+                          depth[level])
+            c_in, index = c_out, index + 1
+        if level < levels - 1:
+            blocks.append((f"input_blocks.{index}.0.op", f"down_blocks.{level}.downsamplers.0.conv",
+                           MODULE))
+            index += 1
+
+    resnet("middle_block.0", "mid_block.resnets.0", channels[-1], channels[-1])
+    attention("middle_block.1", "mid_block.attentions.0", depth[-1])
+    resnet("middle_block.2", "mid_block.resnets.1", channels[-1], channels[-1])
+
+    # Up level i takes the skips of down level L-1-i; its last resnet also
+    # takes the skip from the level below (or conv_in), as in diffusers.
+    rchannels, rlayers, rdepth = channels[::-1], layers[::-1], depth[::-1]
+    index, previous = 0, rchannels[0]
+    for level, (kind, c_out) in enumerate(zip(up, rchannels)):
+        skip_last = rchannels[min(level + 1, levels - 1)]
+        count = rlayers[level] + 1
+        for layer in range(count):
+            c_in = (previous if layer == 0 else c_out) + (skip_last if layer == count - 1 else c_out)
+            resnet(f"output_blocks.{index}.0", f"up_blocks.{level}.resnets.{layer}", c_in, c_out)
+            slot = 1
+            if UNET_UP_BLOCKS[kind]:
+                attention(f"output_blocks.{index}.1", f"up_blocks.{level}.attentions.{layer}",
+                          rdepth[level])
+                slot = 2
+            if layer == count - 1 and level < levels - 1:
+                blocks.append((f"output_blocks.{index}.{slot}.conv",
+                               f"up_blocks.{level}.upsamplers.0.conv", MODULE))
+            index += 1
+        previous = c_out
+    return blocks
+
+
+def _vae_blocks(config):
+    """`(original prefix, diffusers prefix, table)` for every VAE block."""
+    _check_fixed(config, VAE_FIXED, "VAE")
+    channels = [int(c) for c in config["block_out_channels"]]
+    levels = len(channels)
+    for option, kind in VAE_BLOCKS.items():
+        _block_types(config, option, {kind: True}, levels, "VAE")
+    layers = int(config.get("layers_per_block", 1))
+    blocks = [("", "", VAE_TOP)]
+
+    def resnet(original, diffusers, c_in, c_out):
+        blocks.append((original, diffusers, VAE_RESNET + (VAE_SHORTCUT if c_in != c_out else ())))
+
+    def middle(part):
+        resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", channels[-1], channels[-1])
+        blocks.append((f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0", VAE_ATTENTION))
+        resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", channels[-1], channels[-1])
+
+    c_in = channels[0]
+    for level, c_out in enumerate(channels):
+        for layer in range(layers):
+            resnet(f"encoder.down.{level}.block.{layer}",
+                   f"encoder.down_blocks.{level}.resnets.{layer}", c_in, c_out)
+            c_in = c_out
+        if level < levels - 1:
+            blocks.append((f"encoder.down.{level}.downsample.conv",
+                           f"encoder.down_blocks.{level}.downsamplers.0.conv", MODULE))
+    middle("encoder")
+
+    # The original numbers the decoder's levels by resolution (up.0 is the
+    # last one run); diffusers numbers them in the order they run.
+    middle("decoder")
+    c_in = channels[-1]
+    for level, c_out in enumerate(channels[::-1]):
+        original = f"decoder.up.{levels - 1 - level}"
+        for layer in range(layers + 1):
+            resnet(f"{original}.block.{layer}", f"decoder.up_blocks.{level}.resnets.{layer}",
+                   c_in, c_out)
+            c_in = c_out
+        if level < levels - 1:
+            blocks.append((f"{original}.upsample.conv",
+                           f"decoder.up_blocks.{level}.upsamplers.0.conv", MODULE))
+    return blocks
+
+
+def _text_blocks(family, config):
+    """The text encoder's blocks, and those of the original's extra layers
+    that diffusers drops."""
+    text = FAMILIES[family]["text"]
+    count = int(config["num_hidden_layers"])
+    original, diffusers = text["layer"]
+
+    def layer(n):
+        return (original.format(n), diffusers.format(n), text["layer_table"])
+
+    extra = range(count, count + FAMILIES[family]["text_layers_dropped"])
+    return [("", "", text["top"])] + [layer(n) for n in range(count)], [layer(n) for n in extra]
+
+
+def _keys(blocks, part, prefix):
+    """`{original key: (part, diffusers keys, layout)}` for `blocks`."""
+    table = {}
+    for block_original, block_diffusers, modules in blocks:
+        for module_original, module_diffusers, params, layout in modules:
+            for param_original, param_diffusers in params:
+                names = module_diffusers if isinstance(module_diffusers, tuple) else (module_diffusers,)
+                key = prefix + _join(block_original, module_original, param_original)
+                table[key] = (part, tuple(_join(block_diffusers, name, param_diffusers)
+                                          for name in names), layout)
+    return table
+
+
+def key_table(family, *, unet_config, vae_config, text_config):
+    """The renaming for one family and configuration: `(table, ignored)`
+    where `table` is `{original key: (part, diffusers keys, layout)}` and
+    `ignored` the original keys of weights diffusers does not load."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown single-file family {family!r}; supported: {sorted(FAMILIES)}.")
+    prefixes = FAMILIES[family]["prefixes"]
+    text, extra = _text_blocks(family, text_config)
+    table = {}
+    for part, blocks in (("unet", _unet_blocks(unet_config)), ("vae", _vae_blocks(vae_config)),
+                         ("text_encoder", text)):
+        table.update(_keys(blocks, part, prefixes[part]))
+    ignored = set(_keys(extra, "text_encoder", prefixes["text_encoder"]))
+    return table, ignored | set(FAMILIES[family]["ignored_keys"])
+
+
+def _is_ignored(key, family, ignored):
+    return key in ignored or key.startswith(FAMILIES[family]["ignored_prefixes"])
+
+
+# ---------------------------------------------------------------------------
+# Public API.
+
+
+def _first_keys(keys, limit=8):
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def detect_family(keys):
+    """`"sd1"` or `"sd2"` for an original single file's keys (a dict or any
+    iterable of keys), or one `ValueError` naming what the file looks like.
+
+    An inpainting UNet (9 input channels) has its family's keys: the family
+    is returned and `unet_in_channels` tells the caller."""
+    keys = list(keys)
+    for family, entry in FAMILIES.items():
+        if entry["telltale"] in keys:
+            return family
+    supported = ", ".join(f"{f} ({e['name']})" for f, e in FAMILIES.items())
+    for prefix, what in OTHER_LAYOUTS:
+        if any(key.startswith(prefix) for key in keys):
+            raise ValueError(f"this file looks like {what} ({prefix}* keys); the single-file "
+                             f"layouts supported are {supported}.")
+    raise ValueError(f"this file is not a Stable Diffusion checkpoint in the original single-file "
+                     f"layout (supported: {supported}); its first keys: "
+                     f"{_first_keys(keys) or 'none: it holds no tensors'}.")
+
+
+def unet_in_channels(state):
+    """The number of input channels of an original file's UNet: 4 for text
+    to image, 9 for an inpainting UNet (latents, mask, masked image)."""
+    key = FAMILIES["sd1"]["prefixes"]["unet"] + "input_blocks.0.0.weight"
+    if key not in state:
+        raise ValueError(f"the file has no UNet input convolution ({key}).")
+    return int(np.shape(state[key])[1])
+
+
+def to_diffusers(state, *, unet_config, vae_config, text_config):
+    """An original single file's `{key: array}` as `{"unet": ..., "vae":
+    ..., "text_encoder": ...}` state dicts in diffusers / transformers keys
+    and layouts, each array of the dtype it came in.
+
+    The configs are the diffusers `unet/config.json` and `vae/config.json`
+    and transformers' `text_encoder/config.json` dicts. Keys diffusers does
+    not load (see `FAMILIES`) are dropped; any other key the configuration
+    does not account for, or any key it needs and the file lacks, raises
+    one `ValueError` naming the first few of each."""
+    family = detect_family(state)
+    table, ignored = key_table(family, unet_config=unet_config, vae_config=vae_config,
+                               text_config=text_config)
+    present = {key for key in state if not _is_ignored(key, family, ignored)}
+    weights.check_keys(table, present, f"{FAMILIES[family]['name']} single-file")
+    expected, found = int(unet_config.get("in_channels", 4)), unet_in_channels(state)
+    if found != expected:
+        raise ValueError(f"the file's UNet takes {found} input channels"
+                         f"{' (an inpainting UNet)' if found == 9 else ''}, but the UNet config "
+                         f"has in_channels={expected}.")
+    parts = {"unet": {}, "vae": {}, "text_encoder": {}}
+    for key, (part, names, layout) in table.items():
+        values = LAYOUTS[layout][0](np.asarray(state[key]), len(names))
+        parts[part].update(zip(names, values))
+    return parts
+
+
+def to_original(parts, *, family, unet_config, vae_config, text_config):
+    """`to_diffusers` undone: diffusers / transformers state dicts
+    `{"unet": ..., "vae": ..., "text_encoder": ...}` as one original
+    single-file `{key: array}` of `family` (`"sd1"` or `"sd2"`), which
+    `safetensors.numpy.save_file` writes and diffusers' `from_single_file`
+    reads. Weights diffusers does not load are not written (SD 2.x's
+    `text_projection` and the last OpenCLIP layer are not in a diffusers
+    folder to begin with)."""
+    table, _ = key_table(family, unet_config=unet_config, vae_config=vae_config,
+                         text_config=text_config)
+    parts = dict(parts)
+    text = parts.get("text_encoder", {})
+    if text and all(key.startswith("text_model.") for key in text):
+        parts["text_encoder"] = {key[len("text_model."):]: value for key, value in text.items()}
+    for part in ("unet", "vae", "text_encoder"):
+        wanted = {name for owner, names, _ in table.values() if owner == part for name in names}
+        weights.check_keys(wanted, parts.get(part, {}), f"diffusers {part}")
+    return {key: LAYOUTS[layout][1]([np.asarray(parts[part][name]) for name in names])
+            for key, (part, names, layout) in table.items()}
+
+
+def read_safetensors(path, *, upcast_bfloat16=True):
+    """`{key: numpy array}` of a `.safetensors` file, read with
+    `safetensors.numpy` (no torch needed).
+
+    NumPy has no bfloat16 of its own: `ml_dtypes` (a Keras dependency)
+    gives safetensors one, and `upcast_bfloat16` (the default) turns those
+    tensors into float32, which holds every bfloat16 value exactly; with
+    `upcast_bfloat16=False` they stay `ml_dtypes.bfloat16`. Other dtypes
+    are kept.
+
+    A PyTorch pickle (`.ckpt`, `.bin`, `.pt`, `.pth`) is read with torch's
+    weights-only unpickler (`torch.load(..., weights_only=True)`, which
+    builds only tensors and plain containers and runs no code from the
+    file) when torch is importable; without torch it cannot be read safely,
+    and one `ValueError` says to convert it to `.safetensors`."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path}.")
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        return _read_pickle(path, upcast_bfloat16)
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy for safetensors)
+    try:
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+    except ImportError:
+        raise ImportError("reading .safetensors files needs the safetensors package "
+                          "(pip install safetensors).") from None
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError, TypeError) as error:
+        if _looks_pickled(path):
+            return _read_pickle(path, upcast_bfloat16)
+        raise ValueError(f"{path} is not a readable .safetensors file (truncated or corrupt?): "
+                         f"{error}") from None
+    if upcast_bfloat16:
+        state = {key: _upcast(value) for key, value in state.items()}
+    return state
+
+
+def _looks_pickled(path):
+    """Whether a file that safetensors could not read is a PyTorch pickle
+    under another name: a zip archive (torch >= 1.6) or a bare pickle, and
+    not a safetensors file (an 8-byte header length, then its JSON)."""
+    with open(path, "rb") as file:
+        head = file.read(9)
+    if head[8:9] == b"{":
+        return False
+    return head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")
+
+
+def _upcast(value):
+    import ml_dtypes
+
+    return value.astype(np.float32) if value.dtype == ml_dtypes.bfloat16 else value
+
+
+def _read_pickle(path, upcast_bfloat16):
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(
+            f"{path} is a PyTorch pickle, which cannot be loaded without executing code it "
+            "contains; convert it to .safetensors, or install torch (>= 2.6), whose weights-only "
+            "loader reads it without running any code."
+        ) from None
+    try:
+        with open(path, "rb") as file:  # a file, not a name: torch dispatches on the suffix
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for unreadable or unsafe files
+        raise ValueError(f"{path} could not be read by PyTorch's weights-only loader (a "
+                         f"truncated file, or one that needs code to unpickle: "
+                         f"{_reason(error)}); convert it to .safetensors.") from None
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # Lightning checkpoints nest the weights
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a dict of tensors.")
+    return {key: _tensor_to_numpy(value, upcast_bfloat16) for key, value in state.items()
+            if isinstance(key, str) and isinstance(value, torch.Tensor)}
+
+
+def _reason(error):
+    """The line of torch's many-line unpickling error that says what was
+    refused (or its first line)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    refused = [line for line in lines if line.startswith("WeightsUnpickler error:")]
+    return (refused or lines or [type(error).__name__])[0]
+
+
+def _tensor_to_numpy(tensor, upcast_bfloat16):
+    import ml_dtypes
+    import torch
+
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        if upcast_bfloat16:
+            return tensor.float().numpy()
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
