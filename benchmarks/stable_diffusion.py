@@ -1,0 +1,245 @@
+"""Stable Diffusion at real size (random weights): keras_diffusion on each
+backend against diffusers (float32, PyTorch eager) in the same run.
+
+    python benchmarks/stable_diffusion.py --write docs/stable_diffusion.md
+
+A random SD 1.5 (or `--model sd21`) pipeline is built by diffusers from the
+shipped configuration, saved with `save_pretrained`, and loaded by both
+libraries, so both run the same weights. Each library and backend runs in
+its own subprocess, diffusers first and last. Measured per run:
+
+- load: seconds from the folder to a model ready to sample (diffusers'
+  `from_pretrained`; our `load_model`);
+- parameters of the UNet, VAE and text encoder (SD 1.5: 859,520,964,
+  83,653,863 and 123,060,480 in diffusers);
+- UNet step: one guided evaluation, batch 2 at the default latent size
+  (64x64 for SD 1.5), 77-token context; the mean of `--repeats` after one
+  that compiles (ours) or warms up (diffusers);
+- image: one `--size` image, `--steps` DPM-Solver++(2M) steps at guidance
+  7.5 from the same prompt, the VAE decode included; ours once compiled
+  (the first call, compile included, is reported too);
+- peak memory: the process's peak resident set (ru_maxrss).
+
+Needs the `bench` extra (diffusers) and transformers. About 4-6 GB of disk
+for the pipeline folder (`--folder`, kept for later runs) and 5-10 GB of
+memory per worker at SD 1.5 size.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _markdown import write_between_markers  # noqa: E402
+from throughput import hardware  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "keras_diffusion" / "stable_diffusion" / "configs"
+FAMILIES = {"sd15": "sd1", "sd21": "sd2"}
+PROMPT = "jackfruits hang from the branches of a jackfruit tree"
+
+
+def _peak_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _timed(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sum(times) / len(times)
+
+
+# ------------------------------------------------------------- the pipeline
+def write_random_pipeline(model, folder):
+    """A random diffusers pipeline of `model`'s configuration in `folder`
+    (skipped when a finished one is there)."""
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        return folder
+    import torch
+    from diffusers import AutoencoderKL
+    from diffusers import DDIMScheduler
+    from diffusers import StableDiffusionPipeline
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig
+    from transformers import CLIPTextModel
+
+    from keras_diffusion.stable_diffusion.tokenizer import CLIPTokenizer
+
+    source = CONFIGS / FAMILIES[model]
+    torch.manual_seed(0)
+    configs = {part: json.loads((source / part / "config.json").read_text())
+               for part in ("unet", "vae", "text_encoder")}
+    unet = UNet2DConditionModel.from_config(configs["unet"])
+    vae = AutoencoderKL.from_config(configs["vae"])
+    text = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+    scheduler = DDIMScheduler.from_config(
+        json.loads((source / "scheduler" / "scheduler_config.json").read_text()))
+    staging = folder.with_name(folder.name + ".partial")
+    StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=None,
+                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(staging)
+    CLIPTokenizer.shipped(FAMILIES[model]).save_folder(staging / "tokenizer")
+    index = json.loads((staging / "model_index.json").read_text())
+    index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    (staging / "model_index.json").write_text(json.dumps(index))
+    staging.rename(folder)
+    return folder
+
+
+# ------------------------------------------------------------------ workers
+def run_diffusers(args):
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+    from diffusers import StableDiffusionPipeline
+
+    torch.set_grad_enabled(False)
+    start = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(args.folder, safety_checker=None)
+    load = time.perf_counter() - start
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    side = pipe.unet.config.sample_size
+    latents = torch.randn(2, 4, side, side)
+    t = torch.tensor([500, 500])
+    context = torch.randn(2, 77, pipe.text_encoder.config.hidden_size)
+    step = _timed(lambda: pipe.unet(latents, t, context), 1)  # warm-up
+    step = _timed(lambda: pipe.unet(latents, t, context), args.repeats)
+    height, width = args.size
+
+    def image():
+        return pipe(PROMPT, height=height, width=width, num_inference_steps=args.steps,
+                    guidance_scale=7.5, output_type="np").images
+
+    seconds = _timed(image, 1)
+    counts = {name: sum(p.numel() for p in part.parameters())
+              for name, part in (("unet", pipe.unet), ("vae", pipe.vae),
+                                 ("text_encoder", pipe.text_encoder))}
+    return dict(library="diffusers", backend="torch", load_s=load, unet_step_s=step,
+                image_s=seconds, first_image_s=seconds, peak_gb=_peak_gb(),
+                parameters=counts)
+
+
+def run_ours(args):
+    import keras
+    import numpy as np
+
+    import keras_diffusion as kd
+    from keras_diffusion import pipeline
+
+    start = time.perf_counter()
+    model = kd.load_model(args.folder)
+    load = time.perf_counter() - start
+    h, w, channels = model.sample_shape
+    latents = np.random.default_rng(0).standard_normal((2, h, w, channels)).astype("float32")
+    t = np.full((2,), 500, "int32")
+    context = np.random.default_rng(1).standard_normal(
+        (2, 77, model.network.context_dim)).astype("float32")
+    weights, state = pipeline.sampling_state(model)
+    network = pipeline.network_function(model, weights, state)
+    from keras_diffusion import backend
+
+    step_fn = backend.current().compile_function(lambda x, t, c: network([x, t, c]))
+    inputs = [keras.ops.convert_to_tensor(v) for v in (latents, t, context)]
+    compile_s = _timed(lambda: keras.ops.convert_to_numpy(step_fn(*inputs)), 1)
+    step = _timed(lambda: keras.ops.convert_to_numpy(step_fn(*inputs)), args.repeats)
+
+    def image():
+        return model.generate(1, prompts=PROMPT, guidance_scale=7.5, steps=args.steps,
+                              sampler="dpmpp_2m", image_size=tuple(args.size), seed=0)
+
+    first = _timed(image, 1)
+    seconds = _timed(image, 1) if args.image_repeats else first
+    counts = {name: int(sum(np.prod(v.shape) for v in part.weights))
+              for name, part in (("unet", model.network), ("vae", model.autoencoder),
+                                 ("text_encoder", model.text_encoder))}
+    return dict(library="keras_diffusion", backend=keras.backend.backend(), load_s=load,
+                unet_step_s=step, unet_compile_s=compile_s, image_s=seconds,
+                first_image_s=first, peak_gb=_peak_gb(), parameters=counts)
+
+
+# ------------------------------------------------------------------- driver
+def _spawn(args, library, backend):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    command = [sys.executable, __file__, "--worker", library, "--folder", str(args.folder),
+               "--steps", str(args.steps), "--repeats", str(args.repeats),
+               "--size", f"{args.size[0]}x{args.size[1]}",
+               "--image-repeats", str(args.image_repeats)]
+    print(f"... {library} {backend}", file=sys.stderr, flush=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        sys.stderr.write(done.stderr[-3000:])
+        raise SystemExit(f"{library} on {backend} failed (exit {done.returncode})")
+    print(lines[-1], file=sys.stderr, flush=True)
+    return json.loads(lines[-1])
+
+
+def table(runs):
+    base = [r for r in runs if r["library"] == "diffusers"]
+    step = sum(r["unet_step_s"] for r in base) / len(base)
+    image = sum(r["image_s"] for r in base) / len(base)
+    load = sum(r["load_s"] for r in base) / len(base)
+    rows = ["| run | load s | UNet step s (batch 2) | vs diffusers | image s | vs diffusers | "
+            "first image s | peak GB |", "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        name = "diffusers (PyTorch eager)" if r["library"] == "diffusers" else f"ours, {r['backend']}"
+        rows.append(f"| {name} | {r['load_s']:.1f} ({load / r['load_s']:.2f}x) | "
+                    f"{r['unet_step_s']:.2f} | {step / r['unet_step_s']:.2f}x | {r['image_s']:.1f} | "
+                    f"{image / r['image_s']:.2f}x | {r['first_image_s']:.1f} | {r['peak_gb']:.1f} |")
+    return "\n".join(rows)
+
+
+def _size(text):
+    height, _, width = text.partition("x")
+    return int(height), int(width or height)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(FAMILIES), default="sd15")
+    parser.add_argument("--backends", default="tensorflow,jax,torch")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2, help="timed UNet steps")
+    parser.add_argument("--image-repeats", type=int, default=0,
+                        help="1: time a second image after the compiling one")
+    parser.add_argument("--size", type=_size, default=None, help="HxW (default: the model's)")
+    parser.add_argument("--folder", type=Path, default=None,
+                        help="where the random pipeline is written (default: build/sd-<model>)")
+    parser.add_argument("--write", help="put the table into this Markdown file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.folder is None:
+        args.folder = ROOT / "build" / f"sd-{args.model}"
+    if args.size is None:
+        args.size = (512, 512) if args.model == "sd15" else (768, 768)
+    if args.worker:
+        run = run_diffusers if args.worker == "diffusers" else run_ours
+        print(json.dumps(run(args)))
+        return
+    write_random_pipeline(args.model, args.folder)
+    runs = [_spawn(args, "diffusers", "torch")]
+    for backend in args.backends.split(","):
+        runs.append(_spawn(args, "keras_diffusion", backend))
+    runs.append(_spawn(args, "diffusers", "torch"))
+    text = table(runs)
+    print(text)
+    if args.write:
+        command = "python benchmarks/stable_diffusion.py " + " ".join(sys.argv[1:])
+        block = "\n".join([
+            f"#### {hardware()}, {args.model}, {args.size[0]}x{args.size[1]}, {args.steps} steps",
+            "", f"Measured with `{command}`, {time.strftime('%Y-%m-%d %H:%M')}.", "", text, "",
+            "```", *[json.dumps(r) for r in runs], "```"])
+        write_between_markers(Path(args.write), f"sd-inference-{args.model}", block,
+                              "Stable Diffusion checkpoints")
+
+
+if __name__ == "__main__":
+    main()
