@@ -143,6 +143,44 @@ def test_sd2_original_keys(pipelines):
     assert not any(key.startswith("cond_stage_model.transformer.") for key in keys)
 
 
+@pytest.mark.parametrize("style", ["sd1", "sd2"])
+def test_real_size_tables(style):
+    """At SD 1.5 / 2.1 size (models on PyTorch's meta device: no memory), the
+    table names exactly the weights of diffusers' and transformers' models,
+    and the original keys diffusers itself uses to recognise each family."""
+    import torch
+    from diffusers import AutoencoderKL
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
+    from transformers import CLIPTextConfig
+    from transformers import CLIPTextModel
+
+    sd2 = style == "sd2"
+    with torch.device("meta"):
+        models = {
+            "unet": UNet2DConditionModel(cross_attention_dim=1024 if sd2 else 768,
+                                         attention_head_dim=(5, 10, 20, 20) if sd2 else 8,
+                                         use_linear_projection=sd2),
+            "vae": AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                 down_block_types=("DownEncoderBlock2D",) * 4,
+                                 up_block_types=("UpDecoderBlock2D",) * 4),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(
+                num_hidden_layers=23 if sd2 else 12, hidden_size=1024 if sd2 else 768,
+                intermediate_size=4096 if sd2 else 3072, num_attention_heads=16 if sd2 else 12)),
+        }
+    table, _ = single_file.key_table(
+        style, unet_config=dict(models["unet"].config), vae_config=dict(models["vae"].config),
+        text_config=models["text_encoder"].config.to_dict())
+    for part, model in models.items():
+        assert {name for owner, names, _ in table.values() if owner == part for name in names} == \
+            set(model.state_dict()), part
+    assert sum(owner == "unet" for owner, _, _ in table.values()) == 686
+    assert sum(owner == "vae" for owner, _, _ in table.values()) == 248
+    assert sum(owner == "text_encoder" for owner, _, _ in table.values()) == (23 * 12 + 4 if sd2 else 196)
+    names = ("v1", "v2", "inpainting", "open_clip" if sd2 else "clip")
+    assert all(CHECKPOINT_KEY_NAMES[name] in table for name in names)
+
+
 def test_detect_family(pipelines):
     assert detect_family(pipelines["sd1"].original) == "sd1"
     assert detect_family(pipelines["sd2"].original.keys()) == "sd2"
