@@ -14,6 +14,7 @@ import ml_dtypes
 from keras_diffusion.stable_diffusion import single_file
 from keras_diffusion.stable_diffusion.single_file import detect_family
 from keras_diffusion.stable_diffusion.single_file import read_safetensors
+from keras_diffusion.stable_diffusion.single_file import read_weights
 from keras_diffusion.stable_diffusion.single_file import to_diffusers
 from keras_diffusion.stable_diffusion.single_file import to_original
 from keras_diffusion.stable_diffusion.single_file import unet_in_channels
@@ -320,10 +321,11 @@ def test_truncated_file(pipelines, tmp_path):
                       ("empty", b"")):
         path = tmp_path / f"{name}.safetensors"
         path.write_bytes(cut)
-        with pytest.raises(ValueError, match=f"{path} is not a readable .safetensors file"):
-            read_safetensors(path)
+        for read in (read_safetensors, read_weights):
+            with pytest.raises(ValueError, match=f"{path} is not a readable .safetensors file"):
+                read(path)
     with pytest.raises(FileNotFoundError, match="no checkpoint file at"):
-        read_safetensors(tmp_path / "absent.safetensors")
+        read_weights(tmp_path / "absent.safetensors")
 
 
 def test_bfloat16_upcast(tmp_path):
@@ -345,7 +347,7 @@ def test_pickle_without_torch(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails
     with pytest.raises(ValueError, match=f"{path} is a PyTorch pickle, which cannot be loaded "
                                          "without executing code.*convert it to .safetensors"):
-        read_safetensors(path)
+        read_weights(path)
 
 
 RAN = []
@@ -364,25 +366,27 @@ def test_pickle_with_torch(tmp_path):
     weights = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
                "b": torch.tensor([1.5, -2.25], dtype=torch.bfloat16)}
     torch.save({"state_dict": weights, "global_step": 7}, tmp_path / "model.ckpt")
-    state = read_safetensors(tmp_path / "model.ckpt")
+    state = read_weights(tmp_path / "model.ckpt")
     assert sorted(state) == ["a", "b"] and state["b"].dtype == np.float32
     np.testing.assert_array_equal(state["a"], np.arange(6, dtype=np.float32).reshape(2, 3))
     np.testing.assert_array_equal(state["b"], [1.5, -2.25])
-    assert read_safetensors(tmp_path / "model.ckpt", upcast_bfloat16=False)["b"].dtype == ml_dtypes.bfloat16
+    assert read_weights(tmp_path / "model.ckpt", upcast_bfloat16=False)["b"].dtype == ml_dtypes.bfloat16
     # A zip-format pickle under a .safetensors name is recognised by its bytes.
     (tmp_path / "model.safetensors").write_bytes((tmp_path / "model.ckpt").read_bytes())
-    assert sorted(read_safetensors(tmp_path / "model.safetensors")) == ["a", "b"]
+    assert sorted(read_weights(tmp_path / "model.safetensors")) == ["a", "b"]
+    with pytest.raises(ValueError, match=r"model.safetensors is a PyTorch pickle, not a .safetensors file\.$"):
+        read_safetensors(tmp_path / "model.safetensors")
 
     data = (tmp_path / "model.ckpt").read_bytes()
     (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=f"{tmp_path / 'cut.ckpt'} could not be read by "
                                          "PyTorch's weights-only loader"):
-        read_safetensors(tmp_path / "cut.ckpt")
+        read_weights(tmp_path / "cut.ckpt")
 
     torch.save({"state_dict": weights, "hook": _Payload()}, tmp_path / "unsafe.pt")
     with pytest.raises(ValueError, match="weights-only loader .*Unsupported global.*"
                                          "convert it to .safetensors") as error:
-        read_safetensors(tmp_path / "unsafe.pt")
+        read_weights(tmp_path / "unsafe.pt")
     assert len(str(error.value).splitlines()) == 1
     assert RAN == []
 

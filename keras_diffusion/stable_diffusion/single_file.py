@@ -309,8 +309,9 @@ def _unet_blocks(config):
     attention("middle_block.1", "mid_block.attentions.0", depth[-1])
     resnet("middle_block.2", "mid_block.resnets.1", channels[-1], channels[-1])
 
-    # Up level i takes the skips of down level L-1-i; its last resnet also
-    # takes the skip from the level below (or conv_in), as in diffusers.
+    # Each up resnet also takes one skip from the input path: the last of a
+    # level takes the next finer level's width (its downsampler's output,
+    # or conv_in's), the others the level's own, as in diffusers.
     rchannels, rlayers, rdepth = channels[::-1], layers[::-1], depth[::-1]
     index, previous = 0, rchannels[0]
     for level, (kind, c_out) in enumerate(zip(up, rchannels)):
@@ -456,7 +457,7 @@ def detect_family(keys):
 def unet_in_channels(state):
     """The number of input channels of an original file's UNet: 4 for text
     to image, 9 for an inpainting UNet (latents, mask, masked image)."""
-    key = FAMILIES["sd1"]["prefixes"]["unet"] + "input_blocks.0.0.weight"
+    key = FAMILIES[detect_family(state)]["prefixes"]["unet"] + "input_blocks.0.0.weight"
     if key not in state:
         raise ValueError(f"the file has no UNet input convolution ({key}).")
     return int(np.shape(state[key])[1])
@@ -510,6 +511,24 @@ def to_original(parts, *, family, unet_config, vae_config, text_config):
             for key, (part, names, layout) in table.items()}
 
 
+def read_weights(path, *, upcast_bfloat16=True):
+    """`{key: numpy array}` of any checkpoint file: a `.safetensors` file
+    (`read_safetensors`), or a PyTorch pickle (`.ckpt`, `.bin`, `.pt`,
+    `.pth`, or one under another name, known by its first bytes).
+
+    A pickle is read with torch's weights-only unpickler
+    (`torch.load(..., weights_only=True)`, which builds only tensors and
+    plain containers and runs no code from the file) when torch is
+    importable; without torch it cannot be read safely, and one
+    `ValueError` says to convert it to `.safetensors`. Weights nested under
+    `state_dict` (Lightning checkpoints) are taken from there; entries that
+    are not tensors (`global_step`, ...) are left out."""
+    path = _checkpoint_path(path)
+    if path.lower().endswith(PICKLE_SUFFIXES) or _looks_pickled(path):
+        return _read_pickle(path, upcast_bfloat16)
+    return read_safetensors(path, upcast_bfloat16=upcast_bfloat16)
+
+
 def read_safetensors(path, *, upcast_bfloat16=True):
     """`{key: numpy array}` of a `.safetensors` file, read with
     `safetensors.numpy` (no torch needed).
@@ -518,18 +537,9 @@ def read_safetensors(path, *, upcast_bfloat16=True):
     gives safetensors one, and `upcast_bfloat16` (the default) turns those
     tensors into float32, which holds every bfloat16 value exactly; with
     `upcast_bfloat16=False` they stay `ml_dtypes.bfloat16`. Other dtypes
-    are kept.
-
-    A PyTorch pickle (`.ckpt`, `.bin`, `.pt`, `.pth`) is read with torch's
-    weights-only unpickler (`torch.load(..., weights_only=True)`, which
-    builds only tensors and plain containers and runs no code from the
-    file) when torch is importable; without torch it cannot be read safely,
-    and one `ValueError` says to convert it to `.safetensors`."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint file at {path}.")
-    if path.lower().endswith(PICKLE_SUFFIXES):
-        return _read_pickle(path, upcast_bfloat16)
+    are kept. A truncated or corrupt file raises one `ValueError` naming
+    it."""
+    path = _checkpoint_path(path)
     import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy for safetensors)
     try:
         from safetensors import SafetensorError
@@ -541,7 +551,7 @@ def read_safetensors(path, *, upcast_bfloat16=True):
         state = load_file(path)
     except (SafetensorError, OSError, ValueError, TypeError) as error:
         if _looks_pickled(path):
-            return _read_pickle(path, upcast_bfloat16)
+            raise ValueError(f"{path} is a PyTorch pickle, not a .safetensors file.") from None
         raise ValueError(f"{path} is not a readable .safetensors file (truncated or corrupt?): "
                          f"{error}") from None
     if upcast_bfloat16:
@@ -549,10 +559,17 @@ def read_safetensors(path, *, upcast_bfloat16=True):
     return state
 
 
+def _checkpoint_path(path):
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint file at {path}.")
+    return path
+
+
 def _looks_pickled(path):
-    """Whether a file that safetensors could not read is a PyTorch pickle
-    under another name: a zip archive (torch >= 1.6) or a bare pickle, and
-    not a safetensors file (an 8-byte header length, then its JSON)."""
+    """Whether a file is a PyTorch pickle: a zip archive (torch >= 1.6) or a
+    bare pickle, and not a safetensors file (an 8-byte header length, then
+    its JSON, whose first byte could pass for a pickle's)."""
     with open(path, "rb") as file:
         head = file.read(9)
     if head[8:9] == b"{":
