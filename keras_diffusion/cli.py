@@ -74,7 +74,9 @@ def _sample_arguments(sample):
     sample.add_argument("--batch-size", type=int, default=None)
     sample.add_argument("--label", action="append", default=None,
                         help="class label or name (repeatable; cycled over the images)")
-    sample.add_argument("--labels", choices=("all",), help="'all': one row per class")
+    sample.add_argument("--labels", choices=("all",),
+                        help="'all': every class, a column each, left to right; --num // classes "
+                             "rows (at least one, so a single row of the classes by default)")
     _prompt_arguments(sample, "one row of the grid per prompt")
     sample.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     sample.add_argument("--out", required=True, help="PNG grid to write")
@@ -204,15 +206,17 @@ def _sample(args):
 
 
 def _labels(args, model):
-    """Labels for `generate` and the grid's row length."""
+    """Labels for `generate` and the grid's row length. `--labels all` puts
+    each class in a column, so one image per class reads as a single row
+    (class 0 on the left) and more per class add rows below."""
     if args.labels == "all":
         if model.prompted:
             raise CommandError("--labels all needs a class-conditional model; this one is "
                                "prompted: pass --prompt (repeatable, one row each)")
         if not model.conditional:
             raise CommandError("--labels all needs a class-conditional model; this one is unconditional")
-        per_class = max(1, args.num // model.num_classes)
-        return [c for c in range(model.num_classes) for _ in range(per_class)], per_class
+        rows = max(1, args.num // model.num_classes)
+        return [c for _ in range(rows) for c in range(model.num_classes)], model.num_classes
     if args.label is None:
         return None, None
     return [args.label[i % len(args.label)] for i in range(args.num)], None

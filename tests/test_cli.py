@@ -43,6 +43,25 @@ def test_sample_writes_grid_and_npz(smoke_run, tmp_path, capsys):
     assert mpimg.imread(out).ndim == 3
 
 
+@pytest.mark.parametrize("num, rows", [(2, 1), (7, 2)])
+def test_sample_labels_all_puts_a_class_in_each_column(tmp_path, capsys, num, rows):
+    """`--labels all`: the classes side by side, class 0 on the left, and
+    `--num // classes` rows of them (at least one): one image per class is a
+    single row, as the default --num gives for MNIST's ten classes."""
+    model = one_level_model(num_classes=3)
+    path = tmp_path / "conditional.keras"
+    model.save(path)
+    out, npz = tmp_path / "grid.png", tmp_path / "grid.npz"
+    code = cli_main("sample", "--model", path, "--labels", "all", "--num", num, "--steps", 2,
+                    "--out", out, "--npz", npz)
+    assert code == 0, capsys.readouterr().err[-2000:]
+    # 8x8 images with 2-pixel borders: 3 columns make a grid 32 pixels wide,
+    # which the PNG enlarges 16 times (to 512 pixels).
+    assert mpimg.imread(out).shape[:2] == ((rows * 10 + 2) * 16, 32 * 16)
+    expected = kd.load_model(path).generate(3 * rows, steps=2, seed=0, labels=[0, 1, 2] * rows)
+    np.testing.assert_allclose(np.load(npz)["images"], expected, atol=1e-5)
+
+
 # Under PyTorch only: test_cross_backend.py loads files of every backend under
 # every other; this checks the command line's --backend on top, which does not
 # depend on which backend trained the file.
