@@ -1,0 +1,288 @@
+"""The Stable Diffusion UNet against diffusers' `UNet2DConditionModel`, on
+tiny random configurations built here (as diffusers' own tests build theirs):
+one evaluation, the state dict both ways, the config through `get_config`
+and a `.keras` file, and the errors. The real SD 1.5 / 2.1 sizes are checked
+by parameter count when `KD_SLOW_TESTS=1` (860M parameters each)."""
+
+import json
+import os
+import re
+import time
+
+import keras
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from keras_diffusion.stable_diffusion import weights
+from keras_diffusion.stable_diffusion.unet import StableDiffusionUNet
+
+# SD 1.x style: 1x1-convolution projections, one head count for every level,
+# the last level without attention (as SD's), a context shorter than 77.
+SD1_TINY = {
+    "block_out_channels": [32, 64],
+    "layers_per_block": 2,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 16,
+    "sample_size": 16,
+}
+# SD 2.x style: linear projections, one head count per level (2 heads of 16
+# at 32 channels, 4 of 16 at 64), attention everywhere, 9 input channels as
+# the inpainting UNets, a context of 77 tokens.
+SD2_TINY = {
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 24,
+    "attention_head_dim": [2, 4],
+    "use_linear_projection": True,
+    "upcast_attention": True,
+    "norm_num_groups": 8,
+    "in_channels": 9,
+    "out_channels": 4,
+    "sample_size": 16,
+}
+# (latent shape NCHW, timesteps, context length); the fractional timesteps,
+# which some schedulers give, would differ if the UNet truncated them.
+INPUTS = {
+    "sd1": ((2, 4, 16, 24), np.array([10, 999], "int32"), 7),
+    "sd2": ((2, 9, 16, 24), np.array([1.5, 700.25], "float32"), 77),
+}
+
+# The unet/config.json of runwayml/stable-diffusion-v1-5 and of
+# stabilityai/stable-diffusion-2-1, as the Hub serves them.
+SD15_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.6.0",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                         "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                       "CrossAttnUpBlock2D"],
+}
+SD21_UNET = {
+    **SD15_UNET,
+    "_diffusers_version": "0.10.0.dev0",
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "dual_cross_attention": False,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "sample_size": 96,
+    "upcast_attention": True,
+    "use_linear_projection": True,
+}
+SD15_PARAMETERS = 859_520_964
+SD21_PARAMETERS = 865_910_724
+
+
+def reference_unet(config):
+    torch.manual_seed(0)
+    return UNet2DConditionModel(**config).eval()
+
+
+def reference_state(reference):
+    return {key: value.numpy() for key, value in reference.state_dict().items()}
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def pair(request):
+    """(style, diffusers' UNet, ours holding its weights)."""
+    reference = reference_unet(SD1_TINY if request.param == "sd1" else SD2_TINY)
+    ours = StableDiffusionUNet.from_reference_config(dict(reference.config))
+    weights.load_state_dict(ours, reference_state(reference), what="UNet")
+    return request.param, reference, ours
+
+
+def example_inputs(style, config):
+    shape, t, length = INPUTS[style]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype("float32")
+    context = rng.standard_normal((shape[0], length, config["cross_attention_dim"])).astype("float32")
+    return x, t, context
+
+
+def evaluate(unet, x, t, context):
+    """Our UNet on NCHW latents, its output NCHW. Compiled under JAX, which
+    eagerly compiles each operation on its own (25 s for the tiny UNet,
+    against 5 s for the whole); eager elsewhere, where tracing costs more
+    than the one call."""
+    inputs = [x.transpose(0, 2, 3, 1), t, context]
+    if keras.backend.backend() == "jax":
+        y = unet.predict(inputs, batch_size=len(x), verbose=0)
+    else:
+        y = keras.ops.convert_to_numpy(unet(inputs))
+    return np.asarray(y).transpose(0, 3, 1, 2)
+
+
+def test_one_evaluation_equals_diffusers(pair):
+    style, reference, ours = pair
+    x, t, context = example_inputs(style, reference.config)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x), torch.from_numpy(t),
+                             torch.from_numpy(context)).sample.numpy()
+    got = evaluate(ours, x, t, context)
+    assert got.shape == expected.shape == (2, 4, 16, 24)
+    assert np.abs(expected).max() > 0.1  # the network does something
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_interface(pair):
+    style, reference, ours = pair
+    assert tuple(ours.inputs[0].shape[1:]) == (None, None, reference.config.in_channels)
+    assert tuple(ours.inputs[2].shape[1:]) == (None, reference.config.cross_attention_dim)
+    assert ours.context_dim == reference.config.cross_attention_dim
+    assert ours.downsampling_factor == 2
+    assert ours.config["attention_head_dim"] == reference.config.attention_head_dim
+
+
+def test_state_dict_round_trips_to_diffusers_keys_and_values(pair):
+    _, reference, ours = pair
+    expected = reference_state(reference)
+    got = weights.state_dict(ours)
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+    assert ours.count_params() == sum(v.numel() for v in reference.parameters())
+
+
+def test_config_round_trips_through_get_config_and_a_keras_file(pair, tmp_path):
+    style, reference, ours = pair
+    config = ours.get_config()
+    assert json.loads(json.dumps(config)) == config
+    rebuilt = StableDiffusionUNet.from_config(config)
+    assert rebuilt.get_config() == config
+    assert sorted(weights.checkpoint_table(rebuilt)) == sorted(weights.checkpoint_table(ours))
+
+    inputs = [keras.Input(tensor.shape[1:], dtype=tensor.dtype) for tensor in ours.inputs]
+    wrapper = keras.Model(inputs, ours(inputs), name="wrapper")
+    wrapper.save(tmp_path / "wrapper.keras")
+    loaded = keras.saving.load_model(tmp_path / "wrapper.keras")
+    unet = loaded.get_layer(ours.name)
+    assert isinstance(unet, StableDiffusionUNet)
+    assert unet.get_config() == config
+    saved, restored = weights.state_dict(ours), weights.state_dict(unet)
+    assert sorted(restored) == sorted(saved)
+    assert all(np.array_equal(restored[key], saved[key]) for key in saved)
+
+
+def test_mixed_precision_output_is_float32_and_close():
+    # One level: what mixed precision changes is in every block, and a
+    # small graph compiles quickly under JAX.
+    reference = reference_unet({**SD1_TINY, "block_out_channels": [32], "layers_per_block": 1,
+                                "down_block_types": ["CrossAttnDownBlock2D"],
+                                "up_block_types": ["CrossAttnUpBlock2D"]})
+    x, t, context = example_inputs("sd1", reference.config)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x), torch.from_numpy(t),
+                             torch.from_numpy(context)).sample.numpy()
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        ours = StableDiffusionUNet.from_reference_config(dict(reference.config))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    weights.load_state_dict(ours, reference_state(reference))
+    assert ours.outputs[0].dtype == "float32"
+    got = evaluate(ours, x, t, context)
+    assert got.dtype == np.float32
+    assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("option, value", [
+    ("addition_embed_type", "text_time"),
+    ("transformer_layers_per_block", [1, 2, 10]),
+    ("class_embed_type", "projection"),
+    ("time_cond_proj_dim", 256),
+    ("encoder_hid_dim", 768),
+    ("only_cross_attention", True),
+    ("num_class_embeds", 1000),
+])
+def test_from_reference_config_rejects_other_families_options(option, value):
+    with pytest.raises(ValueError, match=re.escape(f"does not support {option}={value!r}")) as error:
+        StableDiffusionUNet.from_reference_config({**SD15_UNET, option: value})
+    assert "SD 1.x / 2.x" in str(error.value)
+
+
+def test_from_reference_config_rejects_other_blocks_and_classes():
+    config = {**SD15_UNET, "down_block_types": ["SimpleCrossAttnDownBlock2D"] * 4}
+    with pytest.raises(ValueError, match="block type 'SimpleCrossAttnDownBlock2D' in down_block_types; "
+                                         "supported: CrossAttnDownBlock2D, DownBlock2D"):
+        StableDiffusionUNet.from_reference_config(config)
+    with pytest.raises(ValueError, match="mid_block_type='UNetMidBlock2DSimpleCrossAttn'"):
+        StableDiffusionUNet.from_reference_config(
+            {**SD15_UNET, "mid_block_type": "UNetMidBlock2DSimpleCrossAttn"})
+    with pytest.raises(ValueError, match="_class_name='UNet2DModel'"):
+        StableDiffusionUNet.from_reference_config({**SD15_UNET, "_class_name": "UNet2DModel"})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"block_out_channels": [32, 48], "norm_num_groups": 32}, "norm_num_groups=32 must divide"),
+    ({"attention_head_dim": [2, 4, 8]}, "attention_head_dim has 3 entries"),
+    ({"up_block_types": ["UpBlock2D"]}, "up_block_types must name one block per level"),
+    ({"downsample_padding": 2}, "downsample_padding must be 0 or 1"),
+])
+def test_bad_options_name_what_is_wrong(options, message):
+    with pytest.raises(ValueError, match=message):
+        StableDiffusionUNet.from_reference_config({**SD1_TINY, **options})
+
+
+def test_the_constructor_takes_only_the_options_it_implements():
+    with pytest.raises(ValueError, match=r"unknown options \['sample_size'\]"):
+        StableDiffusionUNet(**SD1_TINY)
+
+
+def test_a_state_dict_that_does_not_fit_is_refused_whole(pair):
+    _, reference, ours = pair
+    before = weights.state_dict(ours)
+    state = reference_state(reference)
+    key = "down_blocks.0.resnets.0.conv1.weight"
+    wrong = dict(state, **{key: np.zeros((32, 16, 3, 3), "float32")})
+    with pytest.raises(ValueError, match=f"the UNet weight '{key}' has shape \\(32, 16, 3, 3\\), "
+                                         "which does not fit the architecture"):
+        weights.load_state_dict(ours, wrong, what="UNet")
+    missing = {k: v for k, v in state.items() if k != "conv_in.bias"}
+    with pytest.raises(ValueError, match=r"1 missing \(conv_in.bias\)"):
+        weights.load_state_dict(ours, missing, what="UNet")
+    after = weights.state_dict(ours)
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.skipif(os.environ.get("KD_SLOW_TESTS") != "1",
+                    reason="builds two 860M-parameter UNets; set KD_SLOW_TESTS=1")
+@pytest.mark.parametrize("config, parameters", [(SD15_UNET, SD15_PARAMETERS),
+                                                (SD21_UNET, SD21_PARAMETERS)],
+                         ids=["sd15", "sd21"])
+def test_real_size_parameter_counts(config, parameters):
+    start = time.perf_counter()
+    unet = StableDiffusionUNet.from_reference_config(config)
+    seconds = time.perf_counter() - start
+    print(f"built {unet.count_params():,} parameters in {seconds:.1f} s")
+    assert unet.count_params() == parameters
+    # diffusers' UNet of the same config, on the meta device (no memory):
+    # the same keys with the same shapes.
+    with torch.device("meta"):
+        reference = UNet2DConditionModel(**config)
+    expected = {key: tuple(value.shape) for key, value in reference.state_dict().items()}
+    got = {key: weights.to_reference(np.empty(tuple(variable.shape), "float32"), layout).shape
+           for key, (variable, layout) in weights.checkpoint_table(unet).items()}
+    assert got == expected
