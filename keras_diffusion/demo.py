@@ -19,6 +19,7 @@ message, never a traceback.
 
 import os
 import time
+import warnings
 
 import numpy as np
 
@@ -207,8 +208,10 @@ def build_app(model, examples=None, title="keras_diffusion"):
     C)` images in [0, 1], e.g. test images) can be picked in the inpaint,
     denoise and img2img tabs."""
     page = _Page(model, examples)
+    uploads = "" if page.examples else (
+        "\n\nNo test images to pick here: upload an image in the inpaint, denoise and img2img tabs.")
     with page.gr.Blocks(title=title) as app:
-        page.gr.Markdown(f"## {title}\n{_describe(model)}")
+        page.gr.Markdown(f"## {title}\n{_describe(model)}{uploads}")
         for tab in (page.generate_tab, page.inpaint_tab, page.denoise_tab, page.img2img_tab):
             tab()
     return app
@@ -360,19 +363,29 @@ class _Page:
 
 def test_images(source, data_dir=None, count=6):
     """`count` test images of the dataset the model at `source` was trained
-    on, one per class as far as there are classes, for the page's examples;
-    None when the dataset is unknown or not at hand (offline, no
-    `data_dir`)."""
+    on, one per class as far as there are classes, for the page's examples.
+
+    None, with one warning saying why, when the dataset is not known (a
+    model trained on an image folder) or cannot be loaded (offline, without
+    `data_dir`): the page comes up without them, as its generate tab needs
+    no images and the others take uploads."""
     from keras_diffusion.config import ConfigError
     from keras_diffusion.config import dataset_of_run
+    from keras_diffusion.data import DatasetUnavailableError
     from keras_diffusion.data import load_dataset
 
     try:
         images, labels = load_dataset(dataset_of_run(source), data_dir, split="test", limit=500)
-    except (ConfigError, OSError, ValueError):
-        return None
-    firsts = [int(np.flatnonzero(labels == label)[0]) for label in np.unique(labels)[:count]]
-    return images[firsts]
+    except ConfigError:  # before ValueError, which it is
+        reason = f"it is not known which built-in dataset {source} was trained on."
+    except (DatasetUnavailableError, OSError, ValueError) as error:
+        reason = str(error)
+    else:
+        firsts = [int(np.flatnonzero(labels == label)[0]) for label in np.unique(labels)[:count]]
+        return images[firsts]
+    warnings.warn(f"the demo page comes up without test images to pick: {reason} The generate "
+                  "tab needs none; the inpaint, denoise and img2img tabs take uploads.", stacklevel=2)
+    return None
 
 
 def launch(model, *, examples=None, title="keras_diffusion", host="127.0.0.1", port=7860,

@@ -95,6 +95,48 @@ def test_uploads_become_model_images(conditional):
         demo.to_model_image(np.zeros((16, 16, 2), np.uint8), conditional)
 
 
+def test_the_demo_command_comes_up_offline_without_test_images(monkeypatch, capsys, tmp_path):
+    """A newcomer's `keras-diffusion demo --model mnist_conditional`, offline
+    and without --data-dir: the page is served without test images, and one
+    warning says why."""
+    import keras
+
+    def no_network():
+        raise OSError("name resolution failed")
+
+    monkeypatch.delenv("KERAS_DIFFUSION_DATA_DIR", raising=False)
+    monkeypatch.setattr(keras.datasets.mnist, "load_data", no_network)
+    served = {}
+    monkeypatch.setattr(demo, "launch", lambda model, **kwargs: served.update(kwargs, model=model))
+    with pytest.warns(UserWarning) as caught:
+        assert cli_main("demo", "--model", "mnist_conditional") == 0
+    messages = [str(w.message) for w in caught if "test images" in str(w.message)]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("the demo page comes up without test images to pick: could not "
+                                  "load 'mnist' from keras.datasets (OSError: name resolution failed)")
+    assert messages[0].endswith("the inpaint, denoise and img2img tabs take uploads.")
+    assert served["examples"] is None and served["model"].num_classes == 10
+    assert "no test images" in capsys.readouterr().out
+    # a data directory without the file, and a model whose dataset is unknown
+    with pytest.warns(UserWarning, match=f"{tmp_path / 'mnist.npz'} not found"):
+        assert demo.test_images("mnist_conditional", tmp_path) is None
+    model_file = tmp_path / "model.keras"
+    tiny_model().save(model_file)
+    with pytest.warns(UserWarning, match=f"not known which built-in dataset {model_file} was"):
+        assert demo.test_images(str(model_file)) is None
+
+
+def test_the_page_without_test_images_asks_for_uploads(conditional):
+    def page_text(examples):
+        app = demo.build_app(conditional, examples=examples)
+        return " ".join(str(block.value) for block in app.blocks.values()
+                        if type(block).__name__ == "Markdown")
+
+    upload = "No test images to pick here: upload an image in the inpaint, denoise and img2img tabs."
+    assert upload in page_text(None)
+    assert upload not in page_text(np.zeros((2, 16, 16, 1), np.float32))
+
+
 # ------------------------------------------------------------ in a browser
 def _chromium():
     """Paths of Chromium and its WebDriver: Debian's `chromium` and
