@@ -47,11 +47,36 @@ SD2_TINY = {
     "out_channels": 4,
     "sample_size": 16,
 }
+# Every other option the UNet implements, away from SD's values: per-level
+# layers, attention only below a plain level, heads that do not divide the
+# channels (3 heads of 13 at 40 channels), asymmetric downsampling padding,
+# centring, the time embedding's variants, other kernel sizes and channels.
+OPTIONS_TINY = {
+    "block_out_channels": [16, 40],
+    "layers_per_block": [2, 1],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": 12,
+    "attention_head_dim": [2, 3],
+    "norm_num_groups": 8,
+    "norm_eps": 1e-3,
+    "downsample_padding": 0,
+    "center_input_sample": True,
+    "mid_block_scale_factor": 2.0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "time_embedding_dim": 40,
+    "conv_in_kernel": 5,
+    "conv_out_kernel": 1,
+    "in_channels": 3,
+    "out_channels": 5,
+}
 # (latent shape NCHW, timesteps, context length); the fractional timesteps,
 # which some schedulers give, would differ if the UNet truncated them.
 INPUTS = {
     "sd1": ((2, 4, 16, 24), np.array([10, 999], "int32"), 7),
     "sd2": ((2, 9, 16, 24), np.array([1.5, 700.25], "float32"), 77),
+    "options": ((2, 3, 20, 12), np.array([3, 640], "int32"), 5),
 }
 
 # The unet/config.json of runwayml/stable-diffusion-v1-5 and of
@@ -134,16 +159,27 @@ def evaluate(unet, x, t, context):
     return np.asarray(y).transpose(0, 3, 1, 2)
 
 
-def test_one_evaluation_equals_diffusers(pair):
-    style, reference, ours = pair
+def check_one_evaluation(style, reference, ours, output_shape):
     x, t, context = example_inputs(style, reference.config)
     with torch.no_grad():
         expected = reference(torch.from_numpy(x), torch.from_numpy(t),
                              torch.from_numpy(context)).sample.numpy()
     got = evaluate(ours, x, t, context)
-    assert got.shape == expected.shape == (2, 4, 16, 24)
+    assert got.shape == expected.shape == output_shape
     assert np.abs(expected).max() > 0.1  # the network does something
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_one_evaluation_equals_diffusers(pair):
+    style, reference, ours = pair
+    check_one_evaluation(style, reference, ours, (2, 4, 16, 24))
+
+
+def test_every_other_option_equals_diffusers():
+    reference = reference_unet(OPTIONS_TINY)
+    ours = StableDiffusionUNet.from_reference_config(dict(reference.config))
+    weights.load_state_dict(ours, reference_state(reference))
+    check_one_evaluation("options", reference, ours, (2, 5, 20, 12))
 
 
 def test_interface(pair):

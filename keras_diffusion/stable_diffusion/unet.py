@@ -12,9 +12,11 @@ nearest upsampling and a 3x3 convolution. Timesteps enter through the
 sinusoidal `time_proj` and the two-layer `time_embedding`, which every
 residual block adds to its features.
 
-Every layer holding weights is named by its module path in diffusers' state
-dict (`"down_blocks.0.resnets.0.conv1"`), so
+Every layer holding weights knows its module path in diffusers' state dict
+(`module_path`, e.g. `"down_blocks.0.resnets.0.conv1"`; its Keras name is
+`keras_name(module_path)`, `"down_blocks_0_resnets_0_conv1"`), so
 `weights.load_state_dict(unet, diffusers_unet_state_dict)` needs no table.
+The layers holding weights are the VAE's and the text encoder's, shared.
 """
 
 import copy
@@ -26,9 +28,12 @@ import numpy as np
 from keras import layers, ops
 
 from keras_diffusion import backend
-from keras_diffusion.network import _Conv2D, _GroupNormalization
-from keras_diffusion.stable_diffusion import weights
-from keras_diffusion.stable_diffusion.weights import Placeholder
+from keras_diffusion.stable_diffusion.clip import LayerNormalization
+from keras_diffusion.stable_diffusion.vae import Conv2D
+from keras_diffusion.stable_diffusion.vae import Dense
+from keras_diffusion.stable_diffusion.vae import GroupNormalization
+from keras_diffusion.stable_diffusion.vae import _Block
+from keras_diffusion.stable_diffusion.vae import keras_name
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -89,87 +94,11 @@ _OFF = {
     "attention_type": ("default",),
 }
 
-# Keys that do not change the function of the blocks above (they configure
-# block types this UNet does not build, or describe the checkpoint).
-_IGNORED = ("sample_size", "resnet_skip_time_act", "resnet_out_scale_factor",
-            "cross_attention_norm", "mid_block_only_cross_attention",
-            "addition_embed_type_num_heads")
-
-
-def keras_name(module_path):
-    """The Keras name of the layer at `module_path` in the reference state
-    dict: the path with `_` for `.`. Keras builds its variables' paths from
-    layer names, and under PyTorch it registers each layer's variables by
-    those paths, where a `.` is not allowed; so the module path is kept
-    apart, in `module_path`, and `checkpoint_weights` names the keys."""
-    return module_path.replace(".", "_")
-
-
-class _Checkpointed:
-    """A Keras layer whose weights sit at `module_path` in the reference
-    state dict; `checkpoint_weights` lists them as `weights.RULES` lays out
-    the weights of its Keras class."""
-
-    def _set_module_path(self, module_path):
-        if not isinstance(module_path, str) or not module_path:
-            raise ValueError(f"module_path must be a non-empty string; got {module_path!r}.")
-        self.module_path = module_path
-
-    def checkpoint_weights(self):
-        for cls, rules in weights.RULES:
-            if isinstance(self, cls):
-                return [(getattr(self, attribute), f"{self.module_path}.{suffix}", layout)
-                        for attribute, suffix, layout in rules
-                        if getattr(self, attribute, None) is not None]
-        raise TypeError(f"{type(self).__name__} has no rule in weights.RULES.")
-
-    def get_config(self):
-        return {**super().get_config(), "module_path": self.module_path}
-
-
-@keras.saving.register_keras_serializable(package="keras_diffusion", name="SDUNetDense")
-class Dense(_Checkpointed, layers.Dense):
-    """Keras' `Dense` holding the `Linear` at `module_path`."""
-
-    def __init__(self, units, module_path, **kwargs):
-        kwargs.setdefault("name", keras_name(module_path))
-        kwargs.setdefault("kernel_initializer", Placeholder())
-        super().__init__(units, **kwargs)
-        self._set_module_path(module_path)
-
-
-@keras.saving.register_keras_serializable(package="keras_diffusion", name="SDUNetConv2D")
-class Conv2D(_Checkpointed, _Conv2D):
-    """The project's `Conv2D` holding the `Conv2d` at `module_path`."""
-
-    def __init__(self, filters, kernel_size, module_path, **kwargs):
-        kwargs.setdefault("name", keras_name(module_path))
-        kwargs.setdefault("kernel_initializer", Placeholder())
-        super().__init__(filters, kernel_size, **kwargs)
-        self._set_module_path(module_path)
-
-
-@keras.saving.register_keras_serializable(package="keras_diffusion",
-                                          name="SDUNetGroupNormalization")
-class GroupNormalization(_Checkpointed, _GroupNormalization):
-    """The project's `GroupNormalization` holding the `GroupNorm` at
-    `module_path` (statistics in float32 under any policy)."""
-
-    def __init__(self, groups, epsilon, module_path, **kwargs):
-        kwargs.setdefault("name", keras_name(module_path))
-        super().__init__(groups=groups, epsilon=epsilon, **kwargs)
-        self._set_module_path(module_path)
-
-
-@keras.saving.register_keras_serializable(package="keras_diffusion",
-                                          name="SDUNetLayerNormalization")
-class LayerNormalization(_Checkpointed, layers.LayerNormalization):
-    """Keras' `LayerNormalization` holding the `LayerNorm` at `module_path`."""
-
-    def __init__(self, epsilon, module_path, **kwargs):
-        kwargs.setdefault("name", keras_name(module_path))
-        super().__init__(epsilon=epsilon, **kwargs)
-        self._set_module_path(module_path)
+# Other keys do not change the function of the blocks built here
+# (`sample_size`, `resnet_skip_time_act`, `resnet_out_scale_factor`,
+# `cross_attention_norm`, `mid_block_only_cross_attention` configure other
+# block types or describe the checkpoint), and diffusers ignores keys it does
+# not know: `from_reference_config` ignores them all.
 
 
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="SDUNetTimesteps")
@@ -228,24 +157,6 @@ class Timesteps(layers.Layer):
         return config
 
 
-class _Block(layers.Layer):
-    """A layer of several reference modules, at `module_path` in the
-    reference state dict; its sublayers sit at paths below it."""
-
-    def __init__(self, module_path, **kwargs):
-        kwargs.setdefault("name", keras_name(module_path))
-        super().__init__(**kwargs)
-        if not isinstance(module_path, str) or not module_path:
-            raise ValueError(f"module_path must be a non-empty string; got {module_path!r}.")
-        self.module_path = module_path
-
-    def _sub(self, suffix):
-        return f"{self.module_path}.{suffix}"
-
-    def get_config(self):
-        return {**super().get_config(), "module_path": self.module_path}
-
-
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="SDUNetResnetBlock2D")
 class ResnetBlock2D(_Block):
     """diffusers' `ResnetBlock2D` with a time embedding (`"default"` time
@@ -280,10 +191,10 @@ class ResnetBlock2D(_Block):
         self.epsilon = float(epsilon)
         self.dropout = float(dropout)
         self.output_scale_factor = float(output_scale_factor)
-        self.norm1 = GroupNormalization(groups, epsilon, self._sub("norm1"))
+        self.norm1 = GroupNormalization(groups, self._sub("norm1"), epsilon=epsilon)
         self.conv1 = Conv2D(out_channels, 3, self._sub("conv1"), padding="same")
         self.time_emb_proj = Dense(out_channels, self._sub("time_emb_proj"))
-        self.norm2 = GroupNormalization(groups, epsilon, self._sub("norm2"))
+        self.norm2 = GroupNormalization(groups, self._sub("norm2"), epsilon=epsilon)
         self.dropout_layer = layers.Dropout(dropout, name="dropout")
         self.conv2 = Conv2D(out_channels, 3, self._sub("conv2"), padding="same")
         self.conv_shortcut = None
@@ -433,7 +344,8 @@ class Transformer2D(_Block):
         self.head_dim = int(head_dim)
         self.groups = int(groups)
         self.use_linear_projection = bool(use_linear_projection)
-        self.norm = GroupNormalization(groups, _TRANSFORMER_NORM_EPSILON, self._sub("norm"))
+        self.norm = GroupNormalization(groups, self._sub("norm"),
+                                       epsilon=_TRANSFORMER_NORM_EPSILON)
         self.block = BasicTransformerBlock(heads, head_dim, self._sub("transformer_blocks.0"))
 
     def _projection(self, units, suffix):
@@ -494,18 +406,17 @@ def _check_off(key, value):
         )
 
 
-def _check_config(config):
-    """A complete, checked copy of a config holding `DEFAULTS`' keys."""
-    config = copy.deepcopy(config)
-    down, up = list(config["down_block_types"]), list(config["up_block_types"])
-    channels = config["block_out_channels"]
-    if (not isinstance(channels, (list, tuple)) or not channels
-            or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels)):
-        raise ValueError(f"block_out_channels must be a non-empty list of positive integers; "
-                         f"got {channels!r}.")
-    levels = len(channels)
-    for key, blocks, kinds in (("down_block_types", down, DOWN_BLOCKS),
-                               ("up_block_types", up, UP_BLOCKS)):
+def _is_int(value, low=1):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_blocks(config, levels):
+    for key, kinds in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
+        blocks = list(config[key])
         if len(blocks) != levels:
             raise ValueError(f"{key} must name one block per level ({levels} levels in "
                              f"block_out_channels); got {blocks!r}.")
@@ -517,40 +428,46 @@ def _check_config(config):
         raise ValueError(f"the Stable Diffusion UNet does not support "
                          f"mid_block_type={config['mid_block_type']!r}; supported: "
                          f"{', '.join(MID_BLOCKS)}.")
-    _per_level(config, "layers_per_block", levels)
-    _per_level(config, "attention_head_dim", levels)
+
+
+def _check_config(config):
+    """A complete, checked copy of a config holding `DEFAULTS`' keys, its
+    tuples as lists (as JSON gives them back)."""
+    config = {key: list(value) if isinstance(value, tuple) else copy.deepcopy(value)
+              for key, value in config.items()}
+    channels = config["block_out_channels"]
+    if not isinstance(channels, list) or not channels or not all(map(_is_int, channels)):
+        raise ValueError(f"block_out_channels must be a non-empty list of positive integers; "
+                         f"got {channels!r}.")
+    _check_blocks(config, len(channels))
+    _per_level(config, "layers_per_block", len(channels))
+    _per_level(config, "attention_head_dim", len(channels))
     groups = config["norm_num_groups"]
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups <= 0:
+    if not _is_int(groups):
         raise ValueError(f"norm_num_groups must be a positive integer; got {groups!r} (a UNet "
-                         f"without output group norm is not a Stable Diffusion UNet).")
-    for c in channels:
-        if c % groups:
-            raise ValueError(f"norm_num_groups={groups} must divide every entry of "
-                             f"block_out_channels; got {list(channels)!r}.")
-    for key in ("in_channels", "out_channels", "cross_attention_dim"):
-        value = config[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{key} must be a positive integer; got {value!r}.")
-    for key in ("conv_in_kernel", "conv_out_kernel"):
-        value = config[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % 2 == 0:
-            raise ValueError(f"{key} must be a positive odd integer; got {value!r}.")
-    if config["downsample_padding"] not in (0, 1):
-        raise ValueError(f"downsample_padding must be 0 or 1; got {config['downsample_padding']!r}.")
-    if config["time_embedding_dim"] is not None and (
-            not isinstance(config["time_embedding_dim"], int) or config["time_embedding_dim"] <= 0):
-        raise ValueError(f"time_embedding_dim must be a positive integer or None; "
-                         f"got {config['time_embedding_dim']!r}.")
-    if not 0.0 <= float(config["dropout"]) < 1.0:
-        raise ValueError(f"dropout must be in [0, 1); got {config['dropout']!r}.")
-    if not float(config["mid_block_scale_factor"]) > 0:
-        raise ValueError(f"mid_block_scale_factor must be positive; "
-                         f"got {config['mid_block_scale_factor']!r}.")
-    if not float(config["norm_eps"]) > 0:
-        raise ValueError(f"norm_eps must be positive; got {config['norm_eps']!r}.")
-    for key, value in config.items():
-        if isinstance(value, tuple):
-            config[key] = list(value)
+                         f"without group norms is not a Stable Diffusion UNet).")
+    if any(c % groups for c in channels):
+        raise ValueError(f"norm_num_groups={groups} must divide every entry of "
+                         f"block_out_channels; got {channels!r}.")
+    checks = {
+        "in_channels": (_is_int, "a positive integer"),
+        "out_channels": (_is_int, "a positive integer"),
+        "cross_attention_dim": (_is_int, "a positive integer"),
+        "conv_in_kernel": (lambda v: _is_int(v) and v % 2, "a positive odd integer"),
+        "conv_out_kernel": (lambda v: _is_int(v) and v % 2, "a positive odd integer"),
+        "downsample_padding": (lambda v: v in (0, 1), "0 or 1"),
+        "time_embedding_dim": (lambda v: v is None or _is_int(v), "a positive integer or None"),
+        "freq_shift": (_is_number, "a number"),
+        "dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "mid_block_scale_factor": (lambda v: _is_number(v) and v > 0, "a positive number"),
+        "norm_eps": (lambda v: _is_number(v) and v > 0, "a positive number"),
+        **{key: (lambda v: isinstance(v, bool), "True or False")
+           for key in ("center_input_sample", "flip_sin_to_cos", "use_linear_projection",
+                       "upcast_attention")},
+    }
+    for key, (check, accepted) in checks.items():
+        if not check(config[key]):
+            raise ValueError(f"{key} must be {accepted}; got {config[key]!r}.")
     return config
 
 
@@ -714,7 +631,7 @@ def _build(config):
             h = Conv2D(channels[level], 3, path, padding="same")(h)
 
     # === Output ===
-    h = GroupNormalization(groups, eps, "conv_norm_out")(h)
+    h = GroupNormalization(groups, "conv_norm_out", epsilon=eps)(h)
     h = layers.Activation("silu", name="conv_act")(h)
     outputs = Conv2D(config["out_channels"], config["conv_out_kernel"], "conv_out",
                      padding="same", dtype="float32")(h)
