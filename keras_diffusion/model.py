@@ -5,24 +5,25 @@ It owns training (the loss, shared by the backends' train steps in
 Sampling goes through `keras_diffusion.pipeline`, for which the model offers
 the pipeline's protocol (`network`, `schedule`, `prediction`,
 `sampling_weights`, `num_classes`, `class_names`, `image_shape`,
-`sample_shape`); `denoise`,
+`sample_shape`, and the text parts of a prompted model); `denoise`,
 `inpaint`, `img2img`, `interpolate` and `export` are thin wrappers over
-`keras_diffusion.applications` and `keras_diffusion.export`, imported when
-called.
+`keras_diffusion.applications` and `keras_diffusion.export`. What labels,
+captions and the text encoder add to training and saving lives in
+`keras_diffusion.conditioning`.
 """
 
 import keras
 import numpy as np
 from keras import ops
 
+from keras_diffusion import applications
 from keras_diffusion import backend
+from keras_diffusion import conditioning
 from keras_diffusion import pipeline
 from keras_diffusion.data import check_training_images
-from keras_diffusion.data import check_training_labels
+from keras_diffusion.export import export_model
 from keras_diffusion.schedule import DiffusionSchedule
 from keras_diffusion.schedule import check_prediction
-from keras_diffusion import text
-from keras_diffusion.text import check_texts
 
 
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="DiffusionModel")
@@ -48,22 +49,18 @@ class DiffusionModel(keras.Model):
             by name.
         seed: seed for the timesteps and noise drawn in training.
         text_encoder: for a prompted model, a Keras model mapping token ids
-            `(B, L)` to features `(B, L, D)` (a `TextEncoder`, or e.g.
-            KerasHub's `CLIPTextEncoder`) that a network built with
-            `context_dim=D` cross-attends to.
+            `(B, L)` to features `(B, L, D)` (a `TextEncoder`, or KerasHub's
+            `CLIPTextEncoder`) that a network with `context_dim=D` attends to.
         tokenizer: texts to `(N, L)` int token ids; by default the text
-            encoder's `tokenizer`. Saved with the model when it is
-            Keras-serialisable.
-        train_text_encoder: train the text encoder with the network (True,
-            the right choice for a `TextEncoder` trained from scratch) or
-            keep it frozen (a pretrained encoder).
+            encoder's `tokenizer`. Saved with the model if Keras-serialisable.
+        train_text_encoder: train the text encoder with the network (a
+            `TextEncoder` from scratch) or keep it frozen (a pretrained one).
         prompt_dropout: probability of replacing a caption with the empty
-            prompt in training, so that the model also learns the
-            unconditional direction that guidance needs.
+            prompt in training, which teaches the unconditional direction.
 
-    Images passed to `fit` are NHWC, float in [0, 1] or uint8; labels (for
-    conditional networks) are integers passed as `y`, captions (for
-    prompted models) strings passed as `y`, one per image.
+    Images passed to `fit` are NHWC, float in [0, 1] or uint8; `y` holds
+    labels (conditional networks) or captions (prompted models), one per
+    image, whose rules are `keras_diffusion.conditioning`'s.
 
     Example:
 
@@ -83,22 +80,10 @@ class DiffusionModel(keras.Model):
     ...                         sampler="dpmpp_2m", steps=20)
     """
 
-    def __init__(
-        self,
-        network,
-        schedule=None,
-        prediction="epsilon",
-        ema_decay=0.999,
-        min_snr_gamma=None,
-        label_dropout=0.1,
-        class_names=None,
-        seed=None,
-        text_encoder=None,
-        tokenizer=None,
-        train_text_encoder=True,
-        prompt_dropout=0.1,
-        **kwargs,
-    ):
+    def __init__(self, network, schedule=None, prediction="epsilon", ema_decay=0.999,
+                 min_snr_gamma=None, label_dropout=0.1, class_names=None, seed=None,
+                 text_encoder=None, tokenizer=None, train_text_encoder=True, prompt_dropout=0.1,
+                 **kwargs):
         super().__init__(**kwargs)
         check_model_arguments(prediction=prediction, ema_decay=ema_decay,
                               min_snr_gamma=min_snr_gamma, label_dropout=label_dropout,
@@ -113,30 +98,19 @@ class DiffusionModel(keras.Model):
         self.sample_shape = tuple(network.inputs[0].shape[1:])
         self.image_shape = self.sample_shape
         self.num_classes = getattr(network, "num_classes", None) if len(network.inputs) > 2 else None
-        if class_names is not None and (
-            self.num_classes is None or len(class_names) != self.num_classes
-        ):
-            raise ValueError(
-                f"class_names must list one name per class of the network "
-                f"(num_classes={self.num_classes}); got {len(class_names)} names."
-            )
-        self.class_names = list(class_names) if class_names is not None else None
+        self.class_names = conditioning.check_class_names(class_names, self.num_classes)
         self.prompt_dropout = float(prompt_dropout)
         self.train_text_encoder = bool(train_text_encoder)
-        self._set_text_encoder(network, text_encoder, tokenizer)
+        conditioning.attach_text_parts(self, text_encoder, tokenizer)
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self._backend = backend.current()
         if self.ema_decay:
-            # Each starts as a copy of its weight, made through NumPy: JAX must
-            # not see one buffer in two variables, and a "zeros" initializer
-            # would compile a kernel per weight shape under JAX (1.6 s for the
-            # MNIST UNet).
+            # Copies made through NumPy: JAX must not see one buffer in two
+            # variables, and "zeros" would compile a kernel per shape (1.6 s).
             self.ema_weights = [
-                self.add_weight(
-                    shape=v.shape, initializer=_copy_of(v), dtype="float32",
-                    trainable=False, name=f"ema_{i}",
-                )
+                self.add_weight(shape=v.shape, initializer=_copy_of(v), dtype="float32",
+                                trainable=False, name=f"ema_{i}")
                 for i, v in enumerate(self._averaged_variables())
             ]
             self.ema_updates = self.add_weight(
@@ -144,22 +118,10 @@ class DiffusionModel(keras.Model):
             )
         self.built = True
 
-    def _set_text_encoder(self, network, text_encoder, tokenizer):
-        self.text_encoder = text_encoder
-        self.tokenizer = text.check_prompted_parts(network, text_encoder, tokenizer,
-                                                   self.num_classes)
-        if text_encoder is not None:
-            self._own_tokenizer = self.tokenizer is not getattr(text_encoder, "tokenizer", None)
-            text_encoder.trainable = self.train_text_encoder
-            self.empty_prompt_ids = text.tokenize(self.tokenizer, [""])[0]
-
     def _averaged_variables(self):
         """The variables the EMA follows: the network's trainable ones, then
         the text encoder's when it trains too."""
-        variables = list(self.network.trainable_variables)
-        if self.text_encoder is not None and self.train_text_encoder:
-            variables += list(self.text_encoder.trainable_variables)
-        return variables
+        return list(self.network.trainable_variables) + conditioning.trained_text_variables(self)
 
     @property
     def conditional(self):
@@ -190,21 +152,14 @@ class DiffusionModel(keras.Model):
         saying what is accepted, not after compiling or deep into an epoch.
 
         Images are NHWC, uint8 or float in [0, 1] (3-D `(N, H, W)` arrays
-        get a channel axis); labels, for a class-conditional network, are
-        integers 0 to `num_classes - 1`, one per image; captions, for a
-        prompted model, are strings, one per image, tokenised here (or
-        token ids from `tokenize_captions`). Datasets and generators are
-        passed through unchecked: they yield `(images, token_ids)` batches
-        for a prompted model.
+        get a channel axis); `y` is labels or captions, one per image, as
+        `keras_diffusion.conditioning.check_fit_condition` takes them.
+        Datasets and generators pass unchecked: they yield `(images,
+        labels)` or, for a prompted model, `(images, token_ids)` batches.
         """
         if isinstance(x, np.ndarray):
             x = check_training_images(x, self.image_shape)
-            if self.prompted and y is not None:
-                y = self.tokenize_captions(y, len(x))
-            y = None if y is None else np.asarray(y)
-            self.unpack_batch((x,) if y is None else (x, y))
-            if y is not None and not self.prompted:
-                y = check_training_labels(y, len(x), self.num_classes)
+            y = conditioning.check_fit_condition(self, y, len(x))
         backend.before_fit(self)
         return super().fit(x, y, *args, **kwargs)
 
@@ -215,55 +170,13 @@ class DiffusionModel(keras.Model):
         return self._backend.test_step(self, *args)
 
     def tokenize_captions(self, captions, num_images=None):
-        """Captions as the int32 token ids `fit` trains on: one string per
-        image gives `(N, L)`; a list of strings per image gives `(N, K, L)`,
-        and each training step draws one of an image's K captions (shorter
-        lists are cycled to the longest). Ids already tokenised pass
-        through. Run it in your input pipeline to feed `fit` a dataset."""
-        if isinstance(captions, np.ndarray) and np.issubdtype(captions.dtype, np.integer):
-            if captions.ndim not in (2, 3):
-                raise TypeError(
-                    f"captions must be strings, one per image, or (N, length) token ids; got "
-                    f"integers of shape {captions.shape}. A prompted model takes captions, not "
-                    "labels: e.g. keras_diffusion.class_captions(labels, 'mnist')."
-                )
-            ids = captions
-        elif (isinstance(captions, (list, tuple)) and captions
-              and isinstance(captions[0], (list, tuple, np.ndarray))):
-            sets = [check_texts(texts, f"captions[{index}]") for index, texts in enumerate(captions)]
-            most = max(len(texts) for texts in sets)
-            flat = [texts[k % len(texts)] for texts in sets for k in range(most)]
-            ids = pipeline.tokenize(self, flat).reshape(len(sets), most, -1)
-        else:
-            if isinstance(captions, (list, tuple, np.ndarray)) and len(captions) == 0:
-                raise ValueError("captions are empty; expected one caption (a string) per image.")
-            ids = pipeline.tokenize(self, check_texts(captions, "captions"))
-        if num_images is not None and len(ids) != num_images:
-            raise ValueError(
-                f"captions must be one per image: got {len(ids)} captions for {num_images} images."
-            )
-        return ids
+        """Captions as the int32 token ids `fit` trains on, `(N, L)` or, with
+        K captions per image, `(N, K, L)`: `keras_diffusion.conditioning`."""
+        return conditioning.tokenize_captions(self, captions, num_images)
 
     def unpack_batch(self, data):
-        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
-        if self.prompted:
-            if labels is None:
-                raise ValueError(
-                    "The model is prompted (it has a text encoder), so fit needs captions: pass "
-                    "one string per image as y, or (images, token_ids) batches."
-                )
-            return images, labels
-        if self.conditional and labels is None:
-            raise ValueError(
-                f"The network is class-conditional (num_classes={self.num_classes}), "
-                "so fit needs labels: pass them as y, or as (images, labels) batches."
-            )
-        if not self.conditional and labels is not None:
-            raise ValueError(
-                "Labels were passed, but the network is unconditional (num_classes=None); "
-                "build the UNet with num_classes to train a class-conditional model."
-            )
-        return images, labels
+        """`(images, labels)` of a batch (see `keras_diffusion.backend`)."""
+        return conditioning.unpack_batch(self, data)
 
     def compute_diffusion_loss(self, images, labels=None, training=True):
         """The diffusion objective, shared by every backend's train step:
@@ -276,14 +189,9 @@ class DiffusionModel(keras.Model):
         )
         noise = keras.random.normal(ops.shape(x0), dtype="float32", seed=self.seed_generator)
         inputs = [self.schedule.add_noise(x0, noise, t), t]
-        if self.prompted:
-            inputs.append(self.encode_prompts(labels, training=training))
-        if self.conditional:
-            labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
-            if training and self.label_dropout > 0:
-                drop = keras.random.uniform((batch,), seed=self.seed_generator) < self.label_dropout
-                labels = ops.where(drop, self.num_classes, labels)
-            inputs.append(labels)
+        condition = conditioning.network_condition(self, labels, batch, training=training)
+        if condition is not None:
+            inputs.append(condition)
         output = ops.cast(self.network(inputs, training=training), "float32")
         target = self.schedule.target(x0, noise, t, self.prediction)
         per_example = ops.mean(ops.square(output - target), axis=(1, 2, 3))
@@ -291,22 +199,9 @@ class DiffusionModel(keras.Model):
         return ops.mean(weights * per_example)
 
     def encode_prompts(self, token_ids, training=True):
-        """Text features of a batch of token ids, with prompt dropout in
-        training: a caption is replaced by the empty prompt with probability
-        `prompt_dropout`. Ids `(B, K, L)` hold K captions per image, of
-        which one is drawn."""
-        ids = ops.cast(token_ids, "int32")
-        if len(ids.shape) == 3:
-            choice = keras.random.randint((ops.shape(ids)[0], 1, 1), 0, ids.shape[1],
-                                          dtype="int32", seed=self.seed_generator)
-            ids = ops.take_along_axis(ids, choice, axis=1)[:, 0]
-        if training and self.prompt_dropout > 0:
-            drop = keras.random.uniform((ops.shape(ids)[0], 1), seed=self.seed_generator)
-            ids = ops.where(drop < self.prompt_dropout,
-                            ops.convert_to_tensor(self.empty_prompt_ids[np.newaxis]), ids)
-        output = self.text_encoder(text.encoder_inputs(self.text_encoder, ids),
-                                   training=training and self.train_text_encoder)
-        return text.encoder_features(output)
+        """Text features of token ids `(B, L)` or `(B, K, L)`, with prompt
+        dropout in training: `keras_diffusion.conditioning.encode_prompts`."""
+        return conditioning.encode_prompts(self, token_ids, training=training)
 
     def diffusion_inputs(self, images):
         """A batch of images as the clean samples x0 the model diffuses:
@@ -335,23 +230,10 @@ class DiffusionModel(keras.Model):
         return {"loss": self.loss_tracker.result()}
 
     # ------------------------------------------------------------ sampling
-    def generate(
-        self,
-        num_images,
-        steps=50,
-        sampler="ddim",
-        seed=None,
-        labels=None,
-        guidance_scale=1.0,
-        eta=0.0,
-        timestep_spacing=None,
-        batch_size=None,
-        use_karras_sigmas=None,
-        prompts=None,
-        negative_prompts=None,
-        noise=None,
-        image_size=None,
-    ):
+    def generate(self, num_images, steps=50, sampler="ddim", seed=None, labels=None,
+                 guidance_scale=1.0, eta=0.0, timestep_spacing=None, batch_size=None,
+                 use_karras_sigmas=None, prompts=None, negative_prompts=None, noise=None,
+                 image_size=None):
         """Sample `num_images` images with the EMA weights.
 
         `sampler` is one of `keras_diffusion.SAMPLERS`; `use_karras_sigmas`
@@ -391,21 +273,14 @@ class DiffusionModel(keras.Model):
     @property
     def text_sampling_weights(self):
         """The text encoder's weights sampling uses (EMA when it trains)."""
-        if not self.ema_decay or not self.train_text_encoder:
-            return self.text_encoder.trainable_variables
-        return self.ema_weights[len(self.network.trainable_variables):]
+        return conditioning.text_sampling_weights(self)
 
     # ------------------------------------------- restoration and editing
     # Thin entry points; `keras_diffusion.applications` turns the requests
-    # into pipeline runs.
+    # into pipeline runs and documents their arguments and results.
     def denoise(self, images, sigma=None, steps=10, labels=None, guidance_scale=1.0, batch_size=None,
                 prompts=None, negative_prompts=None):
-        """Remove additive Gaussian noise of std `sigma` from `images`.
-
-        Arguments, return value and details: `keras_diffusion.applications.denoise`.
-        """
-        from keras_diffusion import applications
-
+        """Remove Gaussian noise of std `sigma`: `keras_diffusion.applications.denoise`."""
         return applications.denoise(self, images, sigma=sigma, steps=steps, labels=labels,
                                     prompts=prompts, negative_prompts=negative_prompts,
                                     guidance_scale=guidance_scale, batch_size=batch_size)
@@ -413,15 +288,7 @@ class DiffusionModel(keras.Model):
     def inpaint(self, images, mask, steps=50, jump_length=5, resamples=4, eta=1.0, seed=None,
                 labels=None, guidance_scale=1.0, batch_size=None, prompts=None,
                 negative_prompts=None):
-        """Fill in the pixels of `images` where `mask` is 0, by RePaint
-        (Lugmayr 2022): sampling with the known pixels renoised from the
-        image at every step, and `resamples - 1` jumps back of `jump_length`
-        steps after every `jump_length` steps to harmonise the two regions.
-
-        Arguments, return value and details: `keras_diffusion.applications.inpaint`.
-        """
-        from keras_diffusion import applications
-
+        """Fill in where `mask` is 0 (RePaint): `keras_diffusion.applications.inpaint`."""
         return applications.inpaint(
             self, images, mask, steps=steps, jump_length=jump_length, resamples=resamples,
             eta=eta, seed=seed, labels=labels, prompts=prompts, negative_prompts=negative_prompts,
@@ -430,13 +297,7 @@ class DiffusionModel(keras.Model):
 
     def img2img(self, images, strength=0.5, steps=50, eta=0.0, seed=None, labels=None,
                 guidance_scale=1.0, batch_size=None, prompts=None, negative_prompts=None):
-        """Image-to-image translation by SDEdit (Meng 2022): noise `images`
-        to timestep `round(strength * (T - 1))`, then run DDIM back to t = 0.
-
-        Arguments, return value and details: `keras_diffusion.applications.img2img`.
-        """
-        from keras_diffusion import applications
-
+        """Image-to-image by SDEdit: `keras_diffusion.applications.img2img`."""
         return applications.img2img(
             self, images, strength=strength, steps=steps, eta=eta, seed=seed, labels=labels,
             prompts=prompts, negative_prompts=negative_prompts, guidance_scale=guidance_scale,
@@ -445,13 +306,7 @@ class DiffusionModel(keras.Model):
 
     def interpolate(self, a, b, num=8, steps=50, labels=None, guidance_scale=1.0, batch_size=None,
                     prompts=None, negative_prompts=None):
-        """`num` images along a spherical interpolation between two noises,
-        each decoded by deterministic DDIM.
-
-        Arguments, return value and details: `keras_diffusion.applications.interpolate`.
-        """
-        from keras_diffusion import applications
-
+        """Images between two noises: `keras_diffusion.applications.interpolate`."""
         return applications.interpolate(self, a, b, num=num, steps=steps, labels=labels,
                                         prompts=prompts, negative_prompts=negative_prompts,
                                         guidance_scale=guidance_scale, batch_size=batch_size)
@@ -459,25 +314,12 @@ class DiffusionModel(keras.Model):
     # --------------------------------------------------------------- export
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None,
                **kwargs):
-        """Export for serving (see `keras_diffusion.export`).
-
-        `format="tf_saved_model"` writes a TensorFlow SavedModel with the
-        endpoints `generate(noise)`, `denoise(images, sigma)` and
-        `predict_noise(x_t, t)` (and `generate_conditional(noise, labels,
-        guidance)` for a class-conditional model), which
-        `tf.saved_model.load` serves without keras_diffusion. Keyword
-        arguments `steps`, `sampler`, `eta`, `timestep_spacing` and
-        `denoise_steps` fix the sampling loop. Under PyTorch the export runs
-        in a subprocess with the TensorFlow backend. `format="onnx"` writes
-        `predict_noise` only.
-
-        Example:
-
-        >>> model.export("exported", steps=25)
-        >>> images = tf.saved_model.load("exported").generate(tf.random.normal((4, 28, 28, 1)))
+        """Export for serving: `format="tf_saved_model"` writes a SavedModel
+        with the endpoints `keras_diffusion.export` lists, served without
+        keras_diffusion; `steps`, `sampler`, `eta`, `timestep_spacing` and
+        `denoise_steps` fix its sampling loop. `format="onnx"` writes
+        `predict_noise` only. Example: `model.export("exported", steps=25)`.
         """
-        from keras_diffusion.export import export_model
-
         return export_model(self, filepath, format=format, verbose=verbose,
                             input_signature=input_signature, **kwargs)
 
@@ -493,35 +335,17 @@ class DiffusionModel(keras.Model):
             "label_dropout": self.label_dropout,
             "class_names": self.class_names,
             "seed": self.seed,
-            **(self._text_config() if self.prompted else {}),
+            **conditioning.text_config(self),
         }
-
-    def _text_config(self):
-        config = {
-            "text_encoder": keras.saving.serialize_keras_object(self.text_encoder),
-            "train_text_encoder": self.train_text_encoder,
-            "prompt_dropout": self.prompt_dropout,
-        }
-        if self._own_tokenizer:
-            if not hasattr(self.tokenizer, "get_config"):
-                raise ValueError(
-                    f"the model's tokenizer ({type(self.tokenizer).__name__}) cannot be saved: it "
-                    "is not Keras-serialisable. Save the weights with save_weights and rebuild the "
-                    "model with the same tokenizer to load them, or use a WordTokenizer."
-                )
-            config["tokenizer"] = keras.saving.serialize_keras_object(self.tokenizer)
-        return config
 
     def compile_from_config(self, config):
         """Compile a loaded model as it was saved, except `jit_compile`.
 
-        Keras saves `jit_compile` as the saving backend resolved "auto":
-        False on TensorFlow's CPU and on PyTorch, True on JAX. Kept, a model
-        saved under TensorFlow would train op by op under JAX (one small XLA
-        compilation per operation: 740 of them, 48 s, for the first step of
-        a tiny UNet), and a JAX file would start `torch.compile` under
-        PyTorch. Whether to compile is the loading backend's choice, so
-        it resolves "auto" again."""
+        Keras saves `jit_compile` as the saving backend resolved "auto"
+        (False on TensorFlow's CPU and PyTorch, True on JAX); kept, a
+        TensorFlow file would train op by op under JAX (740 small XLA
+        compilations, 48 s, for a tiny UNet's first step). The loading
+        backend resolves "auto" again."""
         super().compile_from_config(dict(config, jit_compile="auto"))
 
     @classmethod
@@ -537,12 +361,9 @@ class DiffusionModel(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        config = dict(config)
+        config = conditioning.text_parts_from_config(config)
         config["network"] = keras.saving.deserialize_keras_object(config["network"])
         config["schedule"] = keras.saving.deserialize_keras_object(config["schedule"])
-        for name in ("text_encoder", "tokenizer"):
-            if config.get(name) is not None:
-                config[name] = keras.saving.deserialize_keras_object(config[name])
         return cls(**config)
 
 

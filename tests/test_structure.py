@@ -81,7 +81,7 @@ def test_arrows_run_one_way():
     graph = import_graph()
     models = {"keras_diffusion.model", "keras_diffusion.training", "keras_diffusion.cli"}
     # The pipeline, the samplers and the schedule import no model and nothing above them.
-    for low in ("pipeline", "samplers", "schedule", "applications", "export"):
+    for low in ("pipeline", "samplers", "schedule", "applications", "export", "conditioning"):
         assert not graph[f"keras_diffusion.{low}"] & models, low
     assert not any("keras_diffusion.cli" in edges for edges in graph.values())
     assert graph["keras_diffusion.schedule"] <= {"keras_diffusion.checks"}
@@ -103,6 +103,27 @@ def test_only_the_backend_folder_branches_on_the_backend():
 def test_pipeline_works_on_the_protocol_not_a_class():
     source = Path(pipeline.__file__).read_text()
     assert "DiffusionModel" not in source.replace("`DiffusionModel.generate`", "")
+
+
+def class_length(source, name):
+    """Lines from a class's `class` line to its last, as `ast` reads them."""
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return node.end_lineno - node.lineno + 1
+    raise LookupError(f"no class {name}")
+
+
+def test_class_length_counts_from_the_class_line_to_the_last():
+    source = "x = 1\n\n@decorated\nclass A:\n    def f(self):\n        return 1\n\n    y = 2\n\nz = 3\n"
+    assert class_length(source, "A") == 5
+
+
+def test_diffusion_model_stays_small():
+    """Labels, prompts and the text encoder live in `conditioning`, sampling
+    in the pipeline: the model class stays under 350 lines, from its
+    `class DiffusionModel` line to its last."""
+    length = class_length((PACKAGE / "model.py").read_text(), "DiffusionModel")
+    assert length < 350, f"DiffusionModel is {length} lines; move what is not the model's out."
 
 
 def _top_level_names(path):
