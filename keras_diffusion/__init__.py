@@ -18,7 +18,9 @@ __version__ = "0.1.0"
 # only, as an AMD EPYC Zen 3) it falls back to its Eigen kernels, where this
 # library's reference UNet trained 1.4x slower (docs/performance.md).
 # So oneDNN is on unless the user says otherwise. TensorFlow reads this once,
-# when it loads: set before any import of it, it decides.
+# while its library loads: set before any import of it (`import keras` under
+# TensorFlow is one), it decides; set after, it changes nothing, and the import
+# below warns.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
@@ -143,3 +145,10 @@ def _check_backend_name():
 if not _started_as_cli():
     _check_backend_name()
     _import_all()
+    # The running backend's check of what was loaded before this package
+    # (TensorFlow's oneDNN switch), called at the top level so that a warning
+    # names the line of the program's own `import keras_diffusion`.
+    _backend = importlib.import_module("keras_diffusion.backend").current()
+    if hasattr(_backend, "check_on_import"):
+        _backend.check_on_import()
+    del _backend

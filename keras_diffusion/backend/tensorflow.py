@@ -40,28 +40,47 @@ def before_fit(model):
     warn_without_onednn()
 
 
-@functools.cache
-def warn_without_onednn():
-    """Warn, once, where TensorFlow runs without its oneDNN kernels on an x86
-    CPU though the user did not ask for that: importing keras_diffusion turns
-    them on (`TF_ENABLE_ONEDNN_OPTS=1`), but TensorFlow reads the variable
-    once, when it loads, so a TensorFlow loaded first keeps its own default,
-    which is off on CPUs without AVX512-VNNI, AVX512-BF16, AVX-VNNI or AMX."""
+# TensorFlow decides whether its CPU convolutions and matrix products run on
+# oneDNN once, while its shared library loads (a C++ static initialiser reads
+# TF_ENABLE_ONEDNN_OPTS): a variable set after that changes nothing, and
+# nothing public switches it later. So a TensorFlow that `import keras`
+# loaded before keras_diffusion set the variable keeps its own default, which
+# is off on CPUs without AVX512-VNNI, AVX512-BF16, AVX-VNNI or AMX.
+WITHOUT_ONEDNN = (
+    "TensorFlow was loaded before keras_diffusion (by `import keras` or `import tensorflow`) and "
+    "runs without its oneDNN kernels, its own default on this CPU, with which this library's UNet "
+    "trained at half speed on an AVX2-only AMD EPYC. Fix: import keras_diffusion before keras and "
+    "tensorflow, or export TF_ENABLE_ONEDNN_OPTS=1 before starting Python."
+)
+
+
+def runs_without_onednn():
+    """Whether TensorFlow runs without its oneDNN kernels on an x86 CPU
+    though the user did not ask for that (`TF_ENABLE_ONEDNN_OPTS=0`)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return
+        return False  # oneDNN's switch is an x86 matter
     if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").lower() in ("0", "false"):
-        return  # the user's choice
+        return False  # the user's choice
     try:
         from tensorflow.python.util import _pywrap_util_port
     except ImportError:  # a TensorFlow that does not say: nothing to go by
-        return
-    if not _pywrap_util_port.IsMklEnabled():
-        warnings.warn(
-            "TensorFlow was loaded before keras_diffusion and runs without its oneDNN kernels, "
-            "which trained this library's UNet 1.4x slower on an AVX2 CPU; import keras_diffusion "
-            "before tensorflow, or set TF_ENABLE_ONEDNN_OPTS=1 before starting Python.",
-            stacklevel=2,
-        )
+        return False
+    return not _pywrap_util_port.IsMklEnabled()
+
+
+def check_on_import():
+    """Called once, by `import keras_diffusion`: warn where TensorFlow was
+    loaded first without oneDNN, on the line of the user's import (the
+    caller's caller; the import machinery's frames do not count)."""
+    if runs_without_onednn():
+        warnings.warn(WITHOUT_ONEDNN, stacklevel=3)
+
+
+@functools.cache
+def warn_without_onednn():
+    """The same warning once more, when `fit` starts: where the time goes."""
+    if runs_without_onednn():
+        warnings.warn(WITHOUT_ONEDNN, stacklevel=2)
 
 
 def test_step(model, data):
