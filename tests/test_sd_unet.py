@@ -183,7 +183,7 @@ def test_every_other_option_equals_diffusers():
 
 
 def test_interface(pair):
-    style, reference, ours = pair
+    _, reference, ours = pair
     assert tuple(ours.inputs[0].shape[1:]) == (None, None, reference.config.in_channels)
     assert tuple(ours.inputs[2].shape[1:]) == (None, reference.config.cross_attention_dim)
     assert ours.context_dim == reference.config.cross_attention_dim
@@ -202,7 +202,7 @@ def test_state_dict_round_trips_to_diffusers_keys_and_values(pair):
 
 
 def test_config_round_trips_through_get_config_and_a_keras_file(pair, tmp_path):
-    style, reference, ours = pair
+    _, _, ours = pair
     config = ours.get_config()
     assert json.loads(json.dumps(config)) == config
     rebuilt = StableDiffusionUNet.from_config(config)
