@@ -10,7 +10,9 @@ import torch
 from diffusers import AutoencoderKL
 from keras import ops
 
+from keras_diffusion import backend
 from keras_diffusion import pipeline
+from keras_diffusion.autoencoder import _split_moments
 from keras_diffusion.stable_diffusion import weights
 from keras_diffusion.stable_diffusion.vae import StableDiffusionVAE
 
@@ -68,6 +70,13 @@ def reference_posterior(model, images):
     return nhwc(distribution.mean), nhwc(distribution.logvar)
 
 
+def moments(vae, x):
+    """`(mean, logvar)` of `x` in [-1, 1] through the compiled encoder that
+    `encode` runs (JAX runs an uncompiled model op by op, 5 s a call)."""
+    mean, logvar = _split_moments(pipeline.call_network(vae, vae.encoder, x))
+    return ops.convert_to_numpy(mean), ops.convert_to_numpy(logvar)
+
+
 def test_encode_matches_diffusers(pair, images):
     model, vae = pair
     mean, logvar = reference_posterior(model, images)
@@ -75,13 +84,13 @@ def test_encode_matches_diffusers(pair, images):
     ours = vae.encode(images)
     assert ours.shape == (2, 12, 20, 4) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, mean, atol=TOLERANCE, rtol=0)
-    our_mean, our_logvar = vae.posterior(ops.convert_to_tensor(images * 2.0 - 1.0))
-    np.testing.assert_allclose(ops.convert_to_numpy(our_mean), mean, atol=TOLERANCE, rtol=0)
-    np.testing.assert_allclose(ops.convert_to_numpy(our_logvar), logvar, atol=TOLERANCE, rtol=0)
+    our_mean, our_logvar = moments(vae, images * 2.0 - 1.0)
+    np.testing.assert_allclose(our_mean, mean, atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(our_logvar, logvar, atol=TOLERANCE, rtol=0)
     # uint8 images are read as x / 255.
     as_bytes = np.round(images * 255).astype("uint8")
-    np.testing.assert_allclose(vae.encode(as_bytes), reference_posterior(model, as_bytes / 255.0)[0],
-                               atol=TOLERANCE, rtol=0)
+    expected = reference_posterior(model, as_bytes / 255.0)[0]
+    np.testing.assert_allclose(vae.encode(as_bytes), expected, atol=TOLERANCE, rtol=0)
 
 
 def test_decode_matches_diffusers(pair):
@@ -89,11 +98,20 @@ def test_decode_matches_diffusers(pair):
     latents = np.random.default_rng(1).normal(size=(2, 6, 10, 4)).astype("float32")
     with torch.no_grad():
         expected = nhwc(model.decode(nchw(latents)).sample)
-    raw = ops.convert_to_numpy(vae.decoder(latents))
+    raw = ops.convert_to_numpy(pipeline.call_network(vae, vae.decoder, latents))
     assert raw.shape == (2, 12, 20, 3)
     np.testing.assert_allclose(raw, expected, atol=TOLERANCE, rtol=0)
-    images = vae.decode(latents, batch_size=1)
+    images = vae.decode(latents)
     np.testing.assert_allclose(images, np.clip((expected + 1) / 2, 0, 1), atol=TOLERANCE, rtol=0)
+
+
+def test_call_reconstructs_from_the_posterior_mean(pair, images):
+    """`vae(x)`, through `posterior`: diffusers' forward pass without sampling."""
+    model, vae = pair
+    x = images[:1, :8, :16] * 2.0 - 1.0
+    with torch.no_grad():
+        expected = nhwc(model(nchw(x)).sample)
+    np.testing.assert_allclose(vae.predict(x, verbose=0), expected, atol=TOLERANCE, rtol=0)
 
 
 def test_bare_options_match_diffusers(images):
@@ -107,8 +125,8 @@ def test_bare_options_match_diffusers(images):
     latents = np.random.default_rng(2).normal(size=(1, 6, 10, 2)).astype("float32")
     with torch.no_grad():
         expected = nhwc(model.decode(nchw(latents)).sample)
-    np.testing.assert_allclose(ops.convert_to_numpy(vae.decoder(latents)), expected,
-                               atol=TOLERANCE, rtol=0)
+    decoded = pipeline.call_network(vae, vae.decoder, latents)
+    np.testing.assert_allclose(ops.convert_to_numpy(decoded), expected, atol=TOLERANCE, rtol=0)
 
 
 def test_sampled_latents(pair, images):
@@ -139,7 +157,9 @@ def test_latent_slot_protocol(pair, images):
     scaled = ops.convert_to_numpy(pipeline.encode(holder, images))
     np.testing.assert_allclose(scaled, reference_posterior(model, images)[0] * 0.13025,
                                atol=TOLERANCE, rtol=0)
-    decoded = ops.convert_to_numpy(pipeline.decode_tensor(holder, ops.convert_to_tensor(scaled)))
+    # Traced, as an exported endpoint runs it.
+    decode = backend.current().compile_function(lambda x: pipeline.decode_tensor(holder, x))
+    decoded = ops.convert_to_numpy(decode(ops.convert_to_tensor(scaled)))
     np.testing.assert_allclose(decoded, pipeline.decode(holder, scaled), atol=1e-5, rtol=0)
     assert decoded.shape == images.shape
 

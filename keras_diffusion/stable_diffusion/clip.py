@@ -99,7 +99,8 @@ class Embeddings(_Block):
 
     def __init__(self, vocab_size, dim, max_positions, module_path, **kwargs):
         super().__init__(module_path, **kwargs)
-        self.vocab_size, self.dim, self.max_positions = int(vocab_size), int(dim), int(max_positions)
+        self.vocab_size, self.dim = int(vocab_size), int(dim)
+        self.max_positions = int(max_positions)
         self.token_embedding = Embedding(vocab_size, dim, self._sub("token_embedding"))
         self.position_embedding = Embedding(max_positions, dim, self._sub("position_embedding"))
 

@@ -85,7 +85,8 @@ class _AtModulePath:
     def checkpoint_weights(self):
         rules = next(rules for cls, rules in weights.RULES if isinstance(self, cls))
         return [(getattr(self, attribute), f"{self.module_path}.{suffix}", layout)
-                for attribute, suffix, layout in rules if getattr(self, attribute, None) is not None]
+                for attribute, suffix, layout in rules
+                if getattr(self, attribute, None) is not None]
 
     def get_config(self):
         return {**super().get_config(), "module_path": self.module_path}
