@@ -28,6 +28,7 @@ from keras_diffusion.schedule import DiffusionSchedule
 from keras_diffusion.stable_diffusion import single_file
 from keras_diffusion.stable_diffusion import weights
 from keras_diffusion.stable_diffusion.clip import CLIPTextTransformer
+from keras_diffusion.stable_diffusion.clip import text_model_state_dict
 from keras_diffusion.stable_diffusion.tokenizer import CLIPTokenizer
 from keras_diffusion.stable_diffusion.unet import StableDiffusionUNet
 from keras_diffusion.stable_diffusion.vae import StableDiffusionVAE
@@ -39,16 +40,13 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
 _BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear",
                    "squaredcos_cap_v2": "cosine"}
 _PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v", "sample": "x0"}
-# The timestep spacing of diffusers' scheduler classes when their config
-# names none. A pipeline's scheduler swapped by `Other.from_config(
-# pipeline.scheduler.config)` (how diffusers' users pick a sampler) inherits
-# its spacing, so the class the checkpoint names decides for every sampler.
-_CLASS_SPACINGS = {"PNDMScheduler": "leading", "DDIMScheduler": "leading",
-                   "DDPMScheduler": "leading", "LMSDiscreteScheduler": "linspace",
-                   "EulerDiscreteScheduler": "linspace",
-                   "EulerAncestralDiscreteScheduler": "linspace",
-                   "DPMSolverMultistepScheduler": "linspace"}
-_SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_sde")
+# The timestep spacing of diffusers' scheduler class for each sampler of
+# ours, where the config names none. diffusers' `Other.from_config(config)`
+# (how its users pick a sampler) carries only the keys the file sets, so
+# without one each scheduler keeps its own default: SD 1.5's file has none,
+# and its DDIM runs "leading", its DPM-Solver++ "linspace".
+_DEFAULT_SPACINGS = {"ddim": "leading", "ddpm": "leading", "euler": "linspace",
+                     "heun": "linspace", "dpmpp_2m": "linspace", "dpmpp_2m_sde": "linspace"}
 _SOLVERS = ("dpmpp_2m", "dpmpp_2m_sde")
 
 
@@ -121,16 +119,18 @@ def schedule_from_config(config):
                         ("thresholding", False)):
         if config.get(option, off) not in (off, [], False):
             raise ValueError(f"scheduler option {option}={config[option]!r} is not supported.")
-    spacing = config.get("timestep_spacing") or _CLASS_SPACINGS.get(config.get("_class_name"),
-                                                                      "leading")
-    if spacing not in ("linspace", "leading", "trailing"):
+    spacing = config.get("timestep_spacing")
+    if spacing not in (None, "linspace", "leading", "trailing"):
         raise ValueError(f"scheduler timestep_spacing {spacing!r} is not supported; supported: "
                          "linspace, leading, trailing.")
-    # The multistep solvers plan one step more and drop its end (see
-    # keras_diffusion.schedule.TIMESTEP_SPACINGS).
-    solver_spacing = {"trailing": "trailing"}.get(spacing, f"{spacing}_exclusive")
-    spacings = {sampler: solver_spacing if sampler in _SOLVERS else spacing
-                for sampler in _SAMPLERS}
+    spacings = {}
+    for sampler, default in _DEFAULT_SPACINGS.items():
+        chosen = spacing or default
+        # The multistep solvers plan one step more and drop its end (see
+        # keras_diffusion.schedule.TIMESTEP_SPACINGS).
+        if sampler in _SOLVERS and chosen != "trailing":
+            chosen = f"{chosen}_exclusive"
+        spacings[sampler] = chosen
     schedule = DiffusionSchedule(
         _BETA_SCHEDULES[beta_schedule],
         timesteps=int(config.get("num_train_timesteps", 1000)),
@@ -161,7 +161,8 @@ def _build(parts_config, states, tokenizer, name):
     text_encoder = CLIPTextTransformer.from_reference_config(parts_config["text_encoder"])
     weights.load_state_dict(unet, states["unet"], "UNet")
     weights.load_state_dict(vae, states["vae"], "VAE")
-    weights.load_state_dict(text_encoder, states["text_encoder"], "text encoder")
+    weights.load_state_dict(text_encoder, text_model_state_dict(states["text_encoder"]),
+                            "text encoder")
     schedule, prediction = schedule_from_config(parts_config["scheduler"])
     side = int(parts_config["unet"].get("sample_size", 64)) * vae.factor
     return latent_model(
