@@ -73,6 +73,7 @@ _EXPORTS = {
     "DiffusionModel": "keras_diffusion.model",
     "Autoencoder": "keras_diffusion.autoencoder",
     "LatentDiffusionModel": "keras_diffusion.latent",
+    "StableDiffusion": "keras_diffusion.stable_diffusion.model",
     "TextEncoder": "keras_diffusion.text",
     "WordTokenizer": "keras_diffusion.text",
     "class_captions": "keras_diffusion.captions",

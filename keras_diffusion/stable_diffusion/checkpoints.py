@@ -148,9 +148,9 @@ def schedule_from_config(config):
 def _build(parts_config, states, tokenizer, name):
     """The model from the components' reference configs and state dicts."""
     # By its registered name, not an import: `load_model` (in
-    # keras_diffusion.model) calls this module, and the latent model imports
+    # keras_diffusion.model) calls this module, and the model class imports
     # that one. Importing keras_diffusion registers every class.
-    latent_model = keras.saving.get_registered_object("keras_diffusion>LatentDiffusionModel")
+    latent_model = keras.saving.get_registered_object("keras_diffusion>StableDiffusion")
     unet = StableDiffusionUNet.from_reference_config(parts_config["unet"])
     if unet.config.get("in_channels", 4) != 4:
         raise ValueError(
