@@ -156,3 +156,66 @@ def test_weights_of_another_architecture_list_the_keys(sd, tmp_path):
     with pytest.raises(ValueError, match=r"the UNet weights do not match its architecture: "
                                          r"\d+ missing \(down_blocks\.0\.attentions\.1"):
         kd.load_model(copy)
+
+
+# ------------------------------------------------------------- single files
+def test_an_original_single_file_loads_to_the_same_image(sd, tmp_path):
+    """The tiny pipeline written in the original layout: diffusers'
+    `from_single_file` and ours, with the folder as the configuration, make
+    the same image."""
+    import safetensors.numpy
+    from diffusers import StableDiffusionPipeline
+
+    from keras_diffusion.stable_diffusion import single_file
+
+    folder, pipeline, _ = sd
+    family = "sd2" if pipeline.unet.config.use_linear_projection else "sd1"
+    parts = {part: {key: value.numpy() for key, value in getattr(pipeline, part).state_dict().items()}
+             for part in ("unet", "vae", "text_encoder")}
+    configs = dict(unet_config=dict(pipeline.unet.config), vae_config=dict(pipeline.vae.config),
+                   text_config=pipeline.text_encoder.config.to_dict())
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file(single_file.to_original(parts, family=family, **configs), path)
+    reference = StableDiffusionPipeline.from_single_file(str(path), config=str(folder),
+                                                         local_files_only=True)
+    latents = _latents(3, (1, 8, 8, 4))
+    expected = reference_images(reference, latents, prompts=PROMPTS[:1], steps=3)
+    model = kd.load_model(path, config=folder)
+    images = model.generate(1, prompts=PROMPTS[0], guidance_scale=7.5, steps=3, noise=latents)
+    np.testing.assert_allclose(images, expected, atol=2e-3)
+
+
+def test_a_single_file_of_another_model_is_named(tmp_path):
+    import safetensors.numpy
+
+    path = tmp_path / "sdxl.safetensors"
+    safetensors.numpy.save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm"
+                                 ".weight": np.zeros(4, "float32")}, path)
+    with pytest.raises(ValueError, match="SDXL"):
+        kd.load_model(path)
+
+
+def test_the_shipped_tokenizer_is_clips():
+    """CLIP's own vocabulary, built from the shipped merges: the ids of the
+    Stable Diffusion tokenizer, and what transformers reads back."""
+    from keras_diffusion.stable_diffusion.tokenizer import CLIPTokenizer
+
+    ours = CLIPTokenizer.shipped("sd1")
+    assert len(ours.vocabulary) == 49408
+    np.testing.assert_array_equal(ours(["a photo of an astronaut"])[0, :8],
+                                  [49406, 320, 1125, 539, 550, 18376, 49407, 49407])
+    assert CLIPTokenizer.shipped("sd2")(["a cat"])[0, -1] == 0  # padded with "!"
+
+
+def test_the_shipped_tokenizer_round_trips_through_transformers(tmp_path):
+    from transformers import CLIPTokenizer as Reference
+
+    from keras_diffusion.stable_diffusion.tokenizer import CLIPTokenizer
+
+    ours = CLIPTokenizer.shipped("sd2")
+    folder = ours.save_folder(tmp_path / "tokenizer")
+    texts = ["A cat, sitting on the mat!", "don't panic: 42 jackfruits"]
+    reference = Reference.from_pretrained(str(folder))
+    expected = reference(texts, padding="max_length", max_length=77, truncation=True).input_ids
+    np.testing.assert_array_equal(ours(texts), expected)
+    np.testing.assert_array_equal(CLIPTokenizer.from_folder(folder)(texts), expected)

@@ -207,7 +207,10 @@ def load_single_file(path, config=None):
     parts = single_file.to_diffusers(state, unet_config=configs["unet"],
                                      vae_config=configs["vae"],
                                      text_config=configs["text_encoder"])
-    tokenizer = CLIPTokenizer.from_folder(Path(config) / "tokenizer")
+    folder = Path(config) / "tokenizer"
+    # The shipped configurations carry CLIP's merges once, for both families.
+    tokenizer = (CLIPTokenizer.from_folder(folder) if folder.is_dir()
+                 else CLIPTokenizer.shipped(family))
     return _build(configs, parts, tokenizer, name="stable_diffusion")
 
 

@@ -348,6 +348,49 @@ class CLIPTokenizer:
         return cls(**config)
 
     @classmethod
+    def shipped(cls, family):
+        """CLIP's own tokenizer (49,408 tokens), as Stable Diffusion 1.x
+        (`family="sd1"`, padded with `<|endoftext|>`) and 2.x (`"sd2"`,
+        padded with `!`) use it, from the BPE merges that ship with this
+        package (OpenAI's CLIP, MIT licence). Its vocabulary is CLIP's
+        construction: the byte alphabet, the same with `</w>`, one token per
+        merge, then the start and end tokens."""
+        import gzip
+
+        if family not in ("sd1", "sd2"):
+            raise ValueError(f"family must be 'sd1' or 'sd2'; got {family!r}.")
+        path = Path(__file__).parent / "configs" / "clip" / "merges.txt.gz"
+        with gzip.open(path, "rt", encoding="utf-8") as file:
+            merges = [line for line in file.read().splitlines()
+                      if line.strip() and not line.startswith("#version")]
+        # CLIP lists the printable bytes first, then the rest, each in byte order.
+        table = byte_alphabet()
+        alphabet = sorted(table.values(), key=lambda char: (ord(char) >= 0x100, ord(char)))
+        vocabulary = (alphabet + [char + SUFFIX for char in alphabet]
+                      + [merge.replace(" ", "") for merge in merges] + [START, END])
+        return cls(vocabulary, merges, pad_token=END if family == "sd1" else "!")
+
+    def save_folder(self, path):
+        """Write the tokenizer as a diffusers `tokenizer/` folder
+        (`vocab.json`, `merges.txt`, `tokenizer_config.json`,
+        `special_tokens_map.json`), which transformers' `CLIPTokenizer` and
+        `from_folder` read."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        vocabulary = {token: index for index, token in enumerate(self.vocabulary)}
+        (folder / "vocab.json").write_text(json.dumps(vocabulary, ensure_ascii=False),
+                                           encoding="utf-8")
+        (folder / "merges.txt").write_text(
+            "#version: 0.2\n" + "".join(f"{merge}\n" for merge in self.merges), encoding="utf-8")
+        special = dict(zip(SPECIAL_NAMES, (self.bos_token, self.eos_token, self.unk_token,
+                                           self.pad_token)))
+        (folder / "special_tokens_map.json").write_text(json.dumps(special))
+        config = dict(special, tokenizer_class="CLIPTokenizer", model_max_length=self.max_length,
+                      do_lower_case=True)
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        return folder
+
+    @classmethod
     def from_folder(cls, path):
         """The tokenizer of a diffusers `tokenizer/` folder: `tokenizer.json`,
         or `vocab.json` and `merges.txt`; `tokenizer_config.json` and
