@@ -41,11 +41,11 @@ def before_fit(model):
 
 
 # TensorFlow decides whether its CPU convolutions and matrix products run on
-# oneDNN once, while its shared library loads (a C++ static initialiser reads
-# TF_ENABLE_ONEDNN_OPTS): a variable set after that changes nothing, and
-# nothing public switches it later. So a TensorFlow that `import keras`
-# loaded before keras_diffusion set the variable keeps its own default, which
-# is off on CPUs without AVX512-VNNI, AVX512-BF16, AVX-VNNI or AMX.
+# oneDNN once, while its shared libraries load (that is when it reads
+# TF_ENABLE_ONEDNN_OPTS, docs/performance.md): the variable set after that
+# changes nothing, and nothing public switches it later. So a TensorFlow that
+# `import keras` loaded before keras_diffusion set the variable keeps its own
+# default, which is off on CPUs without AVX512-VNNI, AVX512-BF16, AVX-VNNI or AMX.
 WITHOUT_ONEDNN = (
     "TensorFlow was loaded before keras_diffusion (by `import keras` or `import tensorflow`) and "
     "runs without its oneDNN kernels, its own default on this CPU, with which this library's UNet "
