@@ -75,8 +75,8 @@ def _sample_arguments(sample):
     sample.add_argument("--label", action="append", default=None,
                         help="class label or name (repeatable; cycled over the images)")
     sample.add_argument("--labels", choices=("all",),
-                        help="'all': every class, a column each, left to right; --num // classes "
-                             "rows (at least one, so a single row of the classes by default)")
+                        help="'all': every class, a column each, left to right, in --num // "
+                             "classes rows (at least one: a single row when --num < 2 x classes)")
     _prompt_arguments(sample, "one row of the grid per prompt")
     sample.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     sample.add_argument("--out", required=True, help="PNG grid to write")
