@@ -16,7 +16,10 @@ from keras_diffusion.precision import PRECISIONS
 from keras_diffusion.quiet import quiet_stderr
 
 BACKENDS = ("tensorflow", "jax", "torch")
-MODEL_HELP = ".keras file, preset name (keras-diffusion presets) or hf://OWNER/NAME"
+MODEL_HELP = (".keras file, preset name (keras-diffusion presets), hf://OWNER/NAME, or a Stable "
+              "Diffusion 1.x/2.x checkpoint: a diffusers folder or one .safetensors file")
+CONFIG_HELP = ("for a single-file checkpoint: a diffusers folder of the same model (configs and "
+               "tokenizer; no weights needed); default: the shipped SD 1.5 / 2.1 configuration")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,8 +68,14 @@ def _train_autoencoder_arguments(train):
 
 def _sample_arguments(sample):
     sample.add_argument("--model", required=True, help=MODEL_HELP)
+    sample.add_argument("--config", help=CONFIG_HELP)
     _precision_argument(sample)
-    sample.add_argument("--num", type=int, default=16, help="number of images")
+    sample.add_argument("--num", type=int, default=None,
+                        help="number of images (default: 16; 1 for models of images over 64 "
+                             "pixels, such as Stable Diffusion)")
+    sample.add_argument("--size", type=_image_size, default=None,
+                        help="HxW of the images, for a model that takes any size it divides "
+                             "(Stable Diffusion; default: the model's own)")
     sample.add_argument("--steps", type=int, default=50)
     sample.add_argument("--sampler", default="ddim")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
@@ -81,6 +90,24 @@ def _sample_arguments(sample):
     sample.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     sample.add_argument("--out", required=True, help="PNG grid to write")
     sample.add_argument("--npz", help="also write the images, in [0, 1], to this .npz")
+
+
+def _image_size(text):
+    """`HxW` (or one number for a square) as `(H, W)`."""
+    height, _, width = text.lower().partition("x")
+    try:
+        size = (int(height), int(width or height))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 512x768; got {text!r}") from None
+    if min(size) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive sides; got {text!r}")
+    return size
+
+
+def _convert_arguments(convert):
+    convert.add_argument("--model", required=True, help=MODEL_HELP)
+    convert.add_argument("--config", help=CONFIG_HELP)
+    convert.add_argument("--out", required=True, help=".keras file to write")
 
 
 def _export_arguments(export):
@@ -179,14 +206,16 @@ def _sample(args):
         _check_suffix(args.npz, (".npz",), "--npz")
     for path in filter(None, (args.out, args.npz)):
         _check_writable(path)
-    if args.num < 1:
+    if args.num is not None and args.num < 1:
         raise CommandError(f"--num must be a positive integer; got {args.num}")
 
     from keras_diffusion.images import save_image_grid
     from keras_diffusion.images import write_images
     from keras_diffusion.model import load_model
 
-    model = load_model(args.model, precision=args.precision)
+    model = load_model(args.model, precision=args.precision, config=args.config)
+    if args.num is None:
+        args.num = 16 if max(model.image_shape[:2]) <= 64 else 1
     labels, nrow = _labels(args, model)
     num = len(labels) if args.labels == "all" else args.num
     prompts = None
@@ -198,6 +227,7 @@ def _sample(args):
         num, steps=args.steps, sampler=args.sampler, seed=args.seed, labels=labels,
         prompts=prompts, negative_prompts=args.negative_prompt,
         guidance_scale=args.guidance, eta=args.eta, batch_size=args.batch_size,
+        image_size=args.size,
     )
     save_image_grid(images, args.out, nrow=nrow)
     if args.npz:
@@ -220,6 +250,20 @@ def _labels(args, model):
     if args.label is None:
         return None, None
     return [args.label[i % len(args.label)] for i in range(args.num)], None
+
+
+def _convert(args):
+    _check_suffix(args.out, (".keras",), "--out")
+    _check_writable(args.out)
+
+    from keras_diffusion.images import atomic_write
+    from keras_diffusion.model import load_model
+
+    model = load_model(args.model, config=args.config)
+    atomic_write(args.out, model.save)
+    size = os.path.getsize(args.out) / 2**20
+    print(f"wrote {args.out} ({type(model).__name__}, {size:.0f} MB); "
+          f"load it with keras_diffusion.load_model or --model")
 
 
 def _export(args):
@@ -557,6 +601,8 @@ COMMANDS = {
     "sample": ("generate images from a trained model", _sample_arguments, _sample),
     "export": ("export a trained model as a TensorFlow SavedModel (or ONNX)", _export_arguments,
                _export),
+    "convert": ("save a Stable Diffusion checkpoint (diffusers folder or single file) as one "
+                ".keras file", _convert_arguments, _convert),
     "evaluate": ("score a model's samples with FID and KID against the test split",
                  _evaluate_arguments, _evaluate),
     "presets": ("list the trained models shipped with the package, with their scores",

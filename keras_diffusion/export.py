@@ -145,14 +145,18 @@ def export_saved_model(
 
 
 def _write_tokenizer(model, path):
-    """`assets/tokenizer.json` of a SavedModel: what a server needs to turn
-    prompts into the token ids of `generate_from_tokens`."""
+    """`assets/tokenizer.json` of a SavedModel (a CLIP tokenizer's folder,
+    `assets/tokenizer/`): what a server needs to turn prompts into the
+    token ids of `generate_from_tokens`."""
     from keras_diffusion.images import atomic_write
     from keras_diffusion.text import SPECIAL_TOKENS
     from keras_diffusion.text import WordTokenizer
     from keras_diffusion.text import WORD_PATTERN
 
     tokenizer = model.tokenizer
+    if hasattr(tokenizer, "save_folder"):  # CLIP's: the files transformers reads too
+        tokenizer.save_folder(os.path.join(os.fspath(path), "assets", "tokenizer"))
+        return
     if not isinstance(tokenizer, WordTokenizer):
         return  # e.g. a KerasHub tokenizer: serve it with its own preset files
     record = {

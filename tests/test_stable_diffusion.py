@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import keras_diffusion as kd
+from conftest import BACKEND
 from sd_pipelines import reference_images
 from sd_pipelines import write_pipeline
 
@@ -219,3 +220,66 @@ def test_the_shipped_tokenizer_round_trips_through_transformers(tmp_path):
     expected = reference(texts, padding="max_length", max_length=77, truncation=True).input_ids
     np.testing.assert_array_equal(ours(texts), expected)
     np.testing.assert_array_equal(CLIPTokenizer.from_folder(folder)(texts), expected)
+
+
+# ------------------------------------------------------ command line, export
+def test_the_command_line_samples_and_converts(sd, tmp_path, capsys):
+    from conftest import cli_main
+
+    from keras_diffusion.images import read_images
+
+    folder, _, model = sd
+    out = tmp_path / "x.png"
+    assert cli_main("sample", "--model", folder, "--prompt", PROMPTS[0], "--negative-prompt",
+                    "blurry", "--guidance", "7.5", "--steps", "3", "--size", "16x24", "--num", "1",
+                    "--sampler", "dpmpp_2m", "--seed", "0", "--out", out,
+                    "--npz", tmp_path / "x.npz") == 0
+    assert out.is_file() and read_images(tmp_path / "x.npz").shape == (1, 16, 24, 3)
+    converted = tmp_path / "sd.keras"
+    assert cli_main("convert", "--model", folder, "--out", converted) == 0
+    assert "wrote" in capsys.readouterr().out
+    loaded = kd.load_model(converted)
+    assert type(loaded).__name__ == "StableDiffusion"
+    latents = _latents(4, (1, 8, 8, 4))
+    np.testing.assert_allclose(loaded.generate(1, prompts="a cat", steps=2, noise=latents),
+                               model.generate(1, prompts="a cat", steps=2, noise=latents),
+                               atol=1e-5)
+
+
+def test_command_line_errors_are_one_line(sd, tmp_path, capsys):
+    from conftest import cli_main
+
+    folder, _, _ = sd
+    capsys.readouterr()
+    assert cli_main("sample", "--model", folder, "--prompt", "a cat", "--size", "10x20",
+                    "--num", "1", "--steps", "2", "--out", tmp_path / "x.png") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "image_size 10x20 does not divide" in err
+    assert cli_main("sample", "--model", folder, "--size", "big", "--out", tmp_path / "x.png") == 2
+    assert "expected HxW" in capsys.readouterr().err
+    assert cli_main("convert", "--model", tmp_path / "missing", "--out", tmp_path / "x.keras") == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "x.keras").exists() and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="under PyTorch, export is the TensorFlow run's code "
+                    "in a subprocess (test_export checks that hand-over); run under TF and JAX")
+def test_export_serves_prompt_ids_to_an_image(sd, tmp_path):
+    """The SavedModel's `generate_from_tokens` (prompt ids -> image) gives
+    what `generate` gives, and its tokenizer folder is one transformers reads."""
+    import tensorflow as tf
+    from transformers import CLIPTokenizer as Reference
+
+    _, _, model = sd
+    path = tmp_path / "exported"
+    model.export(path, steps=3, sampler="ddim")
+    reference = Reference.from_pretrained(str(path / "assets" / "tokenizer"))
+    ids = np.asarray(reference(PROMPTS, padding="max_length", max_length=77,
+                               truncation=True).input_ids, "int32")
+    np.testing.assert_array_equal(ids, model.tokenizer(PROMPTS))
+    noise = _latents(5, (2,) + model.sample_shape)
+    served = tf.saved_model.load(str(path))
+    images = served.generate_from_tokens(noise, ids, tf.constant(7.5)).numpy()
+    expected = model.generate(2, prompts=PROMPTS, guidance_scale=7.5, steps=3, sampler="ddim",
+                              noise=noise)
+    np.testing.assert_allclose(images, expected, atol=2e-3)
