@@ -274,7 +274,11 @@ def network_function(model, weights, state):
     state = state[:len(model.network.non_trainable_variables)]
 
     def network(inputs):
-        return model.network.stateless_call(weights, state, inputs, training=False)[0]
+        output = model.network.stateless_call(weights, state, inputs, training=False)[0]
+        # Shaped like x_t, and now said so: a network of any image size may
+        # lose the static batch size inside, which a traced loop
+        # (TensorFlow's while_loop) refuses to carry.
+        return ops.reshape(output, ops.shape(inputs[0]))
 
     return network
 
