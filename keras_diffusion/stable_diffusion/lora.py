@@ -68,8 +68,11 @@ FORMATS = {
               "alpha": ".alpha"},
 }
 # Key prefixes of LoRAs for other model families, named in the error.
+# kohya names SDXL's UNet modules as the original (SGM) layout does.
 FOREIGN_PREFIXES = {"lora_te1_": "SDXL", "lora_te2_": "SDXL", "text_encoder_2.": "SDXL",
-                    "transformer.": "SD3 / Flux", "lora_transformer_": "SD3 / Flux"}
+                    "lora_unet_input_blocks_": "SDXL", "lora_unet_middle_block_": "SDXL",
+                    "lora_unet_output_blocks_": "SDXL", "transformer.": "SD3 / Flux",
+                    "lora_transformer_": "SD3 / Flux"}
 # Parts of LoRA variants this module does not read.
 UNSUPPORTED = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "lora_B.bias": "LoRA biases",
                "hada_": "LoHa", "lokr_": "LoKr"}
@@ -367,15 +370,15 @@ def parse(state, metadata, model):
         if variant:
             problems.append(f"{key} ({variant}, not supported)")
             continue
+        family = next((family for prefix, family in FOREIGN_PREFIXES.items()
+                       if key.startswith(prefix)), None)
         split = _split_key(key, tables)
-        if split is None:
-            family = next((family for prefix, family in FOREIGN_PREFIXES.items()
-                           if key.startswith(prefix)), None)
-            problems.append(f"{key} ({'a ' + family + ' key' if family else 'not a LoRA key'})")
+        if family or split is None:
+            problems.append(f"{key} ({'a key of ' + family + ' LoRAs' if family else 'not a LoRA key'})")
             continue
         _, part, path, kind = split
         if path is None:
-            problems.append(f"{key} (no such module in the {part})")
+            problems.append(f"{key} (names no module of the {part})")
             continue
         found.setdefault((part, path), {})[kind] = np.asarray(state[key], "float32")
     entries = {}
@@ -480,17 +483,20 @@ def _layer(model, key):
 
 
 def _check_fits_enabled(state, dense):
-    extra = [f"{part} {path}" for part, path in dense if (part, path) not in state.layers]
-    ranks = [f"{part} {path} (rank {entry[0].shape[0]}, the layer's {state.layers[(part, path)].lora_rank})"
-             for (part, path), entry in dense.items()
-             if (part, path) in state.layers
-             and entry[0].shape[0] != state.layers[(part, path)].lora_rank]
-    if extra or ranks:
-        listed = "; ".join((extra + ranks)[:5])
+    problems = []
+    for key, (down, _, _) in sorted(dense.items()):
+        layer = state.layers.get(key)
+        if layer is None:
+            problems.append(f"{key[0]} {key[1]} (no LoRA layer there)")
+        elif down.shape[0] != layer.lora_rank:
+            problems.append(f"{key[0]} {key[1]} (rank {down.shape[0]}, the layer's "
+                            f"{layer.lora_rank})")
+    problems.sort(key=lambda problem: "no LoRA layer" in problem)  # ranks first
+    if problems:
         raise ValueError(
             "the LoRA does not fit the model's LoRA layers (enabled before, by enable_lora or "
-            f"an earlier load): {listed}. Load it into a model without LoRA (load the "
-            "checkpoint again), or enable_lora with the file's rank and modules."
+            f"an earlier load): {'; '.join(problems[:5])}. Load it into a model without LoRA "
+            "(load the checkpoint again), or enable_lora with the file's rank and modules."
         )
 
 
