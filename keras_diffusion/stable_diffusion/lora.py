@@ -374,7 +374,8 @@ def parse(state, metadata, model):
                        if key.startswith(prefix)), None)
         split = _split_key(key, tables)
         if family or split is None:
-            problems.append(f"{key} ({'a key of ' + family + ' LoRAs' if family else 'not a LoRA key'})")
+            reason = f"a key of {family} LoRAs" if family else "not a LoRA key"
+            problems.append(f"{key} ({reason})")
             continue
         _, part, path, kind = split
         if path is None:
