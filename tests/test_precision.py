@@ -183,12 +183,14 @@ def test_a_tensorflow_loaded_first_without_onednn_warns_once(user_setting, warne
     """TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when it loads: one loaded
     before keras_diffusion, with oneDNN off, keeps it off (here forced with
     0 for the first import, as an AVX2-only CPU's default would leave it).
-    `fit` then warns once, unless the user asked for it off."""
+    The import warns, once a process: `fit` then stays silent, unless the
+    user asked for it off."""
     restore = "" if user_setting else "del os.environ['TF_ENABLE_ONEDNN_OPTS']\n"
     code = ("import os, warnings\nimport tensorflow\n" + restore +
-            "import keras_diffusion\nfrom keras_diffusion.backend import tensorflow as tf_backend\n"
             "with warnings.catch_warnings(record=True) as caught:\n"
             "    warnings.simplefilter('always')\n"
+            "    import keras_diffusion\n"
+            "    from keras_diffusion.backend import tensorflow as tf_backend\n"
             "    tf_backend.warn_without_onednn(); tf_backend.warn_without_onednn()\n"
             "print(sum('oneDNN' in str(w.message) for w in caught))")
     assert _tensorflow_child(code, "0") == ("1" if warned else "0")

@@ -72,15 +72,24 @@ def check_on_import():
     """Called once, by `import keras_diffusion`: warn where TensorFlow was
     loaded first without oneDNN, on the line of the user's import (the
     caller's caller; the import machinery's frames do not count)."""
-    if runs_without_onednn():
-        warnings.warn(WITHOUT_ONEDNN, stacklevel=3)
+    _warn_once(stacklevel=4)
+
+
+def warn_without_onednn():
+    """The warning when `fit` starts, unless the import gave it already:
+    once a process."""
+    _warn_once(stacklevel=3)
 
 
 @functools.cache
-def warn_without_onednn():
-    """The same warning once more, when `fit` starts: where the time goes."""
-    if runs_without_onednn():
-        warnings.warn(WITHOUT_ONEDNN, stacklevel=2)
+def _warn_once(stacklevel):
+    if _WARNED or not runs_without_onednn():
+        return
+    _WARNED.append(True)
+    warnings.warn(WITHOUT_ONEDNN, stacklevel=stacklevel)
+
+
+_WARNED = []
 
 
 def test_step(model, data):
