@@ -13,6 +13,7 @@ writing it back as a diffusers folder.
 import keras
 
 from keras_diffusion.latent import LatentDiffusionModel
+from keras_diffusion.stable_diffusion import diffusers_folder
 from keras_diffusion.stable_diffusion import lora
 
 
@@ -78,3 +79,13 @@ class StableDiffusion(LatentDiffusionModel):
     def unfuse_lora(self):
         """Take a fused LoRA out of the base kernels again."""
         lora.unfuse_lora(self)
+
+    # ------------------------------------------------------------- diffusers
+    def save_diffusers(self, path, overwrite=False):
+        """Write the model as a diffusers `StableDiffusionPipeline` folder
+        (configs, float32 safetensors weights, tokenizer files, a
+        `DDIMScheduler` config), which `from_pretrained` loads to the same
+        images; LoRA layers are written merged. Nothing is left half-written
+        on failure; an existing `path` is replaced only with `overwrite`.
+        Returns the path. See `keras_diffusion.stable_diffusion.diffusers_folder`."""
+        return diffusers_folder.save_diffusers(self, path, overwrite=overwrite)
