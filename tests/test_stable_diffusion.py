@@ -283,3 +283,20 @@ def test_export_serves_prompt_ids_to_an_image(sd, tmp_path):
     expected = model.generate(2, prompts=PROMPTS, guidance_scale=7.5, steps=3, sampler="ddim",
                               noise=noise)
     np.testing.assert_allclose(images, expected, atol=2e-3)
+
+
+def test_the_demo_page_serves_an_sd_model(sd):
+    from keras_diffusion import demo
+
+    folder, _, model = sd
+    with pytest.warns(UserWarning, match="comes up without test images"):
+        assert demo.test_images(str(folder)) is None
+    grid, line = demo.generate(model, prompt="a photo of a cat", num=2, guidance=7.5, steps=2)
+    scale = demo.display_scale(model)
+    # Two 16x16 images side by side, enlarged `scale` times, with the grid's borders.
+    assert grid.dtype == np.uint8 and grid.shape[0] >= 16 * scale and grid.shape[1] >= 32 * scale
+    assert "2 images" in line
+    photo = (np.random.default_rng(5).uniform(0, 1, (16, 16, 3)) * 255).astype(np.uint8)
+    shown, _ = demo.img2img(model, photo, strength=0.5, prompt="a cat", guidance=3.0, steps=2)
+    assert shown.shape == grid.shape
+    demo.build_app(model)  # the page's layout for a prompted latent model
