@@ -1,12 +1,14 @@
 """Checkpoint weights in the reference layout <-> the variables of a Keras part.
 
-Every layer of the Stable Diffusion parts that owns weights is named by its
-module path in the reference state dict (`"down_blocks.0.resnets.0.conv1"`),
-so the table from a checkpoint key to a Keras variable is derived from the
-layers: `RULES` says, per Keras layer class, which of its variables holds
-which key suffix and how the tensor is laid out. A layer with weights of its
-own (made by `add_weight`) lists them in a `checkpoint_weights()` method
-returning `(variable, key, layout)` triples.
+Every layer of the Stable Diffusion parts that owns weights knows its module
+path in the reference state dict (`"down_blocks.0.resnets.0.conv1"`, in a
+`module_path` attribute; its Keras name is that path with `_` for `.`, as
+PyTorch refuses dots in the names Keras registers variables by), so the
+table from a checkpoint key to a Keras variable is derived from the layers:
+each lists its weights in a `checkpoint_weights()` method returning
+`(variable, key, layout)` triples, by `RULES` for the Keras layer classes
+(`vae.py` holds the shared helpers); a layer without that method is named
+by its module path itself and follows `RULES`.
 
 Layouts (reference -> Keras):
 
