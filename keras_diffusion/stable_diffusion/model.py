@@ -11,8 +11,13 @@ writing it back as a diffusers folder.
 """
 
 import keras
+import numpy as np
+from keras import ops
 
+from keras_diffusion import conditioning
+from keras_diffusion.checks import is_number
 from keras_diffusion.latent import LatentDiffusionModel
+from keras_diffusion.model import check_model_arguments
 from keras_diffusion.stable_diffusion import diffusers_folder
 from keras_diffusion.stable_diffusion import lora
 
@@ -25,8 +30,19 @@ class StableDiffusion(LatentDiffusionModel):
     Fine-tuning is `fit` on images in [0, 1] of the model's size with one
     caption each: of the whole UNet (every UNet weight trains; the VAE and
     text encoder are frozen), or, after `enable_lora`, of LoRA matrices
-    only. Captions are not dropped by default (`prompt_dropout=0`), as in
-    diffusers' fine-tuning scripts.
+    only. The objective is the latent model's, with the checkpoint's noise
+    schedule and prediction type; `configure_fine_tuning` sets what
+    diffusers' training scripts offer besides (`noise_offset`, min-SNR
+    weighting, caption dropout, which is 0 by default as in those scripts),
+    `enable_gradient_checkpointing` trades compute for memory, and the
+    optimizer's `clipnorm` clips gradients.
+
+    Args:
+        noise_offset: the std of a per-image, per-channel constant added to
+            the training noise (Guttenberg 2023; diffusers' `--noise_offset`,
+            typically 0.05-0.1), which lets the model learn very dark or
+            bright images; 0 for none.
+        Other arguments as `LatentDiffusionModel`'s.
 
     Example:
 
@@ -34,13 +50,88 @@ class StableDiffusion(LatentDiffusionModel):
     >>> images = sd.generate(2, prompts="a photo of a cat", guidance_scale=7.5,
     ...                      steps=20, sampler="dpmpp_2m", seed=0)
     >>> sd.enable_lora(rank=8)
-    >>> sd.compile(optimizer=keras.optimizers.AdamW(1e-4))
+    >>> sd.configure_fine_tuning(min_snr_gamma=5.0)
+    >>> sd.compile(optimizer=keras.optimizers.AdamW(1e-4, clipnorm=1.0))
     >>> sd.fit(images, captions, batch_size=1, epochs=10)
     >>> sd.save_lora_weights("my_lora/")
     """
 
-    def __init__(self, *args, prompt_dropout=0.0, **kwargs):
+    def __init__(self, *args, prompt_dropout=0.0, noise_offset=0.0, **kwargs):
         super().__init__(*args, prompt_dropout=prompt_dropout, **kwargs)
+        self.noise_offset = _check_noise_offset(noise_offset)
+
+    # ------------------------------------------------------------ training
+    def configure_fine_tuning(self, noise_offset=0.0, min_snr_gamma=None, prompt_dropout=0.0):
+        """Set the training options diffusers' fine-tuning scripts offer:
+        `noise_offset` (see the class), `min_snr_gamma` (min-SNR loss
+        weighting, Hang et al. 2023; diffusers' `--snr_gamma`, 5 is usual;
+        None for plain MSE) and `prompt_dropout` (the share of captions
+        replaced by the empty prompt). Each call sets all three; a train
+        function traced before is traced again."""
+        check_model_arguments(prediction=self.prediction, ema_decay=self.ema_decay,
+                              min_snr_gamma=min_snr_gamma, label_dropout=self.label_dropout,
+                              prompt_dropout=prompt_dropout)
+        self.noise_offset = _check_noise_offset(noise_offset)
+        self.min_snr_gamma = min_snr_gamma
+        self.prompt_dropout = float(prompt_dropout)
+        self.train_function = None
+
+    def enable_gradient_checkpointing(self, enabled=True):
+        """Rematerialise the UNet's residual blocks and transformers in
+        training (`keras.remat`), as diffusers' `enable_gradient_checkpointing`:
+        the same loss and gradients, activations recomputed in the backward
+        pass instead of kept. `enabled=False` turns it off."""
+        self.network.enable_gradient_checkpointing(enabled)
+        self.train_function = None
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """`LatentDiffusionModel.fit`; NumPy images of another size than the
+        model's are refused with one error (they are not resized)."""
+        if isinstance(x, np.ndarray) and x.ndim == 4 and tuple(x.shape[1:3]) != \
+                tuple(self.image_shape[:2]):
+            height, width = self.image_shape[:2]
+            raise ValueError(
+                f"the training images are {x.shape[1]}x{x.shape[2]}, but this Stable Diffusion "
+                f"model trains at {height}x{width} (its image size); resize or crop them to "
+                f"{height}x{width} first, e.g. keras_diffusion.load_image_folder(folder, "
+                f"image_size=({height}, {width}))."
+            )
+        return super().fit(x, y, *args, **kwargs)
+
+    def training_noise(self, shape):
+        """Gaussian noise of `shape` `(B, H, W, C)` for a training step, with
+        `noise_offset` times a per-image, per-channel constant added
+        (diffusers' `noise += noise_offset * randn(B, C, 1, 1)`)."""
+        noise = keras.random.normal(shape, dtype="float32", seed=self.seed_generator)
+        if not self.noise_offset:
+            return noise
+        offset = keras.random.normal((shape[0], 1, 1, shape[-1]), dtype="float32",
+                                     seed=self.seed_generator)
+        return noise + self.noise_offset * offset
+
+    def compute_diffusion_loss(self, images, labels=None, training=True, sample_weight=None):
+        """The latent model's objective (`DiffusionModel.compute_diffusion_loss`),
+        its training noise from `training_noise` when `noise_offset` is set."""
+        if not (training and self.noise_offset):
+            weighted = {} if sample_weight is None else {"sample_weight": sample_weight}
+            return super().compute_diffusion_loss(images, labels, training=training, **weighted)
+        x0 = self.diffusion_inputs(images)
+        batch = ops.shape(x0)[0]
+        t = keras.random.randint((batch,), 0, self.schedule.timesteps, dtype="int32",
+                                 seed=self.seed_generator)
+        noise = self.training_noise(ops.shape(x0))
+        condition = conditioning.network_condition(self, labels, batch, training=training)
+        output = self.network([self.schedule.add_noise(x0, noise, t), t, condition],
+                              training=training)
+        target = self.schedule.target(x0, noise, t, self.prediction)
+        per_example = ops.mean(ops.square(ops.cast(output, "float32") - target), axis=(1, 2, 3))
+        weights = self.schedule.loss_weight(t, self.prediction, self.min_snr_gamma)
+        if sample_weight is not None:
+            weights = weights * ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
+        return ops.mean(weights * per_example)
+
+    def get_config(self):
+        return dict(super().get_config(), noise_offset=self.noise_offset)
 
     # ------------------------------------------------------------------ LoRA
     def enable_lora(self, rank=8, alpha=None, targets=lora.ATTENTION_TARGETS,
@@ -89,3 +180,9 @@ class StableDiffusion(LatentDiffusionModel):
         on failure; an existing `path` is replaced only with `overwrite`.
         Returns the path. See `keras_diffusion.stable_diffusion.diffusers_folder`."""
         return diffusers_folder.save_diffusers(self, path, overwrite=overwrite)
+
+
+def _check_noise_offset(noise_offset):
+    if not is_number(noise_offset) or not 0 <= noise_offset < 1:
+        raise ValueError(f"noise_offset must be a number in [0, 1); got {noise_offset!r}.")
+    return float(noise_offset)

@@ -176,6 +176,11 @@ class ResnetBlock2D(_Block):
     Call arguments: `x` `(B, H, W, C_in)`, `temb` `(B, E)`, `training`.
     Output shape: `(B, H, W, out_channels)`.
 
+    With `gradient_checkpointing` set (by
+    `StableDiffusionUNet.enable_gradient_checkpointing`), the block runs
+    under `keras.remat`: its activations are recomputed in the backward
+    pass instead of kept.
+
     Example:
 
     >>> block = ResnetBlock2D(64, "down_blocks.0.resnets.0")
@@ -186,6 +191,7 @@ class ResnetBlock2D(_Block):
     def __init__(self, out_channels, module_path, groups=32, epsilon=1e-5, dropout=0.0,
                  output_scale_factor=1.0, **kwargs):
         super().__init__(module_path, **kwargs)
+        self.gradient_checkpointing = False
         self.out_channels = int(out_channels)
         self.groups = int(groups)
         self.epsilon = float(epsilon)
@@ -211,6 +217,11 @@ class ResnetBlock2D(_Block):
         self.conv2.build(out_shape)
 
     def call(self, x, temb, training=None):
+        if self.gradient_checkpointing:
+            return keras.remat(lambda x, temb: self._forward(x, temb, training))(x, temb)
+        return self._forward(x, temb, training)
+
+    def _forward(self, x, temb, training):
         h = self.conv1(ops.silu(self.norm1(x)))
         e = self.time_emb_proj(ops.silu(temb))
         h = h + ops.expand_dims(ops.expand_dims(e, 1), 1)
@@ -328,7 +339,8 @@ class Transformer2D(_Block):
         use_linear_projection: dense rather than 1x1 convolution projections.
 
     Call arguments: `x` `(B, H, W, C)`, `context` `(B, L, context_dim)`.
-    Output shape: `(B, H, W, C)`.
+    Output shape: `(B, H, W, C)`. `gradient_checkpointing` as in
+    `ResnetBlock2D`.
 
     Example:
 
@@ -340,6 +352,7 @@ class Transformer2D(_Block):
     def __init__(self, heads, head_dim, module_path, groups=32, use_linear_projection=False,
                  **kwargs):
         super().__init__(module_path, **kwargs)
+        self.gradient_checkpointing = False
         self.heads = int(heads)
         self.head_dim = int(head_dim)
         self.groups = int(groups)
@@ -363,6 +376,11 @@ class Transformer2D(_Block):
         self.block.build((None, None, inner), context_shape)
 
     def call(self, x, context):
+        if self.gradient_checkpointing:
+            return keras.remat(self._forward)(x, context)
+        return self._forward(x, context)
+
+    def _forward(self, x, context):
         shape = ops.shape(x)
         inner = self.heads * self.head_dim
         h = self.proj_in(self.norm(x))
@@ -550,6 +568,18 @@ class StableDiffusionUNet(keras.Model):
                 _check_off(key, config[key])
         options = {key: config[key] for key in DEFAULTS if key in config}
         return cls(**options, **kwargs)
+
+    def enable_gradient_checkpointing(self, enabled=True):
+        """Run every residual block and transformer under `keras.remat`
+        (or not, with `enabled=False`), as diffusers'
+        `enable_gradient_checkpointing`: training keeps only the blocks'
+        inputs and recomputes their activations in the backward pass, the
+        same gradients for less memory and more compute. A runtime
+        setting, not saved with the model; a train function traced before
+        keeps what it traced."""
+        for layer in self._flatten_layers(include_self=False, recursive=True):
+            if isinstance(layer, (ResnetBlock2D, Transformer2D)):
+                layer.gradient_checkpointing = bool(enabled)
 
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable, **self.config}
