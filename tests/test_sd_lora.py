@@ -192,6 +192,9 @@ def test_a_lora_trained_with_fit_loads_into_diffusers(setup):
         np.testing.assert_array_equal(after[path], value, err_msg=path)
     image = _ours(model, setup["latents"])
     assert np.abs(image - setup["base"]).max() > 0.02  # the LoRA trained
+    trained = [keras.ops.convert_to_numpy(v) for part in (model.network, model.text_encoder)
+               for v in part.trainable_variables if "lora_kernel_b" in v.path]
+    assert len(trained) == 4 * 2 * 4 + 4 * 3 and all(np.abs(b).max() > 0 for b in trained)
     for format in ("peft", "kohya"):
         path = model.save_lora_weights(setup["root"] / f"ours_{format}", format=format)
         assert path.name == "pytorch_lora_weights.safetensors"

@@ -174,13 +174,13 @@ def _enable(layer, rank, alpha, a_initializer=_zeros):
 def _set_trainable(model):
     """Only the LoRA matrices train: every other variable of the UNet and
     text encoder is frozen (Keras' `enable_lora` freezes the kernel but
-    not the bias). The text encoder trains when it has LoRA layers."""
+    not the bias). A text encoder with LoRA layers is made trainable for
+    them; the model's `train_text_encoder` (a saved setting: the whole
+    encoder trains) stays as it is."""
     state = state_of(model)
     lora = {id(v) for layer in state.layers.values()
             for v in (layer.lora_kernel_a, layer.lora_kernel_b)}
-    text_lora = any(part == "text_encoder" for part, _ in state.layers)
-    if text_lora:
-        model.train_text_encoder = True
+    if any(part == "text_encoder" for part, _ in state.layers):
         model.text_encoder.trainable = True
     for part in _parts(model).values():
         for variable in part.variables:

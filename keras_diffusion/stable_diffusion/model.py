@@ -144,7 +144,8 @@ class StableDiffusion(LatentDiffusionModel):
         `rank`. A starts as peft draws it (from `seed`), B at zero, so the
         images are unchanged until training. Afterwards only the LoRA
         matrices are trainable; compile (again) before `fit`. Once per
-        model."""
+        model. `save` (a `.keras` file) writes the LoRA merged into the
+        kernels, as Keras does; `save_lora_weights` writes it apart."""
         lora.enable_lora(self, rank=rank, alpha=alpha, targets=targets,
                          text_encoder=text_encoder, seed=seed)
 
