@@ -128,11 +128,12 @@ def check_condition_given(model, labels):
 
 
 def unpack_batch(model, data):
-    """`(images, labels)` of a training batch `data` (`labels` None for an
-    unconditional model), once checked by `check_condition_given`."""
-    images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+    """`(images, labels, sample_weight)` of a training batch `data` (`labels`
+    None for an unconditional model, `sample_weight` None unless `fit` was
+    given one), once checked by `check_condition_given`."""
+    images, labels, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     check_condition_given(model, labels)
-    return images, labels
+    return images, labels, sample_weight
 
 
 def check_fit_condition(model, y, num_images):

@@ -175,13 +175,15 @@ class DiffusionModel(keras.Model):
         return conditioning.tokenize_captions(self, captions, num_images)
 
     def unpack_batch(self, data):
-        """`(images, labels)` of a batch (see `keras_diffusion.backend`)."""
+        """`(images, labels, sample_weight)` of a batch (see `keras_diffusion.backend`)."""
         return conditioning.unpack_batch(self, data)
 
-    def compute_diffusion_loss(self, images, labels=None, training=True):
+    def compute_diffusion_loss(self, images, labels=None, training=True, sample_weight=None):
         """The diffusion objective, shared by every backend's train step:
         noise the batch at uniformly drawn timesteps and regress the
-        prediction target with (optionally min-SNR weighted) MSE."""
+        prediction target with (optionally min-SNR weighted) MSE, each
+        example weighted by `sample_weight` when given (DreamBooth's prior
+        preservation weighs the class images so)."""
         x0 = self.diffusion_inputs(images)
         batch = ops.shape(x0)[0]
         t = keras.random.randint(
@@ -196,6 +198,8 @@ class DiffusionModel(keras.Model):
         target = self.schedule.target(x0, noise, t, self.prediction)
         per_example = ops.mean(ops.square(output - target), axis=(1, 2, 3))
         weights = self.schedule.loss_weight(t, self.prediction, self.min_snr_gamma)
+        if sample_weight is not None:
+            weights = weights * ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
         return ops.mean(weights * per_example)
 
     def encode_prompts(self, token_ids, training=True):
@@ -210,8 +214,9 @@ class DiffusionModel(keras.Model):
 
     def compute_losses(self, batch, training=True):
         """The losses of one batch for the backends' train and test steps."""
-        images, labels = batch
-        return {"loss": self.compute_diffusion_loss(images, labels, training=training)}
+        images, labels, sample_weight = batch
+        return {"loss": self.compute_diffusion_loss(images, labels, training=training,
+                                                    sample_weight=sample_weight)}
 
     def after_train_step(self):
         """EMA of the weights with the warm-up decay min(decay, (1+n)/(10+n))

@@ -123,6 +123,25 @@ def test_x0_loss_closed_form():
     assert float(ops.convert_to_numpy(model.compute_diffusion_loss(uint8))) == pytest.approx(1.0)
 
 
+def test_sample_weights_weigh_each_example_of_the_loss():
+    """Closed form: a zero network's x0 loss is x0^2 per example; weights
+    (as fit's sample_weight, DreamBooth's prior-preservation weight) scale
+    each example's term of the mean."""
+    x = keras.Input((4, 4, 1))
+    t = keras.Input((), dtype="int32")
+    network = keras.Model([x, t], _Zero()(x))
+    model = kd.DiffusionModel(network, kd.DiffusionSchedule(timesteps=10), prediction="x0",
+                              ema_decay=None)
+    images = np.stack([np.full((4, 4, 1), 0.75), np.full((4, 4, 1), 1.0)]).astype("float32")
+    weights = np.array([2.0, 0.5], "float32")  # x0 = 0.5 and 1: terms 0.25 and 1
+    loss = model.compute_diffusion_loss(images, sample_weight=weights)
+    assert float(ops.convert_to_numpy(loss)) == pytest.approx((2.0 * 0.25 + 0.5 * 1.0) / 2)
+    # Through a batch as fit hands it to the train step: (x, y, sample_weight).
+    batch = model.unpack_batch((images, None, weights))
+    again = model.compute_losses(batch)["loss"]
+    assert float(ops.convert_to_numpy(again)) == pytest.approx((2.0 * 0.25 + 0.5 * 1.0) / 2)
+
+
 @pytest.mark.parametrize("prediction", ["v", "x0"])
 def test_other_predictions_and_min_snr_train(prediction):
     model = one_level_model(prediction=prediction, min_snr_gamma=5.0)
