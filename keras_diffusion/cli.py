@@ -69,6 +69,9 @@ def _train_autoencoder_arguments(train):
 def _sample_arguments(sample):
     sample.add_argument("--model", required=True, help=MODEL_HELP)
     sample.add_argument("--config", help=CONFIG_HELP)
+    sample.add_argument("--lora", help="a LoRA to apply: a .safetensors file or a folder holding "
+                                       "pytorch_lora_weights.safetensors (diffusers/peft or kohya)")
+    sample.add_argument("--lora-scale", type=float, default=1.0, help="the LoRA's strength")
     _precision_argument(sample)
     sample.add_argument("--num", type=int, default=None,
                         help="number of images (default: 16; 1 for models of images over 64 "
@@ -102,6 +105,60 @@ def _image_size(text):
     if min(size) < 1:
         raise argparse.ArgumentTypeError(f"expected positive sides; got {text!r}")
     return size
+
+
+def _finetune_arguments(finetune):
+    finetune.add_argument("--model", required=True, help=MODEL_HELP)
+    finetune.add_argument("--config", help=CONFIG_HELP)
+    finetune.add_argument("--data-dir", required=True,
+                          help="folder of training images: with a metadata.jsonl of captions, or "
+                               "any images with --instance-prompt (DreamBooth); cropped to the "
+                               "model's aspect and resized to its size")
+    finetune.add_argument("--output", required=True, help="folder for the LoRA file (or model), "
+                                                          "sample grids, history and backup")
+    finetune.add_argument("--instance-prompt", help="DreamBooth: the caption of every image, "
+                                                    "e.g. 'a photo of sks dog'")
+    finetune.add_argument("--class-prompt", help="DreamBooth prior preservation: the class, e.g. "
+                                                 "'a photo of a dog'; the model makes its images")
+    finetune.add_argument("--num-class-images", type=int, default=100)
+    finetune.add_argument("--prior-loss-weight", type=float, default=1.0)
+    finetune.add_argument("--lora-rank", type=int, default=8, help="0: fine-tune the whole UNet")
+    finetune.add_argument("--lora-alpha", type=float, default=None, help="default: the rank")
+    finetune.add_argument("--learning-rate", type=float, default=1e-4)
+    finetune.add_argument("--batch-size", type=int, default=1)
+    finetune.add_argument("--epochs", type=int, default=10)
+    finetune.add_argument("--sample-prompt", action="append", default=None,
+                          help="prompt of the sample grids (repeatable; default: the instance "
+                               "prompt or the first caption)")
+    finetune.add_argument("--sample-every", type=int, default=1, help="epochs between grids")
+    finetune.add_argument("--sample-steps", type=int, default=20)
+    finetune.add_argument("--guidance", type=float, default=7.5)
+    finetune.add_argument("--gradient-checkpointing", action="store_true",
+                          help="recompute activations in the backward pass: less memory")
+    finetune.add_argument("--resume", action="store_true",
+                          help="continue an interrupted run in --output from its backup")
+    finetune.add_argument("--seed", type=int, default=0)
+
+
+def _finetune(args):
+    _check_writable(Path(args.output) / "history.csv")
+    from keras_diffusion.model import load_model
+    from keras_diffusion.stable_diffusion.finetuning import finetune
+
+    model = load_model(args.model, config=args.config)
+    if not hasattr(model, "enable_lora"):
+        raise CommandError(f"finetune takes a Stable Diffusion checkpoint; {args.model} holds a "
+                           f"{type(model).__name__} (train it with keras-diffusion train)")
+    written = finetune(
+        model, args.data_dir, args.output, instance_prompt=args.instance_prompt,
+        class_prompt=args.class_prompt, num_class_images=args.num_class_images,
+        prior_loss_weight=args.prior_loss_weight, lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha, learning_rate=args.learning_rate,
+        batch_size=args.batch_size, epochs=args.epochs, sample_prompts=args.sample_prompt,
+        sample_every=args.sample_every, sample_steps=args.sample_steps,
+        guidance_scale=args.guidance, gradient_checkpointing=args.gradient_checkpointing,
+        resume=args.resume, seed=args.seed, **_progress_output())
+    print("wrote " + ", ".join(map(str, written)) + f" and {Path(args.output) / 'samples'}/")
 
 
 def _convert_arguments(convert):
@@ -214,6 +271,11 @@ def _sample(args):
     from keras_diffusion.model import load_model
 
     model = load_model(args.model, precision=args.precision, config=args.config)
+    if args.lora:
+        if not hasattr(model, "load_lora_weights"):
+            raise CommandError(f"--lora needs a Stable Diffusion model; {args.model} holds a "
+                               f"{type(model).__name__}")
+        model.load_lora_weights(args.lora, scale=args.lora_scale)
     if args.num is None:
         args.num = 16 if max(model.image_shape[:2]) <= 64 else 1
     labels, nrow = _labels(args, model)
@@ -601,6 +663,8 @@ COMMANDS = {
     "sample": ("generate images from a trained model", _sample_arguments, _sample),
     "export": ("export a trained model as a TensorFlow SavedModel (or ONNX)", _export_arguments,
                _export),
+    "finetune": ("fine-tune a Stable Diffusion checkpoint on a folder of images (LoRA, "
+                 "DreamBooth, or the whole UNet)", _finetune_arguments, _finetune),
     "convert": ("save a Stable Diffusion checkpoint (diffusers folder or single file) as one "
                 ".keras file", _convert_arguments, _convert),
     "evaluate": ("score a model's samples with FID and KID against the test split",
