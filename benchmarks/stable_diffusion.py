@@ -175,10 +175,92 @@ def run_ours(args):
                 first_image_s=first, peak_gb=_peak_gb(), parameters=counts)
 
 
+# -------------------------------------------------------------- fine-tuning
+def finetune_diffusers(args):
+    """One LoRA training step as diffusers' train_text_to_image_lora.py takes
+    it: VAE encode, text encode (both frozen), noise, UNet with peft LoRA
+    (rank 8 on the attention projections), MSE, backward, AdamW."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+
+    pipe = StableDiffusionPipeline.from_pretrained(args.folder, safety_checker=None)
+    for part in (pipe.vae, pipe.text_encoder, pipe.unet):
+        part.requires_grad_(False)
+    pipe.unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    if args.checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    pipe.unet.train()
+    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pixels = torch.rand(1, 3, side, side) * 2 - 1
+    ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+
+    def step():
+        with torch.no_grad():
+            latents = pipe.vae.encode(pixels).latent_dist.sample() * pipe.vae.config.scaling_factor
+            context = pipe.text_encoder(ids)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (1,))
+        noisy = pipe.scheduler.add_noise(latents, noise, t)
+        loss = torch.nn.functional.mse_loss(pipe.unet(noisy, t, context).sample, noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    first = _timed(step, 1)
+    seconds = _timed(step, args.repeats)
+    return dict(library="diffusers", backend="torch", checkpointing=args.checkpointing,
+                step_s=seconds, first_step_s=first, peak_gb=_peak_gb(),
+                trainable=sum(p.numel() for p in params))
+
+
+def finetune_ours(args):
+    import keras
+    import numpy as np
+
+    import keras_diffusion as kd
+
+    sd = kd.load_model(args.folder)
+    sd.enable_lora(rank=8)
+    if args.checkpointing:
+        sd.enable_gradient_checkpointing()
+    sd.compile(optimizer=keras.optimizers.AdamW(1e-4))
+    height, width, _ = sd.image_shape
+    images = np.random.default_rng(0).uniform(0, 1, (1 + args.repeats, height, width, 3))
+    captions = ["a photo of sks dog"] * len(images)
+    first = _timed(lambda: sd.fit(images[:1].astype("float32"), captions[:1], batch_size=1,
+                                  epochs=1, verbose=0), 1)
+    seconds = _timed(lambda: sd.fit(images[1:].astype("float32"), captions[1:], batch_size=1,
+                                    epochs=1, verbose=0), 1) / args.repeats
+    trainable = int(sum(np.prod(v.shape) for v in sd.trainable_variables))
+    return dict(library="keras_diffusion", backend=keras.backend.backend(),
+                checkpointing=args.checkpointing, step_s=seconds, first_step_s=first,
+                peak_gb=_peak_gb(), trainable=trainable)
+
+
+def finetune_table(runs):
+    rows = ["| run | gradient checkpointing | s per LoRA step (512x512, batch 1) | vs diffusers "
+            "| first step s | peak GB |", "|---|---|---|---|---|---|"]
+    base = {r["checkpointing"]: r["step_s"] for r in runs if r["library"] == "diffusers"}
+    for r in runs:
+        name = "diffusers + peft" if r["library"] == "diffusers" else f"ours, {r['backend']}"
+        base_step = base.get(r["checkpointing"])
+        ratio = "-" if base_step is None else f"{base_step / r['step_s']:.2f}x"
+        rows.append(f"| {name} | {'yes' if r['checkpointing'] else 'no'} | {r['step_s']:.1f} | "
+                    f"{ratio} | {r['first_step_s']:.1f} | {r['peak_gb']:.1f} |")
+    return "\n".join(rows)
+
+
 # ------------------------------------------------------------------- driver
 def _spawn(args, library, backend):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     command = [sys.executable, __file__, "--worker", library, "--folder", str(args.folder),
+               *(["--finetune"] if args.finetune else []),
+               *(["--checkpointing"] if args.checkpointing else []),
                "--steps", str(args.steps), "--repeats", str(args.repeats),
                "--size", f"{args.size[0]}x{args.size[1]}",
                "--image-repeats", str(args.image_repeats)]
@@ -224,6 +306,10 @@ def main():
     parser.add_argument("--folder", type=Path, default=None,
                         help="where the random pipeline is written (default: build/sd-<model>)")
     parser.add_argument("--write", help="put the table into this Markdown file")
+    parser.add_argument("--finetune", action="store_true",
+                        help="measure LoRA training steps instead (with and without gradient "
+                             "checkpointing)")
+    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.folder is None:
@@ -231,10 +317,22 @@ def main():
     if args.size is None:
         args.size = (512, 512) if args.model == "sd15" else (768, 768)
     if args.worker:
-        run = run_diffusers if args.worker == "diffusers" else run_ours
-        print(json.dumps(run(args)))
+        workers = {(False, "diffusers"): run_diffusers, (False, "keras_diffusion"): run_ours,
+                   (True, "diffusers"): finetune_diffusers, (True, "keras_diffusion"): finetune_ours}
+        print(json.dumps(workers[args.finetune, args.worker](args)))
         return
     write_random_pipeline(args.model, args.folder)
+    if args.finetune:
+        runs = []
+        for checkpointing in (False, True):
+            args.checkpointing = checkpointing
+            runs.append(_spawn(args, "diffusers", "torch"))
+            runs += [_spawn(args, "keras_diffusion", b) for b in args.backends.split(",")]
+        text = finetune_table(runs)
+        print(text)
+        if args.write:
+            _write(args, text, runs, f"sd-finetune-{args.model}", "LoRA fine-tuning")
+        return
     runs = [_spawn(args, "diffusers", "torch")]
     for backend in args.backends.split(","):
         runs.append(_spawn(args, "keras_diffusion", backend))
@@ -242,13 +340,17 @@ def main():
     text = table(runs)
     print(text)
     if args.write:
-        command = "python benchmarks/stable_diffusion.py " + " ".join(sys.argv[1:])
-        block = "\n".join([
-            f"#### {hardware()}, {args.model}, {args.size[0]}x{args.size[1]}, {args.steps} steps",
-            "", f"Measured with `{command}`, {time.strftime('%Y-%m-%d %H:%M')}.", "", text, "",
-            "```", *[json.dumps(r) for r in runs], "```"])
-        write_between_markers(Path(args.write), f"sd-inference-{args.model}", block,
-                              "Stable Diffusion checkpoints")
+        _write(args, text, runs, f"sd-inference-{args.model}",
+               f"{args.size[0]}x{args.size[1]}, {args.steps} steps")
+
+
+def _write(args, text, runs, key, what):
+    command = "python benchmarks/stable_diffusion.py " + " ".join(sys.argv[1:])
+    block = "\n".join([
+        f"#### {hardware()}, {args.model}, {what}", "",
+        f"Measured with `{command}`, {time.strftime('%Y-%m-%d %H:%M')}.", "", text, "",
+        "```", *[json.dumps(r) for r in runs], "```"])
+    write_between_markers(Path(args.write), key, block, "Stable Diffusion checkpoints")
 
 
 if __name__ == "__main__":
