@@ -149,14 +149,19 @@ def test_the_noise_offset_adds_a_constant_per_image_and_channel(trained):
     np.testing.assert_allclose(means[0.5].var(), 1 / 16 + 0.25, rtol=0.1)
 
 
-def test_an_sd2_model_with_lora_saves_merged(tmp_path):
+def test_an_sd2_model_with_lora_saves_merged_and_as_a_lora(tmp_path):
     """SD-2 style (v prediction, linear projections, gelu, "!" padding): a
-    model with a LoRA (B set at random) saves with the LoRA in its kernels."""
+    model with a LoRA on the UNet's linear proj_in and the text encoder (B
+    set at random) saves as a diffusers folder with the LoRA in its kernels,
+    and as a LoRA file diffusers loads onto the original pipeline."""
+    from diffusers import StableDiffusionPipeline
+
     write_pipeline(tmp_path / "pipeline", "sd2")
     model = kd.load_model(tmp_path / "pipeline")
-    model.enable_lora(rank=2, targets=("to_q", "to_v", "proj_in"), seed=0)
+    model.enable_lora(rank=2, alpha=3, targets=("to_q", "to_v", "proj_in"), text_encoder=True,
+                      seed=0)
     rng = np.random.default_rng(3)
-    for variable in model.network.trainable_variables:
+    for variable in model.trainable_variables:
         if "lora_kernel_b" in variable.path:
             variable.assign(rng.normal(0, 0.5, variable.shape).astype("float32"))
     latents = _latents(1)
@@ -166,6 +171,10 @@ def test_an_sd2_model_with_lora_saves_merged(tmp_path):
     assert np.abs(_diffusers(tmp_path / "pipeline", latents) - image).max() > 0.02
     config = json.loads((folder / "text_encoder" / "config.json").read_text())
     assert config["hidden_act"] == "gelu" and config["pad_token_id"] == model.tokenizer.pad_id
+    pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    pipeline.load_lora_weights(model.save_lora_weights(tmp_path / "lora").parent)
+    np.testing.assert_allclose(reference_images(pipeline, latents, prompts=[PROMPT], steps=3),
+                               image, atol=2e-3)
 
 
 # ------------------------------------------------------------- bad input
