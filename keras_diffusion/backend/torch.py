@@ -63,7 +63,8 @@ def conv2d(layer, x):
     runs without the two layout copies Keras' generic path makes per call.
     "same" padding is TensorFlow's (the extra row and column at the end when
     the total is odd), padded explicitly then."""
-    if layer.data_format != "channels_last" or layer.groups != 1 or max(layer.dilation_rate) != 1:
+    if (layer.data_format != "channels_last" or layer.groups != 1 or max(layer.dilation_rate) != 1
+            or layer.lora_enabled):  # Keras' path adds the LoRA product to the kernel
         return NotImplemented
     pads = [0, 0, 0, 0]
     if layer.padding == "same":
