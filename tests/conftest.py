@@ -203,3 +203,30 @@ def latent_outputs(model, data):
     timesteps = samplers.plan_timesteps(model.schedule, "ddim", 2)
     x0 = pipeline.run_sampler(model, data["latent_noise"], timesteps=timesteps, sampler="ddim")
     return encoded, pipeline.decode(model, x0)
+
+
+def kill_after_first_backup(command, backup_dir, env, settle=0.0, timeout=400):
+    """Start `command`, wait until it has written its first backup to
+    `backup_dir` (an `AtomicBackupAndRestore` folder), wait `settle` seconds
+    more (so the kill lands in the next epoch), and kill it with SIGKILL."""
+    import signal
+    import subprocess
+    import time
+
+    from keras_diffusion.callbacks import read_backup_record
+
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while read_backup_record(backup_dir) is None:
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, f"no backup within {timeout} s"
+            time.sleep(0.01)
+        time.sleep(settle)
+        assert process.poll() is None, "the run ended before it could be killed"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()

@@ -5,10 +5,7 @@ import csv
 import importlib.util
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras
@@ -22,6 +19,7 @@ from conftest import BACKEND
 from conftest import DATA_DIR
 from conftest import SMOKE
 from conftest import TINY
+from conftest import kill_after_first_backup
 from conftest import one_level_model
 from conftest import plumbing_optimizer
 from conftest import squares
@@ -135,23 +133,9 @@ def _train_command(output, *extra):
 def test_cli_killed_mid_epoch_resumes(tmp_path, capsys):
     output = tmp_path / "run"
     env = dict(os.environ, KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="2")
-    process = subprocess.Popen(_train_command(output), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 400
-        while read_backup_record(output / "backup") is None:
-            assert process.poll() is None, process.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "no backup within 400 s"
-            time.sleep(0.01)
-        # The backup is the last thing an epoch does: the run is now starting
-        # the second epoch (4 steps), and the kill lands in it.
-        time.sleep(0.05)
-        assert process.poll() is None, "the run ended before it could be killed"
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-        process.stderr.close()
+    # The backup is the last thing an epoch does: 0.05 s after it the run is
+    # starting the second epoch (4 steps), and the kill lands in it.
+    kill_after_first_backup(_train_command(output), output / "backup", env, settle=0.05)
 
     record = read_backup_record(output / "backup")
     assert record["epoch"] == 1 and record["iterations"] == 4

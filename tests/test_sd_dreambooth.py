@@ -4,10 +4,7 @@ loads back with `sample --lora`."""
 
 import csv
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -15,6 +12,7 @@ import pytest
 import keras_diffusion as kd
 from conftest import BACKEND
 from conftest import cli_main
+from conftest import kill_after_first_backup
 from keras_diffusion.callbacks import read_backup_record
 from sd_pipelines import write_pipeline
 
@@ -58,19 +56,7 @@ def test_dreambooth_runs_end_to_end_and_resumes_after_a_kill(pipeline_folder, in
     env = dict(os.environ, KERAS_BACKEND=BACKEND, TF_CPP_MIN_LOG_LEVEL="2")
     command = [sys.executable, "-m", "keras_diffusion.cli",
                *_command(pipeline_folder, instance_folder, output)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 400
-        while read_backup_record(output / "backup") is None:
-            assert process.poll() is None, process.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "no backup within 400 s"
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-        process.stderr.close()
+    kill_after_first_backup(command, output / "backup", env)
     assert read_backup_record(output / "backup")["epoch"] == 1
     assert sorted(p.name for p in (output / "class_images").iterdir()) == ["0000.png", "0001.png"]
     assert not (output / "pytorch_lora_weights.safetensors").exists()

@@ -125,13 +125,18 @@ def test_a_folder_without_model_index_is_refused(tmp_path):
         kd.load_model(tmp_path)
 
 
-def test_an_unsupported_pipeline_is_named(sd, tmp_path):
-    folder, _, _ = sd
-    copy = tmp_path / "xl"
+def _copy_with_json_edit(folder, copy, name, key, value):
+    """A copy of the pipeline `folder` whose JSON file `name` has `key` set to `value`."""
     shutil.copytree(folder, copy)
-    index = json.loads((copy / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusionXLPipeline"
-    (copy / "model_index.json").write_text(json.dumps(index))
+    data = json.loads((copy / name).read_text())
+    data[key] = value
+    (copy / name).write_text(json.dumps(data))
+    return copy
+
+
+def test_an_unsupported_pipeline_is_named(sd, tmp_path):
+    copy = _copy_with_json_edit(sd[0], tmp_path / "xl", "model_index.json", "_class_name",
+                                "StableDiffusionXLPipeline")
     with pytest.raises(ValueError, match="holds a StableDiffusionXLPipeline, which keras_diffusion "
                                          "does not load; supported: StableDiffusionPipeline"):
         kd.load_model(copy)
@@ -148,12 +153,8 @@ def test_a_truncated_weights_file_is_named(sd, tmp_path):
 
 
 def test_weights_of_another_architecture_list_the_keys(sd, tmp_path):
-    folder, _, _ = sd
-    copy = tmp_path / "other"
-    shutil.copytree(folder, copy)
-    config = json.loads((copy / "unet" / "config.json").read_text())
-    config["layers_per_block"] = 2
-    (copy / "unet" / "config.json").write_text(json.dumps(config))
+    copy = _copy_with_json_edit(sd[0], tmp_path / "other", "unet/config.json",
+                                "layers_per_block", 2)
     with pytest.raises(ValueError, match=r"the UNet weights do not match its architecture: "
                                          r"\d+ missing \(down_blocks\.0\.attentions\.1"):
         kd.load_model(copy)
