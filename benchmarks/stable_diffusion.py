@@ -167,7 +167,10 @@ def run_ours(args):
 
     first = _timed(image, 1)
     seconds = _timed(image, 1) if args.image_repeats else first
-    counts = {name: int(sum(np.prod(v.shape) for v in part.weights))
+    from keras_diffusion.stable_diffusion import weights as sd_weights
+
+    # The checkpoint's weights (the VAE's scaling factor, a weight here, is not one).
+    counts = {name: int(sum(np.prod(v.shape) for v, _ in sd_weights.checkpoint_table(part).values()))
               for name, part in (("unet", model.network), ("vae", model.autoencoder),
                                  ("text_encoder", model.text_encoder))}
     return dict(library="keras_diffusion", backend=keras.backend.backend(), load_s=load,
