@@ -248,9 +248,14 @@ def finetune_ours(args):
 def finetune_table(runs):
     rows = ["| run | gradient checkpointing | s per LoRA step (512x512, batch 1) | vs diffusers "
             "| first step s | peak GB |", "|---|---|---|---|---|---|"]
-    base = {r["checkpointing"]: r["step_s"] for r in runs if r["library"] == "diffusers"}
+    base = {r["checkpointing"]: r["step_s"] for r in runs
+            if r["library"] == "diffusers" and "failed" not in r}
     for r in runs:
         name = "diffusers + peft" if r["library"] == "diffusers" else f"ours, {r['backend']}"
+        if "failed" in r:
+            rows.append(f"| {name} | {'yes' if r['checkpointing'] else 'no'} | "
+                        f"failed: {r['failed']} | - | - | - |")
+            continue
         base_step = base.get(r["checkpointing"])
         ratio = "-" if base_step is None else f"{base_step / r['step_s']:.2f}x"
         rows.append(f"| {name} | {'yes' if r['checkpointing'] else 'no'} | {r['step_s']:.1f} | "
@@ -272,6 +277,10 @@ def _spawn(args, library, backend):
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         sys.stderr.write(done.stderr[-3000:])
+        if args.finetune:  # a run that does not fit in memory is a result
+            killed = " (killed: out of memory?)" if done.returncode in (-9, 137) else ""
+            return dict(library=library, backend=backend, checkpointing=args.checkpointing,
+                        failed=f"exit {done.returncode}{killed}")
         raise SystemExit(f"{library} on {backend} failed (exit {done.returncode})")
     print(lines[-1], file=sys.stderr, flush=True)
     return json.loads(lines[-1])

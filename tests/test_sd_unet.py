@@ -322,3 +322,65 @@ def test_real_size_parameter_counts(config, parameters):
     got = {key: weights.to_reference(np.empty(tuple(variable.shape), "float32"), layout).shape
            for key, (variable, layout) in weights.checkpoint_table(unet).items()}
     assert got == expected
+
+
+def test_built_from_a_checkpoint_every_weight_is_taken_as_it_is_made(pair, tmp_path):
+    """Inside `building_from`, each weight is created with its checkpoint
+    value (no placeholder assigned later), read lazily from the file; the
+    model equals one loaded the slow way, and a value of the wrong shape is
+    left to `load_state_dict`, which names it."""
+    import safetensors.numpy
+
+    from keras_diffusion.stable_diffusion import single_file
+
+    style, reference, ours = pair
+    state = reference_state(reference)
+    path = tmp_path / "unet.safetensors"
+    safetensors.numpy.save_file(state, path)
+    lazy = single_file.read_safetensors(path, lazy=True)
+    assert sorted(lazy) == sorted(state) and not isinstance(lazy, dict)
+    key = "down_blocks.0.resnets.0.conv1.weight"
+    assert lazy.shape(key) == state[key].shape
+    with weights.building_from(lazy) as taken:
+        built = StableDiffusionUNet.from_reference_config(dict(reference.config))
+    assert taken == set(state)  # every weight, none assigned afterwards
+    weights.load_state_dict(built, lazy, what="UNet", taken=taken)
+    got = weights.state_dict(built)
+    for name, value in state.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+    wrong = dict(state, **{key: np.zeros((32, 16, 3, 3), "float32")})
+    with weights.building_from(wrong) as taken:
+        built = StableDiffusionUNet.from_reference_config(dict(reference.config))
+    assert key not in taken and len(taken) == len(state) - 1
+    with pytest.raises(ValueError, match=f"the UNet weight '{key}' has shape \\(32, 16, 3, 3\\)"):
+        weights.load_state_dict(built, wrong, what="UNet", taken=taken)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's own fast paths")
+def test_torch_fast_paths_follow_the_variables():
+    """Dense runs as one `linear`, a convolution's kernel is kept in
+    PyTorch's layout while sampling: the same outputs as Keras' own layers,
+    and an assigned kernel is used at once."""
+    from keras_diffusion.stable_diffusion.vae import Conv2D
+    from keras_diffusion.stable_diffusion.vae import Dense
+
+    rng = np.random.default_rng(0)
+    dense, conv = Dense(6, "proj"), Conv2D(5, 3, "conv")
+    x = rng.standard_normal((2, 7, 4)).astype("float32")
+    image = rng.standard_normal((1, 6, 6, 4)).astype("float32")
+    dense.build(x.shape)
+    conv.build(image.shape)
+    for layer in (dense, conv):
+        for variable in layer.weights:
+            variable.assign(rng.standard_normal(variable.shape).astype("float32"))
+    with torch.no_grad():
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(dense(x)), keras.ops.convert_to_numpy(
+            keras.layers.Dense.call(dense, keras.ops.convert_to_tensor(x))), atol=1e-6)
+        first = keras.ops.convert_to_numpy(conv(image))
+        np.testing.assert_allclose(first, keras.ops.convert_to_numpy(keras.layers.Conv2D.call(
+            conv, keras.ops.convert_to_tensor(image))), atol=1e-5)
+        conv.kernel.assign(2 * conv.kernel.value)
+        second = keras.ops.convert_to_numpy(conv(image))
+    bias = keras.ops.convert_to_numpy(conv.bias.value)
+    np.testing.assert_allclose(second - bias, 2 * (first - bias), atol=1e-5)

@@ -59,6 +59,12 @@ def group_normalization(layer, x):
     return NotImplemented if kernel is None else kernel(layer, x)
 
 
+def dense(layer, x):
+    """`layer(x)` for a `Dense` layer on a faster path, or `NotImplemented`."""
+    kernel = getattr(current(), "dense", None)
+    return NotImplemented if kernel is None else kernel(layer, x)
+
+
 def conv2d(layer, x):
     """`layer(x)` for a `Conv2D` layer on a faster path, or `NotImplemented`."""
     kernel = getattr(current(), "conv2d", None)

@@ -4,6 +4,7 @@ kernels for the network's group normalisation and convolutions."""
 import contextlib
 import functools
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -76,10 +77,43 @@ def conv2d(layer, x):
         padding = (pads[2], pads[0])
     else:
         x, padding = F.pad(x, pads), 0
-    kernel = layer.kernel.value.to(x.dtype).permute(3, 2, 0, 1)
+    kernel = _torch_kernel(layer, x.dtype)
     bias = layer.bias.value.to(x.dtype) if layer.use_bias else None
     y = F.conv2d(x, kernel, bias, layer.strides, padding).permute(0, 2, 3, 1)
     return layer.activation(y) if layer.activation is not None else y
+
+
+def dense(layer, x):
+    """`linear` with the bias in the product (one `addmm`): Keras' generic
+    path multiplies, then adds the bias in a second pass over the output
+    (0.5 s of a guided SD 1.5 UNet step, `benchmarks/sd_profile.py`)."""
+    if layer.lora_enabled or layer.quantization_mode:
+        return NotImplemented
+    bias = layer.bias.value.to(x.dtype) if layer.use_bias else None
+    y = F.linear(x, layer.kernel.value.to(x.dtype).T, bias)
+    return layer.activation(y) if layer.activation is not None else y
+
+
+# layer -> ((storage, version, dtype), kernel in PyTorch's layout).
+_KERNELS = weakref.WeakKeyDictionary()
+
+
+def _torch_kernel(layer, dtype):
+    """The `(out, in, kh, kw)` kernel `conv2d` takes. A permuted view of the
+    Keras kernel is copied into oneDNN's layout on every call: at SD 1.5
+    size, 2.2 of a guided UNet step's 8.1 s (`benchmarks/sd_profile.py`).
+    Without gradients (sampling) the copy is kept, per layer, until the
+    variable is assigned (its version changes) or replaced."""
+    kernel = layer.kernel.value
+    if torch.is_grad_enabled():
+        return kernel.to(dtype).permute(3, 2, 0, 1)
+    key = (kernel.data_ptr(), kernel._version, dtype)
+    cached = _KERNELS.get(layer)
+    if cached is None or cached[0] != key:
+        cached = (key, kernel.to(dtype).permute(3, 2, 0, 1).contiguous(
+            memory_format=torch.channels_last))
+        _KERNELS[layer] = cached
+    return cached[1]
 
 
 def accelerator():

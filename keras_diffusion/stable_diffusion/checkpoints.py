@@ -77,12 +77,9 @@ def _component_weights(folder):
         index = folder / f"{stem}.safetensors.index.json"
         if index.is_file():
             shards = sorted(set(_read_json(index)["weight_map"].values()))
-            state = {}
-            for shard in shards:
-                state.update(single_file.read_safetensors(folder / shard))
-            return state
+            return single_file.read_safetensors([folder / shard for shard in shards], lazy=True)
         if (folder / f"{stem}.safetensors").is_file():
-            return single_file.read_safetensors(folder / f"{stem}.safetensors")
+            return single_file.read_safetensors(folder / f"{stem}.safetensors", lazy=True)
     for stem in ("diffusion_pytorch_model", "pytorch_model"):
         if (folder / f"{stem}.bin").is_file():
             return single_file.read_weights(folder / f"{stem}.bin")
@@ -151,18 +148,25 @@ def _build(parts_config, states, tokenizer, name):
     # keras_diffusion.model) calls this module, and the model class imports
     # that one. Importing keras_diffusion registers every class.
     latent_model = keras.saving.get_registered_object("keras_diffusion>StableDiffusion")
-    unet = StableDiffusionUNet.from_reference_config(parts_config["unet"])
-    if unet.config.get("in_channels", 4) != 4:
+    in_channels = parts_config["unet"].get("in_channels", 4)
+    if isinstance(in_channels, int) and in_channels != 4:
         raise ValueError(
-            f"the UNet takes {unet.config['in_channels']} input channels (an inpainting UNet); "
+            f"the UNet takes {in_channels} input channels (an inpainting UNet); "
             "supported: Stable Diffusion 1.x and 2.x text-to-image UNets with 4."
         )
-    vae = StableDiffusionVAE.from_reference_config(parts_config["vae"])
-    text_encoder = CLIPTextTransformer.from_reference_config(parts_config["text_encoder"])
-    weights.load_state_dict(unet, states["unet"], "UNet")
-    weights.load_state_dict(vae, states["vae"], "VAE")
-    weights.load_state_dict(text_encoder, text_model_state_dict(states["text_encoder"]),
-                            "text encoder")
+    # Each part is built with its weights (`weights.building_from`), then
+    # checked, and what was not taken is assigned.
+    parts = {}
+    for name, cls, what in (("unet", StableDiffusionUNet, "UNet"),
+                            ("vae", StableDiffusionVAE, "VAE"),
+                            ("text_encoder", CLIPTextTransformer, "text encoder")):
+        state = states[name]
+        if name == "text_encoder":
+            state = text_model_state_dict(state)
+        with weights.building_from(state) as taken:
+            parts[name] = cls.from_reference_config(parts_config[name])
+        weights.load_state_dict(parts[name], state, what, taken=taken)
+    unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
     schedule, prediction = schedule_from_config(parts_config["scheduler"])
     side = int(parts_config["unet"].get("sample_size", 64)) * vae.factor
     return latent_model(

@@ -24,6 +24,8 @@ from keras import ops
 
 from keras_diffusion.checks import check_integer
 from keras_diffusion.checks import is_number
+from keras_diffusion.stable_diffusion import vae
+from keras_diffusion.stable_diffusion import weights
 from keras_diffusion.stable_diffusion.vae import _AtModulePath
 from keras_diffusion.stable_diffusion.vae import _Block
 from keras_diffusion.stable_diffusion.vae import keras_name
@@ -56,14 +58,9 @@ def _activation(name, x):
 
 
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="SDCLIPDense")
-class Dense(_AtModulePath, layers.Dense):
-    """Keras' `Dense` holding the `Linear` at `module_path`."""
-
-    def __init__(self, units, module_path, **kwargs):
-        kwargs.setdefault("name", keras_name(module_path))
-        kwargs.setdefault("kernel_initializer", Placeholder())
-        super().__init__(units, **kwargs)
-        self._set_module_path(module_path)
+class Dense(vae.Dense):
+    """The VAE's `Dense` (a `Linear` at `module_path`), under the name the
+    text encoder's saved configs use."""
 
 
 @keras.saving.register_keras_serializable(package="keras_diffusion",
@@ -203,14 +200,15 @@ def check_clip_arguments(*, vocab_size, hidden_size, intermediate_size, num_hidd
 
 
 def text_model_state_dict(state_dict):
-    """A transformers `CLIPTextModel` state dict (`{key: array}`) with the
+    """A transformers `CLIPTextModel` state dict (`{key: array}`), viewed with the
     keys `CLIPTextTransformer` reads: under `text_model.` (transformers 5
     writes them without it; the Hub's SD files and older versions with it),
     the `text_model.embeddings.position_ids` buffer (`arange(77)`, not a
     weight, in files older transformers wrote) left out."""
-    prefixed = {key if key.startswith(f"{PREFIX}.") else f"{PREFIX}.{key}": value
-                for key, value in state_dict.items()}
-    return {key: value for key, value in prefixed.items() if key not in _BUFFERS}
+    names = {key if key.startswith(f"{PREFIX}.") else f"{PREFIX}.{key}": key for key in state_dict}
+    # A view: a lazily read file stays unread until each weight is taken.
+    return weights.Renamed(state_dict, {new: old for new, old in names.items()
+                                        if new not in _BUFFERS})
 
 
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="CLIPTextTransformer")

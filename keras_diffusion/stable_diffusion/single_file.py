@@ -30,6 +30,7 @@ them under; `to_original` accepts both.
 """
 
 import os
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -529,9 +530,12 @@ def read_weights(path, *, upcast_bfloat16=True):
     return read_safetensors(path, upcast_bfloat16=upcast_bfloat16)
 
 
-def read_safetensors(path, *, upcast_bfloat16=True):
-    """`{key: numpy array}` of a `.safetensors` file, read with
-    `safetensors.numpy` (no torch needed).
+def read_safetensors(path, *, upcast_bfloat16=True, lazy=False):
+    """`{key: numpy array}` of a `.safetensors` file (or of the shards of
+    one, given a list of paths), read with `safetensors`' NumPy API (no
+    torch needed). With `lazy=True` a read-only mapping that reads each
+    tensor from the memory-mapped file only when asked (and gives shapes
+    from the header, `shape(key)`), so loading holds one tensor at a time.
 
     NumPy has no bfloat16 of its own: `ml_dtypes` (a Keras dependency)
     gives safetensors one, and `upcast_bfloat16` (the default) turns those
@@ -539,24 +543,55 @@ def read_safetensors(path, *, upcast_bfloat16=True):
     `upcast_bfloat16=False` they stay `ml_dtypes.bfloat16`. Other dtypes
     are kept. A truncated or corrupt file raises one `ValueError` naming
     it."""
-    path = _checkpoint_path(path)
-    import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy for safetensors)
-    try:
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    state = SafetensorsFiles([_checkpoint_path(p) for p in paths], upcast_bfloat16)
+    return state if lazy else dict(state)
+
+
+class SafetensorsFiles(Mapping):
+    """The tensors of `.safetensors` files as a read-only mapping, each read
+    from the memory-mapped file when asked for (see `read_safetensors`)."""
+
+    def __init__(self, paths, upcast_bfloat16=True):
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy for safetensors)
+        try:
+            from safetensors import safe_open
+        except ImportError:
+            raise ImportError("reading .safetensors files needs the safetensors package "
+                              "(pip install safetensors).") from None
+        self.upcast_bfloat16 = upcast_bfloat16
+        self._files = {}
+        for path in paths:
+            handle = self._guarded(path, lambda: safe_open(path, framework="np"))
+            for key in handle.keys():
+                self._files[key] = (path, handle)
+
+    @staticmethod
+    def _guarded(path, read):
         from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-    except ImportError:
-        raise ImportError("reading .safetensors files needs the safetensors package "
-                          "(pip install safetensors).") from None
-    try:
-        state = load_file(path)
-    except (SafetensorError, OSError, ValueError, TypeError) as error:
-        if _looks_pickled(path):
-            raise ValueError(f"{path} is a PyTorch pickle, not a .safetensors file.") from None
-        raise ValueError(f"{path} is not a readable .safetensors file (truncated or corrupt?): "
-                         f"{error}") from None
-    if upcast_bfloat16:
-        state = {key: _upcast(value) for key, value in state.items()}
-    return state
+
+        try:
+            return read()
+        except (SafetensorError, OSError, ValueError, TypeError) as error:
+            if _looks_pickled(path):
+                raise ValueError(f"{path} is a PyTorch pickle, not a .safetensors file.") from None
+            raise ValueError(f"{path} is not a readable .safetensors file (truncated or "
+                             f"corrupt?): {error}") from None
+
+    def __getitem__(self, key):
+        path, handle = self._files[key]
+        value = self._guarded(path, lambda: handle.get_tensor(key))
+        return _upcast(value) if self.upcast_bfloat16 else value
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self):
+        return len(self._files)
+
+    def shape(self, key):
+        path, handle = self._files[key]
+        return tuple(self._guarded(path, lambda: handle.get_slice(key).get_shape()))
 
 
 def _checkpoint_path(path):

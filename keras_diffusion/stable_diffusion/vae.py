@@ -82,11 +82,22 @@ class _AtModulePath:
             raise ValueError(f"module_path must be a non-empty string; got {module_path!r}.")
         self.module_path = module_path
 
+    def _rules(self):
+        return next(rules for cls, rules in weights.RULES if isinstance(self, cls))
+
     def checkpoint_weights(self):
-        rules = next(rules for cls, rules in weights.RULES if isinstance(self, cls))
         return [(getattr(self, attribute), f"{self.module_path}.{suffix}", layout)
-                for attribute, suffix, layout in rules
+                for attribute, suffix, layout in self._rules()
                 if getattr(self, attribute, None) is not None]
+
+    def add_weight(self, *args, **kwargs):
+        # Inside `weights.building_from` a weight takes its checkpoint value
+        # as it is made, instead of a placeholder overwritten later.
+        for attribute, suffix, layout in self._rules():
+            if kwargs.get("name") == attribute:
+                kwargs["initializer"] = weights.from_checkpoint(
+                    f"{self.module_path}.{suffix}", layout, kwargs.get("initializer"))
+        return super().add_weight(*args, **kwargs)
 
     def get_config(self):
         return {**super().get_config(), "module_path": self.module_path}
@@ -119,13 +130,18 @@ class GroupNormalization(_AtModulePath, _GroupNormalization):
 
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="SDVAEDense")
 class Dense(_AtModulePath, layers.Dense):
-    """Keras' `Dense` holding the `Linear` at `module_path`."""
+    """Keras' `Dense` holding the `Linear` at `module_path`, run on the
+    backend's faster path where it has one (`keras_diffusion.backend.dense`)."""
 
     def __init__(self, units, module_path, **kwargs):
         kwargs.setdefault("name", keras_name(module_path))
         kwargs.setdefault("kernel_initializer", Placeholder())
         super().__init__(units, **kwargs)
         self._set_module_path(module_path)
+
+    def call(self, inputs, training=None):
+        y = backend.dense(self, inputs)
+        return super().call(inputs, training=training) if y is NotImplemented else y
 
 
 class _Block(layers.Layer):

@@ -19,6 +19,10 @@ Layouts (reference -> Keras):
   kernel `(in, out)` (the original VAE's attention, as diffusers reads it).
 """
 
+import contextlib
+import contextvars
+from collections.abc import Mapping
+
 import keras
 import numpy as np
 from keras import layers
@@ -55,6 +59,82 @@ def to_reference(value, layout):
     if layout == "conv_as_dense":
         return value.T[:, :, None, None]
     return value
+
+
+def keras_shape(shape, layout):
+    """The shape `to_keras` gives an array of `shape` (read from a file's
+    header, no data needed)."""
+    shape = tuple(int(d) for d in shape)
+    if layout == "dense":
+        return shape[::-1]
+    if layout == "conv":
+        return tuple(shape[i] for i in (2, 3, 1, 0)) if len(shape) == 4 else shape
+    if layout == "conv_as_dense":
+        return shape[1::-1]
+    return shape
+
+
+class Renamed(Mapping):
+    """A read-only view of `state_dict` under other keys (`{new: old}`),
+    reading no value until asked: how a lazily read file is renamed."""
+
+    def __init__(self, state_dict, names):
+        self._state, self._names = state_dict, dict(names)
+
+    def __getitem__(self, key):
+        return self._state[self._names[key]]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)
+
+    def shape(self, key):
+        return _shape(self._state, self._names[key])
+
+
+# ------------------------------------------------- building from a checkpoint
+# While a part is built inside `building_from(state_dict)`, each weight the
+# layers create takes its checkpoint value at once (`from_checkpoint`): no
+# placeholder of 860M values is made and then overwritten, and a lazily
+# read file holds one tensor in memory at a time.
+_BUILDING = contextvars.ContextVar("keras_diffusion_sd_building", default=None)
+
+
+@contextlib.contextmanager
+def building_from(state_dict):
+    """Within it, the Stable Diffusion layers created take their weights
+    from the reference-layout `state_dict` as they build them. Yields the
+    set of keys so taken; `load_state_dict(..., taken=)` then checks the
+    keys and assigns what is left (weights of other layers, values whose
+    shape did not fit, which it names)."""
+    taken = set()
+    token = _BUILDING.set((state_dict, taken))
+    try:
+        yield taken
+    finally:
+        _BUILDING.reset(token)
+
+
+def from_checkpoint(key, layout, initializer):
+    """The initializer for the weight at `key`: inside `building_from`, one
+    returning the checkpoint's value (when it has the key, at the right
+    shape); otherwise `initializer`."""
+    building = _BUILDING.get()
+    if building is None or key not in building[0]:
+        return initializer
+    state_dict, taken = building
+    fallback = keras.initializers.get(initializer)
+
+    def initialize(shape, dtype=None):
+        value = to_keras(np.asarray(state_dict[key]), layout)
+        if tuple(value.shape) != tuple(int(d) for d in shape):
+            return fallback(shape, dtype)  # load_state_dict names the mismatch
+        taken.add(key)
+        return np.ascontiguousarray(value, dtype=keras.backend.standardize_dtype(dtype or "float32"))
+
+    return initialize
 
 
 def _layer_weights(layer):
@@ -101,27 +181,35 @@ def check_keys(table, state_dict, what):
                          f"{'; '.join(parts)}.")
 
 
-def load_state_dict(model, state_dict, what="model"):
-    """Assign a reference-layout `state_dict` (`{key: numpy array}`) to
-    `model`'s variables, cast to each variable's dtype.
+def load_state_dict(model, state_dict, what="model", taken=()):
+    """Assign a reference-layout `state_dict` (`{key: numpy array}`, or any
+    mapping: a lazily read file's) to `model`'s variables, cast to each
+    variable's dtype; the keys in `taken` (weights the model was built with,
+    `building_from`) are checked but not assigned again.
 
     Every key must match a variable and every variable a key, with the
     right shape; otherwise one `ValueError` names what differs and nothing
     is assigned."""
     table = checkpoint_table(model)
     check_keys(table, state_dict, what)
-    values = {}
-    for key, (variable, layout) in table.items():
-        value = to_keras(np.asarray(state_dict[key]), layout)
-        if tuple(value.shape) != tuple(variable.shape):
+    left = {key: entry for key, entry in table.items() if key not in taken}
+    for key, (variable, layout) in left.items():
+        shape = _shape(state_dict, key)
+        if keras_shape(shape, layout) != tuple(variable.shape):
             raise ValueError(
-                f"the {what} weight {key!r} has shape {tuple(np.shape(state_dict[key]))}, "
+                f"the {what} weight {key!r} has shape {shape}, "
                 f"which does not fit the architecture (Keras variable {variable.path} of shape "
                 f"{tuple(variable.shape)}); is the checkpoint for another configuration?"
             )
-        values[key] = value
-    for key, (variable, _) in table.items():
-        variable.assign(values.pop(key).astype(variable.dtype, copy=False))
+    for key, (variable, layout) in left.items():
+        value = to_keras(np.asarray(state_dict[key]), layout)
+        variable.assign(value.astype(variable.dtype, copy=False))
+
+
+def _shape(state_dict, key):
+    """A value's shape, from a lazily read file's header where it has one."""
+    shape_of = getattr(state_dict, "shape", None)
+    return tuple(shape_of(key)) if shape_of is not None else tuple(np.shape(state_dict[key]))
 
 
 def state_dict(model):
