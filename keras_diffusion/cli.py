@@ -135,6 +135,9 @@ def _finetune_arguments(finetune):
     finetune.add_argument("--guidance", type=float, default=7.5)
     finetune.add_argument("--gradient-checkpointing", action="store_true",
                           help="recompute activations in the backward pass: less memory")
+    finetune.add_argument("--cache-latents", action="store_true",
+                          help="encode the images once with the frozen VAE, not in every step "
+                               "(faster; one posterior sample per image)")
     finetune.add_argument("--resume", action="store_true",
                           help="continue an interrupted run in --output from its backup")
     finetune.add_argument("--seed", type=int, default=0)
@@ -157,7 +160,8 @@ def _finetune(args):
         batch_size=args.batch_size, epochs=args.epochs, sample_prompts=args.sample_prompt,
         sample_every=args.sample_every, sample_steps=args.sample_steps,
         guidance_scale=args.guidance, gradient_checkpointing=args.gradient_checkpointing,
-        resume=args.resume, seed=args.seed, **_progress_output())
+        resume=args.resume, cache_latents=args.cache_latents, seed=args.seed,
+        **_progress_output())
     print("wrote " + ", ".join(map(str, written)) + f" and {Path(args.output) / 'samples'}/")
 
 

@@ -69,3 +69,47 @@ def test_an_isa_capped_run_is_its_own_kind(monkeypatch, throughput):
         "throughput-amd-epyc-avx2-avx-512-2-cores-one-thread-per-framework"
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
     assert throughput.hardware() == capped + ", TensorFlow without oneDNN (TF_ENABLE_ONEDNN_OPTS=0)"
+
+
+def test_the_op_profile_sorts_ops_into_kinds(monkeypatch):
+    """benchmarks/sd_profile.py: op names of the three frameworks land in
+    the same kinds, and an XLA fusion is a convolution or a matmul by what
+    its computation holds."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import sd_profile
+
+    try:
+        kinds = {name: sd_profile.kind_of(name) for name in (
+            "aten::mkldnn_convolution", "_MklNativeFusedConv2D", "aten::addmm", "_MklEinsum",
+            "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::copy_",
+            "transpose_copy_fusion", "aten::native_group_norm", "aten::silu")}
+        assert kinds == {
+            "aten::mkldnn_convolution": "convolution", "_MklNativeFusedConv2D": "convolution",
+            "aten::addmm": "matmul", "_MklEinsum": "matmul",
+            "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+            "aten::copy_": "layout copy", "transpose_copy_fusion": "layout copy",
+            "aten::native_group_norm": "normalisation", "aten::silu": "other"}
+        hlo = "\n".join([
+            "%fused_computation.1 (p0: f32[2,8,8,4], p1: f32[3,3,4,4]) -> f32[2,8,8,4] {",
+            "  %c = f32[2,8,8,4]{3,2,1,0} convolution(%p0, %p1), window={size=3x3}",
+            "}",
+            "%fused_computation.2 (p0: f32[4,4], p1: f32[4,4]) -> f32[4,4] {",
+            "  ROOT %d = f32[4,4]{1,0} dot(%p0, %p1)",
+            "}",
+            "ENTRY %main (x: f32[2,8,8,4]) -> f32[4,4] {",
+            "  %ynn_fusion = f32[2,8,8,4]{3,2,1,0} fusion(%x, %w), kind=kCustom, "
+            "calls=%fused_computation.1",
+            "  ROOT %ynn_fusion.1 = f32[4,4]{1,0} fusion(%a, %b), kind=kCustom, "
+            "calls=%fused_computation.2",
+            "}"])
+        assert sd_profile._hlo_kinds(hlo) == {"ynn_fusion": "convolution",
+                                              "ynn_fusion.1": "matmul"}
+        run = dict(library="keras_diffusion", backend="jax", wall_s=2.5,
+                   kinds={"convolution": 1.25, "matmul": 0.5})
+        table = sd_profile.table([run]).splitlines()
+        assert table[0] == "| op kind | ours, jax |"
+        assert "| convolution | 1.25 |" in table and "| attention | 0.00 |" in table
+        assert table[-1] == "| **step wall time** | **2.50** |"
+    finally:
+        for name in ("sd_profile", "stable_diffusion", "throughput", "_markdown"):
+            sys.modules.pop(name, None)

@@ -45,7 +45,8 @@ def _command(pipeline_folder, instance_folder, output, *extra):
     return ["finetune", "--model", str(pipeline_folder), "--data-dir", str(instance_folder),
             "--output", str(output), "--instance-prompt", INSTANCE, "--class-prompt",
             "a photo of a dog", "--num-class-images", "2", "--lora-rank", "4", "--epochs", "2",
-            "--batch-size", "2", "--learning-rate", "1e-2", "--sample-steps", "2", *extra]
+            "--batch-size", "2", "--learning-rate", "1e-2", "--sample-steps", "2", "--cache-latents",
+            *extra]
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="the command is the same code on every backend "

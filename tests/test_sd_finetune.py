@@ -218,3 +218,37 @@ def test_fine_tuning_options_are_checked(trained):
         model.configure_fine_tuning(prompt_dropout=1.5)
     assert model.noise_offset == 0.1 and model.min_snr_gamma == 5.0  # unchanged
     assert kd.load_model(trained["folder"]).prompt_dropout == 0.0  # captions kept by default
+
+
+def test_latents_encoded_once_train_without_the_vae(trained):
+    """`encode_latents` runs the frozen VAE once; `fit` on its latents trains
+    the LoRA without calling the VAE in the step."""
+    model = kd.load_model(trained["root"] / "pipeline")
+    model.enable_lora(rank=2, seed=0)
+    images = np.random.default_rng(3).uniform(0, 1, (3, 16, 16, 3)).astype("float32")
+    latents = model.encode_latents(images, batch_size=2)
+    assert latents.shape == (3, 8, 8, 4) and latents.dtype == np.float32
+    assert model.is_latents(latents) and not model.is_latents(images)
+    # One posterior sample each, times the scaling factor: standardised by
+    # the posterior of the images in [-1, 1], standard normal noise.
+    mean, logvar = (keras.ops.convert_to_numpy(a) for a in model.autoencoder.posterior(
+        keras.ops.convert_to_tensor(images * 2 - 1)))
+    noise = (latents / float(model.autoencoder.scaling_factor) - mean) / np.exp(0.5 * logvar)
+    assert abs(noise.mean()) < 0.15 and 0.85 < noise.std() < 1.15  # 768 draws
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(model.diffusion_inputs(keras.ops.convert_to_tensor(latents))),
+        latents)
+
+    calls = []
+    posterior = model.autoencoder.posterior
+    model.autoencoder.posterior = lambda *args, **kwargs: calls.append(1) or posterior(
+        *args, **kwargs)
+    lora_b = [v for v in model.network.trainable_variables if "lora_kernel_b" in v.path]
+    model.compile(optimizer=keras.optimizers.SGD(1.0))
+    history = model.fit(latents[:2], CAPTIONS, batch_size=2, epochs=1, verbose=0)
+    assert calls == [] and np.isfinite(history.history["loss"][0])
+    assert any(np.abs(keras.ops.convert_to_numpy(v)).max() > 0 for v in lora_b)
+    with pytest.raises(ValueError, match="the latents hold NaN or infinite values"):
+        model.fit(np.full((2, 8, 8, 4), np.nan, "float32"), CAPTIONS)
+    with pytest.raises(ValueError, match="captions must be one per image: got 1 captions for 2"):
+        model.fit(latents[:2], CAPTIONS[:1])

@@ -384,3 +384,10 @@ def test_torch_fast_paths_follow_the_variables():
         second = keras.ops.convert_to_numpy(conv(image))
     bias = keras.ops.convert_to_numpy(conv.bias.value)
     np.testing.assert_allclose(second - bias, 2 * (first - bias), atol=1e-5)
+    # Training: a trainable kernel gets its gradient; a frozen one (LoRA
+    # training) runs from the kept copy, to the same output.
+    conv(keras.ops.convert_to_tensor(image)).sum().backward()
+    assert conv.kernel.value.grad is not None
+    conv.trainable = False
+    frozen = conv(keras.ops.convert_to_tensor(image))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(frozen.detach()), second, atol=1e-6)

@@ -102,10 +102,11 @@ def _torch_kernel(layer, dtype):
     """The `(out, in, kh, kw)` kernel `conv2d` takes. A permuted view of the
     Keras kernel is copied into oneDNN's layout on every call: at SD 1.5
     size, 2.2 of a guided UNet step's 8.1 s (`benchmarks/sd_profile.py`).
-    Without gradients (sampling) the copy is kept, per layer, until the
-    variable is assigned (its version changes) or replaced."""
+    Where the kernel takes no gradient (sampling; a frozen kernel in LoRA
+    training) the copy is kept, per layer, until the variable is assigned
+    (its version changes) or replaced."""
     kernel = layer.kernel.value
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() and kernel.requires_grad:
         return kernel.to(dtype).permute(3, 2, 0, 1)
     key = (kernel.data_ptr(), kernel._version, dtype)
     cached = _KERNELS.get(layer)
