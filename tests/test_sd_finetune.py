@@ -245,8 +245,12 @@ def test_latents_encoded_once_train_without_the_vae(trained):
         *args, **kwargs)
     lora_b = [v for v in model.network.trainable_variables if "lora_kernel_b" in v.path]
     model.compile(optimizer=keras.optimizers.SGD(1.0))
+    model.fit(images[:2], CAPTIONS, batch_size=2, epochs=1, verbose=0)  # a step for images
+    calls.clear()
     history = model.fit(latents[:2], CAPTIONS, batch_size=2, epochs=1, verbose=0)
     assert calls == [] and np.isfinite(history.history["loss"][0])
+    assert np.isfinite(model.fit(images[:2], CAPTIONS, batch_size=2, epochs=1,
+                                 verbose=0).history["loss"][0])  # and back
     assert any(np.abs(keras.ops.convert_to_numpy(v)).max() > 0 for v in lora_b)
     with pytest.raises(ValueError, match="the latents hold NaN or infinite values"):
         model.fit(np.full((2, 8, 8, 4), np.nan, "float32"), CAPTIONS)

@@ -92,7 +92,13 @@ class StableDiffusion(LatentDiffusionModel):
         model's are refused with one error (they are not resized). `x` may
         also be the latents `encode_latents` made of the images (shaped as
         `sample_shape`): the frozen VAE then does not run in each step."""
-        if self.is_latents(x):
+        latents = self.is_latents(x)
+        if getattr(self, "_fit_on_latents", latents) != latents:
+            # A step traced for images does not take latents, nor the other
+            # way round (TensorFlow's retrace loosens the channel count).
+            self.train_function = None
+        self._fit_on_latents = latents
+        if latents:
             if not np.isfinite(x).all():
                 raise ValueError("the latents hold NaN or infinite values.")
             y = conditioning.check_fit_condition(self, y, len(x))
