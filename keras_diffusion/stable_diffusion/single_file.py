@@ -583,6 +583,9 @@ class SafetensorsFiles(Mapping):
         value = self._guarded(path, lambda: handle.get_tensor(key))
         return _upcast(value) if self.upcast_bfloat16 else value
 
+    def __contains__(self, key):  # Mapping's own would read the tensor
+        return key in self._files
+
     def __iter__(self):
         return iter(self._files)
 

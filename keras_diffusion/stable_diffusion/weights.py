@@ -84,6 +84,9 @@ class Renamed(Mapping):
     def __getitem__(self, key):
         return self._state[self._names[key]]
 
+    def __contains__(self, key):  # Mapping's own would read the value
+        return key in self._names
+
     def __iter__(self):
         return iter(self._names)
 
