@@ -61,3 +61,39 @@ def test_jax_convolutions_run_on_eigen_unless_the_user_chooses(user_flags):
         user_flags, kd._version("jaxlib"), kd._version("tensorflow")) == EIGEN
     assert to_ynnpack == str(not eigen)
     assert float(error) < 1e-3  # |values| ~ 25: both kernels compute the convolution
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's own attention")
+@pytest.mark.parametrize("queries, keys", [(1024, 1024), (1000, 1100)],
+                         ids=["in blocks of queries", "whole heads"])
+def test_large_attention_runs_blocked_to_the_same_values_and_gradients(queries, keys):
+    """Above `_BLOCKED_PAIRS` query x key pairs, JAX's attention runs one
+    (batch, head) pair and block of queries at a time: the same outputs and
+    gradients as the one-tensor product, computed here in NumPy."""
+    import jax
+    import numpy as np
+
+    from keras_diffusion.backend import jax as jax_backend
+
+    assert queries * keys >= jax_backend._BLOCKED_PAIRS
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, queries, 2, 8)).astype("float32")
+    k, v = (rng.standard_normal((2, keys, 2, 8)).astype("float32") for _ in range(2))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    expected = np.einsum("bhqk,bkhd->bqhd", weights, v)
+    got = jax.jit(jax_backend.attention)(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
+
+    def loss(fn, q, k, v):
+        return (fn(q, k, v) ** 2).sum()
+
+    def one_tensor(q, k, v):
+        weights = jax.nn.softmax(jax.numpy.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8), axis=-1)
+        return jax.numpy.einsum("bhqk,bkhd->bqhd", weights, v)
+
+    grads = jax.jit(jax.grad(lambda *a: loss(jax_backend.attention, *a), argnums=(0, 1, 2)))(q, k, v)
+    reference = jax.grad(lambda *a: loss(one_tensor, *a), argnums=(0, 1, 2))(q, k, v)
+    for got_grad, want in zip(grads, reference):
+        np.testing.assert_allclose(np.asarray(got_grad), np.asarray(want), atol=1e-4)
