@@ -69,9 +69,12 @@ def _train_autoencoder_arguments(train):
 def _sample_arguments(sample):
     sample.add_argument("--model", required=True, help=MODEL_HELP)
     sample.add_argument("--config", help=CONFIG_HELP)
-    sample.add_argument("--lora", help="a LoRA to apply: a .safetensors file or a folder holding "
-                                       "pytorch_lora_weights.safetensors (diffusers/peft or kohya)")
-    sample.add_argument("--lora-scale", type=float, default=1.0, help="the LoRA's strength")
+    sample.add_argument("--lora", action="append",
+                        help="a LoRA to apply: a .safetensors file or a folder holding "
+                             "pytorch_lora_weights.safetensors, as diffusers, peft, kohya or "
+                             "A1111 write it; repeat it to apply several")
+    sample.add_argument("--lora-scale", type=float, action="append",
+                        help="each LoRA's strength, in the order of --lora (default 1)")
     _precision_argument(sample)
     sample.add_argument("--num", type=int, default=None,
                         help="number of images (default: 16; 1 for models of images over 64 "
@@ -124,6 +127,8 @@ def _finetune_arguments(finetune):
     finetune.add_argument("--prior-loss-weight", type=float, default=1.0)
     finetune.add_argument("--lora-rank", type=int, default=8, help="0: fine-tune the whole UNet")
     finetune.add_argument("--lora-alpha", type=float, default=None, help="default: the rank")
+    finetune.add_argument("--lora", help="continue training this LoRA (any layout sample --lora "
+                                         "reads) instead of a new one of --lora-rank")
     finetune.add_argument("--learning-rate", type=float, default=1e-4)
     finetune.add_argument("--batch-size", type=int, default=1)
     finetune.add_argument("--epochs", type=int, default=10)
@@ -156,7 +161,7 @@ def _finetune(args):
         model, args.data_dir, args.output, instance_prompt=args.instance_prompt,
         class_prompt=args.class_prompt, num_class_images=args.num_class_images,
         prior_loss_weight=args.prior_loss_weight, lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha, learning_rate=args.learning_rate,
+        lora_alpha=args.lora_alpha, init_lora=args.lora, learning_rate=args.learning_rate,
         batch_size=args.batch_size, epochs=args.epochs, sample_prompts=args.sample_prompt,
         sample_every=args.sample_every, sample_steps=args.sample_steps,
         guidance_scale=args.guidance, gradient_checkpointing=args.gradient_checkpointing,
@@ -261,6 +266,17 @@ def _train_autoencoder(args):
     print(f"use it in a latent run with --set autoencoder.path={output / 'autoencoder.keras'}")
 
 
+def _lora_scales(args):
+    """`(path, scale)` of each --lora: one --lora-scale for all, or one each."""
+    scales = args.lora_scale or [1.0]
+    if len(scales) == 1:
+        scales = scales * len(args.lora)
+    if len(scales) != len(args.lora):
+        raise CommandError(f"give one --lora-scale for every --lora, or one for all; got "
+                           f"{len(args.lora)} --lora and {len(args.lora_scale)} --lora-scale")
+    return list(zip(args.lora, scales))
+
+
 def _sample(args):
     _check_suffix(args.out, (".png",), "--out")
     if args.npz:
@@ -279,7 +295,8 @@ def _sample(args):
         if not hasattr(model, "load_lora_weights"):
             raise CommandError(f"--lora needs a Stable Diffusion model; {args.model} holds a "
                                f"{type(model).__name__}")
-        model.load_lora_weights(args.lora, scale=args.lora_scale)
+        for index, (path, scale) in enumerate(_lora_scales(args)):
+            model.load_lora_weights(path, scale=scale, adapter_name=f"lora{index}")
     if args.num is None:
         args.num = 16 if max(model.image_shape[:2]) <= 64 else 1
     labels, nrow = _labels(args, model)

@@ -263,7 +263,7 @@ def test_a_lora_for_another_architecture_is_one_error(setup, tmp_path):
     with pytest.raises(ValueError, match=r"the LoRA does not fit this model: lora_te2_text_model_"
                                          r".*lora_down.weight \(a key of SDXL LoRAs\); lora_unet_"
                                          r"input_blocks.*lora_down.weight \(a key of SDXL LoRAs\)"
-                                         r"\. It may be a LoRA for another architecture"):
+                                         r"\. Its keys look like a LoRA for SDXL \(lora_te2_\)"):
         model.load_lora_weights(sdxl)
     unknown = _write(tmp_path / "unknown.safetensors", {
         "unet.down_blocks.3.attentions.0.proj_in.lora_A.weight": np.zeros((4, 32))})
@@ -293,7 +293,8 @@ def test_other_bad_lora_files(setup, tmp_path):
     dora = _write(tmp_path / "dora.safetensors", {
         "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.dora_scale":
             np.ones((1, 32))})
-    with pytest.raises(ValueError, match=r"dora_scale \(DoRA, not supported\)"):
+    with pytest.raises(ValueError, match=r"the file is a DoRA \(weight-decomposed LoRA\) adapter "
+                                         r"\(dora_scale in lora_unet_mid_block"):
         model.load_lora_weights(dora)
     half = _write(tmp_path / "half.safetensors", {
         "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight":

@@ -14,7 +14,8 @@ LoRA or the whole UNet, captions or DreamBooth (Ruiz et al. 2023).
   their loss weighted by `prior_loss_weight`;
 - with `cache_latents`, the images (and class images) encoded once by the
   frozen VAE (`StableDiffusion.encode_latents`), not in every step;
-- a LoRA of `lora_rank` (0: the whole UNet), AdamW, a sample grid of fixed
+- a LoRA of `lora_rank` (0: the whole UNet), or the LoRA file `init_lora`
+  (any layout `load_lora_weights` reads) trained on, AdamW, a sample grid of fixed
   prompts every `sample_every` epochs (`output/samples/`), an atomic backup
   every epoch (`output/backup/`) that `resume` continues from, then the
   LoRA file (`output/pytorch_lora_weights.safetensors`) or the fine-tuned
@@ -36,6 +37,7 @@ from keras_diffusion.callbacks import TerminateOnNonFiniteLoss
 from keras_diffusion.captions import read_metadata
 from keras_diffusion.checks import check_integer
 from keras_diffusion.images import atomic_write
+from keras_diffusion.stable_diffusion import lora
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SETTINGS = "finetune.json"
@@ -110,7 +112,7 @@ def _check_settings(output, settings, resume):
 
 def finetune(model, data_dir, output, *, instance_prompt=None, class_prompt=None,
              num_class_images=100, prior_loss_weight=1.0, lora_rank=8, lora_alpha=None,
-             learning_rate=1e-4, batch_size=1, epochs=10, sample_prompts=None, sample_every=1,
+             init_lora=None, learning_rate=1e-4, batch_size=1, epochs=10, sample_prompts=None, sample_every=1,
              sample_steps=20, guidance_scale=7.5, gradient_checkpointing=False, resume=False,
              cache_latents=False, seed=0, log_every=None, verbose="auto"):
     """Fine-tune `model` (a loaded `StableDiffusion`) on `data_dir`; see the
@@ -121,8 +123,13 @@ def finetune(model, data_dir, output, *, instance_prompt=None, class_prompt=None
     if class_prompt is not None and instance_prompt is None:
         raise ValueError("class_prompt (prior preservation) is DreamBooth's: it needs an "
                          "instance_prompt for the instance images.")
+    if init_lora is not None and not lora_rank:
+        raise ValueError("init_lora (--lora) continues training a LoRA; lora_rank 0 fine-tunes "
+                         "the whole UNet instead. Give one or the other.")
+    if init_lora is not None:  # refused before anything is written
+        lora.parse(*lora.read_file(init_lora), model)
     output = Path(output)
-    settings = dict(data_dir=str(data_dir), instance_prompt=instance_prompt,
+    settings = dict(init_lora=None if init_lora is None else str(init_lora), data_dir=str(data_dir), instance_prompt=instance_prompt,
                     class_prompt=class_prompt, num_class_images=num_class_images if class_prompt
                     else 0, prior_loss_weight=prior_loss_weight, lora_rank=lora_rank,
                     lora_alpha=lora_alpha, batch_size=batch_size, seed=seed)
@@ -140,7 +147,12 @@ def finetune(model, data_dir, output, *, instance_prompt=None, class_prompt=None
     keras.utils.set_random_seed(seed)
     if cache_latents:  # the frozen VAE runs once per image, not once per step
         images = model.encode_latents(images)
-    if lora_rank:
+    if init_lora is not None:
+        model.load_lora_weights(init_lora)
+        if not model.trainable_variables:
+            raise ValueError(f"the LoRA {init_lora} has no dense modules to train (its "
+                             "convolution LoRAs are added to the frozen kernels).")
+    elif lora_rank:
         model.enable_lora(rank=lora_rank, alpha=lora_alpha, seed=seed)
     if gradient_checkpointing:
         model.enable_gradient_checkpointing()

@@ -7,28 +7,38 @@ in the reference layout), `A` `(rank, in)` and `B` `(out, rank)`. Keras'
 `Dense` holds `W` transposed as `kernel` `(in, out)`, and after
 `enable_lora(rank)` adds `(lora_alpha / lora_rank) * lora_kernel_a @
 lora_kernel_b`, so `lora_kernel_a` is `A` transposed and `lora_kernel_b`
-is `B` transposed. A `scale` given when a file is loaded multiplies
-`alpha`, as diffusers' adapter weights do.
+is `B` transposed.
 
-Two file formats, the ones people share (`FORMATS`):
+The layouts read are spellings of that one thing (`SPELLINGS`, data): a
+part's key prefix, the module path (with `.`, or with `_` as kohya writes
+it), and the suffixes of A (down), B (up) and alpha:
 
-- diffusers / peft, as diffusers' `save_lora_weights` and its training
-  scripts write `pytorch_lora_weights.safetensors`:
-  `unet.<module path>.lora_A.weight` `(rank, in)` and `.lora_B.weight`
-  `(out, rank)`, the text encoder's under `text_encoder.` (with or without
-  transformers' `text_model.`); alphas from `.alpha` keys or from the
-  file's `lora_adapter_metadata` (`unet.lora_alpha`, `unet.alpha_pattern`),
-  else `alpha = rank`;
-- kohya (sd-scripts; what AUTOMATIC1111 and ComfyUI users share):
-  `lora_unet_<module path, "_" for ".">.lora_down.weight`, `.lora_up.weight`
-  and `.alpha`; `lora_te_` for the text encoder.
+- peft, what diffusers' `save_lora_weights` writes from
+  `get_peft_model_state_dict`: `unet.<path>.lora_A.weight` / `.lora_B.weight`;
+- diffusers, what its training scripts write after
+  `convert_state_dict_to_diffusers`: `unet.<path>.lora.down.weight` /
+  `.lora.up.weight`, text encoders `.lora_linear_layer.down.weight`; and
+  its older attention-processor layout, `unet.<block>.processor.to_q_lora.
+  down.weight` (the module named by `LEGACY_NAMES`);
+- kohya / A1111: `lora_unet_<path with _>.lora_down.weight` / `.lora_up.
+  weight` and `.alpha`, `lora_te_` (or `lora_te1_`) for the text encoder,
+  LoRAs of convolutions (LoCon, 3x3 kernels of their own rank) included.
 
-LoRAs of convolutions (kohya's `proj_in` / `proj_out` of SD 1.x, LoCon's
-resnet convolutions) are added to the kernels when loaded: the PyTorch
-backend runs convolutions on a kernel of its own (`backend.conv2d`) that
-reads the kernel variable, not Keras' LoRA sum. Only dense layers keep a
-separate, trainable LoRA. Files are written in the peft format with each
-`alpha / rank` folded into `B`, which every reader takes at scale 1.
+A file mixes them freely, key by key, as diffusers' converters leave them.
+The alpha of a module is its `.alpha` key, else the one peft's config in
+the file's `lora_adapter_metadata` gives it (`lora_alpha`, `alpha_pattern`,
+rsLoRA), else the rank (scale 1). DoRA, LoHa and LoKr files are refused by
+name.
+
+Several LoRAs apply at once, as diffusers' adapters: `load_lora_weights(...,
+adapter_name=, scale=)` adds one, `set_adapters` weights them,
+`delete_adapters` removes one. One adapter at a time (the one `enable_lora`
+made, or the first loaded) lives in Keras' LoRA matrices of the dense
+layers, where `fit` trains it; the others, and every LoRA of a convolution
+(the PyTorch backend convolves with a kernel of its own, not Keras' LoRA
+sum), are added to the kernels and taken out again when removed or
+re-weighted. Files are written in the peft layout with `alpha / rank`
+folded into B, which every reader takes at scale 1, or in kohya's.
 
 The functions take the `StableDiffusion` model; its LoRA bookkeeping is a
 `LoraState` kept outside Keras' tracking.
@@ -53,41 +63,83 @@ ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 FEED_FORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 TEXT_PREFIX = "text_model."  # transformers' CLIPTextModel before version 5
+DEFAULT_ADAPTER = "default"
 
 # The model's parts a LoRA may touch: file name -> model attribute.
 PARTS = {"unet": "network", "text_encoder": "text_encoder"}
 
-# How each format names a module's matrices: the part's key prefix, how a
-# module path is spelled, and the suffixes of A (down), B (up) and alpha.
-FORMATS = {
-    "peft": {"prefixes": {"unet": "unet.", "text_encoder": "text_encoder."},
-             "spell": lambda path: path, "down": ".lora_A.weight", "up": ".lora_B.weight",
-             "alpha": ".alpha"},
-    "kohya": {"prefixes": {"unet": "lora_unet_", "text_encoder": "lora_te_"},
-              "spell": keras_name, "down": ".lora_down.weight", "up": ".lora_up.weight",
-              "alpha": ".alpha"},
+DIFFUSERS_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder."}
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": ("lora_te_", "lora_te1_")}
+# How each layout spells a module's LoRA: (layout, part prefixes, module path
+# written with "." or "_", {matrix: key suffix}). Tried in this order: a
+# longer suffix before one it ends with.
+SPELLINGS = (
+    ("peft", DIFFUSERS_PREFIXES, ".",
+     {"down": ".lora_A.weight", "up": ".lora_B.weight", "alpha": ".alpha"}),
+    ("diffusers", DIFFUSERS_PREFIXES, ".",
+     {"down": ".lora.down.weight", "up": ".lora.up.weight"}),
+    ("diffusers", DIFFUSERS_PREFIXES, ".",
+     {"down": ".lora_linear_layer.down.weight", "up": ".lora_linear_layer.up.weight"}),
+    ("diffusers attention processors", DIFFUSERS_PREFIXES, ".",
+     {"down": ".down.weight", "up": ".up.weight"}),
+    ("kohya", KOHYA_PREFIXES, "_",
+     {"down": ".lora_down.weight", "up": ".lora_up.weight", "alpha": ".alpha"}),
+)
+# The older attention-processor layout names a projection after its
+# processor's LoRA: the module it is the LoRA of, per part.
+LEGACY_NAMES = {
+    "unet": {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v",
+             "to_out_lora": "to_out.0"},
+    "text_encoder": {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj",
+                     "to_out_lora": "out_proj"},
 }
-# Key prefixes of LoRAs for other model families, named in the error.
-# kohya names SDXL's UNet modules as the original (SGM) layout does.
-FOREIGN_PREFIXES = {"lora_te1_": "SDXL", "lora_te2_": "SDXL", "text_encoder_2.": "SDXL",
-                    "lora_unet_input_blocks_": "SDXL", "lora_unet_middle_block_": "SDXL",
-                    "lora_unet_output_blocks_": "SDXL", "transformer.": "SD3 / Flux",
-                    "lora_transformer_": "SD3 / Flux"}
-# Parts of LoRA variants this module does not read.
-UNSUPPORTED = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "lora_B.bias": "LoRA biases",
-               "hada_": "LoHa", "lokr_": "LoKr"}
+# What a file's keys say of the family it was made for, checked in order
+# (Flux shares SD 3's add_q_proj), named when its keys do not fit.
+FAMILY_TELLTALES = (
+    ("double_blocks", "Flux"), ("single_blocks", "Flux"),
+    ("single_transformer_blocks", "Flux"), ("add_q_proj", "SD 3"), ("joint_blocks", "SD 3"),
+    ("context_embedder", "SD 3"), ("lora_te2_", "SDXL"), ("text_encoder_2.", "SDXL"),
+    ("add_embedding", "SDXL"), ("label_emb", "SDXL"), ("lora_unet_input_blocks_", "SDXL"),
+    ("lora_unet_middle_block_", "SDXL"), ("lora_unet_output_blocks_", "SDXL"),
+)
+# Adapters of another kind than LoRA, refused by name: key marker -> format.
+UNSUPPORTED = {"dora_scale": "DoRA (weight-decomposed LoRA)",
+               "lora_magnitude_vector": "DoRA (weight-decomposed LoRA)",
+               "hada_w1_a": "LyCORIS LoHa", "hada_w2_a": "LyCORIS LoHa",
+               "lokr_w1": "LyCORIS LoKr", "lokr_w2": "LyCORIS LoKr",
+               "lora_B.bias": "LoRA with biases (peft's lora_bias)"}
+READ = "LoRA files of SD 1.x / 2.x in the peft, diffusers and kohya layouts"
+
+
+class Adapter:
+    """One named LoRA: `entries` `{(part, module path): (down, up, alpha)}`
+    in the reference layout as the file gave them (alpha resolved), the
+    `weight` it is applied at (`set_adapters`), whether it is `active`, and
+    `merged` `{key: alpha / rank times the weight}` that its entries added
+    to kernels now."""
+
+    def __init__(self, entries, weight):
+        self.entries = entries
+        self.weight = float(weight)
+        self.active = True
+        self.merged = {}
+
+    @property
+    def strength(self):
+        return self.weight if self.active else 0.0
 
 
 class LoraState:
     """A model's LoRA: the dense layers with Keras' LoRA enabled, by
-    `(part, module path)`; the convolution LoRAs added to kernels at load
-    (`(down, up, alpha)` in the reference layout, alpha times the scale),
-    kept to be saved; and the layers `fuse_lora` merged, with the
+    `(part, module path)`; the adapters by name, in the order loaded; the
+    name of the one whose dense matrices those layers hold (`live`, None
+    when none does); and the layers `fuse_lora` merged, with the
     `(lora_alpha, merged alpha)` to restore."""
 
     def __init__(self):
         self.layers = {}
-        self.merged = {}
+        self.adapters = {}
+        self.live = None
         self.fused = {}
         self.enabled_by_user = False
 
@@ -98,8 +150,7 @@ def state_of(model):
 
 
 def has_lora(model):
-    state = state_of(model)
-    return bool(state.layers or state.merged)
+    return bool(state_of(model).adapters)
 
 
 # ------------------------------------------------------------ the layers
@@ -212,7 +263,7 @@ def enable_lora(model, rank=8, alpha=None, targets=ATTENTION_TARGETS, text_encod
     B zero, so the model's function starts unchanged. Afterwards only the
     LoRA matrices are trainable. `alpha` None is `rank` (scale 1)."""
     state = state_of(model)
-    if state.layers or state.merged:
+    if state.layers or state.adapters:
         how = "enable_lora was called" if state.enabled_by_user else "a LoRA was loaded"
         raise ValueError(f"the model already has LoRA layers ({how}); enable_lora is called "
                          "once per model. Load trained LoRA weights with load_lora_weights.")
@@ -231,9 +282,13 @@ def enable_lora(model, rank=8, alpha=None, targets=ATTENTION_TARGETS, text_encod
         chosen.update({("text_encoder", path): layer for path, layer in
                        _target_layers(model.text_encoder, text_targets, "text target").items()})
     initializer = _peft_a_initializer(seed)
+    alpha = float(rank if alpha is None else alpha)
     for key, layer in chosen.items():
-        _enable(layer, rank, rank if alpha is None else alpha, initializer)
+        _enable(layer, rank, alpha, initializer)
         state.layers[key] = layer
+    # The matrices live in the layers; the adapter keeps each module's alpha.
+    state.adapters[DEFAULT_ADAPTER] = Adapter({key: (None, None, alpha) for key in chosen}, 1.0)
+    state.live = DEFAULT_ADAPTER
     state.enabled_by_user = True
     _set_trainable(model)
     _changed(model)
@@ -275,31 +330,66 @@ def _metadata(path):
 def read_file(path):
     """`({key: numpy array}, metadata)` of a LoRA file (`.safetensors`, or a
     PyTorch `.bin` where it loads without running code) or of a folder
-    holding `pytorch_lora_weights.safetensors`."""
+    holding `pytorch_lora_weights.safetensors`. A truncated or corrupt
+    file raises one `ValueError` naming it."""
     from keras_diffusion.stable_diffusion import single_file
 
     path = _resolve(path, "LoRA")
     return single_file.read_weights(path), _metadata(path)
 
 
+def _module_tables(modules):
+    """`{part: {separator: {spelled path: module path}}}`: each module as the
+    layouts spell it, with `.` or `_`, and a text encoder's also without
+    transformers' `text_model.` (as transformers 5 names it)."""
+    tables = {}
+    for part, paths in modules.items():
+        tables[part] = {}
+        for separator in (".", "_"):
+            spelled = {}
+            for path in paths:
+                spelled[path.replace(".", separator)] = path
+                if path.startswith(TEXT_PREFIX):
+                    spelled[path[len(TEXT_PREFIX):].replace(".", separator)] = path
+            tables[part][separator] = spelled
+    return tables
+
+
+def _legacy(middle, part):
+    """A module path of the attention-processor layout (`attn1.processor.
+    to_q_lora`) as the path of the module it is the LoRA of (`attn1.to_q`)."""
+    names = [name for name in middle.split(".") if name != "processor"]
+    if names and names[-1] in LEGACY_NAMES[part]:
+        names[-1] = LEGACY_NAMES[part][names[-1]]
+    return ".".join(names)
+
+
 def _split_key(key, tables):
-    """`(format, part, module path, kind)` of a LoRA key, kind one of
-    `"down"`, `"up"`, `"alpha"`; None where the key is not one of ours."""
-    for name, spec in FORMATS.items():
-        for part, prefix in spec["prefixes"].items():
-            if not key.startswith(prefix):
+    """`(part, module path, matrix)` of a LoRA key, matrix one of `"down"`,
+    `"up"`, `"alpha"`, the path None where the key names no module of the
+    part; None where no spelling matches the key."""
+    for _, prefixes, separator, suffixes in SPELLINGS:
+        for part, prefix in prefixes.items():
+            prefix = next((p for p in ((prefix,) if isinstance(prefix, str) else prefix)
+                           if key.startswith(p)), None)
+            if prefix is None:
                 continue
-            for kind in ("down", "up", "alpha"):
-                if not key.endswith(spec[kind]):
-                    continue
-                spelled = key[len(prefix):-len(spec[kind])]
-                names = tables[part][name]
-                # transformers 5 names the text encoder's modules without text_model.
-                for candidate in (spelled, spec["spell"](TEXT_PREFIX) + spelled):
-                    if candidate in names:
-                        return name, part, names[candidate], kind
-                return name, part, None, kind
+            for matrix, suffix in suffixes.items():
+                if key.endswith(suffix) and len(key) > len(prefix) + len(suffix):
+                    middle = key[len(prefix):-len(suffix)]
+                    if separator == ".":
+                        middle = _legacy(middle, part)
+                    return part, tables[part][separator].get(middle), matrix
     return None
+
+
+def _refuse_other_kinds(keys):
+    """One error for a file of an adapter kind other than LoRA, by name."""
+    for key in keys:
+        for marker, kind in UNSUPPORTED.items():
+            if marker in key:
+                raise ValueError(f"the file is a {kind} adapter ({marker} in {key}), which "
+                                 f"keras_diffusion does not load; it reads {READ}.")
 
 
 def _alpha_from_metadata(metadata, part, path, rank):
@@ -309,10 +399,11 @@ def _alpha_from_metadata(metadata, part, path, rank):
     if not config:
         return None
     if config.get("use_dora"):
-        raise ValueError("the LoRA is a DoRA (use_dora in its metadata), which keras_diffusion "
-                         "does not load.")
+        raise ValueError(f"the file is a DoRA (weight-decomposed LoRA) adapter (use_dora in its "
+                         f"metadata), which keras_diffusion does not load; it reads {READ}.")
     alpha = config.get("lora_alpha")
     for pattern, value in (config.get("alpha_pattern") or {}).items():
+        pattern = pattern.lstrip("^")
         if path == pattern or path.endswith("." + pattern):
             alpha = value
     if alpha is None:
@@ -357,157 +448,299 @@ def _reference_shape(layer):
     return (kernel_out, kernel_in, kh, kw)
 
 
+def _misfit(problems, keys):
+    """The one error for keys that do not fit, naming the first few and the
+    family the file's keys look like."""
+    more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
+    look = next(((marker, family) for marker, family in FAMILY_TELLTALES
+                 if any(marker in key for key in keys)), None)
+    guess = (f"Its keys look like a LoRA for {look[1]} ({look[0]}); " if look else
+             "It may be a LoRA for another model (SD 2.x weights on an SD 1.x model, or "
+             "another family); ")
+    return (f"the LoRA does not fit this model: {'; '.join(problems[:5])}{more}. {guess}"
+            f"keras_diffusion reads {READ}.")
+
+
+def _key_problem(key, split):
+    family = next((family for marker, family in FAMILY_TELLTALES if marker in key), None)
+    if split is None or split[1] is None:
+        if family:
+            return f"{key} (a key of {family} LoRAs)"
+        return f"{key} (not a LoRA key)" if split is None else \
+            f"{key} (names no module of the {split[0]})"
+    return None
+
+
+def _pair_problem(part, path, matrices, layer):
+    if "down" not in matrices or "up" not in matrices:
+        return f"{part} {path} (its {'up' if 'up' not in matrices else 'down'} matrix is missing)"
+    down, up = matrices["down"], matrices["up"]
+    if down.ndim < 2 or up.ndim < 2:
+        return f"{part} {path} (matrices of shapes {down.shape} and {up.shape})"
+    if down.shape[0] != up.shape[1]:
+        return (f"{part} {path} (its down matrix {down.shape} has rank {down.shape[0]} but its "
+                f"up matrix {up.shape} rank {up.shape[1]})")
+    if not _fits(layer, down, up):
+        return (f"{part} {path} (shapes {down.shape} and {up.shape} do not fit its weight of "
+                f"shape {_reference_shape(layer)})")
+    return None
+
+
 def parse(state, metadata, model):
     """`{(part, module path): (down, up, alpha)}` of a LoRA state dict for
-    `model`, alpha None where the file gives none; raises one `ValueError`
-    naming the first keys that do not fit."""
+    `model`, alpha the rank where the file gives none; raises one
+    `ValueError` naming the first keys that do not fit, or the adapter kind
+    a file of another kind is."""
+    _refuse_other_kinds(state)
     modules = {part: module_layers(model_part) for part, model_part in _parts(model).items()}
-    tables = {part: {name: {spec["spell"](path): path for path in paths}
-                     for name, spec in FORMATS.items()} for part, paths in modules.items()}
+    tables = _module_tables(modules)
     found, problems = {}, []
     for key in sorted(state):
-        variant = next((name for marker, name in UNSUPPORTED.items() if marker in key), None)
-        if variant:
-            problems.append(f"{key} ({variant}, not supported)")
-            continue
-        family = next((family for prefix, family in FOREIGN_PREFIXES.items()
-                       if key.startswith(prefix)), None)
         split = _split_key(key, tables)
-        if family or split is None:
-            reason = f"a key of {family} LoRAs" if family else "not a LoRA key"
-            problems.append(f"{key} ({reason})")
+        problem = _key_problem(key, split)
+        if problem:
+            problems.append(problem)
             continue
-        _, part, path, kind = split
-        if path is None:
-            problems.append(f"{key} (names no module of the {part})")
-            continue
-        found.setdefault((part, path), {})[kind] = np.asarray(state[key], "float32")
+        part, path, matrix = split
+        found.setdefault((part, path), {})[matrix] = np.asarray(state[key], "float32")
     entries = {}
     for (part, path), matrices in found.items():
-        if "down" not in matrices or "up" not in matrices:
-            missing = "up" if "up" not in matrices else "down"
-            problems.append(f"{part} {path} (its {missing} matrix is missing)")
+        problem = _pair_problem(part, path, matrices, modules[part][path])
+        if problem:
+            problems.append(problem)
             continue
         down, up = matrices["down"], matrices["up"]
-        layer = modules[part][path]
-        if not _fits(layer, down, up):
-            problems.append(f"{part} {path} (shapes {down.shape} and {up.shape} do not fit its "
-                            f"weight of shape {_reference_shape(layer)})")
-            continue
         alpha = matrices.get("alpha")
         alpha = (float(np.reshape(alpha, ())) if alpha is not None
                  else _alpha_from_metadata(metadata, part, path, down.shape[0]))
-        entries[(part, path)] = (down, up, alpha)
+        entries[(part, path)] = (down, up, float(down.shape[0]) if alpha is None else alpha)
     if problems:
-        more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
-        raise ValueError(
-            f"the LoRA does not fit this model: {'; '.join(problems[:5])}{more}. It may be a "
-            "LoRA for another architecture (SDXL, or SD 2.x weights on an SD 1.x model); "
-            "keras_diffusion reads diffusers/peft and kohya LoRAs of SD 1.x / 2.x."
-        )
+        raise ValueError(_misfit(problems, state))
     if not entries:
         raise ValueError("the LoRA file holds no LoRA weights.")
     return entries
 
 
-# -------------------------------------------------------------- loading
-def _conv_delta(down, up, kernel_shape):
-    """`up @ down` as a convolution kernel in Keras' `(kh, kw, in, out)`."""
-    kh, kw = kernel_shape[:2]
+# ------------------------------------------------------------ the adapters
+def _lookup(model):
+    """`{(part, module path): layer}` of the model's dense and convolution layers."""
+    return {(part, path): layer for part, model_part in _parts(model).items()
+            for path, layer in module_layers(model_part).items()}
+
+
+def _check_scale(scale, what="scale"):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{what} must be a finite number; got {scale!r}.")
+    return float(scale)
+
+
+def _check_name(name):
+    if name is None:
+        return DEFAULT_ADAPTER
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter_name must be a non-empty string or None; got {name!r}.")
+    return name
+
+
+def _check_not_fused(state, doing):
+    if state.fused:
+        raise ValueError(f"a LoRA is fused into the weights; call unfuse_lora() before {doing}.")
+
+
+def _known(state, names):
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        if name not in state.adapters:
+            loaded = ", ".join(state.adapters) or "none"
+            raise ValueError(f"the model has no LoRA adapter named {name!r}; loaded: {loaded}.")
+    return names
+
+
+def _enabled_misfits(state, entries, dense):
+    """Why the file's dense modules do not fit the LoRA layers there are."""
+    problems = []
+    for key in sorted(dense):
+        layer, rank = state.layers.get(key), entries[key][0].shape[0]
+        if layer is None:
+            problems.append(f"{key[0]} {key[1]} (no LoRA layer there)")
+        elif rank != layer.lora_rank:
+            problems.append(f"{key[0]} {key[1]} (rank {rank}, the layer's {layer.lora_rank})")
+    problems.sort(key=lambda problem: "no LoRA layer" in problem)  # ranks first
+    return problems
+
+
+def _goes_live(state, name, entries, dense):
+    """Whether the adapter `name` loads into the layers' LoRA matrices
+    (where fit trains it) rather than into the kernels. Loading again under
+    the name of the adapter that lives there must fit its layers (to resume
+    training)."""
+    if state.live not in (None, name):
+        return False
+    problems = _enabled_misfits(state, entries, dense) if state.layers else []
+    if problems and state.live == name:
+        raise ValueError(
+            "the LoRA does not fit the model's LoRA layers (enabled before, by enable_lora or "
+            f"an earlier load): {'; '.join(problems[:5])}. Load it into a model without LoRA "
+            "(load the checkpoint again), under another adapter_name, or enable_lora with "
+            "the file's rank and modules."
+        )
+    return bool(dense) and not problems
+
+
+def _delta(layer, down, up):
+    """`up @ down` in the layout of the layer's kernel variable."""
+    if isinstance(layer, layers.Dense):
+        rank = down.shape[0]
+        return (_as_matrix(up, up.shape[0]) @ _as_matrix(down, rank)).T
+    kh, kw = layer.kernel.shape[:2]
     if down.ndim == 2:
         down = down.reshape(down.shape + (kh, kw))
     up = up.reshape(up.shape[0], up.shape[1])
-    delta = np.einsum("or,rihw->oihw", up, down)
-    return weights.to_keras(delta, "conv")
+    return weights.to_keras(np.einsum("or,rihw->oihw", up, down), "conv")
 
 
-def load_lora_weights(model, path, scale=1.0):
-    """Load a LoRA file (see the module docstring for the formats) with its
-    strength times `scale`. On a model without LoRA this enables Keras'
-    LoRA on the file's dense layers, with the file's ranks; on a model with
-    LoRA layers (`enable_lora`, or a LoRA loaded before) the file replaces
-    their values, and must fit their modules and ranks (e.g. to resume
-    training). Convolution LoRAs are added to their kernels. Afterwards
-    only the LoRA matrices are trainable."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number; got {scale!r}.")
-    _check_model(model)
-    state = state_of(model)
-    if state.fused:
-        raise ValueError("a LoRA is fused into the weights; call unfuse_lora() before loading "
-                         "another.")
-    tensors, metadata = read_file(path)
-    entries = parse(tensors, metadata, model)
-    dense = {key: entry for key, entry in entries.items()
-             if isinstance(_layer(model, key), layers.Dense)}
-    if state.layers:
-        _check_fits_enabled(state, dense)
-    _unmerge_convolutions(model, state)
-    updates = []
-    for key, (down, up, alpha) in entries.items():
-        rank = down.shape[0]
-        alpha = float(rank if alpha is None else alpha) * float(scale)
-        layer = _layer(model, key)
-        if key in dense:
-            updates.append((layer, key, _as_matrix(down, rank).T,
-                            _as_matrix(up, up.shape[0]).T, alpha))
-        else:
-            delta = _conv_delta(down, up, layer.kernel.shape) * (alpha / rank)
-            layer.kernel.assign(ops.convert_to_numpy(layer.kernel) + delta)
-            state.merged[key] = (down, up, alpha)
+def _add_to_kernel(layer, down, up, factor):
+    variable = layer._kernel if isinstance(layer, layers.Dense) else layer.kernel
+    value = ops.convert_to_numpy(variable)
+    variable.assign((value + _delta(layer, down, up) * factor).astype(value.dtype))
+
+
+def _apply(model, state):
+    """Bring the layers to what the adapters say: the live adapter's alphas
+    times its strength, every other entry in its kernel at its strength."""
+    live = state.adapters.get(state.live)
     for key, layer in state.layers.items():
-        if key not in dense:  # a layer the file leaves out contributes nothing
+        layer.lora_alpha = (live.entries[key][2] * live.strength
+                            if live is not None and key in live.entries else 0.0)
+    lookup = None
+    for adapter in state.adapters.values():
+        for key, (down, up, alpha) in adapter.entries.items():
+            if down is None or adapter is live and key in state.layers:
+                continue  # held by the LoRA layers (enable_lora's only there)
+            target = alpha * adapter.strength / down.shape[0]
+            current = adapter.merged.get(key, 0.0)
+            if target != current:
+                lookup = lookup or _lookup(model)
+                _add_to_kernel(lookup[key], down, up, target - current)
+            adapter.merged[key] = target
+
+
+def _make_live(model, state, name, dense):
+    """Put the adapter's dense matrices into the layers' LoRA (enabled where
+    needed, with the file's ranks); layers it leaves out get B = 0."""
+    lookup = _lookup(model)
+    for key, layer in state.layers.items():
+        if key not in dense:
             layer.lora_kernel_b.assign(np.zeros(layer.lora_kernel_b.shape, "float32"))
-    for layer, key, a, b, alpha in updates:
+    for key in dense:
+        down, up, alpha = state.adapters[name].entries[key]
+        layer, rank = lookup[key], down.shape[0]
         if not layer.lora_enabled:
-            _enable(layer, a.shape[1], alpha)
+            _enable(layer, rank, alpha)
             state.layers[key] = layer
-        layer.lora_kernel_a.assign(a)
-        layer.lora_kernel_b.assign(b)
-        layer.lora_alpha = alpha
+        layer.lora_kernel_a.assign(_as_matrix(down, rank).T)
+        layer.lora_kernel_b.assign(_as_matrix(up, up.shape[0]).T)
+    state.live = name
+
+
+def _remove(model, state, name):
+    adapter = state.adapters[name]
+    adapter.active = False
+    if state.live == name:
+        for layer in state.layers.values():
+            layer.lora_kernel_b.assign(np.zeros(layer.lora_kernel_b.shape, "float32"))
+        state.live = None
+    _apply(model, state)  # takes its merged entries out of the kernels
+    del state.adapters[name]
+
+
+def _settled(model):
     _set_trainable(model)
     _changed(model)
 
 
-def _unmerge_convolutions(model, state):
-    """Take the convolution LoRAs loaded before out of their kernels."""
-    for key, (down, up, alpha) in state.merged.items():
-        layer = _layer(model, key)
-        delta = _conv_delta(down, up, layer.kernel.shape) * (alpha / down.shape[0])
-        layer.kernel.assign(ops.convert_to_numpy(layer.kernel) - delta)
-    state.merged.clear()
+def load_lora_weights(model, path, scale=1.0, adapter_name=None):
+    """Load a LoRA file (see the module docstring for the layouts) as the
+    adapter `adapter_name` (None: `"default"`), applied at `scale`. An
+    adapter of that name is replaced; one of another name stays, and both
+    apply. On a model without LoRA layers the file's dense modules get
+    Keras' LoRA with its ranks (`fit` trains them); loading again under the
+    same name must fit those layers (to resume training). A refused file
+    changes nothing."""
+    scale = _check_scale(scale)
+    name = _check_name(adapter_name)
+    _check_model(model)
+    state = state_of(model)
+    _check_not_fused(state, "loading another")
+    tensors, metadata = read_file(path)
+    entries = parse(tensors, metadata, model)
+    lookup = _lookup(model)
+    dense = {key for key in entries if isinstance(lookup[key], layers.Dense)}
+    live = _goes_live(state, name, entries, dense)
+    if name in state.adapters:
+        _remove(model, state, name)
+    state.adapters[name] = Adapter(entries, scale)
+    if live:
+        _make_live(model, state, name, dense)
+    _apply(model, state)
+    _settled(model)
 
 
-def _layer(model, key):
-    part, path = key
-    return module_layers(getattr(model, PARTS[part]))[path]
+def set_adapters(model, adapter_names, weights=None):
+    """Apply only the adapters named (one name or a list), each at its
+    weight (`weights`: one number for all, a list, or None for 1.0), as
+    diffusers' `set_adapters`; the others stay loaded but apply nothing."""
+    state = state_of(model)
+    names = _known(state, adapter_names)
+    if weights is None or isinstance(weights, (int, float)) and not isinstance(weights, bool):
+        weights = [1.0 if weights is None else weights] * len(names)
+    if isinstance(weights, str) or not hasattr(weights, "__len__") or len(weights) != len(names):
+        raise ValueError(f"weights must be a number, None or one number per adapter "
+                         f"({len(names)}); got {weights!r}.")
+    weights = [_check_scale(weight, "each adapter weight") for weight in weights]
+    _check_not_fused(state, "set_adapters")
+    chosen = dict(zip(names, weights))
+    for name, adapter in state.adapters.items():
+        adapter.active = name in chosen
+        adapter.weight = chosen.get(name, adapter.weight)
+    _apply(model, state)
+    _settled(model)
 
 
-def _check_fits_enabled(state, dense):
-    problems = []
-    for key, (down, _, _) in sorted(dense.items()):
-        layer = state.layers.get(key)
-        if layer is None:
-            problems.append(f"{key[0]} {key[1]} (no LoRA layer there)")
-        elif down.shape[0] != layer.lora_rank:
-            problems.append(f"{key[0]} {key[1]} (rank {down.shape[0]}, the layer's "
-                            f"{layer.lora_rank})")
-    problems.sort(key=lambda problem: "no LoRA layer" in problem)  # ranks first
-    if problems:
-        raise ValueError(
-            "the LoRA does not fit the model's LoRA layers (enabled before, by enable_lora or "
-            f"an earlier load): {'; '.join(problems[:5])}. Load it into a model without LoRA "
-            "(load the checkpoint again), or enable_lora with the file's rank and modules."
-        )
+def delete_adapters(model, adapter_names):
+    """Remove the adapters named (one name or a list): what they added
+    leaves the kernels (up to rounding), and their LoRA matrices are zeroed."""
+    state = state_of(model)
+    names = _known(state, adapter_names)
+    _check_not_fused(state, "deleting adapters")
+    for name in names:
+        _remove(model, state, name)
+    _settled(model)
+
+
+def unload_lora_weights(model):
+    """Remove every adapter (`delete_adapters` of them all)."""
+    state = state_of(model)
+    if state.adapters:
+        delete_adapters(model, list(state.adapters))
+
+
+def get_active_adapters(model):
+    return [name for name, adapter in state_of(model).adapters.items() if adapter.active]
+
+
+def get_list_adapters(model):
+    return list(state_of(model).adapters)
 
 
 # ------------------------------------------------------------ fuse, unfuse
 def fuse_lora(model, scale=1.0):
     """Add each dense layer's LoRA, times `scale`, to its kernel, and stop
     adding it in the forward pass (its `lora_alpha` is 0 until
-    `unfuse_lora`). Convolution LoRAs are in their kernels already."""
+    `unfuse_lora`). Convolution LoRAs and adapters other than the one in
+    the LoRA layers are in their kernels already."""
     state = state_of(model)
-    if not state.layers:
+    if not state.adapters:
         raise ValueError("the model has no LoRA layers to fuse; load_lora_weights or "
                          "enable_lora first.")
     if state.fused:
@@ -542,48 +775,61 @@ def _lora_product(layer):
 
 
 # ---------------------------------------------------------------- saving
-def lora_state_dict(model, format="peft"):
-    """The model's LoRA as a `{key: float32 array}` of `format` ("peft" or
-    "kohya"): dense layers' from their LoRA matrices, convolutions' as they
-    were loaded. peft keys hold `alpha / rank` folded into B (readers take
-    such files at scale 1); kohya keys hold B as trained and `.alpha`."""
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {format!r}.")
-    state = state_of(model)
-    if not has_lora(model):
+def _adapter_to_save(state, adapter_name):
+    if not state.adapters:
         raise ValueError("the model has no LoRA to save; call enable_lora (then fit) or "
                          "load_lora_weights first.")
-    matrices = {}
-    for key, layer in state.layers.items():
-        alpha = state.fused[key][0] if key in state.fused else layer.lora_alpha
-        down = ops.convert_to_numpy(layer.lora_kernel_a).astype("float32").T
-        up = ops.convert_to_numpy(layer.lora_kernel_b).astype("float32").T
-        matrices[key] = (down, up, alpha)
-    matrices.update(state.merged)
-    spec = FORMATS[format]
+    if adapter_name is not None:
+        return _known(state, [adapter_name])[0]
+    if state.live is not None:
+        return state.live
+    if len(state.adapters) == 1:
+        return next(iter(state.adapters))
+    raise ValueError(f"the model holds the LoRA adapters {', '.join(state.adapters)}; name the "
+                     "one to save with adapter_name.")
+
+
+def lora_state_dict(model, format="peft", adapter_name=None):
+    """One adapter's LoRA (`adapter_name`; None: the one in the LoRA layers,
+    which fit trains) as a `{key: float32 array}` of `format` ("peft" or
+    "kohya"), its alphas times the weight it applies at: dense layers' from
+    their LoRA matrices, the rest as loaded. peft keys hold `alpha / rank`
+    folded into B (readers take such files at scale 1); kohya keys hold B
+    and `.alpha`."""
+    if format not in ("peft", "kohya"):
+        raise ValueError(f"format must be one of peft, kohya; got {format!r}.")
+    state = state_of(model)
+    name = _adapter_to_save(state, adapter_name)
+    adapter = state.adapters[name]
     out = {}
-    for (part, path), (down, up, alpha) in sorted(matrices.items()):
-        name = spec["prefixes"][part] + spec["spell"](path)
-        rank = down.shape[0]
+    for (part, path), (down, up, alpha) in sorted(adapter.entries.items()):
+        layer = state.layers.get((part, path)) if name == state.live else None
+        if layer is not None:
+            down = ops.convert_to_numpy(layer.lora_kernel_a).astype("float32").T
+            up = ops.convert_to_numpy(layer.lora_kernel_b).astype("float32").T
+        alpha, rank = alpha * adapter.weight, down.shape[0]
         if format == "peft":
-            out[name + spec["down"]] = down
-            out[name + spec["up"]] = up * np.float32(alpha / rank)
+            key = DIFFUSERS_PREFIXES[part] + path
+            out[key + ".lora_A.weight"] = down
+            out[key + ".lora_B.weight"] = up * np.float32(alpha / rank)
         else:
-            out[name + spec["down"]] = down
-            out[name + spec["up"]] = up
-            out[name + spec["alpha"]] = np.asarray(alpha, "float32")
+            key = KOHYA_PREFIXES[part]
+            key = (key if isinstance(key, str) else key[0]) + keras_name(path)
+            out[key + ".lora_down.weight"] = down
+            out[key + ".lora_up.weight"] = up
+            out[key + ".alpha"] = np.asarray(alpha, "float32")
     return {key: np.ascontiguousarray(value, "float32") for key, value in out.items()}
 
 
-def save_lora_weights(model, path, format="peft"):
-    """Write the model's LoRA to `path`: a `.safetensors` file, or a folder
-    (made if needed) that gets `pytorch_lora_weights.safetensors`, the
-    file diffusers' `load_lora_weights` looks for. Written to a temporary
-    file and renamed, so a failure leaves nothing half-written. Returns
-    the file's path."""
+def save_lora_weights(model, path, format="peft", adapter_name=None):
+    """Write one adapter's LoRA (see `lora_state_dict`) to `path`: a
+    `.safetensors` file, or a folder (made if needed) that gets
+    `pytorch_lora_weights.safetensors`, the file diffusers'
+    `load_lora_weights` looks for. Written to a temporary file and renamed,
+    so a failure leaves nothing half-written. Returns the file's path."""
     from safetensors.numpy import save_file
 
-    tensors = lora_state_dict(model, format=format)
+    tensors = lora_state_dict(model, format=format, adapter_name=adapter_name)
     path = Path(os.fspath(path))
     if path.suffix != ".safetensors":
         path.mkdir(parents=True, exist_ok=True)

@@ -200,19 +200,44 @@ class StableDiffusion(LatentDiffusionModel):
         lora.enable_lora(self, rank=rank, alpha=alpha, targets=targets,
                          text_encoder=text_encoder, seed=seed)
 
-    def load_lora_weights(self, path, scale=1.0):
-        """Load a LoRA file or folder in diffusers/peft or kohya format, its
-        strength times `scale`: `keras_diffusion.stable_diffusion.lora.
-        load_lora_weights`. A LoRA for another architecture raises one
-        `ValueError` naming the first keys that do not fit."""
-        lora.load_lora_weights(self, path, scale=scale)
+    def load_lora_weights(self, path, scale=1.0, adapter_name=None):
+        """Load a LoRA file or folder as diffusers' training scripts, peft,
+        kohya or A1111 wrote it, applied at `scale`, as the adapter
+        `adapter_name` (None: "default", replaced by a later load of the
+        same name; another name adds a LoRA, and all apply):
+        `keras_diffusion.stable_diffusion.lora.load_lora_weights`. A LoRA
+        for another model raises one `ValueError` naming the first keys
+        that do not fit, and changes nothing."""
+        lora.load_lora_weights(self, path, scale=scale, adapter_name=adapter_name)
 
-    def save_lora_weights(self, path, format="peft"):
+    def set_adapters(self, adapter_names, weights=None):
+        """Apply only the LoRA adapters named, each at its weight (one
+        number, one per adapter, or None for 1.0), as diffusers does."""
+        lora.set_adapters(self, adapter_names, weights)
+
+    def delete_adapters(self, adapter_names):
+        """Remove the LoRA adapters named (one name or a list)."""
+        lora.delete_adapters(self, adapter_names)
+
+    def unload_lora_weights(self):
+        """Remove every LoRA adapter."""
+        lora.unload_lora_weights(self)
+
+    def get_active_adapters(self):
+        """The names of the LoRA adapters that apply now."""
+        return lora.get_active_adapters(self)
+
+    def get_list_adapters(self):
+        """The names of the LoRA adapters loaded, active or not."""
+        return lora.get_list_adapters(self)
+
+    def save_lora_weights(self, path, format="peft", adapter_name=None):
         """Write the LoRA as `pytorch_lora_weights.safetensors` in the folder
         `path` (or to `path` if it ends with `.safetensors`), in diffusers'
         peft format (`format="peft"`, which diffusers' `load_lora_weights`
-        reads) or kohya's (`"kohya"`). Returns the file's path."""
-        return lora.save_lora_weights(self, path, format=format)
+        reads) or kohya's (`"kohya"`): the adapter `adapter_name`, by
+        default the one `fit` trains. Returns the file's path."""
+        return lora.save_lora_weights(self, path, format=format, adapter_name=adapter_name)
 
     def fuse_lora(self, scale=1.0):
         """Merge the LoRA, times `scale`, into the base kernels (sampling
