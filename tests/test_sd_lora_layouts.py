@@ -295,6 +295,20 @@ def test_a_named_adapter_saves_to_a_file_diffusers_reads(made, tmp_path):
                                atol=1e-4)
 
 
+def test_a_pickled_file_in_a_folder_loads_as_its_safetensors(made, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    setup = made["sd1"]
+    torch.save(load_file(setup["files"]["kohya"]), tmp_path / "pytorch_lora_weights.bin")
+    pickled, safe = kd.load_model(setup["folder"]), kd.load_model(setup["folder"])
+    pickled.load_lora_weights(tmp_path)
+    safe.load_lora_weights(setup["files"]["kohya"])
+    expected = _weights(safe)
+    for path, value in _weights(pickled).items():
+        np.testing.assert_array_equal(value, expected[path], err_msg=path)
+
+
 # ------------------------------------------------------------- bad input
 def _weights(model):
     return {v.path: keras.ops.convert_to_numpy(v).copy()

@@ -59,6 +59,7 @@ from keras_diffusion.stable_diffusion import weights
 from keras_diffusion.stable_diffusion.vae import keras_name
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+PICKLED_WEIGHT_NAME = "pytorch_lora_weights.bin"  # what diffusers wrote before safetensors
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 FEED_FORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -298,12 +299,14 @@ def enable_lora(model, rank=8, alpha=None, targets=ATTENTION_TARGETS, text_encod
 def _resolve(path, what):
     path = Path(os.fspath(path))
     if path.is_dir():
-        candidates = [path / WEIGHT_NAME] if (path / WEIGHT_NAME).is_file() else sorted(
-            path.glob("*.safetensors"))
+        named = [path / name for name in (WEIGHT_NAME, PICKLED_WEIGHT_NAME)
+                 if (path / name).is_file()]
+        candidates = named[:1] or sorted(path.glob("*.safetensors"))
         if len(candidates) != 1:
             raise FileNotFoundError(
                 f"{path} holds {'no' if not candidates else 'several'} .safetensors files; "
-                f"expected {WEIGHT_NAME} (or one .safetensors file), or pass the {what} file.")
+                f"expected {WEIGHT_NAME} (or {PICKLED_WEIGHT_NAME}, or one .safetensors file), "
+                f"or pass the {what} file.")
         return candidates[0]
     if not path.is_file():
         raise FileNotFoundError(f"no LoRA file at {path}.")
