@@ -370,3 +370,212 @@ def check_steps(steps, timesteps):
         raise ValueError(
             f"steps must be an integer from 1 to the schedule's timesteps ({timesteps}); got {steps!r}."
         )
+
+
+# ----------------------------------------------------------------------------
+# Flow matching (rectified flow; Lipman et al. 2023, Liu et al. 2023), as
+# Stable Diffusion 3 (Esser et al. 2024) trains and samples it: x_t = (1 -
+# sigma) x0 + sigma noise, the network predicts the velocity noise - x0 and is
+# called with t = sigma * timesteps.
+# ----------------------------------------------------------------------------
+TIME_SHIFTS = ("exponential", "linear")
+TIMESTEP_DENSITIES = ("uniform", "logit_normal", "mode")
+FLOW_LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+
+
+@keras.saving.register_keras_serializable(package="keras_diffusion", name="FlowMatchSchedule")
+class FlowMatchSchedule(keras.layers.Layer):
+    """A flow-matching noise schedule, the numbers of diffusers'
+    `FlowMatchEulerDiscreteScheduler` from the same settings.
+
+    Holds no weights; its tables are float32 constants whatever the dtype
+    policy.
+
+    Args:
+        timesteps: number of training timesteps N; the network sees
+            `t = sigma * N`.
+        shift: the fixed time shift `shift s / (1 + (shift - 1) s)` of every
+            sigma (SD 3 uses 3.0; 1.0 is none), when not dynamic.
+        use_dynamic_shifting: shift by `mu`, the image's own (Flux; SD 3.5
+            optional), given at sampling time; `mu_for` computes it from the
+            image's token count as diffusers' `calculate_shift` does.
+        base_shift, max_shift, base_image_seq_len, max_image_seq_len: the
+            line from (base_image_seq_len, base_shift) to
+            (max_image_seq_len, max_shift) that gives `mu`.
+        time_shift_type: `"exponential"` (e^mu / (e^mu + 1/s - 1)) or
+            `"linear"` (mu / (mu + 1/s - 1)).
+        shift_terminal: when set, the sampling sigmas are stretched to end at
+            this value (LTX-Video's schedules).
+        stochastic_sampling: the default of the Euler sampler's
+            re-noising variant (diffusers' `stochastic_sampling`).
+
+    Images are `(B, H, W, C)` tensors; `sigma` a `(B,)` float tensor in [0, 1].
+
+    Example:
+
+    >>> schedule = FlowMatchSchedule(shift=3.0)
+    >>> x_t = schedule.add_noise(x0, noise, sigma)
+    >>> x0_hat = schedule.predict_x0(x_t, velocity, sigma)
+    """
+
+    def __init__(self, timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
+                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+                 time_shift_type="exponential", shift_terminal=None, stochastic_sampling=False,
+                 **kwargs):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+        check_integer("timesteps", timesteps, low=2)
+        for name, value in (("shift", shift), ("base_shift", base_shift),
+                            ("max_shift", max_shift)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name} must be a positive number; got {value!r}.")
+        check_integer("base_image_seq_len", base_image_seq_len, low=1)
+        check_integer("max_image_seq_len", max_image_seq_len, low=base_image_seq_len + 1)
+        if time_shift_type not in TIME_SHIFTS:
+            raise ValueError(f"time_shift_type must be one of {', '.join(TIME_SHIFTS)}; got "
+                             f"{time_shift_type!r}.")
+        if shift_terminal is not None and not 0 < shift_terminal < 1:
+            raise ValueError(f"shift_terminal must be in (0, 1) or None; got {shift_terminal!r}.")
+        self.timesteps = int(timesteps)
+        self.shift = float(shift)
+        self.use_dynamic_shifting = bool(use_dynamic_shifting)
+        self.base_shift, self.max_shift = float(base_shift), float(max_shift)
+        self.base_image_seq_len = int(base_image_seq_len)
+        self.max_image_seq_len = int(max_image_seq_len)
+        self.time_shift_type = time_shift_type
+        self.shift_terminal = None if shift_terminal is None else float(shift_terminal)
+        self.stochastic_sampling = bool(stochastic_sampling)
+        # The training sigmas, N down to 1 over N, shifted unless the shift is dynamic.
+        sigmas = np.linspace(1, self.timesteps, self.timesteps, dtype=np.float32)[::-1]
+        sigmas = sigmas / np.float32(self.timesteps)
+        self.training_sigmas = (sigmas if self.use_dynamic_shifting
+                                else self._fixed_shift(sigmas)).astype(np.float32)
+        self.built = True
+
+    # ------------------------------------------------------------ noise levels
+    def _fixed_shift(self, sigmas):
+        return self.shift * sigmas / (1 + (self.shift - 1) * sigmas)
+
+    def mu_for(self, image_seq_len):
+        """The dynamic shift of an image of `image_seq_len` tokens (latent
+        pixels over the patch area): linear between the base and max points."""
+        slope = (self.max_shift - self.base_shift) / (self.max_image_seq_len
+                                                      - self.base_image_seq_len)
+        return image_seq_len * slope + self.base_shift - slope * self.base_image_seq_len
+
+    def time_shift(self, sigmas, mu):
+        """`sigmas` shifted by `mu` (Esser 2024, eq. 23 with e^mu for the
+        ratio of resolutions)."""
+        sigmas = np.asarray(sigmas, np.float32)
+        with np.errstate(divide="ignore"):
+            odds = 1.0 / sigmas - 1.0
+        if self.time_shift_type == "exponential":
+            return (math.exp(mu) / (math.exp(mu) + odds)).astype(np.float32)
+        return (mu / (mu + odds)).astype(np.float32)
+
+    def sampling_sigmas(self, steps, mu=None):
+        """The `steps + 1` descending sigmas of a `steps`-step run, the last 0,
+        as diffusers' `set_timesteps(steps, mu=mu)` gives them (float32)."""
+        check_integer("steps", steps, low=1)
+        if self.use_dynamic_shifting and mu is None:
+            raise ValueError("this schedule shifts by the image (use_dynamic_shifting): pass mu, "
+                             "e.g. schedule.mu_for(image_seq_len).")
+        high, low = self.training_sigmas[0], self.training_sigmas[-1]
+        sigmas = (np.linspace(high * self.timesteps, low * self.timesteps, steps)
+                  / self.timesteps).astype(np.float32)
+        sigmas = (self.time_shift(sigmas, mu) if self.use_dynamic_shifting
+                  else self._fixed_shift(sigmas).astype(np.float32))
+        if self.shift_terminal is not None:
+            remaining = 1.0 - sigmas
+            sigmas = (1.0 - remaining / (remaining[-1] / (1.0 - self.shift_terminal)))
+        return np.append(sigmas.astype(np.float32), np.float32(0.0))
+
+    def network_timesteps(self, sigmas):
+        """What the network is called with: `sigma * timesteps`."""
+        return ops.cast(sigmas, "float32") * float(self.timesteps)
+
+    # ------------------------------------------------------ the interpolation
+    def _expand(self, sigma, like):
+        sigma = ops.cast(sigma, "float32")
+        return ops.reshape(sigma, (-1,) + (1,) * (len(like.shape) - 1))
+
+    def add_noise(self, x0, noise, sigma):
+        """x_t = (1 - sigma) x0 + sigma noise (diffusers' `scale_noise`)."""
+        x0 = ops.cast(x0, "float32")
+        sigma = self._expand(sigma, x0)
+        return (1.0 - sigma) * x0 + sigma * ops.cast(noise, "float32")
+
+    def call(self, x0, noise, sigma):
+        return self.add_noise(x0, noise, sigma)
+
+    def target(self, x0, noise):
+        """The velocity the network learns: d x_t / d sigma = noise - x0."""
+        return ops.cast(noise, "float32") - ops.cast(x0, "float32")
+
+    def predict_x0(self, x_t, velocity, sigma):
+        """x0 = x_t - sigma v."""
+        return ops.cast(x_t, "float32") - self._expand(sigma, x_t) * ops.cast(velocity, "float32")
+
+    def predict_noise(self, x_t, velocity, sigma):
+        """noise = x_t + (1 - sigma) v."""
+        sigma = self._expand(sigma, x_t)
+        return ops.cast(x_t, "float32") + (1.0 - sigma) * ops.cast(velocity, "float32")
+
+    def velocity(self, x_t, x0, sigma):
+        """v from x_t and an x0 estimate: (x_t - x0) / sigma."""
+        return (ops.cast(x_t, "float32") - ops.cast(x0, "float32")) / self._expand(sigma, x_t)
+
+    # --------------------------------------------------------------- training
+    def timestep_density(self, u, density="uniform", logit_mean=0.0, logit_std=1.0,
+                         mode_scale=1.29):
+        """Training's u in [0, 1) drawn from a density (Esser 2024, section
+        3.1), as diffusers' `compute_density_for_timestep_sampling`, from
+        its raw draw `u`: standard normal for `"logit_normal"` (u =
+        sigmoid(mean + std u)), uniform otherwise; `"mode"` maps a uniform u
+        to 1 - u - scale (cos^2(pi u / 2) - 1 + u)."""
+        if density not in TIMESTEP_DENSITIES:
+            raise ValueError(f"density must be one of {', '.join(TIMESTEP_DENSITIES)}; got "
+                             f"{density!r}.")
+        u = ops.cast(u, "float32")
+        if density == "logit_normal":
+            return ops.sigmoid(logit_mean + logit_std * u)
+        if density == "mode":
+            return 1.0 - u - mode_scale * (ops.cos(math.pi * u / 2.0) ** 2 - 1.0 + u)
+        return u
+
+    def draw_sigmas(self, batch_size, seed=None, density="uniform", **options):
+        """`(B,)` training sigmas: u from `timestep_density`, the training
+        sigma at index floor(u N), as diffusers' SD 3 scripts pick them."""
+        from keras import random
+
+        raw = (random.normal if density == "logit_normal" else random.uniform)(
+            (batch_size,), seed=seed)
+        u = self.timestep_density(raw, density, **options)
+        index = ops.clip(ops.cast(u * self.timesteps, "int32"), 0, self.timesteps - 1)
+        return ops.take(ops.convert_to_tensor(self.training_sigmas), index)
+
+    def loss_weight(self, sigma, weighting="none"):
+        """Per-example loss weights (diffusers' `compute_loss_weighting_for_sd3`):
+        `"sigma_sqrt"` 1 / sigma^2, `"cosmap"` 2 / (pi (1 - 2 sigma + 2 sigma^2))
+        (Esser 2024, section 3.1), else 1."""
+        if weighting not in FLOW_LOSS_WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(FLOW_LOSS_WEIGHTINGS)}; got "
+                             f"{weighting!r}.")
+        sigma = ops.cast(sigma, "float32")
+        if weighting == "sigma_sqrt":
+            return sigma ** -2.0
+        if weighting == "cosmap":
+            return 2.0 / (math.pi * (1.0 - 2.0 * sigma + 2.0 * sigma ** 2))
+        return ops.ones_like(sigma)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("dtype", None)
+        config.update(timesteps=self.timesteps, shift=self.shift,
+                      use_dynamic_shifting=self.use_dynamic_shifting,
+                      base_shift=self.base_shift, max_shift=self.max_shift,
+                      base_image_seq_len=self.base_image_seq_len,
+                      max_image_seq_len=self.max_image_seq_len,
+                      time_shift_type=self.time_shift_type, shift_terminal=self.shift_terminal,
+                      stochastic_sampling=self.stochastic_sampling)
+        return config
