@@ -12,6 +12,7 @@ from pathlib import Path
 
 from keras_diffusion import _with_xla_flag
 from keras_diffusion.data import DATASETS  # numpy only: Keras still loads after --backend
+from keras_diffusion.precision import DTYPES
 from keras_diffusion.precision import PRECISIONS
 from keras_diffusion.quiet import quiet_stderr
 
@@ -33,6 +34,12 @@ class CommandError(Exception):
 
 def _common(parser):
     parser.add_argument("--backend", choices=BACKENDS, help="Keras backend (sets KERAS_BACKEND)")
+
+
+def _dtype_argument(parser):
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="keep a Stable Diffusion checkpoint's weights in this dtype (half "
+                             "the memory in bfloat16 or float16; default float32)")
 
 
 def _precision_argument(parser):
@@ -68,6 +75,7 @@ def _train_autoencoder_arguments(train):
 
 def _sample_arguments(sample):
     sample.add_argument("--model", required=True, help=MODEL_HELP)
+    _dtype_argument(sample)
     sample.add_argument("--config", help=CONFIG_HELP)
     sample.add_argument("--lora", action="append",
                         help="a LoRA to apply: a .safetensors file or a folder holding "
@@ -112,6 +120,7 @@ def _image_size(text):
 
 def _finetune_arguments(finetune):
     finetune.add_argument("--model", required=True, help=MODEL_HELP)
+    _dtype_argument(finetune)
     finetune.add_argument("--config", help=CONFIG_HELP)
     finetune.add_argument("--data-dir", required=True,
                           help="folder of training images: with a metadata.jsonl of captions, or "
@@ -153,7 +162,7 @@ def _finetune(args):
     from keras_diffusion.model import load_model
     from keras_diffusion.stable_diffusion.finetuning import finetune
 
-    model = load_model(args.model, config=args.config)
+    model = load_model(args.model, config=args.config, dtype=args.dtype)
     if not hasattr(model, "enable_lora"):
         raise CommandError(f"finetune takes a Stable Diffusion checkpoint; {args.model} holds a "
                            f"{type(model).__name__} (train it with keras-diffusion train)")
@@ -172,12 +181,14 @@ def _finetune(args):
 
 def _convert_arguments(convert):
     convert.add_argument("--model", required=True, help=MODEL_HELP)
+    _dtype_argument(convert)
     convert.add_argument("--config", help=CONFIG_HELP)
     convert.add_argument("--out", required=True, help=".keras file to write")
 
 
 def _export_arguments(export):
     export.add_argument("--model", required=True, help=MODEL_HELP)
+    _dtype_argument(export)
     export.add_argument("--out", required=True,
                         help="SavedModel directory to write (a .onnx file with --format onnx)")
     export.add_argument("--format", choices=("tf_saved_model", "onnx"), default="tf_saved_model",
@@ -192,6 +203,7 @@ def _export_arguments(export):
 
 def _evaluate_arguments(evaluate):
     evaluate.add_argument("--model", required=True, help=MODEL_HELP)
+    _dtype_argument(evaluate)
     _precision_argument(evaluate)
     evaluate.add_argument("--num", type=int, default=10000, help="samples to generate and score")
     evaluate.add_argument("--sampler", default="dpmpp_2m")
@@ -290,7 +302,8 @@ def _sample(args):
     from keras_diffusion.images import write_images
     from keras_diffusion.model import load_model
 
-    model = load_model(args.model, precision=args.precision, config=args.config)
+    model = load_model(args.model, precision=args.precision, config=args.config,
+                       dtype=args.dtype)
     if args.lora:
         if not hasattr(model, "load_lora_weights"):
             raise CommandError(f"--lora needs a Stable Diffusion model; {args.model} holds a "
@@ -342,7 +355,7 @@ def _convert(args):
     from keras_diffusion.images import atomic_write
     from keras_diffusion.model import load_model
 
-    model = load_model(args.model, config=args.config)
+    model = load_model(args.model, config=args.config, dtype=args.dtype)
     atomic_write(args.out, model.save)
     size = os.path.getsize(args.out) / 2**20
     print(f"wrote {args.out} ({type(model).__name__}, {size:.0f} MB); "
@@ -357,7 +370,7 @@ def _export(args):
     from keras_diffusion import backend
     from keras_diffusion.model import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, dtype=args.dtype)
     if args.format == "onnx":
         model.export(args.out, format="onnx", verbose=False)
         print(f"wrote predict_noise to {args.out}")
@@ -391,7 +404,7 @@ def _evaluate(args):
     dataset = args.dataset or dataset_of_run(args.model)
     feature_net = get_feature_net(args.feature_net or dataset)
     reference, _ = load_dataset(dataset, args.data_dir, split="test")
-    model = load_model(args.model, precision=args.precision)
+    model = load_model(args.model, precision=args.precision, dtype=args.dtype)
     # A prompted model is scored on prompts from templates it never saw in training.
     prompts = class_prompts(dataset, "held_out") if model.prompted else None
     scores = score_model(
@@ -464,6 +477,7 @@ def _push(args):
 
 def _demo_arguments(demo):
     demo.add_argument("--model", required=True, help=MODEL_HELP)
+    _dtype_argument(demo)
     _precision_argument(demo)
     demo.add_argument("--port", type=int, default=7860)
     demo.add_argument("--host", default="127.0.0.1",
@@ -478,7 +492,7 @@ def _demo(args):
     from keras_diffusion import demo
     from keras_diffusion.model import load_model
 
-    model = load_model(args.model, precision=args.precision)
+    model = load_model(args.model, precision=args.precision, dtype=args.dtype)
     examples = demo.test_images(args.model, args.data_dir)
     print(f"serving {args.model} on http://{args.host}:{args.port} "
           f"({'no test images: pass --data-dir' if examples is None else 'with test images'}; "
@@ -530,6 +544,7 @@ def _interpolate_arguments(interpolate):
 
 def _application_arguments(parser, inputs=True):
     parser.add_argument("--model", required=True, help=MODEL_HELP)
+    _dtype_argument(parser)
     _precision_argument(parser)
     if inputs:
         parser.add_argument("--input", required=True, help="a .png/.jpg image or an .npz of images")
@@ -614,7 +629,7 @@ def _interpolate(args):
     from keras_diffusion.images import read_images
     from keras_diffusion.model import load_model
 
-    model = load_model(args.model, precision=args.precision)
+    model = load_model(args.model, precision=args.precision, dtype=args.dtype)
     ends = args.seeds if args.input is None else [_one_image(read_images(path), path) for path in args.input]
     frames = model.interpolate(
         ends[0], ends[1], num=args.num, steps=args.steps, labels=_cycled(args.label, args.num),
@@ -646,7 +661,7 @@ def _load_model_and_input(args, noisy=False):
     from keras_diffusion.model import load_model
 
     images = read_images(args.input, noisy=noisy)
-    return load_model(args.model, precision=args.precision), images
+    return load_model(args.model, precision=args.precision, dtype=args.dtype), images
 
 
 def _one_image(images, path):

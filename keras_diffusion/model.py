@@ -394,7 +394,7 @@ def check_model_arguments(*, prediction, ema_decay, min_snr_gamma, label_dropout
         raise ValueError(f"min_snr_gamma must be > 0 or None; got {min_snr_gamma!r}.")
 
 
-def load_model(source, precision=None, config=None):
+def load_model(source, precision=None, config=None, dtype=None):
     """Load a trained `DiffusionModel`, on any backend, from `source`:
 
     - a `.keras` file written by `model.save` or `keras-diffusion train`;
@@ -417,6 +417,14 @@ def load_model(source, precision=None, config=None):
     "mixed_float16") sets the policy for this model instead; "auto" is
     `mixed_bfloat16` on an accelerator with native bfloat16 and float32
     elsewhere (`keras_diffusion.precision.resolve`).
+
+    `dtype` ("float32", "bfloat16", "float16"; None is float32) keeps a
+    Stable Diffusion checkpoint's weights in that dtype: half the memory,
+    and on hardware with native half precision faster steps. A float16
+    model's VAE stays float32 where its config says `force_upcast` (SD's
+    does), as diffusers decodes; diffusers' `fp16` weight files are read
+    where a folder has them. A `.keras` file keeps the dtype it was saved
+    in; `dtype` is for checkpoints.
 
     Raises `FileNotFoundError` for a missing file, `OSError` when the Hub
     cannot be reached, and `ValueError` for a file that is not a readable
@@ -443,8 +451,16 @@ def load_model(source, precision=None, config=None):
         from keras_diffusion.stable_diffusion import checkpoints
 
         policy = None if precision is None else precisions.resolve(precision, sampling=True)
+        if dtype not in (None, "float32") and precision not in (None, "auto", "float32"):
+            raise ValueError(f"dtype={dtype!r} keeps the weights in half precision, and "
+                             f"precision={precision!r} asks for float32 weights with half "
+                             "computation: give one of them.")
         with precisions.policy_scope(policy):
-            return checkpoints.load(path, config=config)
+            return checkpoints.load(path, config=config, dtype=dtype)
+    if dtype is not None:
+        raise ValueError(f"dtype is for Stable Diffusion checkpoints; {name} is a Keras model, "
+                         "which keeps the dtype it was saved in (precision= sets how it "
+                         "computes).")
     if presets.is_preset(path):
         path = os.fspath(presets.preset_file(path))
     elif os.path.isdir(path):

@@ -18,6 +18,8 @@ import functools
 import warnings
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+# The dtypes a Stable Diffusion checkpoint's weights may be kept in.
+DTYPES = ("float32", "bfloat16", "float16")
 
 # /proc/cpuinfo flags of native half-precision arithmetic.
 _CPU_FLAGS = {

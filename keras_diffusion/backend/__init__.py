@@ -71,12 +71,15 @@ def conv2d(layer, x):
     return NotImplemented if kernel is None else kernel(layer, x)
 
 
-def attention(q, k, v):
-    """softmax(q k^T / sqrt(d)) v over `(B, N, heads, d)` tensors: the
-    backend's own version, else `keras.ops.dot_product_attention`, which uses
-    each backend's fused kernel and computes the softmax in float32."""
+def attention(q, k, v, is_causal=False):
+    """softmax(q k^T / sqrt(d)) v over `(B, N, heads, d)` tensors, each query
+    attending only to keys at or before it with `is_causal`: the backend's
+    own version, else `keras.ops.dot_product_attention`, which uses each
+    backend's fused kernel and computes the softmax in float32."""
     kernel = getattr(current(), "attention", None)
-    return ops.dot_product_attention(q, k, v) if kernel is None else kernel(q, k, v)
+    if kernel is None:
+        return ops.dot_product_attention(q, k, v, is_causal=is_causal)
+    return kernel(q, k, v, is_causal=is_causal)
 
 
 def before_fit(model):

@@ -77,20 +77,49 @@ _BLOCKED_PAIRS = 1024 * 1024
 _QUERY_BLOCK = 256
 
 
-def attention(q, k, v):
+def dense(layer, x):
+    """A half-precision `Dense` accumulated in float32, its bias added before
+    the one rounding to half, as PyTorch's `addmm` (Keras rounds the product
+    and then the sum: a bfloat16 CLIP text encoder drifted 1.6x as far from
+    float32). float16 products go through float32: XLA's CPU backend has no
+    float16 x float16 -> float32 product."""
+    import jax.numpy as jnp
+
+    if x.dtype not in (jnp.bfloat16, jnp.float16) or layer.lora_enabled or \
+            layer.quantization_mode:
+        return NotImplemented
+    kernel = layer.kernel.value
+    if x.dtype == jnp.float16:
+        y = jnp.matmul(x.astype("float32"), kernel.astype("float32"))
+    else:
+        y = jnp.matmul(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+    if layer.use_bias:
+        y = y + layer.bias.value.astype("float32")
+    y = y.astype(x.dtype)
+    return layer.activation(y) if layer.activation is not None else y
+
+
+def attention(q, k, v, is_causal=False):
     """softmax(q k^T / sqrt(d)) v with `(B, N, heads, d)` tensors. It ran
     faster than `ops.dot_product_attention` on CPU, and that op asks for
     float16 x float16 -> float32 products, which XLA's CPU backend lacks.
     Logits and softmax are computed in float32. XLA:CPU has no fused
     attention: large ones (Stable Diffusion's 4096 latent positions) go
-    through `_blocked_attention`."""
-    if q.shape[1] is not None and k.shape[1] is not None and \
+    through `_blocked_attention`. `is_causal` masks the keys after each
+    query (CLIP's text attention: short sequences, never blocked)."""
+    if not is_causal and q.shape[1] is not None and k.shape[1] is not None and \
             q.shape[1] * k.shape[1] >= _BLOCKED_PAIRS:
         return _blocked_attention(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = ops.einsum("bqhd,bkhd->bhqk", ops.cast(q, "float32"), ops.cast(k, "float32"))
-    weights = ops.cast(ops.softmax(logits * scale, axis=-1), v.dtype)
-    return ops.einsum("bhqk,bkhd->bqhd", weights, v)
+    if is_causal:
+        queries, keys = ops.shape(q)[1], ops.shape(k)[1]
+        later = ops.arange(keys)[None, :] > ops.arange(queries)[:, None]
+        logits = ops.where(later, float("-inf"), logits)
+    # Weighted in float32 and rounded once, as fused kernels (PyTorch's
+    # flash attention) do: half-precision weights cost an image 2x the error.
+    weights = ops.softmax(logits * scale, axis=-1)
+    return ops.cast(ops.einsum("bhqk,bkhd->bqhd", weights, ops.cast(v, "float32")), v.dtype)
 
 
 def _blocked_attention(q, k, v):
@@ -114,7 +143,7 @@ def _blocked_attention(q, k, v):
 
         def one_block(block_queries):
             weights = jax.nn.softmax(block_queries @ keys.T, axis=-1)
-            return weights.astype(values.dtype) @ values
+            return (weights @ values.astype("float32")).astype(values.dtype)
 
         out = jax.lax.map(one_block, jnp.reshape(queries, (n // block, block, depth)))
         return jnp.reshape(out, (n, -1))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import keras
 
+from keras_diffusion import precision as precisions
 from keras_diffusion.schedule import DiffusionSchedule
 from keras_diffusion.stable_diffusion import single_file
 from keras_diffusion.stable_diffusion import weights
@@ -69,23 +70,36 @@ def _read_json(path):
         raise ValueError(f"{path} is not valid JSON ({error}).") from None
 
 
-def _component_weights(folder):
+def _variants(half):
+    """The weight-file variants to look for, in order: a half-precision
+    model reads diffusers' `fp16` files first (half the bytes, no float32
+    detour); either takes them where they are all there is."""
+    return (".fp16", "") if half else ("", ".fp16")
+
+
+def _component_weights(folder, half=False):
     """The state dict of one component folder (`unet/`, `vae/`, ...): its
-    safetensors file, its shards, or a PyTorch `.bin`."""
+    safetensors file (or diffusers' `variant="fp16"` one), its shards, or
+    a PyTorch `.bin`. Values keep the dtype of the file."""
     folder = Path(folder)
-    for stem in ("diffusion_pytorch_model", "model"):
-        index = folder / f"{stem}.safetensors.index.json"
-        if index.is_file():
-            shards = sorted(set(_read_json(index)["weight_map"].values()))
-            return single_file.read_safetensors([folder / shard for shard in shards], lazy=True)
-        if (folder / f"{stem}.safetensors").is_file():
-            return single_file.read_safetensors(folder / f"{stem}.safetensors", lazy=True)
-    for stem in ("diffusion_pytorch_model", "pytorch_model"):
-        if (folder / f"{stem}.bin").is_file():
-            return single_file.read_weights(folder / f"{stem}.bin")
+    for variant in _variants(half):
+        for stem in ("diffusion_pytorch_model", "model"):
+            index = folder / f"{stem}.safetensors.index{variant}.json"
+            if index.is_file():
+                shards = sorted(set(_read_json(index)["weight_map"].values()))
+                return single_file.read_safetensors([folder / shard for shard in shards],
+                                                    lazy=True, upcast_bfloat16=False)
+            if (folder / f"{stem}{variant}.safetensors").is_file():
+                return single_file.read_safetensors(folder / f"{stem}{variant}.safetensors",
+                                                    lazy=True, upcast_bfloat16=False)
+    for variant in _variants(half):
+        for stem in ("diffusion_pytorch_model", "pytorch_model"):
+            if (folder / f"{stem}{variant}.bin").is_file():
+                return single_file.read_weights(folder / f"{stem}{variant}.bin",
+                                                upcast_bfloat16=False)
     raise FileNotFoundError(
         f"{folder} holds no weights: expected diffusion_pytorch_model.safetensors or "
-        "model.safetensors (or a sharded index, or a PyTorch .bin)."
+        "model.safetensors (or their fp16 variant, a sharded index, or a PyTorch .bin)."
     )
 
 
@@ -142,8 +156,27 @@ def schedule_from_config(config):
 
 
 # ----------------------------------------------------------------- assembly
-def _build(parts_config, states, tokenizer, name):
-    """The model from the components' reference configs and state dicts."""
+def check_dtype(dtype):
+    if dtype is not None and dtype not in precisions.DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(precisions.DTYPES)} or None "
+                         f"(float32); got {dtype!r}.")
+    return dtype or "float32"
+
+
+def _part_dtype(part, dtype, config):
+    """The dtype a part is built in: the model's, except a float16 VAE whose
+    config asks for float32 (diffusers' `force_upcast`, on by default: SD's
+    VAE overflows float16's range in its decoder)."""
+    if part == "vae" and dtype == "float16" and config.get("force_upcast", True):
+        return "float32"
+    return dtype
+
+
+def _build(parts_config, states, tokenizer, name, dtype="float32"):
+    """The model from the components' reference configs and state dicts,
+    its weights in `dtype` (Keras' dtype policy of that name: variables and
+    computation in it; the timestep features, the last convolutions and the
+    VAE's latent statistics stay float32)."""
     # By its registered name, not an import: `load_model` (in
     # keras_diffusion.model) calls this module, and the model class imports
     # that one. Importing keras_diffusion registers every class.
@@ -163,7 +196,8 @@ def _build(parts_config, states, tokenizer, name):
         state = states[name]
         if name == "text_encoder":
             state = text_model_state_dict(state)
-        with weights.building_from(state) as taken:
+        with weights.building_from(state) as taken, precisions.policy_scope(
+                _part_dtype(name, dtype, parts_config[name])):
             parts[name] = cls.from_reference_config(parts_config[name])
         weights.load_state_dict(parts[name], state, what, taken=taken)
     unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
@@ -185,23 +219,28 @@ def _component_configs(folder):
     }
 
 
-def load_pipeline_folder(path):
-    """A `LatentDiffusionModel` from a diffusers Stable Diffusion folder."""
+def load_pipeline_folder(path, dtype=None):
+    """A `LatentDiffusionModel` from a diffusers Stable Diffusion folder,
+    its weights in `dtype` (None: float32)."""
+    dtype = check_dtype(dtype)
     folder = Path(path)
     check_pipeline_class(_read_json(folder / "model_index.json"), path)
     configs = _component_configs(folder)
-    states = {part: _component_weights(folder / part) for part in ("unet", "vae", "text_encoder")}
+    states = {part: _component_weights(folder / part, half=dtype != "float32")
+              for part in ("unet", "vae", "text_encoder")}
     tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
-    return _build(configs, states, tokenizer, name="stable_diffusion")
+    return _build(configs, states, tokenizer, name="stable_diffusion", dtype=dtype)
 
 
-def load_single_file(path, config=None):
+def load_single_file(path, config=None, dtype=None):
     """A `LatentDiffusionModel` from one original-layout checkpoint file.
 
     `config`: a diffusers folder (no weights needed) whose component
     configs, scheduler and tokenizer describe the checkpoint; None takes
-    the shipped configuration of the file's family (SD 1.5 or SD 2.1)."""
-    state = single_file.read_weights(path)
+    the shipped configuration of the file's family (SD 1.5 or SD 2.1).
+    `dtype`: the weights' dtype (None: float32)."""
+    dtype = check_dtype(dtype)
+    state = single_file.read_weights(path, upcast_bfloat16=False)
     family = single_file.detect_family(state.keys())
     if config is None:
         config = _shipped_config(family)
@@ -215,7 +254,7 @@ def load_single_file(path, config=None):
     # The shipped configurations carry CLIP's merges once, for both families.
     tokenizer = (CLIPTokenizer.from_folder(folder) if folder.is_dir()
                  else CLIPTokenizer.shipped(family))
-    return _build(configs, parts, tokenizer, name="stable_diffusion")
+    return _build(configs, parts, tokenizer, name="stable_diffusion", dtype=dtype)
 
 
 def _shipped_config(family):
@@ -228,13 +267,14 @@ def _shipped_config(family):
     return folder
 
 
-def load(source, config=None):
-    """A Stable Diffusion model from a diffusers folder or one file."""
+def load(source, config=None, dtype=None):
+    """A Stable Diffusion model from a diffusers folder or one file, its
+    weights in `dtype` (None: float32)."""
     path = os.fspath(source)
     if is_pipeline_folder(path):
-        return load_pipeline_folder(path)
+        return load_pipeline_folder(path, dtype=dtype)
     if is_single_file(path):
-        return load_single_file(path, config=config)
+        return load_single_file(path, config=config, dtype=dtype)
     if os.path.isdir(path):
         raise ValueError(
             f"{path} is a folder without model_index.json: expected a diffusers pipeline folder "

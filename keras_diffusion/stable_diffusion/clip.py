@@ -22,6 +22,7 @@ import keras
 from keras import layers
 from keras import ops
 
+from keras_diffusion import backend
 from keras_diffusion.checks import check_integer
 from keras_diffusion.checks import is_number
 from keras_diffusion.stable_diffusion import vae
@@ -156,7 +157,7 @@ class EncoderLayer(_Block):
         h = self.layer_norm1(x)
         q, k, v = (ops.reshape(proj(h), heads_shape) for proj in (self.q_proj, self.k_proj,
                                                                   self.v_proj))
-        h = ops.dot_product_attention(q, k, v, is_causal=True)
+        h = backend.attention(q, k, v, is_causal=True)
         x = x + self.out_proj(ops.reshape(h, (-1, ops.shape(x)[1], dim)))
         h = self.fc2(_activation(self.activation, self.fc1(self.layer_norm2(x))))
         return x + h
@@ -268,6 +269,7 @@ class CLIPTextTransformer(keras.Model):
             h = layer(h)
         features = LayerNormalization(layer_norm_eps, f"{PREFIX}.final_layer_norm")(h)
         super().__init__(ids, features, **kwargs)
+        self.weights_dtype = vae.half_weights_policy()
         # Not on the path to the output, so tracked here: a checkpoint holds them.
         self.skipped_layers = encoder_layers[used:]
         for layer in self.skipped_layers:
@@ -290,7 +292,7 @@ class CLIPTextTransformer(keras.Model):
         return self.dim
 
     def get_config(self):
-        return {
+        return vae.with_weights_dtype({
             "name": self.name,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -301,11 +303,11 @@ class CLIPTextTransformer(keras.Model):
             "hidden_act": self.hidden_act,
             "layer_norm_eps": self.layer_norm_eps,
             "skip_layers": self.skip_layers,
-        }
+        }, self)
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        return vae.from_weights_dtype(cls, config)
 
     @classmethod
     def from_reference_config(cls, config, skip_layers=0, **kwargs):

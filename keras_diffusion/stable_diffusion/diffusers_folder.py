@@ -63,6 +63,7 @@ def unet_config(model):
 def vae_config(model):
     config = model.autoencoder.get_config()
     config.pop("name", None)
+    config.pop("weights_dtype", None)  # ours: diffusers keeps the dtype in the weights
     return {"_class_name": "AutoencoderKL", **config, "sample_size": model.image_shape[0]}
 
 

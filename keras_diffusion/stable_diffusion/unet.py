@@ -33,6 +33,10 @@ from keras_diffusion.stable_diffusion.vae import Conv2D
 from keras_diffusion.stable_diffusion.vae import Dense
 from keras_diffusion.stable_diffusion.vae import GroupNormalization
 from keras_diffusion.stable_diffusion.vae import _Block
+from keras_diffusion.stable_diffusion.vae import float32_output
+from keras_diffusion.stable_diffusion.vae import from_weights_dtype
+from keras_diffusion.stable_diffusion.vae import half_weights_policy
+from keras_diffusion.stable_diffusion.vae import with_weights_dtype
 from keras_diffusion.stable_diffusion.vae import keras_name
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -537,6 +541,7 @@ class StableDiffusionUNet(keras.Model):
         config = _check_config({**DEFAULTS, **options})
         inputs, outputs = _build(config)
         super().__init__(inputs=inputs, outputs=outputs, name=name, **model_kwargs)
+        self.weights_dtype = half_weights_policy()
         # Held as JSON text: Keras would track a dict attribute, and
         # copying a tracked structure walks the whole model.
         self._reference_config = json.dumps(config)
@@ -582,11 +587,12 @@ class StableDiffusionUNet(keras.Model):
                 layer.gradient_checkpointing = bool(enabled)
 
     def get_config(self):
-        return {"name": self.name, "trainable": self.trainable, **self.config}
+        return with_weights_dtype({"name": self.name, "trainable": self.trainable, **self.config},
+                                  self)
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        return cls(**config)
+        return from_weights_dtype(cls, config)
 
 
 def _build(config):
@@ -663,6 +669,6 @@ def _build(config):
     # === Output ===
     h = GroupNormalization(groups, "conv_norm_out", epsilon=eps)(h)
     h = layers.Activation("silu", name="conv_act")(h)
-    outputs = Conv2D(config["out_channels"], config["conv_out_kernel"], "conv_out",
-                     padding="same", dtype="float32")(h)
+    outputs = float32_output(Conv2D, config["out_channels"], config["conv_out_kernel"],
+                             "conv_out", padding="same")(h)
     return [x_t, t, context], outputs

@@ -25,6 +25,7 @@ from keras import ops
 
 from keras_diffusion import backend
 from keras_diffusion import pipeline
+from keras_diffusion import precision as precisions
 from keras_diffusion.autoencoder import _split_moments
 from keras_diffusion.autoencoder import sample_posterior
 from keras_diffusion.checks import check_integer
@@ -101,6 +102,39 @@ class _AtModulePath:
 
     def get_config(self):
         return {**super().get_config(), "module_path": self.module_path}
+
+
+def half_weights_policy():
+    """The global dtype policy's name where it keeps weights in half
+    precision (`load_model(dtype=...)` builds the parts in it), else None."""
+    policy = keras.config.dtype_policy()
+    return policy.name if policy.variable_dtype != "float32" else None
+
+
+def with_weights_dtype(config, part):
+    """A part's config with the half-precision policy it was built in, so
+    that `from_weights_dtype` rebuilds it so; a float32 part's is unchanged."""
+    return {**config, "weights_dtype": part.weights_dtype} if part.weights_dtype else config
+
+
+def from_weights_dtype(cls, config):
+    """`cls(**config)` built in the policy `with_weights_dtype` recorded."""
+    config = dict(config)
+    with precisions.policy_scope(config.pop("weights_dtype", None)):
+        return cls(**config)
+
+
+def float32_output(layer_cls, *args, **kwargs):
+    """A part's last layer, whose output is float32: computed in float32
+    under a float32 or mixed policy (its weights are float32 there), and in
+    the policy's half precision where the weights are half (as diffusers
+    computes a half model), its output cast to float32 after it."""
+    half = half_weights_policy() is not None
+    layer = layer_cls(*args, **kwargs, **({} if half else {"dtype": "float32"}))
+    if not half:
+        return layer
+    to_float32 = layers.Activation("linear", dtype="float32", name=f"{layer.name}_float32")
+    return lambda h: to_float32(layer(h))
 
 
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="SDVAEConv2D")
@@ -322,6 +356,7 @@ class StableDiffusionVAE(keras.Model):
             norm_num_groups=norm_num_groups, scaling_factor=scaling_factor,
         )
         super().__init__(**kwargs)
+        self.weights_dtype = half_weights_policy()
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.down_block_types, self.up_block_types = down_block_types, up_block_types
         self.block_out_channels = tuple(int(c) for c in block_out_channels)
@@ -355,7 +390,7 @@ class StableDiffusionVAE(keras.Model):
     def _head(self, h, channels, prefix):
         h = GroupNormalization(self.norm_num_groups, f"{prefix}.conv_norm_out")(h)
         h = layers.Activation("silu", name=keras_name(f"{prefix}.conv_act"))(h)
-        return Conv2D(channels, 3, f"{prefix}.conv_out", dtype="float32")(h)
+        return float32_output(Conv2D, channels, 3, f"{prefix}.conv_out")(h)
 
     def _build_encoder(self):
         images = keras.Input((None, None, self.in_channels), name="images")
@@ -374,7 +409,7 @@ class StableDiffusionVAE(keras.Model):
         h = self._mid_block(h, "encoder.mid_block")
         moments = self._head(h, 2 * self.latent_channels, "encoder")
         if self.use_quant_conv:
-            moments = Conv2D(2 * self.latent_channels, 1, "quant_conv", dtype="float32")(moments)
+            moments = float32_output(Conv2D, 2 * self.latent_channels, 1, "quant_conv")(moments)
         return keras.Model(images, moments, name="encoder")
 
     def _build_decoder(self):
@@ -451,7 +486,7 @@ class StableDiffusionVAE(keras.Model):
 
     # -------------------------------------------------------- serialisation
     def get_config(self):
-        return {
+        return with_weights_dtype({
             "name": self.name,
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
@@ -466,11 +501,11 @@ class StableDiffusionVAE(keras.Model):
             "use_quant_conv": self.use_quant_conv,
             "use_post_quant_conv": self.use_post_quant_conv,
             "mid_block_add_attention": self.mid_block_add_attention,
-        }
+        }, self)
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        return from_weights_dtype(cls, config)
 
     @classmethod
     def from_reference_config(cls, config, **kwargs):

@@ -39,6 +39,17 @@ RULES = (
 )
 
 
+def numpy_dtype(dtype):
+    """The NumPy dtype of a Keras dtype name; bfloat16 is `ml_dtypes`' (a
+    Keras dependency), which NumPy does not know by name."""
+    dtype = keras.backend.standardize_dtype(dtype)
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
+
+
 def to_keras(value, layout):
     """A reference-layout array as the Keras variable holds it."""
     if layout == "dense":
@@ -135,7 +146,7 @@ def from_checkpoint(key, layout, initializer):
         if tuple(value.shape) != tuple(int(d) for d in shape):
             return fallback(shape, dtype)  # load_state_dict names the mismatch
         taken.add(key)
-        return np.ascontiguousarray(value, dtype=keras.backend.standardize_dtype(dtype or "float32"))
+        return np.ascontiguousarray(value, dtype=numpy_dtype(dtype or "float32"))
 
     return initialize
 
@@ -206,7 +217,7 @@ def load_state_dict(model, state_dict, what="model", taken=()):
             )
     for key, (variable, layout) in left.items():
         value = to_keras(np.asarray(state_dict[key]), layout)
-        variable.assign(value.astype(variable.dtype, copy=False))
+        variable.assign(value.astype(numpy_dtype(variable.dtype), copy=False))
 
 
 def _shape(state_dict, key):
