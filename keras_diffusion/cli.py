@@ -155,18 +155,29 @@ def _finetune_arguments(finetune):
     finetune.add_argument("--resume", action="store_true",
                           help="continue an interrupted run in --output from its backup")
     finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--distribute", choices=("data_parallel", "fsdp"), default=None,
+                          help="split each batch over the devices (data_parallel), and shard "
+                               "the weights over them too (fsdp, JAX)")
 
 
 def _finetune(args):
     _check_writable(Path(args.output) / "history.csv")
+    from keras_diffusion.distribute import distribution_scope
     from keras_diffusion.model import load_model
+
+    with distribution_scope(args.distribute) as devices:  # the weights are made sharded there
+        written = _finetune_in_scope(args, load_model(args.model, config=args.config,
+                                                        dtype=args.dtype), devices)
+    print("wrote " + ", ".join(map(str, written)) + f" and {Path(args.output) / 'samples'}/")
+
+
+def _finetune_in_scope(args, model, devices):
     from keras_diffusion.stable_diffusion.finetuning import finetune
 
-    model = load_model(args.model, config=args.config, dtype=args.dtype)
     if not hasattr(model, "enable_lora"):
         raise CommandError(f"finetune takes a Stable Diffusion checkpoint; {args.model} holds a "
                            f"{type(model).__name__} (train it with keras-diffusion train)")
-    written = finetune(
+    return finetune(
         model, args.data_dir, args.output, instance_prompt=args.instance_prompt,
         class_prompt=args.class_prompt, num_class_images=args.num_class_images,
         prior_loss_weight=args.prior_loss_weight, lora_rank=args.lora_rank,
@@ -174,9 +185,8 @@ def _finetune(args):
         batch_size=args.batch_size, epochs=args.epochs, sample_prompts=args.sample_prompt,
         sample_every=args.sample_every, sample_steps=args.sample_steps,
         guidance_scale=args.guidance, gradient_checkpointing=args.gradient_checkpointing,
-        resume=args.resume, cache_latents=args.cache_latents, seed=args.seed,
+        resume=args.resume, cache_latents=args.cache_latents, seed=args.seed, devices=devices,
         **_progress_output())
-    print("wrote " + ", ".join(map(str, written)) + f" and {Path(args.output) / 'samples'}/")
 
 
 def _convert_arguments(convert):

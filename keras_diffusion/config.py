@@ -289,7 +289,7 @@ _SCHEMA = {
         "feature_net": (None, _path),  # null: the built-in one for data.dataset
         "reference_images": (None, _integer(2, nullable=True)),  # null: the whole test split
     },
-    "distribute": (None, _choice(("data_parallel",), nullable=True)),
+    "distribute": (None, _choice(_owned_by("distribute", "DISTRIBUTE_OPTIONS"), nullable=True)),
     "tensorboard": (False, _flag),
 }
 

@@ -1,8 +1,12 @@
-"""Data-parallel training on the engines Keras has: JAX and TensorFlow.
+"""Training over several devices on the engines Keras has: JAX and TensorFlow.
 
-`distribution_scope("data_parallel")` wraps model creation, `compile`, `fit`
-and saving. Every device holds a copy of the weights and takes an equal
-share of each batch; the gradients are averaged over the whole batch.
+`distribution_scope(name)` wraps model creation, `compile`, `fit`, sampling
+and saving. With `"data_parallel"` every device holds a copy of the weights
+and takes an equal share of each batch; the gradients are averaged over the
+whole batch. With `"fsdp"` (JAX) the batch is split the same way and the
+weights are sharded over the same devices, each holding about 1/n of every
+large kernel (`backend.jax.FullyShardedDataParallel`): what lets a model
+larger than one device's memory train and sample at all.
 
 - JAX: `keras.distribution.DataParallel` over every device JAX sees. With
   `KERAS_DISTRIBUTION_JOB_ADDRESSES` / `KERAS_DISTRIBUTION_NUM_PROCESSES` /
@@ -12,6 +16,9 @@ share of each batch; the gradients are averaged over the whole batch.
   logical CPU devices when there is no GPU); with `TF_CONFIG` set (several
   hosts), `tf.distribute.MultiWorkerMirroredStrategy`.
 - PyTorch: Keras 3 does not distribute `fit` there; a clear error says so.
+
+`"fsdp"` runs on JAX only (Keras' `ModelParallel`); TensorFlow and PyTorch
+get one line saying what they support.
 """
 
 import contextlib
@@ -21,7 +28,12 @@ import keras
 from keras_diffusion import backend
 from keras_diffusion.config import ConfigError
 
-DISTRIBUTE_OPTIONS = ("data_parallel",)
+DISTRIBUTE_OPTIONS = ("data_parallel", "fsdp")
+_SUPPORT = {
+    "tensorflow": "TensorFlow runs data_parallel (tf.distribute.MirroredStrategy), which keeps "
+                  "a whole copy of the weights on every device",
+    "torch": "Keras 3 distributes nothing on PyTorch",
+}
 
 
 @contextlib.contextmanager
@@ -40,6 +52,18 @@ def distribution_scope(distribute):
         raise ConfigError(
             f"distribute must be one of {', '.join(DISTRIBUTE_OPTIONS)} or null; got {distribute!r}"
         )
+    if distribute == "fsdp":
+        fully_sharded = backend.fully_sharded()
+        if fully_sharded is None:
+            name = keras.backend.backend()
+            raise ConfigError(
+                f"distribute=fsdp (weights sharded over the devices) runs on JAX only, through "
+                f"keras.distribution.ModelParallel; {_SUPPORT.get(name, name)}: use --backend "
+                "jax, or distribute=data_parallel, or null for one device"
+            )
+        with fully_sharded() as devices:
+            yield devices
+        return
     data_parallel = backend.data_parallel()
     if data_parallel is None:
         raise ConfigError(

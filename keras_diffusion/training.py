@@ -460,7 +460,7 @@ def _share_evenly(x, y, replicas, batch_size):
     if batch_size % replicas:
         raise ConfigError(
             f"training.batch_size must be a multiple of the number of devices ({replicas}) "
-            f"with distribute=data_parallel; got {batch_size}"
+            f"with distribute (data_parallel, fsdp); got {batch_size}"
         )
     if hasattr(x, "shape") and len(x) % replicas:
         keep = len(x) - len(x) % replicas

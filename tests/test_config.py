@@ -164,7 +164,7 @@ def test_override_errors(override, message):
         ("schedule.beta_schedule=quadratic", r"schedule.beta_schedule must be one of linear, scaled_linear, cosine, sigmoid"),
         ("model.prediction=eps", r"model.prediction must be one of epsilon, v, x0"),
         ("sampling.sampler=plms", r"sampling.sampler must be one of ddpm, ddim, euler"),
-        ("distribute=mirrored", r"distribute must be one of data_parallel or null; got 'mirrored'"),
+        ("distribute=mirrored", r"distribute must be one of data_parallel, fsdp or null; got 'mirrored'"),
         ("tensorboard=1", r"tensorboard must be true or false; got 1"),
         ("network.widths=[]", r"network: widths must be a non-empty sequence of positive integers"),
         ("network.widths=[8, x]", r"^network.widths must be a list of integers; got \[8, 'x'\]$"),

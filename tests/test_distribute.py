@@ -121,5 +121,5 @@ def test_batches_are_shared_evenly():
     kept_x, kept_y = _share_evenly(x, y, 2, 4)
     assert len(kept_x) == len(kept_y) == 8
     with pytest.raises(ConfigError, match=r"training.batch_size must be a multiple of the number of "
-                                          r"devices \(2\) with distribute=data_parallel; got 7"):
+                                          r"devices \(2\) with distribute \(data_parallel, fsdp\); got 7"):
         _share_evenly(x, y, 2, 7)

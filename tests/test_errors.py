@@ -125,7 +125,7 @@ PYTHON_CASES = [
     ("mask shape", _inpaint_wrong_mask, ValueError,
      r"mask shape \(5, 5\) does not match images shape \(2, 8, 8, 1\)"),
     ("bad distribute", lambda ctx: validate(_config("distribute", "model_parallel")), ConfigError,
-     r"distribute must be one of data_parallel or null; got 'model_parallel'"),
+     r"distribute must be one of data_parallel, fsdp or null; got 'model_parallel'"),
 ]
 
 

@@ -122,6 +122,13 @@ def data_parallel():
     return getattr(current(), "data_parallel", None)
 
 
+def fully_sharded():
+    """A context manager that shards the weights made in it over the
+    devices, and `fit`'s batches over the same devices, yielding their
+    number; None where Keras cannot (TensorFlow, PyTorch)."""
+    return getattr(current(), "fully_sharded", None)
+
+
 # The first CUDA generations with native arithmetic: Ampere for bfloat16,
 # Volta (tensor cores) for float16.
 _CUDA_CAPABILITY = {"bfloat16": (8, 0), "float16": (7, 0)}

@@ -183,16 +183,64 @@ def accelerator():
 
 
 @contextlib.contextmanager
-def data_parallel():
-    """`keras.distribution.DataParallel` over every device (of every host,
-    when Keras' multi-host variables are set)."""
+def _distributed(make):
+    """Keras' distribution `make()` set for the block (every host's devices
+    when Keras' multi-host variables are set); yields the device count."""
     if any(os.environ.get(name) for name in _MULTI_HOST):
         if not getattr(jax.distributed, "is_initialized", lambda: False)():
             keras.distribution.initialize()
     previous = keras.distribution.distribution()
-    distribution = keras.distribution.DataParallel()
+    distribution = make()
     keras.distribution.set_distribution(distribution)
     try:
         yield len(distribution.device_mesh.devices.reshape(-1))
     finally:
         keras.distribution.set_distribution(previous)
+
+
+def data_parallel():
+    """`keras.distribution.DataParallel` over every device."""
+    return _distributed(keras.distribution.DataParallel)
+
+
+class FullyShardedDataParallel(keras.distribution.ModelParallel):
+    """Weights sharded over the same devices the batch is split over (as
+    PyTorch's FSDP and MaxDiffusion's `fsdp` axis): one mesh axis, `batch`;
+    each variable of two or more dimensions is split along its last
+    dimension (a kernel's outputs) where the device count divides it, else
+    along its largest dimension it divides, else kept whole on every device,
+    as are biases and norms. XLA gathers a layer's weights where it needs
+    them. The rule reads the variable's shape, so it holds for any model
+    (a `LayoutMap` from paths cannot: which dimension divides depends on the
+    configuration)."""
+
+    def __init__(self, devices=None):
+        devices = devices or keras.distribution.list_devices()
+        mesh = keras.distribution.DeviceMesh((len(devices),), ["batch"], devices)
+        super().__init__(layout_map=keras.distribution.LayoutMap(mesh), batch_dim_name="batch")
+
+    def get_variable_layout(self, variable):
+        if getattr(variable, "_layout", None) is not None:
+            return variable._layout
+        return keras.distribution.TensorLayout(
+            shard_spec(variable.shape, self.device_mesh.shape[0]), self.device_mesh)
+
+
+def shard_spec(shape, devices):
+    """The axes `FullyShardedDataParallel` splits a variable of `shape` by:
+    `batch` at the one dimension split, None elsewhere."""
+    shape = tuple(int(d) for d in shape)
+    spec = [None] * len(shape)
+    if len(shape) < 2 or devices < 2:
+        return spec
+    order = [len(shape) - 1] + sorted(range(len(shape) - 1), key=lambda axis: -shape[axis])
+    for axis in order:
+        if shape[axis] % devices == 0:
+            spec[axis] = "batch"
+            break
+    return spec
+
+
+def fully_sharded():
+    """`FullyShardedDataParallel` over every device."""
+    return _distributed(FullyShardedDataParallel)

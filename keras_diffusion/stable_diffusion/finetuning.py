@@ -114,12 +114,18 @@ def finetune(model, data_dir, output, *, instance_prompt=None, class_prompt=None
              num_class_images=100, prior_loss_weight=1.0, lora_rank=8, lora_alpha=None,
              init_lora=None, learning_rate=1e-4, batch_size=1, epochs=10, sample_prompts=None, sample_every=1,
              sample_steps=20, guidance_scale=7.5, gradient_checkpointing=False, resume=False,
-             cache_latents=False, seed=0, log_every=None, verbose="auto"):
+             cache_latents=False, seed=0, devices=1, log_every=None, verbose="auto"):
     """Fine-tune `model` (a loaded `StableDiffusion`) on `data_dir`; see the
-    module's docstring. Returns the paths written."""
+    module's docstring. `devices`: how many devices each batch is split
+    over (what `distribution_scope`, inside which the model was loaded,
+    yields); the images are cut to a multiple of it. Returns the paths
+    written."""
     check_integer("epochs", epochs)
     check_integer("batch_size", batch_size)
     check_integer("lora_rank", lora_rank, low=0)
+    if batch_size % devices:
+        raise ValueError(f"batch_size must be a multiple of the {devices} devices each batch "
+                         f"is split over; got {batch_size}.")
     if class_prompt is not None and instance_prompt is None:
         raise ValueError("class_prompt (prior preservation) is DreamBooth's: it needs an "
                          "instance_prompt for the instance images.")
@@ -144,6 +150,10 @@ def finetune(model, data_dir, output, *, instance_prompt=None, class_prompt=None
         images = np.concatenate([images, prior])
         captions += [class_prompt] * len(prior)
         weights = np.concatenate([weights, np.full(len(prior), prior_loss_weight, "float32")])
+    keep = len(images) - len(images) % devices  # each device an equal share of every batch
+    if not keep:
+        raise ValueError(f"{len(images)} training images cannot be shared by {devices} devices.")
+    images, captions, weights = images[:keep], captions[:keep], weights[:keep]
     keras.utils.set_random_seed(seed)
     if cache_latents:  # the frozen VAE runs once per image, not once per step
         images = model.encode_latents(images)
