@@ -2,11 +2,14 @@
 backend against diffusers (float32, PyTorch eager) in the same run.
 
     python benchmarks/stable_diffusion.py --write docs/stable_diffusion.md
+    python benchmarks/stable_diffusion.py --dtype bfloat16 --write docs/stable_diffusion.md
 
 A random SD 1.5 (or `--model sd21`) pipeline is built by diffusers from the
 shipped configuration, saved with `save_pretrained`, and loaded by both
-libraries, so both run the same weights. Each library and backend runs in
-its own subprocess, diffusers first and last. Measured per run:
+libraries, so both run the same weights, in `--dtype` (diffusers'
+`torch_dtype`, our `load_model(dtype=...)`; float32 by default). Each library
+and backend runs in its own subprocess, diffusers first and last. Measured
+per run:
 
 - load: seconds from the folder to a model ready to sample (diffusers'
   `from_pretrained`; our `load_model`);
@@ -119,14 +122,16 @@ def run_diffusers(args):
                 torch.cuda.synchronize()
         return run
 
+    dtype = getattr(torch, args.dtype)
     start = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(args.folder, safety_checker=None).to(device)
+    pipe = StableDiffusionPipeline.from_pretrained(args.folder, safety_checker=None,
+                                                   torch_dtype=dtype).to(device)
     load = time.perf_counter() - start
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     side = pipe.unet.config.sample_size
-    latents = torch.randn(2, 4, side, side, device=device)
+    latents = torch.randn(2, 4, side, side, device=device, dtype=dtype)
     t = torch.tensor([500, 500], device=device)
-    context = torch.randn(2, 77, pipe.text_encoder.config.hidden_size, device=device)
+    context = torch.randn(2, 77, pipe.text_encoder.config.hidden_size, device=device, dtype=dtype)
     unet_step = synced(lambda: pipe.unet(latents, t, context))
     step = _timed(unet_step, 1)  # warm-up
     step = _timed(unet_step, args.repeats)
@@ -153,7 +158,7 @@ def run_ours(args):
     from keras_diffusion import pipeline
 
     start = time.perf_counter()
-    model = kd.load_model(args.folder)
+    model = kd.load_model(args.folder, dtype=args.dtype)
     load = time.perf_counter() - start
     h, w, channels = model.sample_shape
     latents = np.random.default_rng(0).standard_normal((2, h, w, channels)).astype("float32")
@@ -294,7 +299,7 @@ def _spawn(args, library, backend):
     command = [sys.executable, __file__, "--worker", library, "--folder", str(args.folder),
                *(["--finetune"] if args.finetune else []),
                *(["--checkpointing"] if args.checkpointing else []),
-               "--steps", str(args.steps), "--repeats", str(args.repeats),
+               "--steps", str(args.steps), "--repeats", str(args.repeats), "--dtype", args.dtype,
                "--size", f"{args.size[0]}x{args.size[1]}",
                "--image-repeats", str(args.image_repeats)]
     print(f"... {library} {backend}", file=sys.stderr, flush=True)
@@ -336,6 +341,8 @@ def main():
     parser.add_argument("--model", choices=sorted(FAMILIES), default="sd15")
     parser.add_argument("--backends", default="tensorflow,jax,torch")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="the weights' dtype, in both libraries")
     parser.add_argument("--repeats", type=int, default=2, help="timed UNet steps")
     parser.add_argument("--image-repeats", type=int, default=0,
                         help="1: time a second image after the compiling one")
@@ -349,6 +356,9 @@ def main():
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.finetune and args.dtype != "float32":
+        parser.error("--finetune measures float32 weights (a LoRA over half-precision weights "
+                     "is tested in tests/test_sd_half.py, not timed yet)")
     if args.folder is None:
         args.folder = ROOT / "build" / f"sd-{args.model}"
     if args.size is None:
@@ -377,8 +387,9 @@ def main():
     text = table(runs)
     print(text)
     if args.write:
-        _write(args, text, runs, f"sd-inference-{args.model}",
-               f"{args.size[0]}x{args.size[1]}, {args.steps} steps")
+        suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
+        _write(args, text, runs, f"sd-inference-{args.model}{suffix}",
+               f"{args.size[0]}x{args.size[1]}, {args.steps} steps, {args.dtype}")
 
 
 def _write(args, text, runs, key, what):

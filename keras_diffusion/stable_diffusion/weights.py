@@ -138,6 +138,11 @@ def from_checkpoint(key, layout, initializer):
     building = _BUILDING.get()
     if building is None or key not in building[0]:
         return initializer
+    if keras.distribution.distribution() is not None:
+        # Sharded weights start as zeros made on their devices (JAX compiles a
+        # large one's initializer for its layout); `load_state_dict` then
+        # assigns each value, which Keras puts on the devices as its layout says.
+        return keras.initializers.Zeros()
     state_dict, taken = building
     fallback = keras.initializers.get(initializer)
 
