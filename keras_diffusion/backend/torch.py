@@ -4,7 +4,6 @@ kernels for the network's group normalisation and convolutions."""
 import contextlib
 import functools
 import warnings
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -94,27 +93,26 @@ def dense(layer, x):
     return layer.activation(y) if layer.activation is not None else y
 
 
-# layer -> ((storage, version, dtype), kernel in PyTorch's layout).
-_KERNELS = weakref.WeakKeyDictionary()
-
-
 def _torch_kernel(layer, dtype):
-    """The `(out, in, kh, kw)` kernel `conv2d` takes. A permuted view of the
-    Keras kernel is copied into oneDNN's layout on every call: at SD 1.5
-    size, 2.2 of a guided UNet step's 8.1 s (`benchmarks/sd_profile.py`).
-    Where the kernel takes no gradient (sampling; a frozen kernel in LoRA
-    training) the copy is kept, per layer, until the variable is assigned
-    (its version changes) or replaced."""
+    """The `(out, in, kh, kw)` kernel `conv2d` takes, channels-last in
+    memory, which oneDNN reads without a copy. A permuted view of Keras'
+    `(kh, kw, in, out)` kernel is not: copying it on every call cost 2.2 of
+    a guided SD 1.5 UNet step's 8.1 s, and keeping the copy beside the
+    variable 2.3 GB (`benchmarks/sd_memory.py`). So the variable's own
+    storage is laid out once, in place: it keeps its shape and values, as a
+    strided view of the channels-last tensor, and every later call permutes
+    it for free. A variable assigned a new tensor is laid out again on its
+    next call; where the variable's dtype is not the computation's (mixed
+    precision) the cast copy is made per call."""
     kernel = layer.kernel.value
-    if torch.is_grad_enabled() and kernel.requires_grad:
-        return kernel.to(dtype).permute(3, 2, 0, 1)
-    key = (kernel.data_ptr(), kernel._version, dtype)
-    cached = _KERNELS.get(layer)
-    if cached is None or cached[0] != key:
-        cached = (key, kernel.to(dtype).permute(3, 2, 0, 1).contiguous(
-            memory_format=torch.channels_last))
-        _KERNELS[layer] = cached
-    return cached[1]
+    oihw = kernel.permute(3, 2, 0, 1)
+    if kernel.dtype != dtype:
+        return oihw.to(dtype)
+    if not oihw.is_contiguous(memory_format=torch.channels_last):
+        kernel.data = oihw.detach().contiguous(memory_format=torch.channels_last).permute(
+            2, 3, 1, 0)
+        oihw = kernel.permute(3, 2, 0, 1)
+    return oihw
 
 
 def accelerator():
