@@ -76,7 +76,6 @@ def run_ours(args):
     import numpy as np
 
     import keras_diffusion as kd
-    from keras_diffusion import backend
     from keras_diffusion import pipeline
 
     phases = {"start": _status()}
@@ -86,10 +85,7 @@ def run_ours(args):
     inputs = [keras.ops.convert_to_tensor(value) for value in (
         rng.standard_normal((2, 64, 64, 4)).astype("float32"), np.full((2,), 500, "int32"),
         rng.standard_normal((2, 77, model.network.context_dim)).astype("float32"))]
-    weights, state = pipeline.sampling_state(model)
-    network = pipeline.network_function(model, weights, state)
-    step = backend.current().compile_function(lambda x, t, c: network([x, t, c]))
-    keras.ops.convert_to_numpy(step(*inputs))
+    keras.ops.convert_to_numpy(pipeline.compiled_network(model)(*inputs))
     phases["step"] = _status()
     model.generate(1, prompts=PROMPT, guidance_scale=7.5, steps=args.steps, sampler="dpmpp_2m",
                    image_size=(512, 512), seed=0)

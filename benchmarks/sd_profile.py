@@ -162,13 +162,10 @@ def run_ours(folder):
     import keras
 
     import keras_diffusion as kd
-    from keras_diffusion import backend
     from keras_diffusion import pipeline
 
     model = kd.load_model(folder)
-    weights, state = pipeline.sampling_state(model)
-    network = pipeline.network_function(model, weights, state)
-    step = backend.current().compile_function(lambda x, t, c: network([x, t, c]))
+    step = pipeline.compiled_network(model)
     inputs = [keras.ops.convert_to_tensor(v) for v in _inputs(model.network.context_dim)]
 
     def run():

@@ -165,11 +165,7 @@ def run_ours(args):
     t = np.full((2,), 500, "int32")
     context = np.random.default_rng(1).standard_normal(
         (2, 77, model.network.context_dim)).astype("float32")
-    weights, state = pipeline.sampling_state(model)
-    network = pipeline.network_function(model, weights, state)
-    from keras_diffusion import backend
-
-    step_fn = backend.current().compile_function(lambda x, t, c: network([x, t, c]))
+    step_fn = pipeline.compiled_network(model)
     inputs = [keras.ops.convert_to_tensor(v) for v in (latents, t, context)]
     compile_s = _timed(lambda: keras.ops.convert_to_numpy(step_fn(*inputs)), 1)
     step = _timed(lambda: keras.ops.convert_to_numpy(step_fn(*inputs)), args.repeats)

@@ -283,6 +283,17 @@ def network_function(model, weights, state):
     return network
 
 
+def compiled_network(model):
+    """`(x_t, t, context) -> output` of the network, compiled as the
+    sampling loops compile it: the weights are the program's arguments, not
+    constants baked into it (JAX would copy every weight into the program,
+    8 GB and a minute of compiling at SD 1.5 size). For benchmarks."""
+    weights, state = sampling_state(model)
+    step = backend.current().compile_function(
+        lambda w, s, *inputs: network_function(model, w, s)(list(inputs)))
+    return lambda *inputs: step(weights, state, *inputs)
+
+
 def text_function(model, weights, state):
     """`token ids (N, L) -> features (N, L, D)` of the text encoder with the
     given weight values (the tail of `sampling_state`'s lists)."""

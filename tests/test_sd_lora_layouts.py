@@ -90,6 +90,16 @@ def _script_file(pipeline, folder):
     return folder / "pytorch_lora_weights.safetensors"
 
 
+def _peft_file(pipeline, folder):
+    """What diffusers' `save_lora_weights` writes from peft's state dicts."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=_peft_state(pipeline.unet),
+        text_encoder_lora_layers=_peft_state(pipeline.text_encoder))
+    return folder / "pytorch_lora_weights.safetensors"
+
+
 def _legacy_file(script_file, path):
     """The attention projections of the script's file in diffusers' older
     attention-processor layout (`attn1.processor.to_q_lora.down.weight`;
@@ -160,6 +170,7 @@ def _make_files(style, root):
                              init_lora_weights=False))
     direct["script"] = _diffusers_image(trained, _latents())
     files["script"] = _script_file(trained, root / "script")
+    files["peft"] = _peft_file(trained, root / "peft")
     files["legacy"] = _legacy_file(files["script"], root / "legacy.safetensors")
 
     torch.manual_seed(2)
@@ -211,6 +222,8 @@ def test_the_files_are_in_the_layouts_their_tools_write(made):
     legacy = keys(files["legacy"])
     assert "unet.mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_out_lora.up" \
         ".weight" in legacy
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.lora_A.weight" in \
+        keys(files["peft"])
     kohya = keys(files["kohya"])
     assert "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight" in kohya
     assert "lora_te_text_model_encoder_layers_1_mlp_fc2.alpha" in kohya
@@ -222,9 +235,10 @@ def test_the_files_are_in_the_layouts_their_tools_write(made):
         assert np.abs(made[style]["images"]["kohya"] - made[style]["images"]["base"]).max() > 0.05
 
 
-# The attention-processor layout predates SD 2: it is read on SD 1.
+# The attention-processor layout predates SD 2: it is read on SD 1 (and peft's, written by
+# diffusers, on SD 1 in test_sd_lora.py).
 @pytest.mark.parametrize("style, layout", [("sd1", "script"), ("sd1", "legacy"), ("sd1", "kohya"),
-                                           ("sd2", "script"), ("sd2", "kohya")])
+                                           ("sd2", "peft"), ("sd2", "script"), ("sd2", "kohya")])
 def test_each_layout_loads_to_diffusers_image(made, style, layout):
     setup = made[style]
     model = kd.load_model(setup["folder"])
