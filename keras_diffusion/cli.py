@@ -155,9 +155,9 @@ def _finetune_arguments(finetune):
     finetune.add_argument("--resume", action="store_true",
                           help="continue an interrupted run in --output from its backup")
     finetune.add_argument("--seed", type=int, default=0)
-    finetune.add_argument("--distribute", choices=("data_parallel", "fsdp"), default=None,
-                          help="split each batch over the devices (data_parallel), and shard "
-                               "the weights over them too (fsdp, JAX)")
+    finetune.add_argument("--distribute", default=None,
+                          help="data_parallel: split each batch over the devices; fsdp (JAX): "
+                               "shard the weights over them too")
 
 
 def _finetune(args):

@@ -25,6 +25,11 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "linspace_exclusive",
                      "leading_exclusive")
 
 
+def _per_example(values, like):
+    """A per-example `(B,)` tensor reshaped to broadcast against `like`."""
+    return ops.reshape(values, (-1,) + (1,) * (len(like.shape) - 1))
+
+
 def _betas(beta_schedule, timesteps, beta_start, beta_end):
     """Per-step betas as float32, built the way diffusers builds them so that
     `alphas_cumprod` agrees with `DDPMScheduler` to float32 rounding."""
@@ -141,12 +146,8 @@ class DiffusionSchedule(keras.layers.Layer):
         value = ops.take(table, ops.maximum(t, 0))
         return ops.where(t >= 0, value, ops.ones_like(value))
 
-    def _expand(self, values, like):
-        """Reshape a per-example `(B,)` tensor to broadcast against `like`."""
-        return ops.reshape(values, (-1,) + (1,) * (len(like.shape) - 1))
-
     def _coefficients(self, t, like):
-        a = self._expand(self.alpha_bar(t), like)
+        a = _per_example(self.alpha_bar(t), like)
         return ops.sqrt(a), ops.sqrt(1.0 - a)
 
     # ------------------------------------------------------------ forward noise
@@ -330,7 +331,7 @@ class DiffusionSchedule(keras.layers.Layer):
         scaling by sqrt(a) turns that variance-exploding view into Ho 2020
         eq. 4, x_t = sqrt(a) x0 + sqrt(1 - a) eps (Song 2021b, section 3.4)."""
         noisy = ops.cast(noisy, "float32")
-        return ops.sqrt(self._expand(self.alpha_bar(t), noisy)) * noisy
+        return ops.sqrt(_per_example(self.alpha_bar(t), noisy)) * noisy
 
     def renoise(self, x_t, noise, t, t_next):
         """Sample x_{t_next} ~ q(x_{t_next} | x_t) for `t_next > t`: Ho 2020
@@ -338,7 +339,7 @@ class DiffusionSchedule(keras.layers.Layer):
         sqrt(a_next / a) x_t and variance 1 - a_next / a (the forward jump of
         RePaint, Lugmayr 2022 algorithm 1 line 10)."""
         x_t = ops.cast(x_t, "float32")
-        ratio = self._expand(self.alpha_bar(t_next) / self.alpha_bar(t), x_t)
+        ratio = _per_example(self.alpha_bar(t_next) / self.alpha_bar(t), x_t)
         return ops.sqrt(ratio) * x_t + ops.sqrt(1.0 - ratio) * ops.cast(noise, "float32")
 
     def get_config(self):
@@ -496,8 +497,7 @@ class FlowMatchSchedule(keras.layers.Layer):
 
     # ------------------------------------------------------ the interpolation
     def _expand(self, sigma, like):
-        sigma = ops.cast(sigma, "float32")
-        return ops.reshape(sigma, (-1,) + (1,) * (len(like.shape) - 1))
+        return _per_example(ops.cast(sigma, "float32"), like)
 
     def add_noise(self, x0, noise, sigma):
         """x_t = (1 - sigma) x0 + sigma noise (diffusers' `scale_noise`)."""

@@ -69,8 +69,9 @@ DEFAULT_ADAPTER = "default"
 # The model's parts a LoRA may touch: file name -> model attribute.
 PARTS = {"unet": "network", "text_encoder": "text_encoder"}
 
-DIFFUSERS_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder."}
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": ("lora_te_", "lora_te1_")}
+# Each part's key prefixes in a layout; the first is the one written.
+DIFFUSERS_PREFIXES = {"unet": ("unet.",), "text_encoder": ("text_encoder.",)}
+KOHYA_PREFIXES = {"unet": ("lora_unet_",), "text_encoder": ("lora_te_", "lora_te1_")}
 # How each layout spells a module's LoRA: (layout, part prefixes, module path
 # written with "." or "_", {matrix: key suffix}). Tried in this order: a
 # longer suffix before one it ends with.
@@ -148,10 +149,6 @@ class LoraState:
 def state_of(model):
     """The model's `LoraState` (an empty one for a model without LoRA)."""
     return model.__dict__.setdefault("_lora_state", LoraState())
-
-
-def has_lora(model):
-    return bool(state_of(model).adapters)
 
 
 # ------------------------------------------------------------ the layers
@@ -341,20 +338,17 @@ def read_file(path):
     return single_file.read_weights(path), _metadata(path)
 
 
-def _module_tables(modules):
-    """`{part: {separator: {spelled path: module path}}}`: each module as the
-    layouts spell it, with `.` or `_`, and a text encoder's also without
-    transformers' `text_model.` (as transformers 5 names it)."""
-    tables = {}
-    for part, paths in modules.items():
-        tables[part] = {}
-        for separator in (".", "_"):
-            spelled = {}
-            for path in paths:
-                spelled[path.replace(".", separator)] = path
-                if path.startswith(TEXT_PREFIX):
-                    spelled[path[len(TEXT_PREFIX):].replace(".", separator)] = path
-            tables[part][separator] = spelled
+def _module_tables(lookup):
+    """`{part: {separator: {spelled path: module path}}}` of `_lookup`'s
+    modules: each as the layouts spell it, with `.` or `_`, and a text
+    encoder's also without transformers' `text_model.` (as transformers 5
+    names it)."""
+    tables = {part: {".": {}, "_": {}} for part in PARTS}
+    for part, path in lookup:
+        for separator, spelled in tables[part].items():
+            spelled[path.replace(".", separator)] = path
+            if path.startswith(TEXT_PREFIX):
+                spelled[path[len(TEXT_PREFIX):].replace(".", separator)] = path
     return tables
 
 
@@ -372,9 +366,8 @@ def _split_key(key, tables):
     `"up"`, `"alpha"`, the path None where the key names no module of the
     part; None where no spelling matches the key."""
     for _, prefixes, separator, suffixes in SPELLINGS:
-        for part, prefix in prefixes.items():
-            prefix = next((p for p in ((prefix,) if isinstance(prefix, str) else prefix)
-                           if key.startswith(p)), None)
+        for part, spelled in prefixes.items():
+            prefix = next((p for p in spelled if key.startswith(p)), None)
             if prefix is None:
                 continue
             for matrix, suffix in suffixes.items():
@@ -495,8 +488,8 @@ def parse(state, metadata, model):
     `ValueError` naming the first keys that do not fit, or the adapter kind
     a file of another kind is."""
     _refuse_other_kinds(state)
-    modules = {part: module_layers(model_part) for part, model_part in _parts(model).items()}
-    tables = _module_tables(modules)
+    lookup = _lookup(model)
+    tables = _module_tables(lookup)
     found, problems = {}, []
     for key in sorted(state):
         split = _split_key(key, tables)
@@ -508,7 +501,7 @@ def parse(state, metadata, model):
         found.setdefault((part, path), {})[matrix] = np.asarray(state[key], "float32")
     entries = {}
     for (part, path), matrices in found.items():
-        problem = _pair_problem(part, path, matrices, modules[part][path])
+        problem = _pair_problem(part, path, matrices, lookup[(part, path)])
         if problem:
             problems.append(problem)
             continue
@@ -628,10 +621,9 @@ def _apply(model, state):
             adapter.merged[key] = target
 
 
-def _make_live(model, state, name, dense):
+def _make_live(state, name, dense, lookup):
     """Put the adapter's dense matrices into the layers' LoRA (enabled where
     needed, with the file's ranks); layers it leaves out get B = 0."""
-    lookup = _lookup(model)
     for key, layer in state.layers.items():
         if key not in dense:
             layer.lora_kernel_b.assign(np.zeros(layer.lora_kernel_b.shape, "float32"))
@@ -684,7 +676,7 @@ def load_lora_weights(model, path, scale=1.0, adapter_name=None):
         _remove(model, state, name)
     state.adapters[name] = Adapter(entries, scale)
     if live:
-        _make_live(model, state, name, dense)
+        _make_live(state, name, dense, lookup)
     _apply(model, state)
     _settled(model)
 
@@ -812,12 +804,11 @@ def lora_state_dict(model, format="peft", adapter_name=None):
             up = ops.convert_to_numpy(layer.lora_kernel_b).astype("float32").T
         alpha, rank = alpha * adapter.weight, down.shape[0]
         if format == "peft":
-            key = DIFFUSERS_PREFIXES[part] + path
+            key = DIFFUSERS_PREFIXES[part][0] + path
             out[key + ".lora_A.weight"] = down
             out[key + ".lora_B.weight"] = up * np.float32(alpha / rank)
         else:
-            key = KOHYA_PREFIXES[part]
-            key = (key if isinstance(key, str) else key[0]) + keras_name(path)
+            key = KOHYA_PREFIXES[part][0] + keras_name(path)
             out[key + ".lora_down.weight"] = down
             out[key + ".lora_up.weight"] = up
             out[key + ".alpha"] = np.asarray(alpha, "float32")
