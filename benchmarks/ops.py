@@ -24,7 +24,7 @@ on the shapes of the reference UNet
 - `dense`: a 128 -> 512 matmul on the time embedding.
 
 JAX runs twice: `jax` with XLA's convolutions on its Eigen kernels, as
-keras_diffusion sets it (`keras_diffusion._xla_flags_with_eigen_convolutions`),
+keras_diffusion sets it (`keras_diffusion._XLA_CPU_FLAGS`),
 and `jax-ynnpack` on YNNPACK, XLA's own default in jaxlib 0.10.
 
 Each is timed as a compiled function (`tf.function`, `jax.jit`; PyTorch

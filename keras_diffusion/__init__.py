@@ -41,27 +41,39 @@ def _with_xla_flag(flags, name, value):
     return f"{flags} --{name}={value}".strip()
 
 
-def _xla_flags_with_eigen_convolutions(flags, jaxlib, tensorflow):
-    """`flags` (the XLA_FLAGS variable) with XLA's CPU convolutions on its
-    Eigen kernels rather than YNNPACK, unless they choose already.
+# XLA's CPU settings this library chooses, unless the user chooses already.
+_XLA_CPU_FLAGS = (
+    # jaxlib 0.10's XLA hands CPU convolutions to YNNPACK, which runs those of
+    # this library's UNets (64 channels in or out) on one core. Eigen runs them
+    # on every core: the reference UNet trained 1.35x faster under JAX on 2
+    # cores (docs/performance.md).
+    ("xla_cpu_experimental_ynn_fusion_type", "-individual_convolution"),
+    # With several CPU devices (the command's device per core, `distribute:
+    # fsdp` on virtual devices), a collective waits for every device's thread;
+    # XLA stops the process when one is 40 s late, which a step of a large
+    # model on a busy 2-core machine can be. A late thread is slow, not lost.
+    ("xla_cpu_collective_call_terminate_timeout_seconds", 3600),
+)
 
-    jaxlib 0.10's XLA hands CPU convolutions to YNNPACK, which runs those of
-    this library's UNets (64 channels in or out) on one core. Eigen runs them
-    on every core: the reference UNet trained 1.35x faster under JAX on 2
-    cores (docs/performance.md). XLA stops the process on a flag it does not
-    know, and TensorFlow's XLA reads this variable too, so the flag goes in
-    only where both know it: jaxlib 0.10 (`jaxlib`, `tensorflow`: (major,
+
+def _xla_flags_for_cpus(flags, jaxlib, tensorflow):
+    """`flags` (the XLA_FLAGS variable) with `_XLA_CPU_FLAGS` added, each
+    unless the user sets it. XLA stops the process on a flag it does not
+    know, and TensorFlow's XLA reads this variable too, so the flags go in
+    only where both know them: jaxlib 0.10 (`jaxlib`, `tensorflow`: (major,
     minor) or None if not installed) and TensorFlow 2.21 or later."""
     if jaxlib != (0, 10) or (tensorflow is not None and tensorflow < (2, 21)):
         return flags
-    return _with_xla_flag(flags, "xla_cpu_experimental_ynn_fusion_type", "-individual_convolution")
+    for name, value in _XLA_CPU_FLAGS:
+        flags = _with_xla_flag(flags, name, value)
+    return flags
 
 
 # Read by XLA when JAX starts its first device: set on import, before that.
 # Unconditional, as the oneDNN switch above: PyTorch ignores it, and TensorFlow
 # runs its CPU convolutions on oneDNN, not XLA (its training showed the same
 # two speeds on the Zen 5 with the flag and without, docs/performance.md).
-_flags = _xla_flags_with_eigen_convolutions(
+_flags = _xla_flags_for_cpus(
     os.environ.get("XLA_FLAGS", ""), _version("jaxlib"), _version("tensorflow"))
 if _flags:
     os.environ["XLA_FLAGS"] = _flags

@@ -13,19 +13,22 @@ from conftest import child_env
 
 EIGEN = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 YNNPACK = "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"
+PATIENT = "--xla_cpu_collective_call_terminate_timeout_seconds=3600"
+IMPATIENT = "--xla_cpu_collective_call_terminate_timeout_seconds=40"
 
 
 @pytest.mark.parametrize("flags, jaxlib, tensorflow, expected", [
-    ("", (0, 10), (2, 21), EIGEN),
+    ("", (0, 10), (2, 21), f"{EIGEN} {PATIENT}"),
     ("--xla_force_host_platform_device_count=2", (0, 10), None,
-     "--xla_force_host_platform_device_count=2 " + EIGEN),
-    (YNNPACK, (0, 10), (2, 21), YNNPACK),  # the user's choice
+     f"--xla_force_host_platform_device_count=2 {EIGEN} {PATIENT}"),
+    (YNNPACK, (0, 10), (2, 21), f"{YNNPACK} {PATIENT}"),  # the user's choice
+    (IMPATIENT, (0, 10), (2, 21), f"{IMPATIENT} {EIGEN}"),
     ("", (0, 9), (2, 21), ""),  # an XLA this was not measured on
     ("", None, (2, 21), ""),  # no JAX
     ("", (0, 10), (2, 20), ""),  # TensorFlow 2.20's XLA does not know the flag
 ])
-def test_xla_convolutions_go_to_eigen_where_xla_knows_the_flag(flags, jaxlib, tensorflow, expected):
-    assert kd._xla_flags_with_eigen_convolutions(flags, jaxlib, tensorflow) == expected
+def test_xla_cpu_flags_go_in_where_xla_knows_them(flags, jaxlib, tensorflow, expected):
+    assert kd._xla_flags_for_cpus(flags, jaxlib, tensorflow) == expected
 
 
 # A 3x3 convolution with 64 channels, which jaxlib 0.10's XLA gives YNNPACK by
@@ -57,8 +60,8 @@ def test_jax_convolutions_run_on_eigen_unless_the_user_chooses(user_flags):
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     to_ynnpack, error = out.stdout.split()[-2:]
-    eigen = kd._xla_flags_with_eigen_convolutions(
-        user_flags, kd._version("jaxlib"), kd._version("tensorflow")) == EIGEN
+    eigen = EIGEN in kd._xla_flags_for_cpus(
+        user_flags, kd._version("jaxlib"), kd._version("tensorflow"))
     assert to_ynnpack == str(not eigen)
     assert float(error) < 1e-3  # |values| ~ 25: both kernels compute the convolution
 
