@@ -81,6 +81,7 @@ del _flags
 
 _EXPORTS = {
     "DiffusionSchedule": "keras_diffusion.schedule",
+    "FlowMatchSchedule": "keras_diffusion.schedule",
     "UNet": "keras_diffusion.network",
     "DiffusionModel": "keras_diffusion.model",
     "Autoencoder": "keras_diffusion.autoencoder",

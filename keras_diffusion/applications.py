@@ -112,7 +112,7 @@ def denoise(model, images, *, sigma=None, steps=10, labels=None, prompts=None,
     t = model.schedule.timestep_for_noise_std(2.0 * float(sigma))
     x_t = model.schedule.x_t_from_noisy(to_model_range(noisy), t)
     x0 = pipeline.run_sampler(
-        model, x_t, timesteps=samplers.partial_timesteps(t, steps), sampler="ddim",
+        model, x_t, timesteps=samplers.partial_levels(model.schedule, t, steps), sampler="ddim",
         condition=condition, guidance_scale=guidance_scale, batch_size=batch_size,
     )
     return DenoiseResult(from_model_range(x0), float(sigma), estimated)
@@ -199,6 +199,9 @@ def inpaint(model, images, mask, *, steps=50, jump_length=5, resamples=4, eta=1.
         float32 `(N, H, W, C)` in [0, 1] whose known pixels equal the
         input's exactly (uint8 input: its value / 255).
     """
+    if getattr(model.schedule, "flow", False):
+        raise ValueError("inpaint (RePaint) runs on DDPM schedules; this model is flow-matching. "
+                         "Use img2img on a filled-in image, or a model with a DiffusionSchedule.")
     images = check_images(images, model.image_shape)
     known = _check_mask(mask, images.shape)
     if eta < 0:
@@ -269,7 +272,8 @@ def make_mask(kind, shape, seed=0):
 def img2img(model, images, *, strength=0.5, steps=50, eta=0.0, seed=None, labels=None,
             prompts=None, negative_prompts=None, guidance_scale=1.0, batch_size=None):
     """Image-to-image translation by SDEdit (Meng 2022): noise `images`
-    to timestep `round(strength * (T - 1))`, then run DDIM back to t = 0.
+    to timestep `round(strength * (T - 1))` (on a flow schedule to sigma =
+    `strength`), then run DDIM back to t = 0.
 
     Args:
         model: a `DiffusionModel`, or any model of the sampling pipeline's
@@ -295,15 +299,18 @@ def img2img(model, images, *, strength=0.5, steps=50, eta=0.0, seed=None, labels
         raise ValueError(f"eta must be >= 0; got {eta!r}.")
     condition = pipeline.check_condition(model, len(images), guidance_scale, labels=labels, prompts=prompts,
                                         negative_prompts=negative_prompts)
-    t = int(round(float(strength) * (model.schedule.timesteps - 1)))
+    if getattr(model.schedule, "flow", False):  # the noise level is the sigma itself
+        t, t_batch = float(strength), np.full((len(images),), strength, dtype="float32")
+    else:
+        t = int(round(float(strength) * (model.schedule.timesteps - 1)))
+        t_batch = np.full((len(images),), t, dtype="int32")
     x0 = pipeline.encode(model, images, batch_size=batch_size)
     noise = keras.random.normal(x0.shape, seed=seed)
-    t_batch = np.full((len(images),), t, dtype="int32")
     x_t = model.schedule.add_noise(x0, noise, t_batch)
-    timesteps = samplers.partial_timesteps(t, steps)
+    timesteps = samplers.partial_levels(model.schedule, t, steps)
     step_seed = None if seed is None else seed + 1
     step_noise = samplers.draw_step_noise(
-        x0.shape, "ddim", len(timesteps), eta=eta, seed=step_seed
+        x0.shape, "ddim", len(timesteps), eta=eta, seed=step_seed, schedule=model.schedule
     )
     x0 = pipeline.run_sampler(
         model, x_t, timesteps=timesteps, sampler="ddim", eta=eta, condition=condition,
@@ -380,7 +387,7 @@ def _endpoint_noise(model, end, name, timesteps, condition, guidance_scale):
     if len(image) != 1:
         raise ValueError(f"{name} must be one image or an integer seed; got {len(image)} images.")
     x_t = pipeline.run_loop(
-        model, samplers.ddim_invert, [pipeline.encode(model, image)],
+        model, samplers.invert, [pipeline.encode(model, image)],
         constants=dict(timesteps=timesteps),
         condition=condition, guidance_scale=guidance_scale,
     )

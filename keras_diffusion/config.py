@@ -195,7 +195,9 @@ class _Signature:
 
 
 _UNET = _Signature("network:UNet")
+SCHEDULE_TYPES = ("ddpm", "flow")
 _SCHEDULE = _Signature("schedule:DiffusionSchedule")
+_FLOW = _Signature("schedule:FlowMatchSchedule")
 _MODEL = _Signature("model:DiffusionModel")
 _GENERATE = _Signature("model:DiffusionModel.generate")
 _AUTOENCODER = _Signature("autoencoder:Autoencoder")
@@ -221,14 +223,25 @@ _SCHEMA = {
         "groups": (_UNET, _integer()),
         "num_classes": (_UNET, _integer(nullable=True)),
     },
+    # type ddpm: a DiffusionSchedule of the beta keys; type flow: flow matching,
+    # a FlowMatchSchedule of the flow keys (shift and the training density and
+    # weighting), which ignores the beta keys
     "schedule": {
+        "type": ("ddpm", _choice(SCHEDULE_TYPES)),
         "beta_schedule": (_SCHEDULE, _choice(_owned_by("schedule", "BETA_SCHEDULES"))),
         "timesteps": (_SCHEDULE, _integer()),
         "beta_start": (_SCHEDULE, _number()),
         "beta_end": (_SCHEDULE, _number()),
+        "shift": (_FLOW, _number()),
+        "density": (_FLOW, _choice(_owned_by("schedule", "TIMESTEP_DENSITIES"))),
+        "logit_mean": (_FLOW, _number()),
+        "logit_std": (_FLOW, _number()),
+        "mode_scale": (_FLOW, _number()),
+        "weighting": (_FLOW, _choice(_owned_by("schedule", "FLOW_LOSS_WEIGHTINGS"))),
     },
     "model": {
-        "prediction": (_MODEL, _choice(_owned_by("schedule", "PREDICTION_TYPES"))),
+        # null: the schedule's own (epsilon on ddpm, flow on flow)
+        "prediction": (_MODEL, _choice(_owned_by("schedule", "ALL_PREDICTIONS"), nullable=True)),
         "ema_decay": (_MODEL, _number(nullable=True)),
         "min_snr_gamma": (_MODEL, _number(nullable=True)),
         "label_dropout": (_MODEL, _number()),
@@ -391,6 +404,23 @@ def save_config(config, path):
     return atomic_write(path, lambda temp: Path(temp).write_text(text))
 
 
+_SCHEDULE_ARGUMENTS = {
+    "ddpm": ("beta_schedule", "timesteps", "beta_start", "beta_end"),
+    "flow": ("timesteps", "shift", "density", "logit_mean", "logit_std", "mode_scale", "weighting"),
+}
+
+
+def schedule_from_config(section):
+    """The schedule a config's `schedule` section describes: a
+    `DiffusionSchedule` (`type: ddpm`) or a `FlowMatchSchedule` (`type: flow`),
+    each from its own keys."""
+    from keras_diffusion import schedule
+
+    kind = {"ddpm": schedule.DiffusionSchedule, "flow": schedule.FlowMatchSchedule}
+    return kind[section["type"]](**{key: section[key]
+                                    for key in _SCHEDULE_ARGUMENTS[section["type"]]})
+
+
 # The keys of the `autoencoder` section that are `Autoencoder`'s arguments;
 # the others say whether and how to train it.
 AUTOENCODER_ARGUMENTS = ("widths", "latent_channels", "blocks_per_level", "groups", "pad",
@@ -471,15 +501,21 @@ def _check_objects(config):
     from keras_diffusion.checks import check_guidance
     from keras_diffusion.model import check_model_arguments
     from keras_diffusion.network import check_unet_arguments
-    from keras_diffusion.schedule import DiffusionSchedule
     from keras_diffusion.schedule import check_steps
 
     network, schedule, sampling = config["network"], config["schedule"], config["sampling"]
     evaluation = config["evaluation"]
+
+    def check_model():
+        model = dict(config["model"])
+        flow = schedule["type"] == "flow"
+        model["prediction"] = model["prediction"] or ("flow" if flow else "epsilon")
+        check_model_arguments(**model, flow=flow)
+
     checks = [
         ("network", lambda: check_unet_arguments(image_shape=None, **network)),
-        ("schedule", lambda: DiffusionSchedule(**schedule)),
-        ("model", lambda: check_model_arguments(**config["model"])),
+        ("schedule", lambda: schedule_from_config(schedule)),
+        ("model", check_model),
         ("sampling.steps", lambda: check_steps(sampling["steps"], schedule["timesteps"])),
     ]
     if evaluation["every_n_epochs"]:

@@ -72,6 +72,10 @@ _TENSORFLOW_EXPORT = (
 def export_model(model, filepath, *, format="tf_saved_model", verbose=None, input_signature=None,
                  **kwargs):
     """What `DiffusionModel.export` does; see there."""
+    if getattr(model.schedule, "flow", False):
+        raise ValueError("export writes DDPM endpoints (integer timesteps); this model is "
+                         "flow-matching, which export does not serve yet. Save it with "
+                         "model.save and sample with keras_diffusion.")
     if format == "tf_saved_model":
         if input_signature is not None:
             raise ValueError(
@@ -207,7 +211,7 @@ def _endpoints(model, *, timesteps, sampler, eta, denoise_steps):
             condition_input = condition(condition_input)
         return pipeline.decode_tensor(model, run(weights, state, condition_input, noise, step_noise))
 
-    if not samplers.SAMPLERS[sampler].needs_noise(eta):
+    if not samplers.SAMPLERS[sampler].needs_noise(eta, model.schedule):
         def generate(noise):
             return sample(noise)
 

@@ -23,6 +23,8 @@ from keras_diffusion import pipeline
 from keras_diffusion.data import check_training_images
 from keras_diffusion.export import export_model
 from keras_diffusion.schedule import DiffusionSchedule
+from keras_diffusion.schedule import FLOW_PREDICTION
+from keras_diffusion.schedule import check_flow_prediction
 from keras_diffusion.schedule import check_prediction
 
 
@@ -38,8 +40,13 @@ class DiffusionModel(keras.Model):
         network: a Keras model called as `network([x_t, t])`, or
             `network([x_t, t, labels])` when it is class-conditional (it then
             has a `num_classes` attribute; label `num_classes` is "no label").
-        schedule: a `DiffusionSchedule` (default: cosine, 1000 steps).
-        prediction: the network's target: `"epsilon"`, `"v"` or `"x0"`.
+        schedule: a `DiffusionSchedule` (default: cosine, 1000 steps), or a
+            `FlowMatchSchedule` for flow matching (rectified flow): the
+            network then learns the velocity `noise - x0` at noise levels
+            the schedule draws, and is called with `t = sigma * timesteps`.
+        prediction: the network's target: `"epsilon"`, `"v"` or `"x0"` on
+            a DDPM schedule (None: `"epsilon"`); `"flow"` (the velocity) on
+            a flow schedule, where None means it.
         ema_decay: EMA decay for the sampling weights, or `None`/0 to sample
             with the raw weights.
         min_snr_gamma: gamma for min-SNR loss weighting (Hang 2023), or None.
@@ -80,16 +87,21 @@ class DiffusionModel(keras.Model):
     ...                         sampler="dpmpp_2m", steps=20)
     """
 
-    def __init__(self, network, schedule=None, prediction="epsilon", ema_decay=0.999,
+    def __init__(self, network, schedule=None, prediction=None, ema_decay=0.999,
                  min_snr_gamma=None, label_dropout=0.1, class_names=None, seed=None,
                  text_encoder=None, tokenizer=None, train_text_encoder=True, prompt_dropout=0.1,
                  **kwargs):
         super().__init__(**kwargs)
+        schedule = schedule if schedule is not None else DiffusionSchedule()
+        prediction = prediction or default_prediction(schedule)
         check_model_arguments(prediction=prediction, ema_decay=ema_decay,
                               min_snr_gamma=min_snr_gamma, label_dropout=label_dropout,
-                              prompt_dropout=prompt_dropout, train_text_encoder=train_text_encoder)
+                              prompt_dropout=prompt_dropout, train_text_encoder=train_text_encoder,
+                              flow=schedule.flow)
+        if schedule.flow:
+            check_float_time(network)
         self.network = network
-        self.schedule = schedule if schedule is not None else DiffusionSchedule()
+        self.schedule = schedule
         self.prediction = prediction
         self.ema_decay = float(ema_decay) if ema_decay else None
         self.min_snr_gamma = min_snr_gamma
@@ -180,17 +192,16 @@ class DiffusionModel(keras.Model):
 
     def compute_diffusion_loss(self, images, labels=None, training=True, sample_weight=None):
         """The diffusion objective, shared by every backend's train step:
-        noise the batch at uniformly drawn timesteps and regress the
-        prediction target with (optionally min-SNR weighted) MSE, each
-        example weighted by `sample_weight` when given (DreamBooth's prior
-        preservation weighs the class images so)."""
+        noise the batch at noise levels the schedule draws (uniform
+        timesteps; a flow schedule's sigmas from its `density`) and regress
+        the prediction target with MSE, weighted per example by min-SNR or
+        the flow schedule's `weighting`, and by `sample_weight` when given
+        (DreamBooth's prior preservation weighs the class images so)."""
         x0 = self.diffusion_inputs(images)
         batch = ops.shape(x0)[0]
-        t = keras.random.randint(
-            (batch,), 0, self.schedule.timesteps, dtype="int32", seed=self.seed_generator
-        )
+        t = self.schedule.draw_levels(batch, seed=self.seed_generator)
         noise = keras.random.normal(ops.shape(x0), dtype="float32", seed=self.seed_generator)
-        inputs = [self.schedule.add_noise(x0, noise, t), t]
+        inputs = [self.schedule.add_noise(x0, noise, t), self.schedule.network_time(t)]
         condition = conditioning.network_condition(self, labels, batch, training=training)
         if condition is not None:
             inputs.append(condition)
@@ -377,11 +388,36 @@ def _copy_of(variable):
     return lambda shape, dtype=None: ops.convert_to_numpy(variable).astype("float32")
 
 
+def default_prediction(schedule):
+    """What a network predicts when the model names nothing: the velocity
+    on a flow schedule, the noise on a DDPM one."""
+    return FLOW_PREDICTION if getattr(schedule, "flow", False) else "epsilon"
+
+
+def check_float_time(network):
+    """A flow schedule calls the network at float times `sigma * timesteps`;
+    a network whose `t` input is int32 (a UNet saved before it took floats)
+    would round them away."""
+    if "int" in str(network.inputs[1].dtype):
+        raise ValueError(f"a flow-matching schedule calls the network with float times (sigma * "
+                         f"timesteps), but {network.name}'s t input is {network.inputs[1].dtype}; "
+                         "build the network anew (a UNet takes float32 t).")
+
+
 def check_model_arguments(*, prediction, ema_decay, min_snr_gamma, label_dropout,
-                          prompt_dropout=0.1, train_text_encoder=True):
+                          prompt_dropout=0.1, train_text_encoder=True, flow=False):
     """The rules of `DiffusionModel`'s training arguments (the config's
-    `model` section is checked by them too)."""
-    check_prediction(prediction)
+    `model` section is checked by them too); `flow`: on a flow schedule."""
+    if flow:
+        check_flow_prediction(prediction)
+        if min_snr_gamma is not None:
+            raise ValueError("min_snr_gamma weighs DDPM timesteps; a flow-matching schedule "
+                             "weighs by its own weighting= ('none', 'sigma_sqrt', 'cosmap').")
+    elif prediction == FLOW_PREDICTION:
+        raise ValueError("prediction='flow' (the velocity) needs a flow-matching schedule: pass "
+                         "schedule=FlowMatchSchedule(...).")
+    else:
+        check_prediction(prediction)
     if ema_decay is not None and not 0 <= ema_decay < 1:
         raise ValueError(f"ema_decay must be in [0, 1) or None; got {ema_decay!r}.")
     if not 0 <= label_dropout < 1:

@@ -512,7 +512,8 @@ class UNet(keras.Model):
 
     Inputs: `[x_t, t]`, then `labels` when `num_classes` is set, then
         `context` when `context_dim` is: `x_t` float `(B, H, W, C)`, `t`
-        int32 `(B,)` timesteps, `labels` int32 `(B,)` in `[0, num_classes]`,
+        `(B,)` timesteps, taken as float32 (integers on a DDPM schedule; a
+        flow schedule's `sigma * timesteps` are fractions), `labels` int32 `(B,)` in `[0, num_classes]`,
         `context` float `(B, M, context_dim)` for any length `M`.
     Output: float32 `(B, H, W, C)`, also under a mixed-precision policy.
 
@@ -562,7 +563,7 @@ class UNet(keras.Model):
 
         # === Inputs and conditioning embedding ===
         x_t = keras.Input(shape=image_shape, name="x_t")
-        t = keras.Input(shape=(), dtype="int32", name="t")
+        t = keras.Input(shape=(), dtype="float32", name="t")
         inputs = [x_t, t]
         emb = SinusoidalEmbedding(widths[0], name="timestep_embedding")(t)
         emb = _dense(emb_dim, activation="silu", name="time_mlp_1")(emb)

@@ -462,7 +462,7 @@ def run_sampler(model, x, *, timesteps, sampler, eta=0.0, condition=None, guidan
     `samplers.draw_step_noise` draws it."""
     return run_loop(
         model, samplers.run_sampler, [x, step_noise],
-        constants=dict(timesteps=np.asarray(timesteps, dtype=np.int32), sampler=sampler,
+        constants=dict(timesteps=samplers.plan(timesteps), sampler=sampler,
                        eta=float(eta), clip_x0=clips(model)),
         condition=condition, guidance_scale=guidance_scale, batch_size=batch_size,
         batch_axes=(0, 1),
@@ -478,23 +478,38 @@ def sample(model, num_images, *, steps=50, sampler="ddim", seed=None, labels=Non
     check_integer("num_images", num_images)
     condition = check_condition(model, num_images, guidance_scale, labels=labels, prompts=prompts,
                                 negative_prompts=negative_prompts)
+    shape = sample_shape(model, image_size)
+    if noise is not None:
+        noise = check_noise(model, noise, num_images, shape, image_size)
+        shape = noise.shape[1:]
     timesteps = samplers.plan_timesteps(
         model.schedule, sampler, steps, eta=eta, spacing=timestep_spacing,
-        use_karras_sigmas=use_karras_sigmas,
+        use_karras_sigmas=use_karras_sigmas, mu=dynamic_shift(model, shape),
     )
-    shape = sample_shape(model, image_size)
     if noise is None:
         noise = keras.random.normal((num_images,) + shape, seed=seed)
     else:
-        noise = ops.convert_to_tensor(check_noise(model, noise, num_images, shape, image_size))
+        noise = ops.convert_to_tensor(noise)
     step_seed = None if seed is None else seed + 1
     step_noise = samplers.draw_step_noise(
-        noise.shape, sampler, len(timesteps), eta=eta, seed=step_seed
+        noise.shape, sampler, len(timesteps), eta=eta, seed=step_seed, schedule=model.schedule
     )
     return run_sampler(
         model, noise, timesteps=timesteps, sampler=sampler, eta=eta, condition=condition,
         guidance_scale=guidance_scale, step_noise=step_noise, batch_size=batch_size,
     )
+
+
+def dynamic_shift(model, shape):
+    """The `mu` of a flow schedule that shifts by the image
+    (`use_dynamic_shifting`) for samples of `shape` `(h, w, C)`: from its
+    token count, h * w over the network's patch area (1 for a UNet); None
+    for every other schedule."""
+    schedule = model.schedule
+    if not getattr(schedule, "use_dynamic_shifting", False):
+        return None
+    patch = getattr(model.network, "patch_size", 1)
+    return schedule.mu_for(shape[0] * shape[1] // (patch * patch))
 
 
 # ------------------------------------------------------------ image sizes

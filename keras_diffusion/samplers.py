@@ -6,6 +6,15 @@ training timesteps, and the output is an epsilon, x0 or v prediction as named
 by `prediction`. Samplers know nothing of Keras models, so they can be tested
 against closed-form denoisers.
 
+On a flow-matching schedule (`FlowMatchSchedule`) the same names run in
+sigma: x_t = (1 - sigma) x0 + sigma noise, the plan is float sigmas, `t` is
+the float `sigma * timesteps` the network was trained with, and the output is
+the velocity (`prediction="flow"`). `"ddim"` (deterministic) is then the
+Euler step, which it equals on a straight path; `"ddpm"` (and `"ddim"` with
+eta > 0) samples ancestrally from the flow's own Gaussian posteriors; and
+`"euler"` re-noises at each step, as diffusers' `stochastic_sampling=True`,
+where the schedule says so.
+
 The loop runs through `keras.ops.fori_loop`, so a caller that traces it (a
 `jax.jit` or `tf.function`) gets one compiled program. Stochastic samplers
 draw all their noise before the loop from one integer seed, which keeps the
@@ -41,6 +50,9 @@ class Sampler:
     Attributes:
         loop: `loop(denoiser, schedule, x, step_noise, *, timesteps,
             prediction, eta, clip_x0) -> x0`, the traceable sampling loop.
+        flow_loop: the same on a flow-matching schedule, over sigmas.
+        stochastic_on_flow: on a flow schedule, stochastic exactly when
+            the schedule says `stochastic_sampling` (the Euler sampler).
         stochastic: adds fresh noise at every step, whatever `eta`.
         karras: spaces its noise levels by Karras 2022 eq. 5 by default.
         takes_eta: accepts the DDIM stochasticity `eta` (noise when > 0).
@@ -50,9 +62,14 @@ class Sampler:
     stochastic: bool
     karras: bool
     takes_eta: bool
+    flow_loop: Callable = None
 
-    def needs_noise(self, eta):
-        """Whether a run with this `eta` draws per-step noise."""
+    stochastic_on_flow: bool = False
+
+    def needs_noise(self, eta, schedule=None):
+        """Whether a run with this `eta` (on `schedule`) draws per-step noise."""
+        if getattr(schedule, "flow", False) and self.stochastic_on_flow:
+            return schedule.stochastic_sampling
         return self.stochastic or (self.takes_eta and eta > 0)
 
 
@@ -71,10 +88,11 @@ def sample(
     prediction="epsilon",
     seed=None,
     eta=0.0,
-    timestep_spacing="linspace",
+    timestep_spacing=None,
     clip_x0=True,
     start_timestep=None,
     use_karras_sigmas=None,
+    mu=None,
 ):
     """Run the reverse diffusion process from `noise` and return x0.
 
@@ -94,8 +112,9 @@ def sample(
         prediction: what the denoiser predicts: `"epsilon"`, `"v"` or `"x0"`.
         seed: integer seed for the noise the stochastic samplers add.
         eta: DDIM stochasticity; 0 is deterministic, 1 matches DDPM's variance.
-        timestep_spacing: `"linspace"` (the default), `"leading"` or
-            `"trailing"`, as in diffusers. `"linspace"` starts at the last
+        timestep_spacing: `"linspace"`, `"leading"` or `"trailing"`, as in
+            diffusers; None (the default) is the schedule's own default,
+            `"linspace"` unless it names another. `"linspace"` starts at the last
             training timestep, where x_T really is pure noise, and ends at 0;
             `"leading"` starts a step short of it (t = 950 of 1000 at 20
             steps), which Lin et al. 2023 show costs sample quality. On the
@@ -111,6 +130,14 @@ def sample(
             (denser near the data), for any sampler. None (the default)
             turns it on for `"euler"`, `"heun"` and the DPM-Solver++
             samplers and off for `"ddpm"` and `"ddim"`.
+        mu: on a flow schedule that shifts by the image
+            (`use_dynamic_shifting`), the shift, e.g. `schedule.mu_for(
+            image_seq_len)`.
+
+    On a `FlowMatchSchedule` the denoiser predicts the velocity
+    (`prediction="flow"`) and is called with `t = sigma * timesteps`;
+    `start_timestep` is then a sigma in (0, 1], and `eta`,
+    `timestep_spacing` and Karras sigmas do not apply.
 
     Returns:
         The final clean-image estimate, `(B, H, W, C)` float32 (in
@@ -118,10 +145,11 @@ def sample(
     """
     timesteps = plan_timesteps(
         schedule, sampler, steps, eta=eta, spacing=timestep_spacing,
-        start_timestep=start_timestep, use_karras_sigmas=use_karras_sigmas,
+        start_timestep=start_timestep, use_karras_sigmas=use_karras_sigmas, mu=mu,
     )
     x = ops.cast(ops.convert_to_tensor(noise), "float32")
-    step_noise = draw_step_noise(x.shape, sampler, len(timesteps), eta=eta, seed=seed)
+    step_noise = draw_step_noise(x.shape, sampler, len(timesteps), eta=eta, seed=seed,
+                                 schedule=schedule)
     return run_sampler(
         denoiser, schedule, x, step_noise, timesteps=timesteps, sampler=sampler,
         prediction=prediction, eta=eta, clip_x0=clip_x0,
@@ -130,10 +158,11 @@ def sample(
 
 def plan_timesteps(
     schedule, sampler, steps, *, eta=0.0, spacing=None, start_timestep=None,
-    use_karras_sigmas=None,
+    use_karras_sigmas=None, mu=None,
 ):
     """Validate sampler arguments and return the descending timesteps to run
-    (see `sample` for the arguments)."""
+    (see `sample` for the arguments); on a flow schedule the sigmas, float64
+    (`mu`: the dynamic shift of a schedule that shifts by the image)."""
     spec = check_sampler(sampler)
     check_steps(steps, schedule.timesteps)
     if eta < 0:
@@ -143,6 +172,9 @@ def plan_timesteps(
             f"eta is a DDIM option; sampler {sampler!r} takes none (got eta={eta!r}). "
             "For a stochastic few-step sampler use 'dpmpp_2m_sde'."
         )
+    if getattr(schedule, "flow", False):
+        return _plan_sigmas(schedule, sampler, steps, spacing=spacing, start_sigma=start_timestep,
+                            use_karras_sigmas=use_karras_sigmas, mu=mu)
     if spacing is None:
         spacing = schedule.default_spacing(sampler)
     if use_karras_sigmas is None:
@@ -154,10 +186,37 @@ def plan_timesteps(
     return timesteps
 
 
-def draw_step_noise(shape, sampler, num_steps, *, eta, seed):
+def _plan_sigmas(schedule, sampler, steps, *, spacing, start_sigma, use_karras_sigmas, mu):
+    """A flow schedule's descending sampling sigmas (without the final 0):
+    those of diffusers' `DPMSolverMultistepScheduler(use_flow_sigmas=True)`
+    for the DPM-Solver++ samplers, of `FlowMatchEulerDiscreteScheduler` (and
+    its Heun twin) for the others."""
+    for name, value in (("timestep_spacing", spacing), ("use_karras_sigmas", use_karras_sigmas)):
+        if value:
+            raise ValueError(f"{name} is an option of DDPM schedules; a flow-matching schedule "
+                             f"spaces its sigmas by its shift (got {name}={value!r}).")
+    if sampler.startswith("dpmpp"):
+        sigmas = schedule.dpm_sigmas(steps, mu=mu)
+    else:
+        sigmas = schedule.sampling_sigmas(steps, mu=mu)[:-1].astype(np.float64)
+    if start_sigma is not None:
+        if not 0 < start_sigma <= 1:
+            raise ValueError(f"a flow schedule starts from a sigma in (0, 1]; got {start_sigma!r}.")
+        sigmas = np.concatenate([[start_sigma], sigmas[sigmas < start_sigma]])
+    return sigmas
+
+
+def plan(timesteps):
+    """A plan as the loops take it: int32 timesteps, or a flow schedule's
+    float64 sigmas as they are."""
+    timesteps = np.asarray(timesteps)
+    return timesteps if timesteps.dtype.kind == "f" else timesteps.astype(np.int32)
+
+
+def draw_step_noise(shape, sampler, num_steps, *, eta, seed, schedule=None):
     """All the noise a stochastic sampler adds, `(num_steps, *shape)`, or
     None for a deterministic one. Drawn up front so the loop stays traceable."""
-    if not SAMPLERS[sampler].needs_noise(eta):
+    if not SAMPLERS[sampler].needs_noise(eta, schedule):
         return None
     return random.normal((num_steps,) + tuple(shape), seed=seed, dtype="float32")
 
@@ -168,14 +227,13 @@ def run_sampler(denoiser, schedule, x, step_noise=None, *, timesteps, sampler, p
     trace inside `jax.jit` or `tf.function`. `step_noise` is what
     `draw_step_noise` drew (None for a deterministic run)."""
     spec = SAMPLERS[sampler]
-    if not spec.needs_noise(eta):
+    if not spec.needs_noise(eta, schedule):
         step_noise = None
     elif step_noise is None:
         raise ValueError(f"sampler {sampler!r} needs step_noise; draw it with draw_step_noise.")
-    return spec.loop(
-        denoiser, schedule, x, step_noise, timesteps=np.asarray(timesteps, dtype=np.int32),
-        prediction=prediction, eta=eta, clip_x0=clip_x0,
-    )
+    loop = spec.flow_loop if getattr(schedule, "flow", False) else spec.loop
+    return loop(denoiser, schedule, x, step_noise, timesteps=plan(timesteps),
+                prediction=prediction, eta=eta, clip_x0=clip_x0)
 
 
 def _timesteps_from(timesteps, start_timestep):
@@ -263,8 +321,15 @@ def _ddim_step(denoiser, schedule, x, t, t_prev, *, prediction, eta, clip_x0, z)
     return x_prev + direction * eps + sigma * z
 
 
-def _predict_x0(denoiser, schedule, x, t, *, prediction, clip_x0):
-    """The clean-image estimate at scalar timestep `t` (a traced int32)."""
+def _predict_x0(denoiser, schedule, x, t, *, prediction, clip_x0, network_time=None):
+    """The clean-image estimate at scalar timestep `t` (a traced int32), or
+    on a flow schedule at sigma `t` (a traced float32), where the network
+    is called with `network_time` (default `sigma * timesteps`)."""
+    if getattr(schedule, "flow", False):
+        sigma = ops.full((ops.shape(x)[0],), t, dtype="float32")
+        time = (schedule.network_time(sigma) if network_time is None
+                else ops.full((ops.shape(x)[0],), network_time, dtype="float32"))
+        return _clip(schedule.predict_x0(x, denoiser(x, time), sigma), clip_x0)
     t_batch = ops.full((ops.shape(x)[0],), t, dtype="int32")
     x0 = schedule.predict_x0(x, denoiser(x, t_batch), t_batch, prediction)
     return _clip(x0, clip_x0)
@@ -320,6 +385,104 @@ def _heun_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta,
     return _clip(x0_at(y, last), clip_x0)
 
 
+def _flow_ddim_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta, clip_x0):
+    """Generalised DDIM (Song 2021 eq. 12) on the flow's path x = alpha x0 +
+    sigma noise, alpha = 1 - sigma:
+
+        x_next = alpha_next x0 + sqrt(sigma_next^2 - c^2) eps + c z,
+        c = eta sigma_next sqrt(1 - r^2),  r = alpha sigma_next / (alpha_next sigma),
+
+    with eps = (x - alpha x0) / sigma; c^2 is the variance of q(x_next | x,
+    x0), so eta = 1 is ancestral sampling (`"ddpm"`) and eta = 0 the
+    deterministic step, which on this straight path is exactly Euler's."""
+    if step_noise is None:
+        return _flow_euler_loop(denoiser, schedule, x, None, timesteps=timesteps,
+                                prediction=prediction, eta=0.0, clip_x0=clip_x0)
+    sigmas = np.asarray(timesteps, np.float64)
+    sigmas_next = np.append(sigmas[1:], 0.0)
+    alphas, alphas_next = 1.0 - sigmas, 1.0 - sigmas_next
+    r = alphas * sigmas_next / (alphas_next * sigmas)
+    c = eta * sigmas_next * np.sqrt(np.maximum(1.0 - r**2, 0.0))
+    s, a_next, direction, c = (_table(v) for v in (
+        sigmas, alphas_next, np.sqrt(np.maximum(sigmas_next**2 - c**2, 0.0)), c))
+
+    def body(i, x):
+        sigma = ops.take(s, i)
+        x0 = _predict_x0(denoiser, schedule, x, sigma, prediction=prediction, clip_x0=clip_x0)
+        eps = (x - (1.0 - sigma) * x0) / sigma
+        return (ops.take(a_next, i) * x0 + ops.take(direction, i) * eps
+                + ops.take(c, i) * ops.take(step_noise, i, axis=0))
+
+    return _clip(ops.fori_loop(0, len(sigmas), body, x), clip_x0)
+
+
+def _flow_ancestral_loop(denoiser, schedule, x, step_noise, **options):
+    """Ancestral sampling on a flow schedule: its DDIM with eta = 1."""
+    return _flow_ddim_loop(denoiser, schedule, x, step_noise, **{**options, "eta": 1.0})
+
+
+def _flow_euler_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta, clip_x0):
+    """Euler steps of the flow ODE dx/dsigma = v (diffusers'
+    `FlowMatchEulerDiscreteScheduler`), x_next = x + (sigma_next - sigma) v,
+    the last to sigma = 0. The velocity is read back from the x0 estimate,
+    v = (x - x0) / sigma, so that clipping x0 to the pixel range steers the
+    step as it does on a DDPM schedule. With `step_noise`, the stochastic
+    variant: x_next = (1 - sigma_next) x0 + sigma_next z."""
+    sigmas = np.asarray(timesteps, np.float32)
+    s, s_next = _table(sigmas), _table(np.append(sigmas[1:], 0.0))
+
+    def body(i, x):
+        sigma, sigma_next = ops.take(s, i), ops.take(s_next, i)
+        x0 = _predict_x0(denoiser, schedule, x, sigma, prediction=prediction, clip_x0=clip_x0)
+        if step_noise is not None:
+            return (1.0 - sigma_next) * x0 + sigma_next * ops.take(step_noise, i, axis=0)
+        return x + (sigma_next - sigma) * (x - x0) / sigma
+
+    return _clip(ops.fori_loop(0, len(sigmas), body, x), clip_x0)
+
+
+def _flow_heun_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta, clip_x0):
+    """Heun's method on the flow ODE (diffusers' `FlowMatchHeunDiscreteScheduler`):
+    an Euler step to sigma_next, then the mean of the velocities at both
+    ends; the last step, to sigma = 0, is Euler's, so `steps` sigmas cost
+    2 * steps - 1 network calls."""
+    sigmas = np.asarray(timesteps, np.float32)
+    s = _table(sigmas)
+
+    def slope(x, sigma):
+        x0 = _predict_x0(denoiser, schedule, x, sigma, prediction=prediction, clip_x0=clip_x0)
+        return (x - x0) / sigma
+
+    def body(i, x):
+        sigma, sigma_next = ops.take(s, i), ops.take(s, i + 1)
+        first = slope(x, sigma)
+        second = slope(x + (sigma_next - sigma) * first, sigma_next)
+        return x + (sigma_next - sigma) * 0.5 * (first + second)
+
+    last = len(sigmas) - 1
+    x = ops.fori_loop(0, last, body, x)
+    x0 = _predict_x0(denoiser, schedule, x, ops.take(s, last), prediction=prediction,
+                     clip_x0=clip_x0)
+    return _clip(x0, clip_x0)
+
+
+def _flow_dpmpp_2m_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta,
+                        clip_x0):
+    """DPM-Solver++(2M) on a flow schedule, as diffusers'
+    `DPMSolverMultistepScheduler(use_flow_sigmas=True)`: alpha = 1 - sigma
+    and sigma as they are in x_t = alpha x0 + sigma noise, the network
+    called at the whole timesteps floor(sigma N) that scheduler hands it."""
+    sigmas = np.asarray(timesteps, np.float64)
+    sigmas_next = np.append(sigmas[1:], 0.0)
+    times = np.floor(sigmas * schedule.timesteps)
+    sigmas, sigmas_next = sigmas.astype(np.float32), sigmas_next.astype(np.float32)
+    tables = _dpmpp_2m_coefficients(1.0 - sigmas.astype(np.float64), sigmas.astype(np.float64),
+                                    1.0 - sigmas_next.astype(np.float64),
+                                    sigmas_next.astype(np.float64), sde=step_noise is not None)
+    return _multistep(denoiser, schedule, x, step_noise, tables, _table(sigmas), _table(times),
+                      prediction=prediction, clip_x0=clip_x0)
+
+
 def _dpmpp_2m_tables(schedule, timesteps, sde):
     """Per-step coefficients of DPM-Solver++(2M) (Lu 2022b, algorithm 2 and
     eq. 8-9; the SDE variant from its appendix, as diffusers'
@@ -336,10 +499,16 @@ def _dpmpp_2m_tables(schedule, timesteps, sde):
     r = h_prev / h. The first step has no previous estimate and the last
     (to sigma = 0, where lambda = inf) is first order, as in diffusers with
     `final_sigmas_type="zero"`; both use w_now = 1, w_prev = 0."""
-    t_next = np.append(timesteps[1:], -1)
-    alpha_next, sigma_next = schedule.alphas_sigmas(t_next)
-    _, sigma = schedule.alphas_sigmas(timesteps)
-    lam, lam_next = schedule.lambdas(timesteps), schedule.lambdas(t_next)
+    alpha, sigma = schedule.alphas_sigmas(timesteps)
+    return _dpmpp_2m_coefficients(alpha, sigma, *schedule.alphas_sigmas(
+        np.append(timesteps[1:], -1)), sde=sde)
+
+
+def _dpmpp_2m_coefficients(alpha, sigma, alpha_next, sigma_next, sde):
+    """`_dpmpp_2m_tables` from the (alpha, sigma) of each step and of the
+    next (float64; the last next is (1, 0), no noise)."""
+    with np.errstate(divide="ignore"):
+        lam, lam_next = np.log(alpha / sigma), np.log(alpha_next / sigma_next)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         h = lam_next - lam
         decay = np.exp(-h) if not sde else np.exp(-2.0 * h)  # 0 on the last step
@@ -357,22 +526,28 @@ def _dpmpp_2m_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, 
     """DPM-Solver++(2M) (Lu 2022b): a multistep exponential integrator on
     the data prediction; the previous x0 estimate rides in the loop state.
     With `step_noise` it is the SDE variant, drawing z from it."""
-    ratio, gain, w_now, w_prev, noise_std = _dpmpp_2m_tables(
-        schedule, timesteps, sde=step_noise is not None
-    )
-    ts = _table(timesteps, "int32")
+    tables = _dpmpp_2m_tables(schedule, timesteps, sde=step_noise is not None)
+    return _multistep(denoiser, schedule, x, step_noise, tables, _table(timesteps, "int32"),
+                      prediction=prediction, clip_x0=clip_x0)
+
+
+def _multistep(denoiser, schedule, x, step_noise, tables, ts, times=None, *, prediction, clip_x0):
+    """The DPM-Solver++(2M) loop over its coefficient `tables`, at levels
+    `ts` (timesteps, or sigmas with the network's `times`)."""
+    ratio, gain, w_now, w_prev, noise_std = tables
 
     def body(i, state):
         x, x0_prev = state
         x0 = _predict_x0(denoiser, schedule, x, ops.take(ts, i), prediction=prediction,
-                         clip_x0=clip_x0)
+                         clip_x0=clip_x0,
+                         network_time=None if times is None else ops.take(times, i))
         estimate = ops.take(w_now, i) * x0 + ops.take(w_prev, i) * x0_prev
         x_next = ops.take(ratio, i) * x + ops.take(gain, i) * estimate
         if step_noise is not None:
             x_next = x_next + ops.take(noise_std, i) * ops.take(step_noise, i, axis=0)
         return x_next, x0
 
-    x, _ = ops.fori_loop(0, len(timesteps), body, (x, ops.zeros_like(x)))
+    x, _ = ops.fori_loop(0, ts.shape[0], body, (x, ops.zeros_like(x)))
     return _clip(x, clip_x0)
 
 
@@ -382,12 +557,18 @@ def _dpmpp_2m_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, 
 # (measured in tests/test_fast_samplers.py). `ddpm` accepts eta and ignores
 # it: ancestral sampling is eta = 1.
 SAMPLERS = MappingProxyType({
-    "ddpm": Sampler(_ancestral_loop, stochastic=True, karras=False, takes_eta=True),
-    "ddim": Sampler(_ddim_loop, stochastic=False, karras=False, takes_eta=True),
-    "euler": Sampler(_euler_loop, stochastic=False, karras=True, takes_eta=False),
-    "heun": Sampler(_heun_loop, stochastic=False, karras=True, takes_eta=False),
-    "dpmpp_2m": Sampler(_dpmpp_2m_loop, stochastic=False, karras=True, takes_eta=False),
-    "dpmpp_2m_sde": Sampler(_dpmpp_2m_loop, stochastic=True, karras=True, takes_eta=False),
+    "ddpm": Sampler(_ancestral_loop, stochastic=True, karras=False, takes_eta=True,
+                    flow_loop=_flow_ancestral_loop),
+    "ddim": Sampler(_ddim_loop, stochastic=False, karras=False, takes_eta=True,
+                    flow_loop=_flow_ddim_loop),
+    "euler": Sampler(_euler_loop, stochastic=False, karras=True, takes_eta=False,
+                     flow_loop=_flow_euler_loop, stochastic_on_flow=True),
+    "heun": Sampler(_heun_loop, stochastic=False, karras=True, takes_eta=False,
+                    flow_loop=_flow_heun_loop),
+    "dpmpp_2m": Sampler(_dpmpp_2m_loop, stochastic=False, karras=True, takes_eta=False,
+                        flow_loop=_flow_dpmpp_2m_loop),
+    "dpmpp_2m_sde": Sampler(_dpmpp_2m_loop, stochastic=True, karras=True, takes_eta=False,
+                            flow_loop=_flow_dpmpp_2m_loop),
 })
 
 
@@ -403,6 +584,19 @@ def partial_timesteps(start_timestep, steps):
     (denoising, SDEdit)."""
     ts = np.unique(np.round(np.linspace(int(start_timestep), 0, steps)).astype(np.int32))
     return ts[::-1].copy()
+
+
+def partial_sigmas(start_sigma, steps):
+    """`steps` descending sigmas evenly spaced from `start_sigma` (the last
+    step goes on to 0): a flow schedule's `partial_timesteps`."""
+    return np.linspace(float(start_sigma), 0.0, steps + 1)[:-1]
+
+
+def partial_levels(schedule, start, steps):
+    """`partial_timesteps` on a DDPM schedule, `partial_sigmas` on a flow one."""
+    if getattr(schedule, "flow", False):
+        return partial_sigmas(start, steps)
+    return partial_timesteps(start, steps)
 
 
 def repaint_timesteps(timesteps, jump_length=10, resamples=10):
@@ -492,6 +686,29 @@ def _repaint_steps(t_from, t_to):
             ts_prev.append(int(t_next))
             level = int(t_next)
     return np.array(starts, np.int32), np.array(ts, np.int32), np.array(ts_prev, np.int32)
+
+
+def invert(denoiser, schedule, x0, *, timesteps, prediction):
+    """`ddim_invert` on a DDPM schedule, `flow_invert` on a flow one."""
+    run = flow_invert if getattr(schedule, "flow", False) else ddim_invert
+    return run(denoiser, schedule, x0, timesteps=timesteps, prediction=prediction)
+
+
+def flow_invert(denoiser, schedule, x0, *, timesteps, prediction):
+    """The flow ODE run forwards: Euler steps up from sigma = 0 through the
+    descending sampling sigmas `timesteps`, read backwards, to the noise the
+    Euler sampler maps back to (about) `x0`; each step takes the velocity
+    where it starts."""
+    x0 = ops.cast(ops.convert_to_tensor(x0), "float32")
+    batch = ops.shape(x0)[0]
+    levels = _table(np.append(0.0, np.asarray(timesteps, np.float64)[::-1]))
+
+    def body(i, x):
+        sigma, up = ops.take(levels, i), ops.take(levels, i + 1)
+        time = schedule.network_time(ops.full((batch,), sigma, dtype="float32"))
+        return x + (up - sigma) * ops.cast(denoiser(x, time), "float32")
+
+    return ops.fori_loop(0, len(timesteps), body, x0)
 
 
 def ddim_invert(denoiser, schedule, x0, *, timesteps, prediction):

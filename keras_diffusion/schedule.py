@@ -160,6 +160,21 @@ class DiffusionSchedule(keras.layers.Layer):
     def call(self, x0, noise, t):
         return self.add_noise(x0, noise, t)
 
+    # The training protocol the model's loss asks of every schedule: draw a
+    # noise level per example, noise at it, call the network with it.
+    flow = False
+
+    def draw_levels(self, batch_size, seed=None):
+        """`(B,)` training timesteps, uniform over `[0, timesteps)` (Ho 2020,
+        algorithm 1)."""
+        from keras import random
+
+        return random.randint((batch_size,), 0, self.timesteps, dtype="int32", seed=seed)
+
+    def network_time(self, t):
+        """What the network is called with at timesteps `t`: `t` itself."""
+        return t
+
     def snr(self, t):
         """Signal-to-noise ratio alpha-bar_t / (1 - alpha-bar_t) (Kingma 2021)."""
         a = self.alpha_bar(t)
@@ -382,6 +397,8 @@ def check_steps(steps, timesteps):
 TIME_SHIFTS = ("exponential", "linear")
 TIMESTEP_DENSITIES = ("uniform", "logit_normal", "mode")
 FLOW_LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+FLOW_PREDICTION = "flow"
+ALL_PREDICTIONS = PREDICTION_TYPES + (FLOW_PREDICTION,)
 
 
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="FlowMatchSchedule")
@@ -407,10 +424,19 @@ class FlowMatchSchedule(keras.layers.Layer):
             `"linear"` (mu / (mu + 1/s - 1)).
         shift_terminal: when set, the sampling sigmas are stretched to end at
             this value (LTX-Video's schedules).
-        stochastic_sampling: the default of the Euler sampler's
-            re-noising variant (diffusers' `stochastic_sampling`).
+        stochastic_sampling: the Euler sampler re-noises at every step
+            (x_next = (1 - sigma_next) x0 + sigma_next z), as diffusers'
+            option of that name.
+        density: how training draws its sigmas (Esser 2024, section 3.1):
+            `"uniform"`, `"logit_normal"` (sigmoid of a normal with
+            `logit_mean`, `logit_std`; SD 3 trains so) or `"mode"`
+            (`mode_scale`), as diffusers' `compute_density_for_timestep_sampling`.
+        weighting: the per-example loss weight, as diffusers'
+            `compute_loss_weighting_for_sd3`: `"none"`, `"sigma_sqrt"`
+            (1 / sigma^2) or `"cosmap"`.
 
     Images are `(B, H, W, C)` tensors; `sigma` a `(B,)` float tensor in [0, 1].
+    The network predicts the velocity (`prediction="flow"`).
 
     Example:
 
@@ -422,7 +448,8 @@ class FlowMatchSchedule(keras.layers.Layer):
     def __init__(self, timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
                  max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
                  time_shift_type="exponential", shift_terminal=None, stochastic_sampling=False,
-                 **kwargs):
+                 density="uniform",
+                 logit_mean=0.0, logit_std=1.0, mode_scale=1.29, weighting="none", **kwargs):
         kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         check_integer("timesteps", timesteps, low=2)
@@ -437,6 +464,18 @@ class FlowMatchSchedule(keras.layers.Layer):
                              f"{time_shift_type!r}.")
         if shift_terminal is not None and not 0 < shift_terminal < 1:
             raise ValueError(f"shift_terminal must be in (0, 1) or None; got {shift_terminal!r}.")
+        if density not in TIMESTEP_DENSITIES:
+            raise ValueError(f"density must be one of {', '.join(TIMESTEP_DENSITIES)}; got "
+                             f"{density!r}.")
+        if weighting not in FLOW_LOSS_WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(FLOW_LOSS_WEIGHTINGS)}; got "
+                             f"{weighting!r}.")
+        for name, value in (("logit_mean", logit_mean), ("logit_std", logit_std),
+                            ("mode_scale", mode_scale)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number; got {value!r}.")
+        if logit_std <= 0:
+            raise ValueError(f"logit_std must be > 0; got {logit_std!r}.")
         self.timesteps = int(timesteps)
         self.shift = float(shift)
         self.use_dynamic_shifting = bool(use_dynamic_shifting)
@@ -446,6 +485,9 @@ class FlowMatchSchedule(keras.layers.Layer):
         self.time_shift_type = time_shift_type
         self.shift_terminal = None if shift_terminal is None else float(shift_terminal)
         self.stochastic_sampling = bool(stochastic_sampling)
+        self.density, self.weighting = density, weighting
+        self.logit_mean, self.logit_std = float(logit_mean), float(logit_std)
+        self.mode_scale = float(mode_scale)
         # The training sigmas, N down to 1 over N, shifted unless the shift is dynamic.
         sigmas = np.linspace(1, self.timesteps, self.timesteps, dtype=np.float32)[::-1]
         sigmas = sigmas / np.float32(self.timesteps)
@@ -491,9 +533,41 @@ class FlowMatchSchedule(keras.layers.Layer):
             sigmas = (1.0 - remaining / (remaining[-1] / (1.0 - self.shift_terminal)))
         return np.append(sigmas.astype(np.float32), np.float32(0.0))
 
+    def dpm_sigmas(self, steps, mu=None):
+        """The `steps` descending sigmas of diffusers' `DPMSolverMultistepScheduler(
+        use_flow_sigmas=True, flow_shift=shift)` (float64, as it plans them;
+        its last step goes to 0): 1 - linspace(1, 1/N, steps + 1), shifted,
+        without the 0. A dynamic shift is e^mu there (exponential only)."""
+        check_integer("steps", steps, low=1)
+        shift = self.shift
+        if self.use_dynamic_shifting:
+            if mu is None or self.time_shift_type != "exponential":
+                raise ValueError("the DPM-Solver++ samplers shift a dynamic schedule by e^mu: pass "
+                                 "mu, on a schedule with time_shift_type='exponential'.")
+            shift = math.exp(mu)
+        sigmas = 1.0 - np.linspace(1.0, 1.0 / self.timesteps, steps + 1)
+        return np.flip(shift * sigmas / (1 + (shift - 1) * sigmas))[:-1].copy()
+
     def network_timesteps(self, sigmas):
         """What the network is called with: `sigma * timesteps`."""
         return ops.cast(sigmas, "float32") * float(self.timesteps)
+
+    def network_time(self, sigma):
+        """The training protocol's name for `network_timesteps`."""
+        return self.network_timesteps(sigma)
+
+    def timestep_for_noise_std(self, std):
+        """The sigma whose noise, seen on the x0 scale, has std `std`: x_t /
+        (1 - sigma) = x0 + sigma / (1 - sigma) noise, so sigma = std / (1 + std)."""
+        if ops.is_tensor(std):
+            std = ops.cast(std, "float32")
+            return std / (1.0 + std)
+        return float(std) / (1.0 + float(std))
+
+    def x_t_from_noisy(self, noisy, sigma):
+        """x_t for `noisy = x0 + std noise` with `sigma` from
+        `timestep_for_noise_std`: (1 - sigma) noisy."""
+        return (1.0 - self._expand(sigma, noisy)) * ops.cast(noisy, "float32")
 
     # ------------------------------------------------------ the interpolation
     def _expand(self, sigma, like):
@@ -508,8 +582,10 @@ class FlowMatchSchedule(keras.layers.Layer):
     def call(self, x0, noise, sigma):
         return self.add_noise(x0, noise, sigma)
 
-    def target(self, x0, noise):
-        """The velocity the network learns: d x_t / d sigma = noise - x0."""
+    def target(self, x0, noise, sigma=None, prediction="flow"):
+        """The velocity the network learns: d x_t / d sigma = noise - x0
+        (the same at every sigma)."""
+        check_flow_prediction(prediction)
         return ops.cast(noise, "float32") - ops.cast(x0, "float32")
 
     def predict_x0(self, x_t, velocity, sigma):
@@ -526,6 +602,14 @@ class FlowMatchSchedule(keras.layers.Layer):
         return (ops.cast(x_t, "float32") - ops.cast(x0, "float32")) / self._expand(sigma, x_t)
 
     # --------------------------------------------------------------- training
+    flow = True
+
+    def draw_levels(self, batch_size, seed=None):
+        """`(B,)` training sigmas from the schedule's own `density`."""
+        return self.draw_sigmas(batch_size, seed=seed, density=self.density,
+                                logit_mean=self.logit_mean, logit_std=self.logit_std,
+                                mode_scale=self.mode_scale)
+
     def timestep_density(self, u, density="uniform", logit_mean=0.0, logit_std=1.0,
                          mode_scale=1.29):
         """Training's u in [0, 1) drawn from a density (Esser 2024, section
@@ -554,7 +638,13 @@ class FlowMatchSchedule(keras.layers.Layer):
         index = ops.clip(ops.cast(u * self.timesteps, "int32"), 0, self.timesteps - 1)
         return ops.take(ops.convert_to_tensor(self.training_sigmas), index)
 
-    def loss_weight(self, sigma, weighting="none"):
+    def loss_weight(self, sigma, prediction="flow", min_snr_gamma=None):
+        """Per-example loss weights by the schedule's `weighting` (min-SNR
+        weighting is for DDPM schedules; the model refuses it here)."""
+        check_flow_prediction(prediction)
+        return self.weights_for(sigma, self.weighting)
+
+    def weights_for(self, sigma, weighting):
         """Per-example loss weights (diffusers' `compute_loss_weighting_for_sd3`):
         `"sigma_sqrt"` 1 / sigma^2, `"cosmap"` 2 / (pi (1 - 2 sigma + 2 sigma^2))
         (Esser 2024, section 3.1), else 1."""
@@ -577,5 +667,12 @@ class FlowMatchSchedule(keras.layers.Layer):
                       base_image_seq_len=self.base_image_seq_len,
                       max_image_seq_len=self.max_image_seq_len,
                       time_shift_type=self.time_shift_type, shift_terminal=self.shift_terminal,
-                      stochastic_sampling=self.stochastic_sampling)
+                      stochastic_sampling=self.stochastic_sampling, density=self.density, logit_mean=self.logit_mean, logit_std=self.logit_std,
+                      mode_scale=self.mode_scale, weighting=self.weighting)
         return config
+
+
+def check_flow_prediction(prediction):
+    if prediction != FLOW_PREDICTION:
+        raise ValueError(f"a flow-matching schedule's network predicts the velocity: prediction "
+                         f"must be {FLOW_PREDICTION!r}; got {prediction!r}.")

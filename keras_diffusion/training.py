@@ -29,6 +29,7 @@ from keras_diffusion.config import ConfigError
 from keras_diffusion.config import autoencoder_arguments
 from keras_diffusion.config import load_config
 from keras_diffusion.config import save_config
+from keras_diffusion.config import schedule_from_config
 from keras_diffusion.config import validate
 from keras_diffusion.data import CLASS_NAMES
 from keras_diffusion.data import check_images
@@ -42,7 +43,6 @@ from keras_diffusion.latent import LatentDiffusionModel
 from keras_diffusion.model import DiffusionModel
 from keras_diffusion.network import UNet
 from keras_diffusion.quiet import import_tensorflow
-from keras_diffusion.schedule import DiffusionSchedule
 from keras_diffusion.text import TextEncoder
 from keras_diffusion.text import WordTokenizer
 
@@ -125,7 +125,7 @@ def build_model(config, image_shape, class_names=None, autoencoder=None, caption
     parts = (network,) if autoencoder is None else (autoencoder, network)
     return (DiffusionModel if autoencoder is None else LatentDiffusionModel)(
         *parts,
-        DiffusionSchedule(**config["schedule"]),
+        schedule_from_config(config["schedule"]),
         prediction=model["prediction"],
         ema_decay=model["ema_decay"],
         min_snr_gamma=model["min_snr_gamma"],

@@ -106,7 +106,7 @@ def test_loss_weights_are_diffusers(weighting):
 
     sigmas = np.linspace(0.05, 1.0, 9).astype("float32")
     expected = compute_loss_weighting_for_sd3(weighting, torch.from_numpy(sigmas)).numpy()
-    ours = FlowMatchSchedule().loss_weight(sigmas, weighting)
+    ours = FlowMatchSchedule(weighting=weighting).loss_weight(sigmas)
     np.testing.assert_allclose(ops.convert_to_numpy(ours), expected, rtol=1e-6)
 
 
@@ -128,4 +128,25 @@ def test_config_round_trip_and_bad_settings():
     with pytest.raises(ValueError, match="density must be one of uniform, logit_normal, mode"):
         schedule.timestep_density(np.zeros(2), "beta")
     with pytest.raises(ValueError, match="weighting must be one of none, sigma_sqrt, cosmap"):
-        schedule.loss_weight(np.ones(2), "snr")
+        schedule.weights_for(np.ones(2), "snr")
+    with pytest.raises(ValueError, match="weighting must be one of none, sigma_sqrt, cosmap"):
+        FlowMatchSchedule(weighting="snr")
+    with pytest.raises(ValueError, match="prediction must be 'flow'; got 'epsilon'"):
+        schedule.target(np.zeros(2), np.zeros(2), None, "epsilon")
+
+
+def test_a_noisy_image_is_x_t_at_the_matching_sigma():
+    """x0 + std noise, scaled by 1 - sigma with sigma = std / (1 + std), is
+    exactly the flow's x_t at sigma."""
+    schedule = FlowMatchSchedule()
+    rng = np.random.default_rng(0)
+    x0, noise = rng.standard_normal((2, 2, 4, 4, 1)).astype("float32")
+    for std in (0.1, 0.5, 2.0):
+        sigma = schedule.timestep_for_noise_std(std)
+        assert sigma == pytest.approx(std / (1 + std))
+        x_t = schedule.x_t_from_noisy(x0 + std * noise, sigma)
+        expected = schedule.add_noise(x0, noise, np.full((2,), sigma, "float32"))
+        np.testing.assert_allclose(ops.convert_to_numpy(x_t), ops.convert_to_numpy(expected),
+                                   atol=1e-6)
+    tensor = schedule.timestep_for_noise_std(ops.convert_to_tensor(1.0))
+    assert float(ops.convert_to_numpy(tensor)) == pytest.approx(0.5)
