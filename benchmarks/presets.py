@@ -78,7 +78,7 @@ def make(name, args):
     import keras
     import yaml
 
-    from keras_diffusion.model import load_model
+    from keras_diffusion.loading import load_model
     from keras_diffusion.precision import hardware
     from keras_diffusion.presets import model_kind
     from keras_diffusion.presets import save_preset

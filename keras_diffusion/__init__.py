@@ -91,7 +91,7 @@ _EXPORTS = {
     "WordTokenizer": "keras_diffusion.text",
     "class_captions": "keras_diffusion.captions",
     "read_metadata": "keras_diffusion.captions",
-    "load_model": "keras_diffusion.model",
+    "load_model": "keras_diffusion.loading",
     "train": "keras_diffusion.training",
     "build_model": "keras_diffusion.training",
     "load_config": "keras_diffusion.config",

@@ -199,9 +199,6 @@ def inpaint(model, images, mask, *, steps=50, jump_length=5, resamples=4, eta=1.
         float32 `(N, H, W, C)` in [0, 1] whose known pixels equal the
         input's exactly (uint8 input: its value / 255).
     """
-    if getattr(model.schedule, "flow", False):
-        raise ValueError("inpaint (RePaint) runs on DDPM schedules; this model is flow-matching. "
-                         "Use img2img on a filled-in image, or a model with a DiffusionSchedule.")
     images = check_images(images, model.image_shape)
     known = _check_mask(mask, images.shape)
     if eta < 0:

@@ -163,7 +163,7 @@ def _finetune_arguments(finetune):
 def _finetune(args):
     _check_writable(Path(args.output) / "history.csv")
     from keras_diffusion.distribute import distribution_scope
-    from keras_diffusion.model import load_model
+    from keras_diffusion.loading import load_model
 
     with distribution_scope(args.distribute) as devices:  # the weights are made sharded there
         written = _finetune_in_scope(args, load_model(args.model, config=args.config,
@@ -310,7 +310,7 @@ def _sample(args):
 
     from keras_diffusion.images import save_image_grid
     from keras_diffusion.images import write_images
-    from keras_diffusion.model import load_model
+    from keras_diffusion.loading import load_model
 
     model = load_model(args.model, precision=args.precision, config=args.config,
                        dtype=args.dtype)
@@ -363,7 +363,7 @@ def _convert(args):
     _check_writable(args.out)
 
     from keras_diffusion.images import atomic_write
-    from keras_diffusion.model import load_model
+    from keras_diffusion.loading import load_model
 
     model = load_model(args.model, config=args.config, dtype=args.dtype)
     atomic_write(args.out, model.save)
@@ -378,7 +378,7 @@ def _export(args):
     _check_writable(args.out)
 
     from keras_diffusion import backend
-    from keras_diffusion.model import load_model
+    from keras_diffusion.loading import load_model
 
     model = load_model(args.model, dtype=args.dtype)
     if args.format == "onnx":
@@ -409,7 +409,7 @@ def _evaluate(args):
     from keras_diffusion.images import atomic_write
     from keras_diffusion.metrics import get_feature_net
     from keras_diffusion.metrics import score_model
-    from keras_diffusion.model import load_model
+    from keras_diffusion.loading import load_model
 
     dataset = args.dataset or dataset_of_run(args.model)
     feature_net = get_feature_net(args.feature_net or dataset)
@@ -477,7 +477,7 @@ def _push_arguments(push):
 
 def _push(args):
     from keras_diffusion import hub
-    from keras_diffusion.model import load_model
+    from keras_diffusion.loading import load_model
 
     hub.repo_id(args.to)  # a malformed destination fails before loading anything
     model = load_model(args.model)
@@ -500,7 +500,7 @@ def _demo(args):
     if not 1 <= args.port <= 65535:
         raise CommandError(f"--port must be from 1 to 65535; got {args.port}")
     from keras_diffusion import demo
-    from keras_diffusion.model import load_model
+    from keras_diffusion.loading import load_model
 
     model = load_model(args.model, precision=args.precision, dtype=args.dtype)
     examples = demo.test_images(args.model, args.data_dir)
@@ -637,7 +637,7 @@ def _interpolate(args):
     if args.num < 2:
         raise CommandError(f"--num must be at least 2 (both ends included); got {args.num}")
     from keras_diffusion.images import read_images
-    from keras_diffusion.model import load_model
+    from keras_diffusion.loading import load_model
 
     model = load_model(args.model, precision=args.precision, dtype=args.dtype)
     ends = args.seeds if args.input is None else [_one_image(read_images(path), path) for path in args.input]
@@ -668,7 +668,7 @@ def _check_output(path):
 
 def _load_model_and_input(args, noisy=False):
     from keras_diffusion.images import read_images
-    from keras_diffusion.model import load_model
+    from keras_diffusion.loading import load_model
 
     images = read_images(args.input, noisy=noisy)
     return load_model(args.model, precision=args.precision, dtype=args.dtype), images

@@ -14,7 +14,7 @@ alone serves them. Images are NHWC float32 and the batch size `B` is free.
 | `generate_conditional` (conditional models) | `noise`, `labels` (B,) int32, `guidance` () float32 | images in [0, 1] |
 | `generate_from_tokens` (prompted models) | `noise`, `token_ids` (B, L) int32, `guidance` () float32 | images in [0, 1] |
 | `denoise` (pixel models) | `images` (B, H, W, C) in [0, 1], `sigma` () float32 | images in [0, 1] |
-| `predict_noise` | `x_t` (B, H, W, C) in [-1, 1] (or scaled latents), `t` (B,) int32 (, `labels` (B,) int32 when conditional; `token_ids` (B, L) int32 when prompted) | epsilon, x_t's shape |
+| `predict_noise` | `x_t` (B, H, W, C) in [-1, 1] (or scaled latents), `t` (B,) int32 (float32 `sigma * timesteps` on a flow schedule) (, `labels` (B,) int32 when conditional; `token_ids` (B, L) int32 when prompted) | epsilon, x_t's shape |
 
 A latent model's `generate` decodes with its autoencoder inside the endpoint.
 A prompted model's endpoints encode the token ids with its text encoder
@@ -72,10 +72,6 @@ _TENSORFLOW_EXPORT = (
 def export_model(model, filepath, *, format="tf_saved_model", verbose=None, input_signature=None,
                  **kwargs):
     """What `DiffusionModel.export` does; see there."""
-    if getattr(model.schedule, "flow", False):
-        raise ValueError("export writes DDPM endpoints (integer timesteps); this model is "
-                         "flow-matching, which export does not serve yet. Save it with "
-                         "model.save and sample with keras_diffusion.")
     if format == "tf_saved_model":
         if input_signature is not None:
             raise ValueError(
@@ -125,7 +121,8 @@ def export_saved_model(
                    denoise_steps=denoise_steps)
     # Validate here, so a bad argument fails before any work (or subprocess).
     timesteps = samplers.plan_timesteps(
-        model.schedule, sampler, steps, eta=eta, spacing=timestep_spacing
+        model.schedule, sampler, steps, eta=eta, spacing=timestep_spacing,
+        mu=pipeline.dynamic_shift(model, model.sample_shape),
     )
     check_steps(denoise_steps, model.schedule.timesteps)
     if not backend.traces_saved_models():
@@ -187,7 +184,7 @@ def _endpoints(model, *, timesteps, sampler, eta, denoise_steps):
         "images": _spec("images", (None,) + model.image_shape),
         "sigma": _spec("sigma", ()),
         "x_t": _spec("x_t", sample_shape),
-        "t": _spec("t", (None,), "int32"),
+        "t": _spec("t", (None,), _time_dtype(model)),
     }
     prompted = pipeline.text_encoder(model) is not None
     if prompted:
@@ -234,12 +231,16 @@ def _endpoints(model, *, timesteps, sampler, eta, denoise_steps):
         # DDIM runs; here t is found at run time (in float32).
         t = model.schedule.timestep_for_noise_std(2.0 * sigma)
         x_t = model.schedule.x_t_from_noisy(ops.cast(images, "float32") * 2.0 - 1.0, t)
-        x0 = samplers.run_ddim_from(
-            pipeline.denoiser(model, *pipeline.sampling_state(model), None, 1.0), model.schedule,
-            x_t, t,
-            plan=lambda start: samplers.partial_timesteps(start, denoise_steps),
-            prediction=model.prediction,
-        )
+        guided = pipeline.denoiser(model, *pipeline.sampling_state(model), None, 1.0)
+        if getattr(model.schedule, "flow", False):  # t is a sigma; its plan is arithmetic
+            x0 = samplers.run_euler_from(guided, model.schedule, x_t, t, steps=denoise_steps,
+                                         prediction=model.prediction)
+        else:
+            x0 = samplers.run_ddim_from(
+                guided, model.schedule, x_t, t,
+                plan=lambda start: samplers.partial_timesteps(start, denoise_steps),
+                prediction=model.prediction,
+            )
         return pipeline.unit_range(x0)
 
     def predict_noise(x_t, t, labels=None):
@@ -248,7 +249,7 @@ def _endpoints(model, *, timesteps, sampler, eta, denoise_steps):
             labels = pipeline.text_function(model, weights, state)(labels)
         inputs = [x_t, t] if labels is None else [x_t, t, labels]
         output = pipeline.network_function(model, weights, state)(inputs)
-        return model.schedule.predict_epsilon(x_t, output, t, model.prediction)
+        return _noise_from_output(model.schedule, x_t, output, t, model.prediction)
 
     labels = ["labels"] if model.num_classes is not None else ["token_ids"] if prompted else []
     endpoints = [("generate", generate, noises)]
@@ -281,6 +282,20 @@ class _SamplingVariables(keras.layers.Layer):
         self.decoder_used = [] if autoencoder is None else (
             list(autoencoder.decoder.variables) + [autoencoder.scaling_factor])
         self.built = True
+
+
+def _time_dtype(model):
+    """The dtype of `predict_noise`'s `t`: whole timesteps on a DDPM
+    schedule, a flow schedule's `sigma * timesteps` as floats."""
+    return "float32" if getattr(model.schedule, "flow", False) else "int32"
+
+
+def _noise_from_output(schedule, x_t, output, t, prediction):
+    """The noise a network output at network time `t` implies: on a flow
+    schedule from the velocity at sigma = t / timesteps."""
+    if getattr(schedule, "flow", False):
+        return schedule.predict_noise(x_t, output, ops.cast(t, "float32") / schedule.timesteps)
+    return schedule.predict_epsilon(x_t, output, t, prediction)
 
 
 def _spec(name, shape, dtype="float32"):
@@ -342,7 +357,7 @@ def export_onnx(model, path, *, verbose=None, input_signature=None, **kwargs):
 
 
 def _predictor_inputs(model):
-    specs = [_spec("x_t", (None,) + model.sample_shape), _spec("t", (None,), "int32")]
+    specs = [_spec("x_t", (None,) + model.sample_shape), _spec("t", (None,), _time_dtype(model))]
     if pipeline.text_encoder(model) is not None:
         return specs + [_spec("context", (None,) + _context_shape(model))]
     return specs + ([_spec("labels", (None,), "int32")] if model.num_classes is not None else [])
@@ -371,7 +386,7 @@ class _NoisePredictor(keras.Model):
             copy.assign(ops.convert_to_numpy(value))
         self.schedule = model.schedule
         self.prediction = model.prediction
-        example = [ops.zeros((1,) + model.sample_shape), ops.zeros((1,), "int32")]
+        example = [ops.zeros((1,) + model.sample_shape), ops.zeros((1,), _time_dtype(model))]
         if model.num_classes is not None:
             example.append(ops.zeros((1,), "int32"))
         if pipeline.text_encoder(model) is not None:
@@ -380,4 +395,4 @@ class _NoisePredictor(keras.Model):
 
     def call(self, inputs):
         x_t, t = inputs[0], inputs[1]
-        return self.schedule.predict_epsilon(x_t, self.network(inputs), t, self.prediction)
+        return _noise_from_output(self.schedule, x_t, self.network(inputs), t, self.prediction)

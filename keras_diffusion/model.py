@@ -41,9 +41,8 @@ class DiffusionModel(keras.Model):
             `network([x_t, t, labels])` when it is class-conditional (it then
             has a `num_classes` attribute; label `num_classes` is "no label").
         schedule: a `DiffusionSchedule` (default: cosine, 1000 steps), or a
-            `FlowMatchSchedule` for flow matching (rectified flow): the
-            network then learns the velocity `noise - x0` at noise levels
-            the schedule draws, and is called with `t = sigma * timesteps`.
+            `FlowMatchSchedule` for flow matching: the network learns the
+            velocity `noise - x0`, called with `t = sigma * timesteps`.
         prediction: the network's target: `"epsilon"`, `"v"` or `"x0"` on
             a DDPM schedule (None: `"epsilon"`); `"flow"` (the velocity) on
             a flow schedule, where None means it.
@@ -98,8 +97,7 @@ class DiffusionModel(keras.Model):
                               min_snr_gamma=min_snr_gamma, label_dropout=label_dropout,
                               prompt_dropout=prompt_dropout, train_text_encoder=train_text_encoder,
                               flow=schedule.flow)
-        if schedule.flow:
-            check_float_time(network)
+        check_float_time(network, schedule)
         self.network = network
         self.schedule = schedule
         self.prediction = prediction
@@ -192,11 +190,10 @@ class DiffusionModel(keras.Model):
 
     def compute_diffusion_loss(self, images, labels=None, training=True, sample_weight=None):
         """The diffusion objective, shared by every backend's train step:
-        noise the batch at noise levels the schedule draws (uniform
-        timesteps; a flow schedule's sigmas from its `density`) and regress
-        the prediction target with MSE, weighted per example by min-SNR or
-        the flow schedule's `weighting`, and by `sample_weight` when given
-        (DreamBooth's prior preservation weighs the class images so)."""
+        noise the batch at levels the schedule draws (uniform timesteps, a
+        flow schedule's sigmas) and regress the prediction target with MSE,
+        weighted per example by min-SNR or the flow schedule's `weighting`,
+        and by `sample_weight` (DreamBooth's prior preservation) when given."""
         x0 = self.diffusion_inputs(images)
         batch = ops.shape(x0)[0]
         t = self.schedule.draw_levels(batch, seed=self.seed_generator)
@@ -368,9 +365,9 @@ class DiffusionModel(keras.Model):
     def from_preset(cls, preset, precision=None):
         """A trained model by preset name, as KerasHub's `from_preset`:
         `DiffusionModel.from_preset("mnist_conditional")`. Takes whatever
-        `load_model` takes (an `hf://` path, a `.keras` file) and checks the
+        `load_model` takes but checkpoints (an `hf://` path, a `.keras` file) and checks the
         model is a `cls`; `keras-diffusion presets` lists the names."""
-        model = load_model(preset, precision=precision)
+        model = load_keras_model(preset, precision=precision)
         if not isinstance(model, cls):
             raise ValueError(f"{preset} holds a {type(model).__name__}, not a {cls.__name__}.")
         return model
@@ -394,11 +391,11 @@ def default_prediction(schedule):
     return FLOW_PREDICTION if getattr(schedule, "flow", False) else "epsilon"
 
 
-def check_float_time(network):
+def check_float_time(network, schedule):
     """A flow schedule calls the network at float times `sigma * timesteps`;
     a network whose `t` input is int32 (a UNet saved before it took floats)
     would round them away."""
-    if "int" in str(network.inputs[1].dtype):
+    if getattr(schedule, "flow", False) and "int" in str(network.inputs[1].dtype):
         raise ValueError(f"a flow-matching schedule calls the network with float times (sigma * "
                          f"timesteps), but {network.name}'s t input is {network.inputs[1].dtype}; "
                          "build the network anew (a UNet takes float32 t).")
@@ -430,43 +427,11 @@ def check_model_arguments(*, prediction, ema_decay, min_snr_gamma, label_dropout
         raise ValueError(f"min_snr_gamma must be > 0 or None; got {min_snr_gamma!r}.")
 
 
-def load_model(source, precision=None, config=None, dtype=None):
-    """Load a trained `DiffusionModel`, on any backend, from `source`:
-
-    - a `.keras` file written by `model.save` or `keras-diffusion train`;
-    - the name of a preset shipped with the package (`keras-diffusion
-      presets` lists them), e.g. "mnist_conditional";
-    - `hf://OWNER/NAME`, a Hugging Face Hub repository written by
-      `keras-diffusion push` (needs `huggingface_hub`; cached after the
-      first download);
-    - a folder holding an unzipped Keras model (what a Hub repository is);
-    - a Stable Diffusion 1.x / 2.x checkpoint: a diffusers pipeline folder
-      (`model_index.json`), an `hf://` repository holding one, or one
-      original-layout file (`.safetensors`; `.ckpt` only where it can be
-      read without running code), which `config` (a diffusers folder of
-      the same model, weights not needed) describes; None takes the
-      shipped SD 1.5 / 2.1 configuration of the file's family.
-
-    The network computes in the global dtype policy (float32 unless set),
-    whatever precision it was trained in: its weights are float32 either
-    way. `precision` ("auto", "float32", "mixed_bfloat16",
-    "mixed_float16") sets the policy for this model instead; "auto" is
-    `mixed_bfloat16` on an accelerator with native bfloat16 and float32
-    elsewhere (`keras_diffusion.precision.resolve`).
-
-    `dtype` ("float32", "bfloat16", "float16"; None is float32) keeps a
-    Stable Diffusion checkpoint's weights in that dtype: half the memory,
-    and on hardware with native half precision faster steps. A float16
-    model's VAE stays float32 where its config says `force_upcast` (SD's
-    does), as diffusers decodes; diffusers' `fp16` weight files are read
-    where a folder has them. A `.keras` file keeps the dtype it was saved
-    in; `dtype` is for checkpoints.
-
-    Raises `FileNotFoundError` for a missing file, `OSError` when the Hub
-    cannot be reached, and `ValueError` for a file that is not a readable
-    Keras archive, holds another kind of model, or for an unknown
-    `precision`.
-    """
+def load_keras_model(source, precision=None):
+    """A `DiffusionModel` from a `.keras` file, a preset name, an
+    `hf://OWNER/NAME` repository or an unzipped model folder (what
+    `keras_diffusion.load_model` takes, checkpoints aside); the arguments and
+    errors are `load_model`'s."""
     import os
     import zipfile
 
@@ -479,24 +444,6 @@ def load_model(source, precision=None, config=None, dtype=None):
     name = path = os.fspath(source)
     if hub.is_hub_path(path):
         path = hub.download(path)
-    checkpoint_file = os.path.isfile(path) and path.lower().endswith(
-        (".safetensors", ".ckpt", ".bin", ".pt", ".pth"))
-    if checkpoint_file or (os.path.isdir(path)
-                           and not os.path.isfile(os.path.join(path, "config.json"))):
-        # Not a Keras model: a Stable Diffusion checkpoint, or a clear error.
-        from keras_diffusion.stable_diffusion import checkpoints
-
-        policy = None if precision is None else precisions.resolve(precision, sampling=True)
-        if dtype not in (None, "float32") and precision not in (None, "auto", "float32"):
-            raise ValueError(f"dtype={dtype!r} keeps the weights in half precision, and "
-                             f"precision={precision!r} asks for float32 weights with half "
-                             "computation: give one of them.")
-        with precisions.policy_scope(policy):
-            return checkpoints.load(path, config=config, dtype=dtype)
-    if dtype is not None:
-        raise ValueError(f"dtype is for Stable Diffusion checkpoints; {name} is a Keras model, "
-                         "which keeps the dtype it was saved in (precision= sets how it "
-                         "computes).")
     if presets.is_preset(path):
         path = os.fspath(presets.preset_file(path))
     elif os.path.isdir(path):

@@ -264,6 +264,22 @@ def run_ddim_from(denoiser, schedule, x, start_timestep, *, plan, prediction, cl
     )
 
 
+def run_euler_from(denoiser, schedule, x, start_sigma, *, steps, prediction, clip_x0=True):
+    """Euler on a flow schedule from `x` at `start_sigma`, a float32 scalar
+    *tensor* known only at run time (an exported `denoise`): the steps of
+    `run_sampler` over `partial_sigmas(start_sigma, steps)`, sigma_i =
+    start (1 - i / steps), computed in the loop."""
+    start = ops.cast(start_sigma, "float32")
+
+    def body(i, x):
+        sigma = start * (1.0 - ops.cast(i, "float32") / steps)
+        sigma_next = start * (1.0 - ops.cast(i + 1, "float32") / steps)
+        x0 = _predict_x0(denoiser, schedule, x, sigma, prediction=prediction, clip_x0=clip_x0)
+        return x + (sigma_next - sigma) * (x - x0) / sigma
+
+    return _clip(ops.fori_loop(0, steps, body, x), clip_x0)
+
+
 def _ddim_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta, clip_x0,
                num_steps=None):
     """Generalised DDIM (Song 2021 eq. 12), one `_ddim_step` per timestep;
@@ -398,22 +414,26 @@ def _flow_ddim_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction,
     if step_noise is None:
         return _flow_euler_loop(denoiser, schedule, x, None, timesteps=timesteps,
                                 prediction=prediction, eta=0.0, clip_x0=clip_x0)
-    sigmas = np.asarray(timesteps, np.float64)
-    sigmas_next = np.append(sigmas[1:], 0.0)
-    alphas, alphas_next = 1.0 - sigmas, 1.0 - sigmas_next
-    r = alphas * sigmas_next / (alphas_next * sigmas)
-    c = eta * sigmas_next * np.sqrt(np.maximum(1.0 - r**2, 0.0))
-    s, a_next, direction, c = (_table(v) for v in (
-        sigmas, alphas_next, np.sqrt(np.maximum(sigmas_next**2 - c**2, 0.0)), c))
+    sigmas = np.asarray(timesteps, np.float32)
+    s, s_next = _table(sigmas), _table(np.append(sigmas[1:], 0.0))
 
     def body(i, x):
-        sigma = ops.take(s, i)
-        x0 = _predict_x0(denoiser, schedule, x, sigma, prediction=prediction, clip_x0=clip_x0)
-        eps = (x - (1.0 - sigma) * x0) / sigma
-        return (ops.take(a_next, i) * x0 + ops.take(direction, i) * eps
-                + ops.take(c, i) * ops.take(step_noise, i, axis=0))
+        return _flow_ddim_step(denoiser, schedule, x, ops.take(s, i), ops.take(s_next, i),
+                               prediction=prediction, eta=eta, clip_x0=clip_x0,
+                               z=ops.take(step_noise, i, axis=0))
 
     return _clip(ops.fori_loop(0, len(sigmas), body, x), clip_x0)
+
+
+def _flow_ddim_step(denoiser, schedule, x, sigma, sigma_next, *, prediction, eta, clip_x0, z):
+    """One step of `_flow_ddim_loop` between traced scalar sigmas; RePaint
+    takes it on a flow schedule."""
+    x0 = _predict_x0(denoiser, schedule, x, sigma, prediction=prediction, clip_x0=clip_x0)
+    eps = (x - (1.0 - sigma) * x0) / sigma
+    r = (1.0 - sigma) * sigma_next / ((1.0 - sigma_next) * sigma)
+    c = eta * sigma_next * ops.sqrt(ops.maximum(1.0 - r**2, 0.0))
+    direction = ops.sqrt(ops.maximum(sigma_next**2 - c**2, 0.0))
+    return (1.0 - sigma_next) * x0 + direction * eps + c * z
 
 
 def _flow_ancestral_loop(denoiser, schedule, x, step_noise, **options):
@@ -613,7 +633,9 @@ def repaint_timesteps(timesteps, jump_length=10, resamples=10):
     check_integer("jump_length", jump_length)
     check_integer("resamples", resamples)
     n = len(timesteps)
-    levels = np.append(np.asarray(timesteps, dtype=np.int32)[::-1], -1)  # index -1 -> -1
+    timesteps = plan(timesteps)  # a flow schedule's sigmas end at 0, timesteps at -1
+    final = 0.0 if timesteps.dtype.kind == "f" else -1
+    levels = np.append(timesteps[::-1], final).astype(timesteps.dtype)  # index -1 -> final
     jumps = {k: resamples - 1 for k in range(0, n - jump_length, jump_length)}
     k, path = n - 1, [n - 1]
     while k >= 0:
@@ -654,7 +676,10 @@ def repaint(denoiser, schedule, x, known, mask, jump_noise, step_noise, *, t_fro
         pixels exactly.
     """
     plan = _repaint_steps(t_from, t_to)
-    starts, ts, ts_prev = (ops.convert_to_tensor(levels, dtype="int32") for levels in plan)
+    flow = getattr(schedule, "flow", False)
+    level_dtype = "float32" if flow else "int32"
+    step = _flow_ddim_step if flow else _ddim_step
+    starts, ts, ts_prev = (ops.convert_to_tensor(levels, dtype=level_dtype) for levels in plan)
     x = ops.cast(ops.convert_to_tensor(x), "float32")
     jump_noise = ops.convert_to_tensor(jump_noise, dtype="float32")
     step_noise = ops.convert_to_tensor(step_noise, dtype="float32")
@@ -666,9 +691,9 @@ def repaint(denoiser, schedule, x, known, mask, jump_noise, step_noise, *, t_fro
         z = ops.take(step_noise, i, axis=0)
         # A zero-step jump is exact: a / a == 1, so x is kept as it is.
         x = schedule.renoise(x, ops.take(jump_noise, i, axis=0), ops.take(starts, i), t)
-        x_prev = _ddim_step(denoiser, schedule, x, t, t_prev, prediction=prediction, eta=eta,
+        x_prev = step(denoiser, schedule, x, t, t_prev, prediction=prediction, eta=eta,
                             clip_x0=clip_x0, z=z)
-        known_prev = schedule.add_noise(known, z, ops.full((batch,), t_prev, dtype="int32"))
+        known_prev = schedule.add_noise(known, z, ops.full((batch,), t_prev, dtype=level_dtype))
         return mask * known_prev + (1.0 - mask) * x_prev
 
     return _clip(ops.fori_loop(0, len(plan[0]), body, x), clip_x0)
@@ -677,15 +702,16 @@ def repaint(denoiser, schedule, x, known, mask, jump_noise, step_noise, *, t_fro
 def _repaint_steps(t_from, t_to):
     """Fold a RePaint plan into reverse steps: for each, the level x is at,
     the level the forward jumps before it reach, and the level it steps to."""
+    t_from, t_to = plan(t_from), plan(t_to)
     starts, ts, ts_prev = [], [], []
-    level = int(t_from[0])
-    for t, t_next in zip(np.asarray(t_from), np.asarray(t_to)):
+    level = t_from[0]
+    for t, t_next in zip(t_from, t_to):
         if t_next < t:
             starts.append(level)
-            ts.append(int(t))
-            ts_prev.append(int(t_next))
-            level = int(t_next)
-    return np.array(starts, np.int32), np.array(ts, np.int32), np.array(ts_prev, np.int32)
+            ts.append(t)
+            ts_prev.append(t_next)
+            level = t_next
+    return tuple(np.array(levels, t_from.dtype) for levels in (starts, ts, ts_prev))
 
 
 def invert(denoiser, schedule, x0, *, timesteps, prediction):

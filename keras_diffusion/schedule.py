@@ -556,6 +556,18 @@ class FlowMatchSchedule(keras.layers.Layer):
         """The training protocol's name for `network_timesteps`."""
         return self.network_timesteps(sigma)
 
+    def renoise(self, x_t, noise, sigma, sigma_next):
+        """Sample x at `sigma_next >= sigma` given x at `sigma`: the forward
+        process is Markov with x_next = r x + sqrt(sigma_next^2 - (r
+        sigma)^2) z, r = (1 - sigma_next) / (1 - sigma) (RePaint's jump)."""
+        x_t = ops.cast(x_t, "float32")
+        sigma, sigma_next = ops.cast(sigma, "float32"), ops.cast(sigma_next, "float32")
+        # No jump (sigma_next == sigma, 1 included) keeps x as it is.
+        ratio = ops.where(sigma_next > sigma,
+                          (1.0 - sigma_next) / ops.maximum(1.0 - sigma, 1e-12), 1.0)
+        spread = ops.sqrt(ops.maximum(sigma_next**2 - (ratio * sigma) ** 2, 0.0))
+        return ratio * x_t + spread * ops.cast(noise, "float32")
+
     def timestep_for_noise_std(self, std):
         """The sigma whose noise, seen on the x0 scale, has std `std`: x_t /
         (1 - sigma) = x0 + sigma / (1 - sigma) noise, so sigma = std / (1 + std)."""

@@ -44,9 +44,15 @@ def test_object_sections_default_to_the_constructors_defaults():
         return list(value) if isinstance(value, tuple) else value
 
     config = default_config()
-    for section, target in (("network", kd.UNet), ("schedule", kd.DiffusionSchedule),
-                            ("model", kd.DiffusionModel)):
+    for section, target in (("network", kd.UNet), ("model", kd.DiffusionModel)):
         assert config[section] == {name: default(target, name) for name in config[section]}
+    # The schedule's keys: each schedule's own (timesteps, shared, the same in both).
+    assert config["schedule"].pop("type") == "ddpm"
+    for name, value in config["schedule"].items():
+        owner = (kd.DiffusionSchedule if name in inspect.signature(kd.DiffusionSchedule).parameters
+                 else kd.FlowMatchSchedule)
+        assert value == default(owner, name), name
+    assert default(kd.DiffusionSchedule, "timesteps") == default(kd.FlowMatchSchedule, "timesteps")
     for name in ("sampler", "steps", "guidance_scale"):
         assert config["sampling"][name] == default(kd.DiffusionModel.generate, name)
 

@@ -1,7 +1,7 @@
 """Flow matching in `DiffusionModel`: the loss `fit` minimises is the
 velocity regression at the schedule's sigmas, written out here; a model
 trains from a shipped flow config, generates with every sampler, saves and
-reloads, and denoises, edits and interpolates; and what does not fit a flow
+reloads, and denoises, edits, inpaints and interpolates; and what does not fit a flow
 schedule is refused in one line."""
 
 import keras
@@ -10,6 +10,7 @@ import pytest
 from keras import ops
 
 import keras_diffusion as kd
+from conftest import BACKEND
 from conftest import DATA_DIR
 from conftest import ROOT
 from conftest import TINY
@@ -104,13 +105,62 @@ def test_a_flow_model_denoises_edits_and_interpolates(flow_run):
     np.testing.assert_allclose(path[0], model.generate(1, steps=2, seed=0)[0], atol=1e-5)
 
 
-def test_what_a_flow_model_does_not_do_is_refused(flow_run, tmp_path):
+def test_a_flow_model_inpaints(flow_run):
     model = kd.load_model(flow_run / "model.keras")
-    images = np.zeros((1, 28, 28, 1), "float32")
-    with pytest.raises(ValueError, match="inpaint .RePaint. runs on DDPM schedules"):
-        model.inpaint(images, np.ones((28, 28)))
-    with pytest.raises(ValueError, match="flow-matching, which export does not serve yet"):
-        model.export(tmp_path / "exported")
+    images = np.random.default_rng(1).uniform(0, 1, (2, 28, 28, 1)).astype("float32")
+    mask = kd.make_mask("center", images.shape)
+    filled = model.inpaint(images, mask, steps=4, jump_length=2, resamples=2, seed=0)
+    known = np.broadcast_to(mask, images.shape) > 0.5
+    np.testing.assert_array_equal(filled[known], images[known])
+    assert np.isfinite(filled).all() and 0 <= filled.min() and filled.max() <= 1
+    np.testing.assert_array_equal(
+        filled, model.inpaint(images, mask, steps=4, jump_length=2, resamples=2, seed=0))
+
+
+def test_flow_renoise_has_the_forward_transition_law():
+    """x at sigma, jumped to sigma_next: mean r x, variance sigma_next^2 -
+    (r sigma)^2, so x0 noised to sigma then jumped has the law of x0 noised
+    to sigma_next; no jump keeps x."""
+    schedule = FlowMatchSchedule()
+    rng = np.random.default_rng(0)
+    x0 = np.full((20000, 1, 1, 1), 0.7, "float32")
+    x = schedule.add_noise(x0, rng.standard_normal(x0.shape).astype("float32"),
+                           np.full((20000,), 0.3, "float32"))
+    jumped = ops.convert_to_numpy(schedule.renoise(
+        x, rng.standard_normal(x0.shape).astype("float32"), 0.3, 0.8))
+    assert jumped.mean() == pytest.approx(0.2 * 0.7, abs=0.01)
+    assert jumped.std() == pytest.approx(0.8, abs=0.01)
+    same = schedule.renoise(x, np.ones(x0.shape, "float32"), 1.0, 1.0)
+    np.testing.assert_array_equal(ops.convert_to_numpy(same), ops.convert_to_numpy(x))
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="PyTorch exports by re-running the TensorFlow "
+                                               "export in a subprocess (tested under TensorFlow)")
+def test_a_flow_model_exports_and_serves_its_own_numbers(flow_run, tmp_path):
+    """SavedModel endpoints of a flow model: generate (its sigma plan),
+    denoise (sigma known at run time) and predict_noise (float times)."""
+    import tensorflow as tf
+
+    model = kd.load_model(flow_run / "model.keras")
+    model.export(tmp_path / "served", steps=3, sampler="heun", denoise_steps=3)
+    served = tf.saved_model.load(str(tmp_path / "served"))
+    noise = np.random.default_rng(2).standard_normal((2, 28, 28, 1)).astype("float32")
+    np.testing.assert_allclose(served.generate(noise).numpy(),
+                               model.generate(2, steps=3, sampler="heun", noise=noise), atol=1e-4)
+    noisy = np.random.default_rng(3).uniform(0, 1, (2, 28, 28, 1)).astype("float32")
+    np.testing.assert_allclose(served.denoise(noisy, 0.2).numpy(),
+                               model.denoise(noisy, sigma=0.2, steps=3).images, atol=1e-4)
+    x_t = noise * 0.5
+    t = np.array([123.4, 987.6], "float32")
+    velocity = ops.convert_to_numpy(model.network.stateless_call(
+        [v.value for v in model.sampling_weights],
+        [v.value for v in model.network.non_trainable_variables], [x_t, t])[0])
+    expected = x_t + (1 - t.reshape(-1, 1, 1, 1) / 1000) * velocity
+    np.testing.assert_allclose(served.predict_noise(x_t, t).numpy(), expected, atol=1e-4)
+
+
+def test_what_a_flow_model_does_not_do_is_refused(flow_run):
+    model = kd.load_model(flow_run / "model.keras")
     with pytest.raises(ValueError, match="timestep_spacing is an option of DDPM schedules"):
         model.generate(1, steps=2, timestep_spacing="leading")
 

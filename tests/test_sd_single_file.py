@@ -13,8 +13,8 @@ import safetensors.numpy
 import ml_dtypes
 from keras_diffusion.stable_diffusion import single_file
 from keras_diffusion.stable_diffusion.single_file import detect_family
-from keras_diffusion.stable_diffusion.single_file import read_safetensors
-from keras_diffusion.stable_diffusion.single_file import read_weights
+from keras_diffusion.checkpoint_files import read_safetensors
+from keras_diffusion.checkpoint_files import read_weights
 from keras_diffusion.stable_diffusion.single_file import to_diffusers
 from keras_diffusion.stable_diffusion.single_file import to_original
 from keras_diffusion.stable_diffusion.single_file import unet_in_channels

@@ -331,13 +331,13 @@ def test_built_from_a_checkpoint_every_weight_is_taken_as_it_is_made(pair, tmp_p
     left to `load_state_dict`, which names it."""
     import safetensors.numpy
 
-    from keras_diffusion.stable_diffusion import single_file
+    from keras_diffusion import checkpoint_files
 
     style, reference, ours = pair
     state = reference_state(reference)
     path = tmp_path / "unet.safetensors"
     safetensors.numpy.save_file(state, path)
-    lazy = single_file.read_safetensors(path, lazy=True)
+    lazy = checkpoint_files.read_safetensors(path, lazy=True)
     assert sorted(lazy) == sorted(state) and not isinstance(lazy, dict)
     key = "down_blocks.0.resnets.0.conv1.weight"
     assert lazy.shape(key) == state[key].shape
@@ -362,8 +362,8 @@ def test_torch_fast_paths_follow_the_variables():
     """Dense runs as one `linear`, a convolution's kernel is kept in
     PyTorch's layout while sampling: the same outputs as Keras' own layers,
     and an assigned kernel is used at once."""
-    from keras_diffusion.stable_diffusion.vae import Conv2D
-    from keras_diffusion.stable_diffusion.vae import Dense
+    from keras_diffusion.stable_diffusion.layers import Conv2D
+    from keras_diffusion.stable_diffusion.layers import Dense
 
     rng = np.random.default_rng(0)
     dense, conv = Dense(6, "proj"), Conv2D(5, 3, "conv")

@@ -89,7 +89,7 @@ def test_arrows_run_one_way():
 
 # Modules that import a framework for what it reads, whatever the backend:
 # PyTorch checkpoints (pickles) through torch's weights-only loader.
-FRAMEWORK_READERS = {"stable_diffusion/single_file.py": "import torch"}
+FRAMEWORK_READERS = {"checkpoint_files.py": "import torch"}
 
 
 def test_only_the_backend_folder_branches_on_the_backend():

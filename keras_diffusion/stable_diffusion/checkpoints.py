@@ -25,6 +25,7 @@ from pathlib import Path
 import keras
 
 from keras_diffusion import precision as precisions
+from keras_diffusion import checkpoint_files
 from keras_diffusion.schedule import DiffusionSchedule
 from keras_diffusion.stable_diffusion import single_file
 from keras_diffusion.stable_diffusion import weights
@@ -87,15 +88,15 @@ def _component_weights(folder, half=False):
             index = folder / f"{stem}.safetensors.index{variant}.json"
             if index.is_file():
                 shards = sorted(set(_read_json(index)["weight_map"].values()))
-                return single_file.read_safetensors([folder / shard for shard in shards],
+                return checkpoint_files.read_safetensors([folder / shard for shard in shards],
                                                     lazy=True, upcast_bfloat16=False)
             if (folder / f"{stem}{variant}.safetensors").is_file():
-                return single_file.read_safetensors(folder / f"{stem}{variant}.safetensors",
+                return checkpoint_files.read_safetensors(folder / f"{stem}{variant}.safetensors",
                                                     lazy=True, upcast_bfloat16=False)
     for variant in _variants(half):
         for stem in ("diffusion_pytorch_model", "pytorch_model"):
             if (folder / f"{stem}{variant}.bin").is_file():
-                return single_file.read_weights(folder / f"{stem}{variant}.bin",
+                return checkpoint_files.read_weights(folder / f"{stem}{variant}.bin",
                                                 upcast_bfloat16=False)
     raise FileNotFoundError(
         f"{folder} holds no weights: expected diffusion_pytorch_model.safetensors or "
@@ -177,9 +178,9 @@ def _build(parts_config, states, tokenizer, name, dtype="float32"):
     its weights in `dtype` (Keras' dtype policy of that name: variables and
     computation in it; the timestep features, the last convolutions and the
     VAE's latent statistics stay float32)."""
-    # By its registered name, not an import: `load_model` (in
-    # keras_diffusion.model) calls this module, and the model class imports
-    # that one. Importing keras_diffusion registers every class.
+    # By its registered name, not an import: the model class's module
+    # imports this one's neighbours. Importing keras_diffusion registers
+    # every class.
     latent_model = keras.saving.get_registered_object("keras_diffusion>StableDiffusion")
     in_channels = parts_config["unet"].get("in_channels", 4)
     if isinstance(in_channels, int) and in_channels != 4:
@@ -240,7 +241,7 @@ def load_single_file(path, config=None, dtype=None):
     the shipped configuration of the file's family (SD 1.5 or SD 2.1).
     `dtype`: the weights' dtype (None: float32)."""
     dtype = check_dtype(dtype)
-    state = single_file.read_weights(path, upcast_bfloat16=False)
+    state = checkpoint_files.read_weights(path, upcast_bfloat16=False)
     family = single_file.detect_family(state.keys())
     if config is None:
         config = _shipped_config(family)

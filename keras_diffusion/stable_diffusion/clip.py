@@ -25,11 +25,11 @@ from keras import ops
 from keras_diffusion import backend
 from keras_diffusion.checks import check_integer
 from keras_diffusion.checks import is_number
-from keras_diffusion.stable_diffusion import vae
+from keras_diffusion.stable_diffusion import layers as sd_layers
 from keras_diffusion.stable_diffusion import weights
-from keras_diffusion.stable_diffusion.vae import _AtModulePath
-from keras_diffusion.stable_diffusion.vae import _Block
-from keras_diffusion.stable_diffusion.vae import keras_name
+from keras_diffusion.stable_diffusion.layers import _AtModulePath
+from keras_diffusion.stable_diffusion.layers import _Block
+from keras_diffusion.stable_diffusion.layers import keras_name
 from keras_diffusion.stable_diffusion.weights import Placeholder
 
 PREFIX = "text_model"
@@ -59,7 +59,7 @@ def _activation(name, x):
 
 
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="SDCLIPDense")
-class Dense(vae.Dense):
+class Dense(sd_layers.Dense):
     """The VAE's `Dense` (a `Linear` at `module_path`), under the name the
     text encoder's saved configs use."""
 
@@ -269,7 +269,7 @@ class CLIPTextTransformer(keras.Model):
             h = layer(h)
         features = LayerNormalization(layer_norm_eps, f"{PREFIX}.final_layer_norm")(h)
         super().__init__(ids, features, **kwargs)
-        self.weights_dtype = vae.half_weights_policy()
+        self.weights_dtype = sd_layers.half_weights_policy()
         # Not on the path to the output, so tracked here: a checkpoint holds them.
         self.skipped_layers = encoder_layers[used:]
         for layer in self.skipped_layers:
@@ -292,7 +292,7 @@ class CLIPTextTransformer(keras.Model):
         return self.dim
 
     def get_config(self):
-        return vae.with_weights_dtype({
+        return sd_layers.with_weights_dtype({
             "name": self.name,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -307,7 +307,7 @@ class CLIPTextTransformer(keras.Model):
 
     @classmethod
     def from_config(cls, config):
-        return vae.from_weights_dtype(cls, config)
+        return sd_layers.from_weights_dtype(cls, config)
 
     @classmethod
     def from_reference_config(cls, config, skip_layers=0, **kwargs):

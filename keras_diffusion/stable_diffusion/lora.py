@@ -50,13 +50,12 @@ import os
 import tempfile
 from pathlib import Path
 
-import keras
 import numpy as np
 from keras import layers
 from keras import ops
 
 from keras_diffusion.stable_diffusion import weights
-from keras_diffusion.stable_diffusion.vae import keras_name
+from keras_diffusion.stable_diffusion.layers import keras_name
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PICKLED_WEIGHT_NAME = "pytorch_lora_weights.bin"  # what diffusers wrote before safetensors
@@ -332,10 +331,10 @@ def read_file(path):
     PyTorch `.bin` where it loads without running code) or of a folder
     holding `pytorch_lora_weights.safetensors`. A truncated or corrupt
     file raises one `ValueError` naming it."""
-    from keras_diffusion.stable_diffusion import single_file
+    from keras_diffusion import checkpoint_files
 
     path = _resolve(path, "LoRA")
-    return single_file.read_weights(path), _metadata(path)
+    return checkpoint_files.read_weights(path), _metadata(path)
 
 
 def _module_tables(lookup):

@@ -29,15 +29,15 @@ from keras import layers, ops
 
 from keras_diffusion import backend
 from keras_diffusion.stable_diffusion.clip import LayerNormalization
-from keras_diffusion.stable_diffusion.vae import Conv2D
-from keras_diffusion.stable_diffusion.vae import Dense
-from keras_diffusion.stable_diffusion.vae import GroupNormalization
-from keras_diffusion.stable_diffusion.vae import _Block
-from keras_diffusion.stable_diffusion.vae import float32_output
-from keras_diffusion.stable_diffusion.vae import from_weights_dtype
-from keras_diffusion.stable_diffusion.vae import half_weights_policy
-from keras_diffusion.stable_diffusion.vae import with_weights_dtype
-from keras_diffusion.stable_diffusion.vae import keras_name
+from keras_diffusion.stable_diffusion.layers import Conv2D
+from keras_diffusion.stable_diffusion.layers import Dense
+from keras_diffusion.stable_diffusion.layers import GroupNormalization
+from keras_diffusion.stable_diffusion.layers import _Block
+from keras_diffusion.stable_diffusion.layers import float32_output
+from keras_diffusion.stable_diffusion.layers import from_weights_dtype
+from keras_diffusion.stable_diffusion.layers import half_weights_policy
+from keras_diffusion.stable_diffusion.layers import with_weights_dtype
+from keras_diffusion.stable_diffusion.layers import keras_name
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
