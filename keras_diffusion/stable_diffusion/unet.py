@@ -71,7 +71,15 @@ DEFAULTS = {
     "time_embedding_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
+    # SDXL: transformers several blocks deep, and the "text_time" added
+    # embedding of the pooled prompt and the micro-conditioning time ids.
+    "transformer_layers_per_block": 1,
+    "reverse_transformer_layers_per_block": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "projection_class_embeddings_input_dim": None,
 }
+ADDITION_EMBED_TYPES = (None, "text_time")
 
 # Options of diffusers' config that SDXL and other families use, with the
 # values that leave them off: the only values accepted.
@@ -79,15 +87,10 @@ _OFF = {
     "act_fn": ("silu", "swish"),
     "only_cross_attention": (False,),
     "dual_cross_attention": (False,),
-    "transformer_layers_per_block": (1,),
-    "reverse_transformer_layers_per_block": (None,),
     "num_attention_heads": (None,),
     "class_embed_type": (None,),
     "num_class_embeds": (None,),
     "class_embeddings_concat": (False,),
-    "projection_class_embeddings_input_dim": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
     "time_cond_proj_dim": (None,),
@@ -328,9 +331,10 @@ class BasicTransformerBlock(_Block):
 
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="SDUNetTransformer2D")
 class Transformer2D(_Block):
-    """diffusers' `Transformer2DModel` on a continuous feature map, one
-    `BasicTransformerBlock` deep: group norm (epsilon 1e-6), `proj_in`, the
-    block over the `H * W` positions, `proj_out`, plus the input. The
+    """diffusers' `Transformer2DModel` on a continuous feature map: group
+    norm (epsilon 1e-6), `proj_in`, `depth` `BasicTransformerBlock`s over the
+    `H * W` positions (1 in SD 1.x / 2.x, up to 10 in SDXL), `proj_out`,
+    plus the input. The
     projections are 1x1 convolutions (SD 1.x) or, with
     `use_linear_projection`, dense layers (SD 2.x): the same function with
     differently laid-out weights, as both act on the channel axis alone.
@@ -341,6 +345,7 @@ class Transformer2D(_Block):
         module_path: where the layer sits in the reference state dict.
         groups: groups of the group norm.
         use_linear_projection: dense rather than 1x1 convolution projections.
+        depth: transformer blocks, one after the other.
 
     Call arguments: `x` `(B, H, W, C)`, `context` `(B, L, context_dim)`.
     Output shape: `(B, H, W, C)`. `gradient_checkpointing` as in
@@ -354,16 +359,22 @@ class Transformer2D(_Block):
     """
 
     def __init__(self, heads, head_dim, module_path, groups=32, use_linear_projection=False,
-                 **kwargs):
+                 depth=1, **kwargs):
         super().__init__(module_path, **kwargs)
         self.gradient_checkpointing = False
         self.heads = int(heads)
         self.head_dim = int(head_dim)
         self.groups = int(groups)
         self.use_linear_projection = bool(use_linear_projection)
+        self.depth = int(depth)
         self.norm = GroupNormalization(groups, self._sub("norm"),
                                        epsilon=_TRANSFORMER_NORM_EPSILON)
+        # The first block keeps its own attribute, so that files of one-deep
+        # transformers keep their variables' places.
         self.block = BasicTransformerBlock(heads, head_dim, self._sub("transformer_blocks.0"))
+        self.deeper_blocks = [BasicTransformerBlock(heads, head_dim,
+                                                    self._sub(f"transformer_blocks.{k}"))
+                              for k in range(1, self.depth)]
 
     def _projection(self, units, suffix):
         if self.use_linear_projection:
@@ -377,7 +388,8 @@ class Transformer2D(_Block):
         self.norm.build(x_shape)
         self.proj_in.build(x_shape)
         self.proj_out.build(tuple(x_shape[:-1]) + (inner,))
-        self.block.build((None, None, inner), context_shape)
+        for block in [self.block, *self.deeper_blocks]:
+            block.build((None, None, inner), context_shape)
 
     def call(self, x, context):
         if self.gradient_checkpointing:
@@ -388,7 +400,9 @@ class Transformer2D(_Block):
         shape = ops.shape(x)
         inner = self.heads * self.head_dim
         h = self.proj_in(self.norm(x))
-        h = self.block(ops.reshape(h, (-1, shape[1] * shape[2], inner)), context)
+        h = ops.reshape(h, (-1, shape[1] * shape[2], inner))
+        for block in [self.block, *self.deeper_blocks]:
+            h = block(h, context)
         return x + self.proj_out(ops.reshape(h, (-1, shape[1], shape[2], inner)))
 
     def compute_output_shape(self, x_shape, context_shape):
@@ -398,6 +412,57 @@ class Transformer2D(_Block):
         config = super().get_config()
         config.update(heads=self.heads, head_dim=self.head_dim, groups=self.groups,
                       use_linear_projection=self.use_linear_projection)
+        if self.depth != 1:
+            config["depth"] = self.depth
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_diffusion", name="SDUNetTextTimeEmbedding")
+class TextTimeEmbedding(layers.Layer):
+    """SDXL's added embedding (diffusers' `addition_embed_type="text_time"`):
+    each micro-conditioning time id (original size, crop offsets, target
+    size, or the refiner's aesthetic score) embedded by `Timesteps(time_dim)`
+    (`add_time_proj`), concatenated after the pooled prompt embedding, and
+    mapped by `add_embedding` (linear, SiLU, linear) to the time embedding's
+    width, which it is added to.
+
+    Args:
+        units: the time embedding's width.
+        time_dim: `addition_time_embed_dim`.
+        input_dim: `projection_class_embeddings_input_dim`, the pooled
+            embedding's width plus `time_dim` per time id.
+        flip_sin_to_cos, freq_shift: as the UNet's `Timesteps`.
+
+    Call arguments: `text_embeds` `(B, D)`, `time_ids` `(B, n)` with `D + n
+    time_dim = input_dim`. Output shape: `(B, units)`.
+    """
+
+    def __init__(self, units, time_dim, input_dim, flip_sin_to_cos=True, freq_shift=0.0,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.units, self.time_dim, self.input_dim = int(units), int(time_dim), int(input_dim)
+        self.flip_sin_to_cos, self.freq_shift = bool(flip_sin_to_cos), float(freq_shift)
+        self.time_proj = Timesteps(time_dim, flip_sin_to_cos, freq_shift, name="add_time_proj")
+        self.linear_1 = Dense(units, "add_embedding.linear_1", activation="silu")
+        self.linear_2 = Dense(units, "add_embedding.linear_2")
+
+    def build(self, text_embeds_shape, time_ids_shape):
+        self.linear_1.build((None, self.input_dim))
+        self.linear_2.build((None, self.units))
+
+    def call(self, text_embeds, time_ids):
+        batch = ops.shape(text_embeds)[0]
+        times = ops.reshape(self.time_proj(ops.reshape(time_ids, (-1,))), (batch, -1))
+        joined = ops.concatenate([ops.cast(text_embeds, times.dtype), times], axis=-1)
+        return self.linear_2(self.linear_1(ops.cast(joined, self.compute_dtype)))
+
+    def compute_output_shape(self, text_embeds_shape, time_ids_shape):
+        return (text_embeds_shape[0], self.units)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(units=self.units, time_dim=self.time_dim, input_dim=self.input_dim,
+                      flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
         return config
 
 
@@ -416,6 +481,52 @@ def _per_level(config, key, levels):
         raise ValueError(f"{key} must be a positive integer or a list of them, one per level; "
                          f"got {value!r}.")
     return values
+
+
+def _per_layer(value, layers, key):
+    """A level's transformer depth (an int, or one per layer) -> a list."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * layers
+    if len(values) != layers or not all(_is_int(v) for v in values):
+        raise ValueError(f"{key} must give each level a positive integer, or one per layer of "
+                         f"the level ({layers}); got {value!r}.")
+    return values
+
+
+def _depths(config):
+    """Transformer depths as diffusers reads `transformer_layers_per_block`
+    (an int, one per level, or per level one per layer) and
+    `reverse_transformer_layers_per_block` (the up path's; default the down
+    path's reversed): `(down[level][layer], up[block][layer], mid)`."""
+    levels = len(config["block_out_channels"])
+    per_block = _per_level(config, "layers_per_block", levels)
+    key = "transformer_layers_per_block"
+    value = config[key]
+    per_level = list(value) if isinstance(value, (list, tuple)) else [value] * levels
+    if len(per_level) != levels:
+        raise ValueError(f"{key} has {len(per_level)} entries, one per level is needed "
+                         f"({levels} levels in block_out_channels); got {value!r}.")
+    down = [_per_layer(v, per_block[i], key) for i, v in enumerate(per_level)]
+    reverse = config["reverse_transformer_layers_per_block"]
+    up_levels = per_level[::-1] if reverse is None else list(reverse)
+    if len(up_levels) != levels:
+        raise ValueError(f"reverse_transformer_layers_per_block must have one entry per level "
+                         f"({levels}); got {reverse!r}.")
+    up = [_per_layer(v, per_block[levels - 1 - i] + 1, "reverse_transformer_layers_per_block")
+          for i, v in enumerate(up_levels)]
+    mid = per_level[-1]
+    return down, up, (mid[0] if isinstance(mid, (list, tuple)) else mid)
+
+
+def _check_text_time(config):
+    kind = config["addition_embed_type"]
+    if kind not in ADDITION_EMBED_TYPES:
+        raise ValueError(f"the Stable Diffusion UNet does not support addition_embed_type="
+                         f"{kind!r}; supported: None (SD 1.x / 2.x) and 'text_time' (SDXL).")
+    if kind == "text_time":
+        for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            if not _is_int(config[key]):
+                raise ValueError(f"addition_embed_type='text_time' needs {key}, a positive "
+                                 f"integer; got {config[key]!r}.")
 
 
 def _check_off(key, value):
@@ -464,6 +575,8 @@ def _check_config(config):
     _check_blocks(config, len(channels))
     _per_level(config, "layers_per_block", len(channels))
     _per_level(config, "attention_head_dim", len(channels))
+    _depths(config)
+    _check_text_time(config)
     groups = config["norm_num_groups"]
     if not _is_int(groups):
         raise ValueError(f"norm_num_groups must be a positive integer; got {groups!r} (a UNet "
@@ -603,20 +716,26 @@ def _build(config):
     heads = _per_level(config, "attention_head_dim", levels)
     groups, eps = config["norm_num_groups"], config["norm_eps"]
     time_dim = config["time_embedding_dim"] or 4 * channels[0]
+    down_depth, up_depth, mid_depth = _depths(config)
+    text_time = config["addition_embed_type"] == "text_time"
 
     x_t = keras.Input((None, None, config["in_channels"]), name="x_t")
     t = keras.Input((), dtype="float32", name="t")
     context = keras.Input((None, config["cross_attention_dim"]), name="context")
+    inputs = [x_t, t, context]
+    if text_time:  # SDXL: the pooled prompt and the micro-conditioning time ids
+        inputs += [keras.Input((None,), name="text_embeds"), keras.Input((None,), name="time_ids")]
 
     def resnet(h, out_channels, path, scale=1.0):
         block = ResnetBlock2D(out_channels, path, groups=groups, epsilon=eps,
                               dropout=config["dropout"], output_scale_factor=scale)
         return block(h, emb)
 
-    def transformer(h, level_heads, path):
+    def transformer(h, level_heads, path, depth):
         width = h.shape[-1]
         layer = Transformer2D(level_heads, width // level_heads, path, groups=groups,
-                              use_linear_projection=config["use_linear_projection"])
+                              use_linear_projection=config["use_linear_projection"],
+                              depth=depth)
         return layer(h, context)
 
     # === Time embedding ===
@@ -624,6 +743,12 @@ def _build(config):
                     name="time_proj")(t)
     emb = Dense(time_dim, "time_embedding.linear_1", activation="silu")(emb)
     emb = Dense(time_dim, "time_embedding.linear_2")(emb)
+    if text_time:
+        added = TextTimeEmbedding(time_dim, config["addition_time_embed_dim"],
+                                  config["projection_class_embeddings_input_dim"],
+                                  config["flip_sin_to_cos"], config["freq_shift"],
+                                  name="add_embedding")(*inputs[3:])
+        emb = layers.Add(name="add_text_time")([emb, added])
 
     # === Down path ===
     h = x_t
@@ -635,7 +760,8 @@ def _build(config):
         for j in range(per_block[i]):
             h = resnet(h, channels[i], f"down_blocks.{i}.resnets.{j}")
             if block_type == "CrossAttnDownBlock2D":
-                h = transformer(h, heads[i], f"down_blocks.{i}.attentions.{j}")
+                h = transformer(h, heads[i], f"down_blocks.{i}.attentions.{j}",
+                                down_depth[i][j])
             skips.append(h)
         if i < levels - 1:
             path = f"down_blocks.{i}.downsamplers.0.conv"
@@ -649,7 +775,7 @@ def _build(config):
     # === Middle ===
     scale = float(config["mid_block_scale_factor"])
     h = resnet(h, channels[-1], "mid_block.resnets.0", scale)
-    h = transformer(h, heads[-1], "mid_block.attentions.0")
+    h = transformer(h, heads[-1], "mid_block.attentions.0", mid_depth)
     h = resnet(h, channels[-1], "mid_block.resnets.1", scale)
 
     # === Up path: diffusers reverses the levels, heads and blocks per level ===
@@ -659,7 +785,7 @@ def _build(config):
             h = layers.Concatenate(name=keras_name(f"up_blocks.{i}.concat.{j}"))([h, skips.pop()])
             h = resnet(h, channels[level], f"up_blocks.{i}.resnets.{j}")
             if block_type == "CrossAttnUpBlock2D":
-                h = transformer(h, heads[level], f"up_blocks.{i}.attentions.{j}")
+                h = transformer(h, heads[level], f"up_blocks.{i}.attentions.{j}", up_depth[i][j])
         if i < levels - 1:
             path = f"up_blocks.{i}.upsamplers.0.conv"
             h = layers.UpSampling2D(2, interpolation="nearest",
@@ -671,4 +797,4 @@ def _build(config):
     h = layers.Activation("silu", name="conv_act")(h)
     outputs = float32_output(Conv2D, config["out_channels"], config["conv_out_kernel"],
                              "conv_out", padding="same")(h)
-    return [x_t, t, context], outputs
+    return inputs, outputs
