@@ -50,6 +50,9 @@ DEFAULTS = {
 }
 # Buffers some checkpoints carry that are not weights (`arange(77)`).
 _BUFFERS = (f"{PREFIX}.embeddings.position_ids",)
+# `CLIPTextModelWithProjection`'s projection of the pooled output, beside
+# `text_model.` in its state dict.
+PROJECTION = "text_projection"
 
 
 def _activation(name, x):
@@ -171,9 +174,39 @@ class EncoderLayer(_Block):
                     epsilon=self.epsilon)
 
 
+@keras.saving.register_keras_serializable(package="keras_diffusion", name="SDCLIPPooled")
+class Pooled(layers.Layer):
+    """CLIP's pooled output: each sequence's features at its end token,
+    found as transformers finds it: the largest id when `eos_token_id` is
+    2 (the configs of the original CLIP, whose end token is the last id),
+    else the first `eos_token_id`.
+
+    Call arguments: `features` `(B, L, D)`, `ids` `(B, L)`. Output `(B, D)`.
+    """
+
+    def __init__(self, eos_token_id=2, **kwargs):
+        super().__init__(**kwargs)
+        self.eos_token_id = int(eos_token_id)
+
+    def call(self, features, ids):
+        ids = ops.cast(ids, "int32")
+        if self.eos_token_id == 2:
+            end = ops.argmax(ids, axis=-1)
+        else:
+            end = ops.argmax(ops.cast(ops.equal(ids, self.eos_token_id), "int32"), axis=-1)
+        picked = ops.one_hot(end, ops.shape(ids)[1], dtype=features.dtype)
+        return ops.einsum("bl,bld->bd", picked, features)
+
+    def compute_output_shape(self, features_shape, ids_shape):
+        return (features_shape[0], features_shape[-1])
+
+    def get_config(self):
+        return dict(super().get_config(), eos_token_id=self.eos_token_id)
+
+
 def check_clip_arguments(*, vocab_size, hidden_size, intermediate_size, num_hidden_layers,
                          num_attention_heads, max_position_embeddings, hidden_act,
-                         layer_norm_eps, skip_layers):
+                         layer_norm_eps, skip_layers, projection_dim=None):
     """The rules of `CLIPTextTransformer`'s arguments (transformers' names)."""
     for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
                         ("intermediate_size", intermediate_size),
@@ -193,6 +226,8 @@ def check_clip_arguments(*, vocab_size, hidden_size, intermediate_size, num_hidd
     if not is_number(layer_norm_eps) or not layer_norm_eps > 0:
         raise ValueError(f"layer_norm_eps must be a number > 0; got {layer_norm_eps!r}.")
     check_integer("skip_layers", skip_layers, low=0)
+    if projection_dim is not None:
+        check_integer("projection_dim", projection_dim)
     if skip_layers >= num_hidden_layers:
         raise ValueError(
             f"skip_layers must be below num_hidden_layers ({num_hidden_layers}); got "
@@ -206,7 +241,8 @@ def text_model_state_dict(state_dict):
     writes them without it; the Hub's SD files and older versions with it),
     the `text_model.embeddings.position_ids` buffer (`arange(77)`, not a
     weight, in files older transformers wrote) left out."""
-    names = {key if key.startswith(f"{PREFIX}.") else f"{PREFIX}.{key}": key for key in state_dict}
+    names = {key if key.startswith((f"{PREFIX}.", f"{PROJECTION}.")) else f"{PREFIX}.{key}": key
+             for key in state_dict}
     # A view: a lazily read file stays unread until each weight is taken.
     return weights.Renamed(state_dict, {new: old for new, old in names.items()
                                         if new not in _BUFFERS})
@@ -230,10 +266,21 @@ class CLIPTextTransformer(keras.Model):
         layer_norm_eps: epsilon of every layer norm.
         skip_layers: 0 for the last layer's features; `k` for those of the
             layer `k` before it (diffusers' `clip_skip`), final layer norm
-            applied either way.
+            applied either way unless `final_layer_norm=False`.
+        final_layer_norm: apply the final layer norm to the features
+            (SD 1.x / 2.x); SDXL reads the penultimate layer's output as it
+            is (`skip_layers=1, final_layer_norm=False`).
+        projection_dim: with a width, transformers'
+            `CLIPTextModelWithProjection` (SDXL's second encoder): a second
+            output, the pooled output (the last layer's, final layer norm
+            applied, at the end token) through the bias-free
+            `text_projection`.
+        eos_token_id: how the end token is found for the pooled output
+            (see `Pooled`).
 
     Input: int token ids `(B, L)`, L <= `max_position_embeddings`, as a
-    `CLIPTokenizer` makes them. Output: `(B, L, hidden_size)` features.
+    `CLIPTokenizer` makes them. Output: `(B, L, hidden_size)` features, and
+    with `projection_dim` the `(B, projection_dim)` projected pooled output.
     `dim` (and `output_dim`) is `hidden_size`; `tokenizer` is None (the
     latent model holds the tokenizer).
 
@@ -249,12 +296,13 @@ class CLIPTextTransformer(keras.Model):
 
     def __init__(self, vocab_size=49408, hidden_size=512, intermediate_size=2048,
                  num_hidden_layers=12, num_attention_heads=8, max_position_embeddings=77,
-                 hidden_act="quick_gelu", layer_norm_eps=1e-5, skip_layers=0, **kwargs):
+                 hidden_act="quick_gelu", layer_norm_eps=1e-5, skip_layers=0,
+                 final_layer_norm=True, projection_dim=None, eos_token_id=2, **kwargs):
         check_clip_arguments(
             vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
             num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
             max_position_embeddings=max_position_embeddings, hidden_act=hidden_act,
-            layer_norm_eps=layer_norm_eps, skip_layers=skip_layers,
+            layer_norm_eps=layer_norm_eps, skip_layers=skip_layers, projection_dim=projection_dim,
         )
         ids = keras.Input((None,), dtype="int32", name="token_ids")
         h = Embeddings(vocab_size, hidden_size, max_position_embeddings,
@@ -265,13 +313,24 @@ class CLIPTextTransformer(keras.Model):
             for index in range(num_hidden_layers)
         ]
         used = num_hidden_layers - skip_layers
-        for layer in encoder_layers[:used]:
-            h = layer(h)
-        features = LayerNormalization(layer_norm_eps, f"{PREFIX}.final_layer_norm")(h)
-        super().__init__(ids, features, **kwargs)
+        # The pooled output needs the last layer: with a projection every layer runs.
+        run = num_hidden_layers if projection_dim is not None else used
+        hidden = [h]
+        for layer in encoder_layers[:run]:
+            hidden.append(layer(hidden[-1]))
+        final_norm = LayerNormalization(layer_norm_eps, f"{PREFIX}.final_layer_norm")
+        features = final_norm(hidden[used]) if final_layer_norm else hidden[used]
+        outputs = features
+        if projection_dim is not None:
+            pooled = Pooled(eos_token_id, name="pooled")(final_norm(hidden[-1]), ids)
+            outputs = [features, Dense(projection_dim, PROJECTION, use_bias=False)(pooled)]
+        super().__init__(ids, outputs, **kwargs)
         self.weights_dtype = sd_layers.half_weights_policy()
+        if not final_norm.built:  # off the outputs' path: tracked here, a checkpoint holds it
+            final_norm.build((None, None, hidden_size))
+            self.unused_final_norm = final_norm
         # Not on the path to the output, so tracked here: a checkpoint holds them.
-        self.skipped_layers = encoder_layers[used:]
+        self.skipped_layers = encoder_layers[run:]
         for layer in self.skipped_layers:
             layer.build((None, None, hidden_size))
         self.vocab_size = int(vocab_size)
@@ -283,6 +342,9 @@ class CLIPTextTransformer(keras.Model):
         self.hidden_act = hidden_act
         self.layer_norm_eps = float(layer_norm_eps)
         self.skip_layers = int(skip_layers)
+        self.final_layer_norm = bool(final_layer_norm)
+        self.projection_dim = None if projection_dim is None else int(projection_dim)
+        self.eos_token_id = int(eos_token_id)
         self.dim = self.hidden_size
         self.max_length = self.max_position_embeddings
         self.tokenizer = None
@@ -303,6 +365,10 @@ class CLIPTextTransformer(keras.Model):
             "hidden_act": self.hidden_act,
             "layer_norm_eps": self.layer_norm_eps,
             "skip_layers": self.skip_layers,
+            # Written only when set, so files of SD 1.x / 2.x encoders stay as they were.
+            **({} if self.final_layer_norm else {"final_layer_norm": False}),
+            **({} if self.projection_dim is None else {"projection_dim": self.projection_dim,
+                                                       "eos_token_id": self.eos_token_id}),
         }, self)
 
     @classmethod
@@ -314,9 +380,11 @@ class CLIPTextTransformer(keras.Model):
         """The text encoder a transformers `CLIPTextModel` `config.json` (as
         a dict) describes, its weights unset. The options that shape the
         function are read (transformers' defaults for those left out);
-        the rest of a transformers config (token ids, dropout rates, the
-        projection width, bookkeeping) does not change the features and is
-        ignored. A config of another model raises."""
+        the rest of a transformers config (dropout rates, bookkeeping) does
+        not change the features and is ignored. A config whose
+        `architectures` is `CLIPTextModelWithProjection` builds the
+        projection (`projection_dim`, default 512, and `eos_token_id`, as
+        transformers reads them). A config of another model raises."""
         if not isinstance(config, dict):
             raise TypeError(f"config must be a dict (a parsed config.json); got "
                             f"{type(config).__name__}.")
@@ -327,4 +395,7 @@ class CLIPTextTransformer(keras.Model):
                 "'clip_text_model' (transformers' CLIPTextModel, SD 1.x / 2.x)."
             )
         arguments = {key: config[key] for key in DEFAULTS if key in config}
+        if "CLIPTextModelWithProjection" in (config.get("architectures") or ()):
+            arguments.update(projection_dim=config.get("projection_dim", 512),
+                             eos_token_id=config.get("eos_token_id", 2))
         return cls(**arguments, skip_layers=skip_layers, **kwargs)
