@@ -597,8 +597,9 @@ def _check_config(config):
         "mid_block_scale_factor": (lambda v: _is_number(v) and v > 0, "a positive number"),
         "norm_eps": (lambda v: _is_number(v) and v > 0, "a positive number"),
         **{key: (lambda v: isinstance(v, bool), "True or False")
-           for key in ("center_input_sample", "flip_sin_to_cos", "use_linear_projection",
-                       "upcast_attention")},
+           for key in ("center_input_sample", "flip_sin_to_cos", "use_linear_projection")},
+        # SDXL's config says null; diffusers reads it as False.
+        "upcast_attention": (lambda v: v is None or isinstance(v, bool), "True, False or None"),
     }
     for key, (check, accepted) in checks.items():
         if not check(config[key]):
