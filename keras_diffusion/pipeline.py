@@ -195,7 +195,16 @@ def check_condition(model, num_images, guidance_scale, *, labels=None, prompts=N
         )
     ids = [tokenize(model, _per_image(texts, num_images, name))
            for texts, name in ((prompts, "prompts"), (negative_prompts, "negative_prompts"))]
+    if negative_prompts is None and zeros_for_no_negative(model):
+        ids[1] = np.full_like(ids[1], -1)
     return ops.convert_to_tensor(np.stack(ids, axis=1))
+
+
+def zeros_for_no_negative(model):
+    """Whether guidance steers away from zero features, not from the empty
+    prompt's, when no negative prompt is given (diffusers' SDXL
+    `force_zeros_for_empty_prompt`)."""
+    return bool(getattr(model, "force_zeros_for_empty_prompt", False))
 
 
 def _per_image(texts, num_images, name):
@@ -294,9 +303,11 @@ def compiled_network(model):
     return lambda *inputs: step(weights, state, *inputs)
 
 
-def text_function(model, weights, state):
+def text_function(model, weights, state, pooled=False):
     """`token ids (N, L) -> features (N, L, D)` of the text encoder with the
-    given weight values (the tail of `sampling_state`'s lists)."""
+    given weight values (the tail of `sampling_state`'s lists); with
+    `pooled`, `(features, pooled output)`, the second None for an encoder
+    without one (only SDXL's has)."""
     encoder = text_encoder(model)
     weights = weights[len(model.network.trainable_variables):]
     state = state[len(model.network.non_trainable_variables):]
@@ -304,7 +315,11 @@ def text_function(model, weights, state):
     def encode(ids):
         inputs = text.encoder_inputs(encoder, ids)
         output = encoder.stateless_call(weights, state, inputs, training=False)[0]
-        return ops.cast(text.encoder_features(output), "float32")
+        features = ops.cast(text.encoder_features(output), "float32")
+        if not pooled:
+            return features
+        extra = text.encoder_pooled(output)
+        return features, None if extra is None else ops.cast(extra, "float32")
 
     return encode
 
@@ -313,7 +328,8 @@ def empty_condition(model):
     """The condition of no prompt, for one image: `(1, 2, L)` token ids of
     the empty prompt twice."""
     ids = model.empty_prompt_ids
-    return ops.convert_to_tensor(np.stack([ids, ids])[np.newaxis])
+    negative = np.full_like(ids, -1) if zeros_for_no_negative(model) else ids
+    return ops.convert_to_tensor(np.stack([ids, negative])[np.newaxis])
 
 
 def denoiser(model, weights, state, condition, guidance_scale):
@@ -326,24 +342,53 @@ def denoiser(model, weights, state, condition, guidance_scale):
     a tensor (an exported endpoint's input)."""
     network = network_function(model, weights, state)
     if text_encoder(model) is not None:
-        if condition is None:
-            condition = empty_condition(model)
-        ids = ops.convert_to_tensor(condition)
-        length = ids.shape[-1]
-        context = text_function(model, weights, state)(ops.reshape(ids, (-1, length)))
-        context = ops.reshape(context, (-1, 2, length, context.shape[-1]))
-        cond, uncond = context[:, 0], context[:, 1]
-        return _guided(network, lambda x: _broadcast(cond, x), lambda x: _broadcast(uncond, x),
-                       guidance_scale)
+        return _prompted(model, network, weights, state, condition, guidance_scale)
     if model.num_classes is None:
         return lambda x, t: network([x, t])
 
     def null_labels(x):
-        return ops.full((ops.shape(x)[0],), model.num_classes, dtype="int32")
+        return [ops.full((ops.shape(x)[0],), model.num_classes, dtype="int32")]
 
     if condition is None:
-        return lambda x, t: network([x, t, null_labels(x)])
-    return _guided(network, lambda x: condition, null_labels, guidance_scale)
+        return lambda x, t: network([x, t, *null_labels(x)])
+    return _guided(network, lambda x: [condition], null_labels, guidance_scale)
+
+
+def _prompted(model, network, weights, state, condition, guidance_scale):
+    """`denoiser` for a prompted model: the network cross-attends to each
+    prompt's features, and (SDXL) takes the pooled output and the model's
+    `added_conditions` besides. Ids of -1 stand for a prompt that is not
+    there (an SDXL model's missing negative prompt, `force_zeros_for_empty_
+    prompt`): its features and pooled output are zeros."""
+    if condition is None:
+        condition = empty_condition(model)
+    ids = ops.convert_to_tensor(condition)
+    length = ids.shape[-1]
+    flat = ops.reshape(ids, (-1, length))
+    absent = ops.all(flat < 0, axis=-1)
+    empty = ops.convert_to_tensor(model.empty_prompt_ids[np.newaxis], dtype=flat.dtype)
+    features, pooled = text_function(model, weights, state, pooled=True)(
+        ops.where(flat < 0, empty, flat))
+    kept = 1.0 - ops.cast(absent, "float32")
+    features = ops.reshape(features * kept[:, None, None],
+                           (-1, 2, length_of(features), features.shape[-1]))
+    if pooled is not None:
+        pooled = ops.reshape(pooled * kept[:, None], (-1, 2, pooled.shape[-1]))
+
+    def inputs(branch):
+        def extra(x):
+            context = [_broadcast(features[:, branch], x)]
+            if pooled is None:
+                return context
+            return context + model.added_conditions(x, _broadcast(pooled[:, branch], x))
+        return extra
+
+    return _guided(network, inputs(0), inputs(1), guidance_scale)
+
+
+def length_of(features):
+    """The token axis of `(N, L, D)` features, static where known."""
+    return features.shape[1] if features.shape[1] is not None else ops.shape(features)[1]
 
 
 def _broadcast(context, x):
@@ -353,19 +398,20 @@ def _broadcast(context, x):
 
 def _guided(network, cond, uncond, guidance_scale):
     """Guidance between the network's conditional and unconditional
-    branches; `cond(x)` and `uncond(x)` give the third network input of each
-    for a batch `x`."""
+    branches; `cond(x)` and `uncond(x)` give the network inputs after `x_t`
+    and `t` of each (a list: labels, or a context and SDXL's added
+    conditions) for a batch `x`."""
     fixed = not ops.is_tensor(guidance_scale)
     if fixed and guidance_scale == 0:
-        return lambda x, t: network([x, t, uncond(x)])
+        return lambda x, t: network([x, t, *uncond(x)])
     if fixed and guidance_scale == 1:
-        return lambda x, t: network([x, t, cond(x)])
+        return lambda x, t: network([x, t, *cond(x)])
 
     def guided(x, t):
         both = network([
             ops.concatenate([x, x], axis=0),
             ops.concatenate([t, t], axis=0),
-            ops.concatenate([cond(x), uncond(x)], axis=0),
+            *[ops.concatenate([a, b], axis=0) for a, b in zip(cond(x), uncond(x))],
         ])
         cond_out, uncond_out = ops.split(ops.cast(both, "float32"), 2, axis=0)
         return uncond_out + guidance_scale * (cond_out - uncond_out)

@@ -101,6 +101,12 @@ def encoder_inputs(encoder, ids):
     return ids
 
 
+def encoder_pooled(output):
+    """A text encoder's pooled output where it gives one (a dict's
+    `"pooled_output"`: SDXL's encoders), else None."""
+    return output.get("pooled_output") if isinstance(output, dict) else None
+
+
 def encoder_features(output):
     """A text encoder's features from its output: the output itself, or
     its `"sequence_output"` when it returns a dict (KerasHub's CLIP encoder

@@ -2,7 +2,7 @@
 transformers, as diffusers' own tests build their dummy components.
 
 `write_pipeline(folder, style)` saves a `StableDiffusionPipeline` of the
-given style with `save_pretrained`:
+given style with `save_pretrained` (`"sdxl"`: a `StableDiffusionXLPipeline`):
 
 - `"sd1"`: epsilon prediction, convolutional transformer projections, one
   head size for every level, CLIP with `quick_gelu`;
@@ -112,12 +112,62 @@ def build_pipeline(style, tokenizer_folder):
     )
 
 
+def build_xl_pipeline(tokenizer_folder):
+    """A random `StableDiffusionXLPipeline`, as diffusers' SDXL tests build
+    theirs: CLIP and CLIP-with-projection encoders (penultimate features 32
+    + 32 wide, a pooled projection of 32), a `text_time` UNet with two-deep
+    transformers at its second level, the second tokenizer padding with
+    `!`."""
+    import torch
+    from diffusers import AutoencoderKL
+    from diffusers import DDIMScheduler
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig
+    from transformers import CLIPTextModel
+    from transformers import CLIPTextModelWithProjection
+
+    first = write_tokenizer(Path(tokenizer_folder) / "first", pad_token="<|endoftext|>")
+    second = write_tokenizer(Path(tokenizer_folder) / "second", pad_token="!")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=8, sample_size=16, scaling_factor=0.13025,
+    )
+    config = dict(bos_token_id=first.bos_token_id, eos_token_id=2, pad_token_id=1,
+                  hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                  num_hidden_layers=3, vocab_size=len(first.get_vocab()),
+                  max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              timestep_spacing="leading")
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        module.eval()
+    return StableDiffusionXLPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=first, tokenizer_2=second, scheduler=scheduler,
+    )
+
+
 def write_pipeline(folder, style):
     """Save a tiny pipeline of `style` to `folder`; return the pipeline.
     The tokenizer's `vocab.json` and `merges.txt` are written beside it, to
     `<folder>_tokenizer` (transformers saves `tokenizer.json` only)."""
     folder = Path(folder)
-    pipeline = build_pipeline(style, folder.parent / f"{folder.name}_tokenizer")
+    tokenizer_folder = folder.parent / f"{folder.name}_tokenizer"
+    pipeline = (build_xl_pipeline(tokenizer_folder) if style == "sdxl"
+                else build_pipeline(style, tokenizer_folder))
     pipeline.save_pretrained(folder, safe_serialization=True)
     return pipeline
 

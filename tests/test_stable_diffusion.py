@@ -136,8 +136,8 @@ def _copy_with_json_edit(folder, copy, name, key, value):
 
 def test_an_unsupported_pipeline_is_named(sd, tmp_path):
     copy = _copy_with_json_edit(sd[0], tmp_path / "xl", "model_index.json", "_class_name",
-                                "StableDiffusionXLPipeline")
-    with pytest.raises(ValueError, match="holds a StableDiffusionXLPipeline, which keras_diffusion "
+                                "StableDiffusion3Pipeline")
+    with pytest.raises(ValueError, match="holds a StableDiffusion3Pipeline, which keras_diffusion "
                                          "does not load; supported: StableDiffusionPipeline"):
         kd.load_model(copy)
 

@@ -35,7 +35,9 @@ from keras_diffusion.stable_diffusion.tokenizer import CLIPTokenizer
 from keras_diffusion.stable_diffusion.unet import StableDiffusionUNet
 from keras_diffusion.stable_diffusion.vae import StableDiffusionVAE
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+                       "StableDiffusionXLPipeline")
+XL_PIPELINES = ("StableDiffusionXLPipeline",)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
 
 # diffusers' scheduler config -> our names.
@@ -112,7 +114,7 @@ def check_pipeline_class(index, path):
             unet_note = " (an inpainting UNet with 9 input channels; inpaint with a plain SD model)"
         raise ValueError(
             f"{path} holds a {name}{unet_note}, which keras_diffusion does not load; supported: "
-            f"{', '.join(SUPPORTED_PIPELINES)} (Stable Diffusion 1.x and 2.x)."
+            f"{', '.join(SUPPORTED_PIPELINES)} (Stable Diffusion 1.x and 2.x; SDXL base)."
         )
 
 
@@ -188,36 +190,58 @@ def _build(parts_config, states, tokenizer, name, dtype="float32"):
             f"the UNet takes {in_channels} input channels (an inpainting UNet); "
             "supported: Stable Diffusion 1.x and 2.x text-to-image UNets with 4."
         )
-    # Each part is built with its weights (`weights.building_from`), then
-    # checked, and what was not taken is assigned.
-    parts = {}
-    for name, cls, what in (("unet", StableDiffusionUNet, "UNet"),
-                            ("vae", StableDiffusionVAE, "VAE"),
-                            ("text_encoder", CLIPTextTransformer, "text encoder")):
-        state = states[name]
-        if name == "text_encoder":
-            state = text_model_state_dict(state)
-        with weights.building_from(state) as taken, precisions.policy_scope(
-                _part_dtype(name, dtype, parts_config[name])):
-            parts[name] = cls.from_reference_config(parts_config[name])
-        weights.load_state_dict(parts[name], state, what, taken=taken)
-    unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
+    unet, vae = (_part(part, cls, what, states[part], parts_config[part], dtype)
+                 for part, cls, what in (("unet", StableDiffusionUNet, "UNet"),
+                                         ("vae", StableDiffusionVAE, "VAE")))
+    xl = "text_encoder_2" in parts_config
+    text = {"skip_layers": 1, "final_layer_norm": False} if xl else {}
+    text_encoder = _part("text_encoder", CLIPTextTransformer, "text encoder",
+                         text_model_state_dict(states["text_encoder"]),
+                         parts_config["text_encoder"], dtype, **text)
+    options = {}
+    if xl:
+        from keras_diffusion.stable_diffusion import xl as sdxl
+
+        second = _part("text_encoder_2", CLIPTextTransformer, "second text encoder",
+                       text_model_state_dict(states["text_encoder_2"]),
+                       parts_config["text_encoder_2"], dtype, **text)
+        text_encoder = sdxl.SDXLTextEncoders(text_encoder, second, name="text_encoders")
+        tokenizer = sdxl.SDXLTokenizer(*tokenizer)
+        latent_model = keras.saving.get_registered_object("keras_diffusion>StableDiffusionXL")
+        options = {key: parts_config["pipeline"][key] for key in sdxl.CONFIG_OPTIONS
+                   if key in parts_config["pipeline"]}
     schedule, prediction = schedule_from_config(parts_config["scheduler"])
     side = int(parts_config["unet"].get("sample_size", 64)) * vae.factor
     return latent_model(
         vae, unet, schedule, prediction=prediction, ema_decay=None, text_encoder=text_encoder,
         tokenizer=tokenizer, train_text_encoder=False, image_size=(side, side), name=name,
+        **options,
     )
+
+
+def _part(name, cls, what, state, config, dtype, **options):
+    """One part, built with its weights (`weights.building_from`), then
+    checked, and what was not taken assigned."""
+    with weights.building_from(state) as taken, precisions.policy_scope(
+            _part_dtype(name, dtype, config)):
+        part = cls.from_reference_config(config, **options)
+    weights.load_state_dict(part, state, what, taken=taken)
+    return part
 
 
 def _component_configs(folder):
     folder = Path(folder)
-    return {
+    configs = {
         "unet": _read_json(folder / "unet" / "config.json"),
         "vae": _read_json(folder / "vae" / "config.json"),
         "text_encoder": _read_json(folder / "text_encoder" / "config.json"),
         "scheduler": _read_json(folder / "scheduler" / "scheduler_config.json"),
     }
+    index = folder / "model_index.json"
+    configs["pipeline"] = _read_json(index) if index.is_file() else {}
+    if configs["pipeline"].get("_class_name") in XL_PIPELINES:
+        configs["text_encoder_2"] = _read_json(folder / "text_encoder_2" / "config.json")
+    return configs
 
 
 def load_pipeline_folder(path, dtype=None):
@@ -227,10 +251,14 @@ def load_pipeline_folder(path, dtype=None):
     folder = Path(path)
     check_pipeline_class(_read_json(folder / "model_index.json"), path)
     configs = _component_configs(folder)
-    states = {part: _component_weights(folder / part, half=dtype != "float32")
-              for part in ("unet", "vae", "text_encoder")}
+    xl = "text_encoder_2" in configs
+    parts = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if xl else ())
+    states = {part: _component_weights(folder / part, half=dtype != "float32") for part in parts}
     tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
-    return _build(configs, states, tokenizer, name="stable_diffusion", dtype=dtype)
+    if xl:
+        tokenizer = (tokenizer, CLIPTokenizer.from_folder(folder / "tokenizer_2"))
+    return _build(configs, states, tokenizer, name="stable_diffusion_xl" if xl
+                  else "stable_diffusion", dtype=dtype)
 
 
 def load_single_file(path, config=None, dtype=None):
@@ -248,6 +276,9 @@ def load_single_file(path, config=None, dtype=None):
     elif not is_pipeline_folder(config):
         raise FileNotFoundError(f"config {config} is not a diffusers folder (no model_index.json).")
     configs = _component_configs(config)
+    if "text_encoder_2" in configs:
+        raise ValueError(f"config {config} describes an SDXL pipeline; SDXL single files do "
+                         "not load yet (an SDXL diffusers folder does).")
     parts = single_file.to_diffusers(state, unet_config=configs["unet"],
                                      vae_config=configs["vae"],
                                      text_config=configs["text_encoder"])

@@ -263,3 +263,44 @@ def _check_noise_offset(noise_offset):
     if not is_number(noise_offset) or not 0 <= noise_offset < 1:
         raise ValueError(f"noise_offset must be a number in [0, 1); got {noise_offset!r}.")
     return float(noise_offset)
+
+
+@keras.saving.register_keras_serializable(package="keras_diffusion", name="StableDiffusionXL")
+class StableDiffusionXL(StableDiffusion):
+    """A Stable Diffusion XL base model; build one with
+    `keras_diffusion.load_model(folder)`.
+
+    `generate`, guidance with negative prompts, the samplers and `img2img`
+    are the Stable Diffusion model's; what SDXL adds is its conditioning
+    (see this module). Fine-tuning SDXL with `fit` is not built yet: `fit`
+    says so.
+
+    Args:
+        force_zeros_for_empty_prompt: without a negative prompt, guide away
+            from zero features and pooled output (diffusers' default for
+            SDXL base) rather than from the empty prompt's.
+        Other arguments as `StableDiffusion`'s.
+    """
+
+    def __init__(self, *args, force_zeros_for_empty_prompt=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
+
+    def added_conditions(self, x, pooled):
+        """The UNet's inputs after the context for latents `x`: the pooled
+        prompt and SDXL's six time ids, original size, crop offsets (0, 0)
+        and target size, each the image's height and width in pixels, as
+        diffusers' pipeline sets them by default."""
+        factor = self.autoencoder.factor
+        height, width = x.shape[1] * factor, x.shape[2] * factor
+        ids = ops.convert_to_tensor(np.array([height, width, 0, 0, height, width], "float32"))
+        return [pooled, ops.broadcast_to(ids[None], (ops.shape(x)[0], 6))]
+
+    def fit(self, *args, **kwargs):
+        raise ValueError("fine-tuning SDXL with fit is not built yet (its training step needs "
+                         "the pooled prompt and the time ids per image); generate, img2img and "
+                         "the samplers work.")
+
+    def get_config(self):
+        return {**super().get_config(),
+                "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt}

@@ -1,0 +1,59 @@
+"""An SDXL base pipeline built offline by diffusers (tiny, random, as its own
+SDXL tests build theirs), loaded from its folder and run against diffusers'
+`StableDiffusionXLPipeline` from the same starting latents: guided DDIM with
+negative prompts, and without one, where SDXL guides away from zeros
+(`force_zeros_for_empty_prompt`)."""
+
+import numpy as np
+import pytest
+
+import keras_diffusion as kd
+from sd_pipelines import reference_images
+from sd_pipelines import write_pipeline
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory):
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = tmp_path_factory.mktemp("sdxl") / "pipeline"
+    write_pipeline(folder, "sdxl")
+    return StableDiffusionXLPipeline.from_pretrained(folder), kd.load_model(folder), folder
+
+
+def test_it_loads_as_sdxl(xl):
+    from keras_diffusion.stable_diffusion.model import StableDiffusionXL
+
+    _, model, _ = xl
+    assert isinstance(model, StableDiffusionXL) and model.force_zeros_for_empty_prompt
+    assert float(np.asarray(model.autoencoder.scaling_factor)) == pytest.approx(0.13025)
+    assert model.tokenizer(["a cat"]).shape == (1, 154)
+
+
+@pytest.mark.parametrize("negative", [["blurry", "a red dog"], None], ids=["negative", "zeros"])
+def test_guided_ddim_images_equal_diffusers(xl, negative):
+    reference, model, _ = xl
+    latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype("float32")
+    prompts = ["a photo of a cat", "jackfruits hang from the tree"]
+    expected = reference_images(reference, latents, prompts=prompts, negative_prompts=negative,
+                                steps=3, guidance_scale=5.0)
+    images = model.generate(2, prompts=prompts, negative_prompts=negative, guidance_scale=5.0,
+                            steps=3, sampler="ddim", noise=latents)
+    assert images.shape == expected.shape == (2, 16, 16, 3)
+    np.testing.assert_allclose(images, expected, atol=2e-3)
+
+
+def test_fit_says_it_is_not_built_yet(xl):
+    _, model, _ = xl
+    with pytest.raises(ValueError, match="fine-tuning SDXL with fit is not built yet"):
+        model.fit(np.zeros((1, 16, 16, 3), "float32"), ["a cat"])
+
+
+def test_a_folder_missing_the_second_encoder_is_named(xl, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(xl[2], folder)
+    shutil.rmtree(folder / "text_encoder_2")
+    with pytest.raises(FileNotFoundError, match="text_encoder_2/config.json is missing"):
+        kd.load_model(folder)
