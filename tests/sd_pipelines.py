@@ -179,8 +179,10 @@ def reference_images(pipeline, latents, *, prompts, negative_prompts=None, steps
     import torch
     from diffusers import DDIMScheduler
     from diffusers import DPMSolverMultistepScheduler
+    from diffusers import EulerDiscreteScheduler
 
-    kind = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}[scheduler]
+    kind = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler,
+            "euler": EulerDiscreteScheduler}[scheduler]
     pipeline.scheduler = kind.from_config(pipeline.scheduler.config)
     height, width = latents.shape[1] * 2, latents.shape[2] * 2
     with torch.no_grad():

@@ -30,15 +30,19 @@ def test_it_loads_as_sdxl(xl):
     assert model.tokenizer(["a cat"]).shape == (1, 154)
 
 
-@pytest.mark.parametrize("negative", [["blurry", "a red dog"], None], ids=["negative", "zeros"])
-def test_guided_ddim_images_equal_diffusers(xl, negative):
+@pytest.mark.parametrize("sampler, negative", [("ddim", ["blurry", "a red dog"]), ("ddim", None),
+                                               ("euler", ["blurry", "a red dog"])],
+                         ids=["ddim-negative", "ddim-zeros", "euler-negative"])
+def test_guided_images_equal_diffusers(xl, sampler, negative):
+    """DDIM, and Euler as SDXL ships it (EulerDiscreteScheduler from the
+    folder's config: "leading" spacing, no Karras sigmas)."""
     reference, model, _ = xl
     latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype("float32")
     prompts = ["a photo of a cat", "jackfruits hang from the tree"]
     expected = reference_images(reference, latents, prompts=prompts, negative_prompts=negative,
-                                steps=3, guidance_scale=5.0)
+                                steps=3, guidance_scale=5.0, scheduler=sampler)
     images = model.generate(2, prompts=prompts, negative_prompts=negative, guidance_scale=5.0,
-                            steps=3, sampler="ddim", noise=latents)
+                            steps=3, sampler=sampler, noise=latents)
     assert images.shape == expected.shape == (2, 16, 16, 3)
     np.testing.assert_allclose(images, expected, atol=2e-3)
 
