@@ -72,6 +72,9 @@ _TENSORFLOW_EXPORT = (
 def export_model(model, filepath, *, format="tf_saved_model", verbose=None, input_signature=None,
                  **kwargs):
     """What `DiffusionModel.export` does; see there."""
+    if hasattr(model, "added_conditions"):
+        raise ValueError(f"export of {type(model).__name__} is not built yet (its endpoints would "
+                         "take the pooled prompt and time ids); generate in Python.")
     if format == "tf_saved_model":
         if input_signature is not None:
             raise ValueError(

@@ -47,10 +47,12 @@ def test_guided_images_equal_diffusers(xl, sampler, negative):
     np.testing.assert_allclose(images, expected, atol=2e-3)
 
 
-def test_fit_says_it_is_not_built_yet(xl):
+def test_what_is_not_built_yet_says_so(xl, tmp_path):
     _, model, _ = xl
     with pytest.raises(ValueError, match="fine-tuning SDXL with fit is not built yet"):
         model.fit(np.zeros((1, 16, 16, 3), "float32"), ["a cat"])
+    with pytest.raises(ValueError, match="export of StableDiffusionXL is not built yet"):
+        model.export(tmp_path / "served")
 
 
 def test_a_folder_missing_the_second_encoder_is_named(xl, tmp_path):
