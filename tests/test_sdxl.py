@@ -63,3 +63,17 @@ def test_a_folder_missing_the_second_encoder_is_named(xl, tmp_path):
     shutil.rmtree(folder / "text_encoder_2")
     with pytest.raises(FileNotFoundError, match="text_encoder_2/config.json is missing"):
         kd.load_model(folder)
+
+
+def test_it_saves_as_one_keras_file_and_reloads_to_the_same_images(xl, tmp_path):
+    from keras_diffusion.stable_diffusion.model import StableDiffusionXL
+
+    _, model, _ = xl
+    latents = np.random.default_rng(1).standard_normal((1, 8, 8, 4)).astype("float32")
+    before = model.generate(1, prompts="a red dog", steps=2, guidance_scale=5.0, noise=latents)
+    model.save(tmp_path / "xl.keras")
+    again = kd.load_model(tmp_path / "xl.keras")
+    assert isinstance(again, StableDiffusionXL) and again.force_zeros_for_empty_prompt
+    np.testing.assert_array_equal(again.tokenizer(["a red dog"]), model.tokenizer(["a red dog"]))
+    after = again.generate(1, prompts="a red dog", steps=2, guidance_scale=5.0, noise=latents)
+    np.testing.assert_allclose(after, before, atol=1e-6)
