@@ -21,7 +21,10 @@ It works on any model that offers this protocol, and imports no model class:
   `class_names`: a list of names for the classes, or None.
 - `text_encoder`, optional: for a prompted model, a Keras model mapping
   token ids `(N, L)` to features `(N, L, D)`, which the network (called as
-  `network([x_t, t, context])`) cross-attends to; with it, `tokenizer`
+  `network([x_t, t, context])`) cross-attends to; an encoder that also
+  gives a pooled output (a dict with `"pooled_output"`, SDXL's) comes with
+  a model method `added_conditions(x_t, pooled)`, the network's further
+  inputs (`network([x_t, t, context, *added])`); with it, `tokenizer`
   (texts to `(N, L)` int ids), `text_sampling_weights` (matching
   `text_encoder.trainable_variables`) and `empty_prompt_ids`, the `(L,)`
   ids of the empty prompt, its null condition.
@@ -326,7 +329,7 @@ def text_function(model, weights, state, pooled=False):
 
 def empty_condition(model):
     """The condition of no prompt, for one image: `(1, 2, L)` token ids of
-    the empty prompt twice."""
+    the empty prompt twice (an SDXL model's second row: -1, no prompt)."""
     ids = model.empty_prompt_ids
     negative = np.full_like(ids, -1) if zeros_for_no_negative(model) else ids
     return ops.convert_to_tensor(np.stack([ids, negative])[np.newaxis])
