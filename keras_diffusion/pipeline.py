@@ -374,7 +374,7 @@ def _prompted(model, network, weights, state, condition, guidance_scale):
         ops.where(flat < 0, empty, flat))
     kept = 1.0 - ops.cast(absent, "float32")
     features = ops.reshape(features * kept[:, None, None],
-                           (-1, 2, length_of(features), features.shape[-1]))
+                           (-1, 2, _length_of(features), features.shape[-1]))
     if pooled is not None:
         pooled = ops.reshape(pooled * kept[:, None], (-1, 2, pooled.shape[-1]))
 
@@ -389,7 +389,7 @@ def _prompted(model, network, weights, state, condition, guidance_scale):
     return _guided(network, inputs(0), inputs(1), guidance_scale)
 
 
-def length_of(features):
+def _length_of(features):
     """The token axis of `(N, L, D)` features, static where known."""
     return features.shape[1] if features.shape[1] is not None else ops.shape(features)[1]
 

@@ -274,10 +274,19 @@ def run_euler_from(denoiser, schedule, x, start_sigma, *, steps, prediction, cli
     def body(i, x):
         sigma = start * (1.0 - ops.cast(i, "float32") / steps)
         sigma_next = start * (1.0 - ops.cast(i + 1, "float32") / steps)
-        x0 = _predict_x0(denoiser, schedule, x, sigma, prediction=prediction, clip_x0=clip_x0)
-        return x + (sigma_next - sigma) * (x - x0) / sigma
+        return x + (sigma_next - sigma) * _flow_velocity(
+            denoiser, schedule, x, sigma, prediction=prediction, clip_x0=clip_x0)
 
     return _clip(ops.fori_loop(0, steps, body, x), clip_x0)
+
+
+def _flow_velocity(denoiser, schedule, x, sigma, *, prediction, clip_x0, x0=None):
+    """The velocity at scalar sigma, read back from the (clipped) x0
+    estimate (`FlowMatchSchedule.velocity`), so that clipping to the pixel
+    range steers the step; `x0` when already predicted."""
+    if x0 is None:
+        x0 = _predict_x0(denoiser, schedule, x, sigma, prediction=prediction, clip_x0=clip_x0)
+    return schedule.velocity(x, x0, sigma)
 
 
 def _ddim_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta, clip_x0,
@@ -456,7 +465,8 @@ def _flow_euler_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction
         x0 = _predict_x0(denoiser, schedule, x, sigma, prediction=prediction, clip_x0=clip_x0)
         if step_noise is not None:
             return (1.0 - sigma_next) * x0 + sigma_next * ops.take(step_noise, i, axis=0)
-        return x + (sigma_next - sigma) * (x - x0) / sigma
+        return x + (sigma_next - sigma) * _flow_velocity(
+            denoiser, schedule, x, sigma, prediction=prediction, clip_x0=clip_x0, x0=x0)
 
     return _clip(ops.fori_loop(0, len(sigmas), body, x), clip_x0)
 
@@ -470,8 +480,8 @@ def _flow_heun_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction,
     s = _table(sigmas)
 
     def slope(x, sigma):
-        x0 = _predict_x0(denoiser, schedule, x, sigma, prediction=prediction, clip_x0=clip_x0)
-        return (x - x0) / sigma
+        return _flow_velocity(denoiser, schedule, x, sigma, prediction=prediction,
+                              clip_x0=clip_x0)
 
     def body(i, x):
         sigma, sigma_next = ops.take(s, i), ops.take(s, i + 1)

@@ -548,13 +548,9 @@ class FlowMatchSchedule(keras.layers.Layer):
         sigmas = 1.0 - np.linspace(1.0, 1.0 / self.timesteps, steps + 1)
         return np.flip(shift * sigmas / (1 + (shift - 1) * sigmas))[:-1].copy()
 
-    def network_timesteps(self, sigmas):
-        """What the network is called with: `sigma * timesteps`."""
-        return ops.cast(sigmas, "float32") * float(self.timesteps)
-
     def network_time(self, sigma):
-        """The training protocol's name for `network_timesteps`."""
-        return self.network_timesteps(sigma)
+        """What the network is called with: `sigma * timesteps`."""
+        return ops.cast(sigma, "float32") * float(self.timesteps)
 
     def renoise(self, x_t, noise, sigma, sigma_next):
         """Sample x at `sigma_next >= sigma` given x at `sigma`: the forward

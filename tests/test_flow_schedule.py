@@ -35,7 +35,7 @@ def test_sigmas_and_timesteps_are_diffusers(settings):
         reference.set_timesteps(steps, mu=mu)
         sigmas = ours.sampling_sigmas(steps, mu=mu)
         np.testing.assert_allclose(sigmas, reference.sigmas.numpy(), atol=1e-6)
-        np.testing.assert_allclose(ops.convert_to_numpy(ours.network_timesteps(sigmas[:-1])),
+        np.testing.assert_allclose(ops.convert_to_numpy(ours.network_time(sigmas[:-1])),
                                    reference.timesteps.numpy(), atol=1e-3)
 
 
