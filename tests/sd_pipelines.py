@@ -193,3 +193,46 @@ def reference_images(pipeline, latents, *, prompts, negative_prompts=None, steps
             output_type="np",
         ).images
     return np.asarray(images, dtype="float32")
+
+
+def assert_same_state_dicts(actual, expected):
+    """`actual` holds exactly the parts (`{part: {key: array}}`), keys,
+    dtypes and values of `expected`."""
+    import numpy as np
+
+    assert sorted(actual) == sorted(expected)
+    for part, state in expected.items():
+        assert sorted(actual[part]) == sorted(state), part
+        for key, value in state.items():
+            assert actual[part][key].dtype == value.dtype, f"{part}: {key}"
+            np.testing.assert_array_equal(actual[part][key], value, err_msg=f"{part}: {key}")
+
+
+# Each part's config file and weights in a diffusers folder, and the
+# keyword `single_file.to_original` takes its config as.
+SAVED_PARTS = {"unet": ("unet_config", "diffusion_pytorch_model.safetensors"),
+               "vae": ("vae_config", "diffusion_pytorch_model.safetensors"),
+               "text_encoder": ("text_config", "model.safetensors"),
+               "text_encoder_2": ("text_2_config", "model.safetensors")}
+
+
+def write_single_file(folder, family, path):
+    """Write the saved pipeline `folder` to `path` as one original-layout
+    file of `family` (`single_file.to_original`, `safetensors.numpy`).
+    Returns `(configs, parts, original)`: the configs as `to_original`'s
+    keywords, the folder's state dicts by part, and the file's arrays."""
+    import json
+
+    import safetensors.numpy
+
+    from keras_diffusion.stable_diffusion import single_file
+
+    folder = Path(folder)
+    present = [part for part in SAVED_PARTS if (folder / part).is_dir()]
+    configs = {SAVED_PARTS[part][0]: json.loads((folder / part / "config.json").read_text())
+               for part in present}
+    parts = {part: safetensors.numpy.load_file(folder / part / SAVED_PARTS[part][1])
+             for part in present}
+    original = single_file.to_original(parts, family=family, **configs)
+    safetensors.numpy.save_file(original, path)
+    return configs, parts, original

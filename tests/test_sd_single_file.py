@@ -3,7 +3,6 @@ diffusers pipelines written in that layout with `to_original` load in
 diffusers' own `from_single_file` to the same weights, and `to_diffusers`
 reads them back exactly; bad files give one clear error each."""
 
-import json
 import sys
 
 import numpy as np
@@ -18,12 +17,9 @@ from keras_diffusion.checkpoint_files import read_weights
 from keras_diffusion.stable_diffusion.single_file import to_diffusers
 from keras_diffusion.stable_diffusion.single_file import to_original
 from keras_diffusion.stable_diffusion.single_file import unet_in_channels
+from sd_pipelines import assert_same_state_dicts
+from sd_pipelines import write_single_file
 from sd_pipelines import write_tokenizer
-
-PARTS = {"unet": "unet/diffusion_pytorch_model.safetensors",
-         "vae": "vae/diffusion_pytorch_model.safetensors",
-         "text_encoder": "text_encoder/model.safetensors"}
-
 
 def _build(style, folder):
     """A tiny pipeline with more structure than SD's smallest test ones: three
@@ -84,30 +80,14 @@ class Pipeline:
     def __init__(self, style, root):
         self.style, self.folder = style, root / style
         _build(style, self.folder)
-        self.configs = {
-            "unet_config": json.loads((self.folder / "unet/config.json").read_text()),
-            "vae_config": json.loads((self.folder / "vae/config.json").read_text()),
-            "text_config": json.loads((self.folder / "text_encoder/config.json").read_text()),
-        }
-        self.parts = {part: safetensors.numpy.load_file(self.folder / path)
-                      for part, path in PARTS.items()}
-        self.original = to_original(self.parts, family=style, **self.configs)
         self.file = root / f"{style}.safetensors"
-        safetensors.numpy.save_file(self.original, self.file)
+        self.configs, self.parts, self.original = write_single_file(self.folder, style, self.file)
 
 
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd_single_file")
     return {style: Pipeline(style, root) for style in ("sd1", "sd2")}
-
-
-def assert_same_parts(actual, expected):
-    for part in ("unet", "vae", "text_encoder"):
-        assert sorted(actual[part]) == sorted(expected[part]), part
-        for key, value in expected[part].items():
-            assert actual[part][key].dtype == value.dtype, key
-            np.testing.assert_array_equal(actual[part][key], value, err_msg=key)
 
 
 # ------------------------------------------------------------------ layouts
@@ -196,18 +176,16 @@ def test_diffusers_from_single_file_loads_the_same_weights(pipelines, style):
     pipeline = pipelines[style]
     loaded = StableDiffusionPipeline.from_single_file(
         str(pipeline.file), config=str(pipeline.folder), local_files_only=True)
-    for part, expected in pipeline.parts.items():
-        actual = {key: value.numpy() for key, value in getattr(loaded, part).state_dict().items()}
-        assert sorted(actual) == sorted(expected), part
-        for key, value in expected.items():
-            np.testing.assert_array_equal(actual[key], value, err_msg=f"{part}: {key}")
+    assert_same_state_dicts({part: {key: value.numpy() for key, value in
+                                    getattr(loaded, part).state_dict().items()}
+                             for part in pipeline.parts}, pipeline.parts)
 
 
 @pytest.mark.parametrize("style", ["sd1", "sd2"])
 def test_to_diffusers_reads_the_file_back_exactly(pipelines, style):
     pipeline = pipelines[style]
-    assert_same_parts(to_diffusers(read_safetensors(pipeline.file), **pipeline.configs),
-                      pipeline.parts)
+    assert_same_state_dicts(to_diffusers(read_safetensors(pipeline.file), **pipeline.configs),
+                            pipeline.parts)
 
 
 def test_dtype_kept(pipelines, tmp_path):
@@ -215,8 +193,8 @@ def test_dtype_kept(pipelines, tmp_path):
     half = {key: value.astype(np.float16) for key, value in pipeline.original.items()}
     safetensors.numpy.save_file(half, tmp_path / "half.safetensors")
     parts = to_diffusers(read_safetensors(tmp_path / "half.safetensors"), **pipeline.configs)
-    assert_same_parts(parts, {part: {key: value.astype(np.float16) for key, value in state.items()}
-                              for part, state in pipeline.parts.items()})
+    assert_same_state_dicts(parts, {part: {key: value.astype(np.float16) for key, value in state.items()}
+                            for part, state in pipeline.parts.items()})
 
 
 def test_keys_diffusers_ignores_are_dropped(pipelines):
@@ -229,7 +207,7 @@ def test_keys_diffusers_ignores_are_dropped(pipelines):
         "posterior_mean_coef2": np.ones(1000, np.float32),
         "cond_stage_model.transformer.text_model.embeddings.position_ids": np.arange(77)[None],
     })
-    assert_same_parts(to_diffusers(sd1, **pipelines["sd1"].configs), pipelines["sd1"].parts)
+    assert_same_state_dicts(to_diffusers(sd1, **pipelines["sd1"].configs), pipelines["sd1"].parts)
     # SD 2: the contrastive head and OpenCLIP's last layer (here the third
     # of a file whose text encoder keeps two), which diffusers drops.
     prefix = "cond_stage_model.model."
@@ -238,7 +216,7 @@ def test_keys_diffusers_ignores_are_dropped(pipelines):
     sd2.update(last)
     sd2.update({prefix + "text_projection": np.ones((16, 16), np.float32),
                 prefix + "logit_scale": np.float32(4.6), "betas": np.ones(1000, np.float32)})
-    assert_same_parts(to_diffusers(sd2, **pipelines["sd2"].configs), pipelines["sd2"].parts)
+    assert_same_state_dicts(to_diffusers(sd2, **pipelines["sd2"].configs), pipelines["sd2"].parts)
     sd2[prefix + "transformer.resblocks.3.ln_1.weight"] = np.ones(16, np.float32)
     with pytest.raises(ValueError, match=r"1 unexpected \(cond_stage_model.model.transformer.resblocks.3"):
         to_diffusers(sd2, **pipelines["sd2"].configs)
@@ -266,7 +244,7 @@ def test_inpainting_unet(pipelines):
 
 # ----------------------------------------------------------------- errors
 @pytest.mark.parametrize("key, what", [
-    ("conditioner.embedders.1.model.positional_embedding", "SDXL"),
+    ("conditioner.embedders.0.open_clip.model.positional_embedding", "SGM"),
     ("text_encoders.clip_l.transformer.text_model.final_layer_norm.weight", "Stable Diffusion 3"),
     ("model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale", "Flux"),
     ("lora_unet_down_blocks_0_attentions_0_proj_in.alpha", "LoRA"),
@@ -300,8 +278,9 @@ def test_missing_and_unexpected_keys_listed(pipelines):
                                       if k != "quant_conv.bias"})
     with pytest.raises(ValueError, match=r"diffusers vae .*1 missing \(quant_conv.bias\)"):
         to_original(parts, family="sd1", **pipeline.configs)
-    with pytest.raises(ValueError, match=r"unknown single-file family 'sdxl'; supported: \['sd1', 'sd2'\]"):
-        to_original(pipeline.parts, family="sdxl", **pipeline.configs)
+    with pytest.raises(ValueError, match=r"unknown single-file family 'sd3'; supported: "
+                                         r"\['sd1', 'sd2', 'sdxl', 'sdxl_refiner'\]"):
+        to_original(pipeline.parts, family="sd3", **pipeline.configs)
 
 
 @pytest.mark.parametrize("option, value", [("class_embed_type", "timestep"),

@@ -190,10 +190,10 @@ def test_an_original_single_file_loads_to_the_same_image(sd, tmp_path):
 def test_a_single_file_of_another_model_is_named(tmp_path):
     import safetensors.numpy
 
-    path = tmp_path / "sdxl.safetensors"
-    safetensors.numpy.save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm"
+    path = tmp_path / "sd3.safetensors"
+    safetensors.numpy.save_file({"text_encoders.clip_l.transformer.text_model.final_layer_norm"
                                  ".weight": np.zeros(4, "float32")}, path)
-    with pytest.raises(ValueError, match="SDXL"):
+    with pytest.raises(ValueError, match="Stable Diffusion 3"):
         kd.load_model(path)
 
 

@@ -261,13 +261,41 @@ def load_pipeline_folder(path, dtype=None):
                   else "stable_diffusion", dtype=dtype)
 
 
+# The tokenizer folder of each text encoder, and the shipped tokenizer
+# (`CLIPTokenizer.shipped`'s family: CLIP's BPE, padded with
+# `<|endoftext|>` or `!`) that a file's text encoder takes where the config
+# folder has none: SDXL's CLIP ViT-L pads as SD 1.x's, its OpenCLIP
+# ViT-bigG as SD 2.x's OpenCLIP ViT-H.
+_TOKENIZER_FOLDERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+_SHIPPED_TOKENIZERS = {"sd1": {"text_encoder": "sd1"}, "sd2": {"text_encoder": "sd2"},
+                       "sdxl": {"text_encoder": "sd1", "text_encoder_2": "sd2"},
+                       "sdxl_refiner": {"text_encoder_2": "sd2"}}
+
+
+def _single_file_tokenizer(family, folder):
+    """The tokenizer `_build` takes for a file of `family` with the
+    config folder `folder`: one `CLIPTokenizer`, or SDXL's pair `(first,
+    second)` (`first` None for the refiner)."""
+    tokenizers = {}
+    for part, shipped in _SHIPPED_TOKENIZERS[family].items():
+        path = Path(folder) / _TOKENIZER_FOLDERS[part]
+        tokenizers[part] = (CLIPTokenizer.from_folder(path) if path.is_dir()
+                            else CLIPTokenizer.shipped(shipped))
+    if "text_encoder_2" not in tokenizers:
+        return tokenizers["text_encoder"]
+    return tokenizers.get("text_encoder"), tokenizers["text_encoder_2"]
+
+
 def load_single_file(path, config=None, dtype=None):
-    """A `LatentDiffusionModel` from one original-layout checkpoint file.
+    """A `LatentDiffusionModel` from one original-layout checkpoint file:
+    Stable Diffusion 1.x / 2.x, SDXL base or its refiner (`single_file`
+    tells which).
 
     `config`: a diffusers folder (no weights needed) whose component
-    configs, scheduler and tokenizer describe the checkpoint; None takes
-    the shipped configuration of the file's family (SD 1.5 or SD 2.1).
-    `dtype`: the weights' dtype (None: float32)."""
+    configs, scheduler and tokenizers describe the checkpoint; None takes
+    the shipped configuration of the file's family (SD 1.5, SD 2.1, SDXL
+    base 1.0 or SDXL refiner 1.0). `dtype`: the weights' dtype (None:
+    float32)."""
     dtype = check_dtype(dtype)
     state = checkpoint_files.read_weights(path, upcast_bfloat16=False)
     family = single_file.detect_family(state.keys())
@@ -276,20 +304,32 @@ def load_single_file(path, config=None, dtype=None):
     elif not is_pipeline_folder(config):
         raise FileNotFoundError(f"config {config} is not a diffusers folder (no model_index.json).")
     configs = _component_configs(config)
-    if "text_encoder_2" in configs:
-        raise ValueError(f"config {config} describes an SDXL pipeline; SDXL single files do "
-                         "not load yet (an SDXL diffusers folder does).")
-    parts = single_file.to_diffusers(state, unet_config=configs["unet"],
-                                     vae_config=configs["vae"],
-                                     text_config=configs["text_encoder"])
-    folder = Path(config) / "tokenizer"
-    # The shipped configurations carry CLIP's merges once, for both families.
-    tokenizer = (CLIPTokenizer.from_folder(folder) if folder.is_dir()
-                 else CLIPTokenizer.shipped(family))
-    return _build(configs, parts, tokenizer, name="stable_diffusion", dtype=dtype)
+    _check_config_family(family, configs, config)
+    parts = single_file.to_diffusers(
+        state, unet_config=configs["unet"], vae_config=configs["vae"],
+        text_config=configs.get("text_encoder"), text_2_config=configs.get("text_encoder_2"))
+    xl = "text_encoder_2" in configs
+    return _build(configs, parts, _single_file_tokenizer(family, config),
+                  name="stable_diffusion_xl" if xl else "stable_diffusion", dtype=dtype)
+
+
+def _check_config_family(family, configs, config):
+    """The config folder must have the text encoders the file has."""
+    entry = single_file.FAMILIES[family]
+    wanted = [part for part in single_file.TEXT_PARTS if part in entry["parts"]]
+    found = [part for part in single_file.TEXT_PARTS if part in configs]
+    if wanted != found:
+        described = configs["pipeline"].get("_class_name") or "pipeline"
+        raise ValueError(
+            f"the file is a {entry['name']} checkpoint (text encoders: {', '.join(wanted)}), but "
+            f"config {config} describes a {described} with {', '.join(found)}; pass the config "
+            f"folder of the same model, or none for the shipped {family} configuration."
+        )
 
 
 def _shipped_config(family):
+    """The configuration folder that ships for `family`: SD 1.5, SD 2.1,
+    SDXL base 1.0 or SDXL refiner 1.0 (configs only, no weights)."""
     folder = Path(__file__).parent / "configs" / family
     if not is_pipeline_folder(folder):
         raise ValueError(

@@ -1,14 +1,21 @@
-"""The original (CompVis / Stability) single-file layout of Stable Diffusion
-1.x and 2.x checkpoints, renamed to and from the diffusers / transformers keys.
+"""The original single-file layouts of Stable Diffusion checkpoints (CompVis /
+Stability's for 1.x and 2.x, Stability's SGM one for SDXL), renamed to and
+from the diffusers / transformers keys.
 
-An original file holds the whole pipeline under three prefixes:
-`model.diffusion_model.*` (the UNet), `first_stage_model.*` (the VAE) and
-`cond_stage_model.*` (the text encoder: OpenAI CLIP for SD 1.x under
-`cond_stage_model.transformer.text_model.*`, OpenCLIP for SD 2.x under
-`cond_stage_model.model.*`). `to_diffusers` turns it into the three state
-dicts a diffusers folder holds (`unet`, `vae`, `text_encoder`), which the
-Keras parts load by key (`weights.load_state_dict`); `to_original` is the
-inverse and writes files that diffusers' own `from_single_file` reads.
+An original file holds the whole pipeline: `model.diffusion_model.*` (the
+UNet), `first_stage_model.*` (the VAE) and the text encoders, whose place
+tells the family (as diffusers' `infer_diffusers_model_type` tells them):
+
+- SD 1.x: OpenAI CLIP ViT-L under `cond_stage_model.transformer.text_model.*`;
+- SD 2.x: OpenCLIP ViT-H under `cond_stage_model.model.*`;
+- SDXL base: CLIP ViT-L under `conditioner.embedders.0.transformer.text_model.*`
+  and OpenCLIP ViT-bigG under `conditioner.embedders.1.model.*`;
+- SDXL refiner: OpenCLIP ViT-bigG alone, under `conditioner.embedders.0.model.*`.
+
+`to_diffusers` turns it into the state dicts a diffusers folder holds
+(`unet`, `vae`, `text_encoder` and / or `text_encoder_2`), which the Keras
+parts load by key (`weights.load_state_dict`); `to_original` is the inverse
+and writes files that diffusers' own `from_single_file` reads.
 
 The knowledge is data. A part is a list of blocks `(original prefix,
 diffusers prefix, table)`, derived from the diffusers config (levels, layers
@@ -22,11 +29,15 @@ Layouts (original -> diffusers):
 - `"conv1x1"`: the original VAE attention's 1x1 convolution `(out, in, 1, 1)`
   -> diffusers' `Linear` weight `(out, in)` (biases pass unchanged);
 - `"split"`: OpenCLIP's fused attention input projection `(3 d, ...)` -> the
-  query, key and value projections `(d, ...)` each.
+  query, key and value projections `(d, ...)` each;
+- `"transpose"`: OpenCLIP's `text_projection` `(width, projection)`, applied as
+  `pooled @ text_projection` -> transformers' `Linear` weight `(projection,
+  width)`.
 
-The text encoder's keys are transformers' `CLIPTextModel` keys as transformers
-(>= 5.6) writes them, without the `text_model.` level older versions nest
-them under; `to_original` accepts both.
+A `CLIPTextModel`'s keys are as transformers (>= 5.6) writes them, without
+the `text_model.` level older versions nest them under; a
+`CLIPTextModelWithProjection`'s (SDXL's OpenCLIP) are nested under it, its
+`text_projection.weight` beside. `to_original` accepts either nesting.
 """
 
 
@@ -105,6 +116,7 @@ CLIP_TEXT = {
     "layer": ("encoder.layers.{}", "encoder.layers.{}"),
     "layer_table": _same("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                          "self_attn.out_proj", "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2"),
+    "dropped": 0,
 }
 OPENCLIP_TEXT = {
     "top": (
@@ -122,7 +134,18 @@ OPENCLIP_TEXT = {
         ("mlp.c_fc", "mlp.fc1", WEIGHT_BIAS, "same"),
         ("mlp.c_proj", "mlp.fc2", WEIGHT_BIAS, "same"),
     ),
+    "dropped": 0,
 }
+# A text table's other entries: "dropped", how many of the original's last
+# layers diffusers' text encoder leaves out (SD 2.x conditions on OpenCLIP's
+# penultimate layer, so its diffusers text encoder keeps 23 of 24 layers);
+# optionally "nested", the level transformers puts the text model under,
+# and "head", the modules beside it (CLIPTextModelWithProjection's).
+SD2_TEXT = dict(OPENCLIP_TEXT, dropped=1)
+OPENCLIP_PROJECTED_TEXT = dict(
+    OPENCLIP_TEXT, nested="text_model",
+    head=(("", "text_projection", (("text_projection", "weight"),), "transpose"),),
+)
 
 # The noise schedule that the original training code (ldm's DDPM) stores as
 # buffers beside the weights. The schedule comes from the scheduler config
@@ -134,45 +157,77 @@ SCHEDULE_BUFFERS = (
     "posterior_mean_coef1", "posterior_mean_coef2", "logvar",
 )
 
-# Each family: where its parts live, its text table, and what a file of it
-# may hold that diffusers does not load (dropped, never an error):
+UNET_PART = ("model.diffusion_model.", "UNet", "")
+VAE_PART = ("first_stage_model.", "VAE", "")
+
+# Each family: the key prefixes that tell it (any one present), each part's
+# original prefix, name and architecture, its text tables, the UNet options
+# it sets (see UNET_FIXED), and what a file of it may hold that diffusers
+# does not load (dropped, never an error):
 # - `model_ema.*`: the EMA copy of the UNet some files carry besides the
 #   weights; diffusers loads the non-EMA weights unless asked otherwise;
-# - the schedule buffers above;
-# - SD 1.x: CLIP's `position_ids`, a constant `arange` buffer;
-# - SD 2.x: OpenCLIP's `text_projection` and `logit_scale` (the contrastive
-#   head; `CLIPTextModel` has none), the image tower `visual.*` of a full
-#   OpenCLIP model, and the last `text_layers_dropped` resblocks: SD 2.x
-#   conditions on the penultimate layer, so diffusers' text encoder keeps
-#   23 of OpenCLIP's 24 layers.
+# - the schedule buffers above, and SGM's copy of them, `denoiser.sigmas`;
+# - CLIP's `position_ids`, a constant `arange` buffer;
+# - OpenCLIP's `logit_scale` (the contrastive head's temperature) and, for
+#   SD 2.x, its `text_projection` too (`CLIPTextModel` has none; SDXL's
+#   `CLIPTextModelWithProjection` loads it), the image tower `visual.*` of
+#   a full OpenCLIP model, and the last resblocks a text table drops.
 FAMILIES = {
     "sd1": {
         "name": "Stable Diffusion 1.x",
-        "telltale": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
-        "prefixes": {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
-                     "text_encoder": "cond_stage_model.transformer.text_model."},
-        "text": CLIP_TEXT,
-        "text_layers_dropped": 0,
+        "telltales": ("cond_stage_model.transformer.",),
+        "parts": {"unet": UNET_PART, "vae": VAE_PART,
+                  "text_encoder": ("cond_stage_model.transformer.text_model.", "text encoder",
+                                   "CLIP ViT-L")},
+        "texts": {"text_encoder": CLIP_TEXT},
         "ignored_keys": SCHEDULE_BUFFERS
         + ("cond_stage_model.transformer.text_model.embeddings.position_ids",),
         "ignored_prefixes": ("model_ema.",),
     },
     "sd2": {
         "name": "Stable Diffusion 2.x",
-        "telltale": "cond_stage_model.model.token_embedding.weight",
-        "prefixes": {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
-                     "text_encoder": "cond_stage_model.model."},
-        "text": OPENCLIP_TEXT,
-        "text_layers_dropped": 1,
+        "telltales": ("cond_stage_model.model.",),
+        "parts": {"unet": UNET_PART, "vae": VAE_PART,
+                  "text_encoder": ("cond_stage_model.model.", "text encoder", "OpenCLIP ViT-H")},
+        "texts": {"text_encoder": SD2_TEXT},
         "ignored_keys": SCHEDULE_BUFFERS
         + ("cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale"),
         "ignored_prefixes": ("model_ema.", "cond_stage_model.model.visual."),
     },
+    "sdxl": {
+        "name": "Stable Diffusion XL (base)",
+        "telltales": ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
+        "parts": {"unet": UNET_PART, "vae": VAE_PART,
+                  "text_encoder": ("conditioner.embedders.0.transformer.text_model.",
+                                   "first text encoder", "CLIP ViT-L"),
+                  "text_encoder_2": ("conditioner.embedders.1.model.", "second text encoder",
+                                     "OpenCLIP ViT-bigG")},
+        "texts": {"text_encoder": CLIP_TEXT, "text_encoder_2": OPENCLIP_PROJECTED_TEXT},
+        "unet_options": {"addition_embed_type": "text_time"},
+        "ignored_keys": SCHEDULE_BUFFERS
+        + ("denoiser.sigmas", "conditioner.embedders.1.model.logit_scale",
+           "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"),
+        "ignored_prefixes": ("model_ema.",),
+    },
+    "sdxl_refiner": {
+        "name": "Stable Diffusion XL refiner",
+        "telltales": ("conditioner.embedders.0.model.",),
+        "parts": {"unet": UNET_PART, "vae": VAE_PART,
+                  "text_encoder_2": ("conditioner.embedders.0.model.", "text encoder",
+                                     "OpenCLIP ViT-bigG")},
+        "texts": {"text_encoder_2": OPENCLIP_PROJECTED_TEXT},
+        "unet_options": {"addition_embed_type": "text_time"},
+        "ignored_keys": SCHEDULE_BUFFERS
+        + ("denoiser.sigmas", "conditioner.embedders.0.model.logit_scale"),
+        "ignored_prefixes": ("model_ema.",),
+    },
 }
+TEXT_PARTS = ("text_encoder", "text_encoder_2")
 
 # Files that are something else: a key prefix that gives each away.
 OTHER_LAYOUTS = (
-    ("conditioner.embedders.", "an SDXL checkpoint (base or refiner)"),
+    ("conditioner.embedders.",
+     "a Stability (SGM) checkpoint whose conditioners are not SDXL's text encoders"),
     ("text_encoders.clip_", "a Stable Diffusion 3 / 3.5 checkpoint"),
     ("model.diffusion_model.joint_blocks.", "a Stable Diffusion 3 / 3.5 checkpoint"),
     ("joint_blocks.", "a Stable Diffusion 3 / 3.5 transformer"),
@@ -184,16 +239,26 @@ OTHER_LAYOUTS = (
     ("down_blocks.", "a diffusers-layout UNet (load its diffusers folder instead)"),
     ("encoder.down.", "a VAE on its own in the original layout, not a full checkpoint"),
     ("model.diffusion_model.",
-     "an original-layout UNet without a text encoder (no cond_stage_model.* keys)"),
+     "an original-layout UNet without a text encoder (no cond_stage_model.* or "
+     "conditioner.embedders.* keys)"),
 )
 
 # Config options that would add or rename keys, and the only value each takes
-# here (the value SD 1.x and 2.x use; a missing option means that value).
+# here (the value SD 1.x and 2.x use, and diffusers' default: a missing
+# option means that value); a family's "unet_options" replace some.
 UNET_FIXED = {
     "mid_block_type": "UNetMidBlock2DCrossAttn", "class_embed_type": None,
     "addition_embed_type": None, "num_class_embeds": None, "time_cond_proj_dim": None,
     "encoder_hid_dim": None, "time_embedding_type": "positional", "dual_cross_attention": False,
     "attention_type": "default", "reverse_transformer_layers_per_block": None,
+}
+# The modules an `addition_embed_type` adds: SDXL's `text_time` embeds the
+# pooled prompt and the time ids with SGM's `label_emb` (its class
+# embedding, `num_classes="sequential"`).
+UNET_ADDED_EMBEDDINGS = {
+    None: (),
+    "text_time": (("label_emb.0.0", "add_embedding.linear_1", WEIGHT_BIAS, "same"),
+                  ("label_emb.0.2", "add_embedding.linear_2", WEIGHT_BIAS, "same")),
 }
 UNET_DOWN_BLOCKS = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}  # type -> attends
 UNET_UP_BLOCKS = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
@@ -225,6 +290,8 @@ def _split(value, count):
 
 LAYOUTS = {
     "same": (lambda value, count: [value], lambda values: values[0]),
+    "transpose": (lambda value, count: [np.ascontiguousarray(value.T)],
+                  lambda values: np.ascontiguousarray(values[0].T)),
     "conv1x1": (_conv1x1_to_linear, _linear_to_conv1x1),
     "split": (_split, lambda values: np.concatenate(values, axis=0)),
 }
@@ -246,11 +313,14 @@ def _per_level(value, levels, option):
     return [int(v) for v in values]
 
 
-def _check_fixed(config, fixed, what):
+def _check_fixed(config, fixed, what, defaults=None):
+    """Each option of `fixed` must have its value there; a missing option
+    has its value in `defaults` (None: `fixed`)."""
+    defaults = fixed if defaults is None else defaults
     for option, accepted in fixed.items():
-        if config.get(option, accepted) != accepted:
-            raise ValueError(f"the {what} config option {option}={config[option]!r} is not supported "
-                             f"by the single-file layout here (supported: {accepted!r}).")
+        if config.get(option, defaults[option]) != accepted:
+            raise ValueError(f"the {what} config option {option}={config.get(option)!r} is not "
+                             f"supported by the single-file layout here (supported: {accepted!r}).")
 
 
 def _block_types(config, option, accepted, levels, what):
@@ -268,11 +338,12 @@ def _transformer(depth):
     return [("", "", TRANSFORMER_OUTER)] + blocks
 
 
-def _unet_blocks(config):
+def _unet_blocks(config, options=None):
     """`(original prefix, diffusers prefix, table)` for every UNet block,
     in the order of the original `input_blocks` / `middle_block` /
-    `output_blocks` numbering."""
-    _check_fixed(config, UNET_FIXED, "UNet")
+    `output_blocks` numbering. `options`: a family's values of options
+    that `UNET_FIXED` otherwise fixes."""
+    _check_fixed(config, dict(UNET_FIXED, **(options or {})), "UNet", defaults=UNET_FIXED)
     channels = [int(c) for c in config["block_out_channels"]]
     levels = len(channels)
     down = _block_types(config, "down_block_types", UNET_DOWN_BLOCKS, levels, "UNet")
@@ -280,7 +351,7 @@ def _unet_blocks(config):
     layers = _per_level(config.get("layers_per_block", 2), levels, "layers_per_block")
     depth = _per_level(config.get("transformer_layers_per_block", 1), levels,
                        "transformer_layers_per_block")
-    blocks = [("", "", UNET_TOP)]
+    blocks = [("", "", UNET_TOP + UNET_ADDED_EMBEDDINGS[config.get("addition_embed_type")])]
 
     def resnet(original, diffusers, c_in, c_out):
         table = UNET_RESNET + (UNET_SHORTCUT if c_in != c_out else ())
@@ -376,18 +447,21 @@ def _vae_blocks(config):
     return blocks
 
 
-def _text_blocks(family, config):
-    """The text encoder's blocks, and those of the original's extra layers
-    that diffusers drops."""
-    text = FAMILIES[family]["text"]
+def _text_blocks(text, config):
+    """A text encoder's blocks (`text`: a text table), and those of the
+    original's extra layers that diffusers drops."""
     count = int(config["num_hidden_layers"])
     original, diffusers = text["layer"]
+    nested = text.get("nested", "")
 
     def layer(n):
-        return (original.format(n), diffusers.format(n), text["layer_table"])
+        return (original.format(n), _join(nested, diffusers.format(n)), text["layer_table"])
 
-    extra = range(count, count + FAMILIES[family]["text_layers_dropped"])
-    return [("", "", text["top"])] + [layer(n) for n in range(count)], [layer(n) for n in extra]
+    extra = range(count, count + text["dropped"])
+    blocks = [("", nested, text["top"])] + [layer(n) for n in range(count)]
+    if "head" in text:
+        blocks.append(("", "", text["head"]))
+    return blocks, [layer(n) for n in extra]
 
 
 def _keys(blocks, part, prefix):
@@ -403,20 +477,42 @@ def _keys(blocks, part, prefix):
     return table
 
 
-def key_table(family, *, unet_config, vae_config, text_config):
+# The keyword that passes each part's config.
+CONFIG_ARGUMENTS = {"unet": "unet_config", "vae": "vae_config", "text_encoder": "text_config",
+                    "text_encoder_2": "text_2_config"}
+
+
+def key_table(family, *, unet_config, vae_config, text_config=None, text_2_config=None):
     """The renaming for one family and configuration: `(table, ignored)`
     where `table` is `{original key: (part, diffusers keys, layout)}` and
-    `ignored` the original keys of weights diffusers does not load."""
+    `ignored` the original keys of weights diffusers does not load.
+
+    The configs are the diffusers `unet/config.json` and `vae/config.json`
+    dicts and transformers' `text_encoder/config.json` (`text_config`) and
+    `text_encoder_2/config.json` (`text_2_config`) ones: those of the parts
+    the family has (SDXL base both text encoders, its refiner the second
+    only, SD 1.x / 2.x the first only); the others are not read."""
     if family not in FAMILIES:
         raise ValueError(f"unknown single-file family {family!r}; supported: {sorted(FAMILIES)}.")
-    prefixes = FAMILIES[family]["prefixes"]
-    text, extra = _text_blocks(family, text_config)
-    table = {}
-    for part, blocks in (("unet", _unet_blocks(unet_config)), ("vae", _vae_blocks(vae_config)),
-                         ("text_encoder", text)):
-        table.update(_keys(blocks, part, prefixes[part]))
-    ignored = set(_keys(extra, "text_encoder", prefixes["text_encoder"]))
-    return table, ignored | set(FAMILIES[family]["ignored_keys"])
+    entry = FAMILIES[family]
+    configs = {"unet": unet_config, "vae": vae_config, "text_encoder": text_config,
+               "text_encoder_2": text_2_config}
+    for part in entry["parts"]:
+        if configs[part] is None:
+            raise ValueError(f"the {entry['name']} layout has a {part}: pass its config as "
+                             f"{CONFIG_ARGUMENTS[part]}= (the {part}/config.json of a diffusers "
+                             "folder).")
+    table, ignored = {}, set(entry["ignored_keys"])
+    for part, (prefix, _, _) in entry["parts"].items():
+        if part == "unet":
+            blocks, extra = _unet_blocks(unet_config, entry.get("unet_options")), []
+        elif part == "vae":
+            blocks, extra = _vae_blocks(vae_config), []
+        else:
+            blocks, extra = _text_blocks(entry["texts"][part], configs[part])
+        table.update(_keys(blocks, part, prefix))
+        ignored |= set(_keys(extra, part, prefix))
+    return table, ignored
 
 
 def _is_ignored(key, family, ignored):
@@ -433,14 +529,18 @@ def _first_keys(keys, limit=8):
 
 
 def detect_family(keys):
-    """`"sd1"` or `"sd2"` for an original single file's keys (a dict or any
+    """The family (a `FAMILIES` key: `"sd1"`, `"sd2"`, `"sdxl"`,
+    `"sdxl_refiner"`) of an original single file's keys (a dict or any
     iterable of keys), or one `ValueError` naming what the file looks like.
 
-    An inpainting UNet (9 input channels) has its family's keys: the family
-    is returned and `unet_in_channels` tells the caller."""
+    The text encoders tell the family, as diffusers tells them: a file with
+    either of SDXL base's encoders is an SDXL base file (`to_diffusers`
+    then names the one it lacks). An inpainting UNet (9 input channels) has
+    its family's keys: the family is returned and `unet_in_channels` tells
+    the caller."""
     keys = list(keys)
     for family, entry in FAMILIES.items():
-        if entry["telltale"] in keys:
+        if any(key.startswith(entry["telltales"]) for key in keys):
             return family
     supported = ", ".join(f"{f} ({e['name']})" for f, e in FAMILIES.items())
     for prefix, what in OTHER_LAYOUTS:
@@ -455,25 +555,39 @@ def detect_family(keys):
 def unet_in_channels(state):
     """The number of input channels of an original file's UNet: 4 for text
     to image, 9 for an inpainting UNet (latents, mask, masked image)."""
-    key = FAMILIES[detect_family(state)]["prefixes"]["unet"] + "input_blocks.0.0.weight"
+    key = FAMILIES[detect_family(state)]["parts"]["unet"][0] + "input_blocks.0.0.weight"
     if key not in state:
         raise ValueError(f"the file has no UNet input convolution ({key}).")
     return int(np.shape(state[key])[1])
 
 
-def to_diffusers(state, *, unet_config, vae_config, text_config):
-    """An original single file's `{key: array}` as `{"unet": ..., "vae":
-    ..., "text_encoder": ...}` state dicts in diffusers / transformers keys
-    and layouts, each array of the dtype it came in.
+def _check_parts(family, keys):
+    """One `ValueError` naming the first part of `family` the file has no
+    key of."""
+    entry = FAMILIES[family]
+    for prefix, name, architecture in entry["parts"].values():
+        if not any(key.startswith(prefix) for key in keys):
+            where = ", ".join(filter(None, (f"{prefix}*", architecture)))
+            held = ", ".join(f"{p}* ({n})" for p, n, _ in entry["parts"].values())
+            raise ValueError(f"the file has no {name} ({where}); a {entry['name']} single file "
+                             f"holds {held}.")
 
-    The configs are the diffusers `unet/config.json` and `vae/config.json`
-    and transformers' `text_encoder/config.json` dicts. Keys diffusers does
-    not load (see `FAMILIES`) are dropped; any other key the configuration
-    does not account for, or any key it needs and the file lacks, raises
-    one `ValueError` naming the first few of each."""
+
+def to_diffusers(state, *, unet_config, vae_config, text_config=None, text_2_config=None):
+    """An original single file's `{key: array}` as diffusers / transformers
+    state dicts, one per part of its family (`"unet"`, `"vae"`, and
+    `"text_encoder"` and / or `"text_encoder_2"`), in their keys and
+    layouts, each array of the dtype it came in.
+
+    The configs are those `key_table` reads. Keys diffusers does not load
+    (see `FAMILIES`) are dropped; a part the file lacks raises one
+    `ValueError` naming it, and any other key the configuration does not
+    account for, or any key it needs and the file lacks, one naming the
+    first few of each."""
     family = detect_family(state)
+    _check_parts(family, state)
     table, ignored = key_table(family, unet_config=unet_config, vae_config=vae_config,
-                               text_config=text_config)
+                               text_config=text_config, text_2_config=text_2_config)
     present = {key for key in state if not _is_ignored(key, family, ignored)}
     weights.check_keys(table, present, f"{FAMILIES[family]['name']} single-file")
     expected, found = int(unet_config.get("in_channels", 4)), unet_in_channels(state)
@@ -481,29 +595,54 @@ def to_diffusers(state, *, unet_config, vae_config, text_config):
         raise ValueError(f"the file's UNet takes {found} input channels"
                          f"{' (an inpainting UNet)' if found == 9 else ''}, but the UNet config "
                          f"has in_channels={expected}.")
-    parts = {"unet": {}, "vae": {}, "text_encoder": {}}
+    parts = {part: {} for part in FAMILIES[family]["parts"]}
     for key, (part, names, layout) in table.items():
         values = LAYOUTS[layout][0](np.asarray(state[key]), len(names))
         parts[part].update(zip(names, values))
     return parts
 
 
-def to_original(parts, *, family, unet_config, vae_config, text_config):
-    """`to_diffusers` undone: diffusers / transformers state dicts
-    `{"unet": ..., "vae": ..., "text_encoder": ...}` as one original
-    single-file `{key: array}` of `family` (`"sd1"` or `"sd2"`), which
-    `safetensors.numpy.save_file` writes and diffusers' `from_single_file`
-    reads. Weights diffusers does not load are not written (SD 2.x's
-    `text_projection` and the last OpenCLIP layer are not in a diffusers
-    folder to begin with)."""
+NESTED = "text_model."
+
+
+def _as_named(state, wanted):
+    """A text encoder's state dict with each key nested under `text_model.`
+    or not, as `wanted` names it (transformers nests `CLIPTextModel`'s
+    keys before 5.6, `CLIPTextModelWithProjection`'s always)."""
+    renamed = {}
+    for key, value in state.items():
+        bare = key[len(NESTED):] if key.startswith(NESTED) else key
+        renamed[next((name for name in (bare, NESTED + bare) if name in wanted), key)] = value
+    return renamed
+
+
+def to_original(parts, *, family, unet_config, vae_config, text_config=None, text_2_config=None):
+    """`to_diffusers` undone: diffusers / transformers state dicts, one per
+    part of `family` (`{"unet": ..., "vae": ..., "text_encoder": ...,
+    "text_encoder_2": ...}`, those the family has), as one original
+    single-file `{key: array}`, which `safetensors.numpy.save_file` writes
+    and diffusers' `from_single_file` reads. Weights diffusers does not
+    load are not written (SD 2.x's `text_projection` and the last OpenCLIP
+    layer are not in a diffusers folder to begin with)."""
     table, _ = key_table(family, unet_config=unet_config, vae_config=vae_config,
-                         text_config=text_config)
+                         text_config=text_config, text_2_config=text_2_config)
     parts = dict(parts)
-    text = parts.get("text_encoder", {})
-    if text and all(key.startswith("text_model.") for key in text):
-        parts["text_encoder"] = {key[len("text_model."):]: value for key, value in text.items()}
-    for part in ("unet", "vae", "text_encoder"):
+    for part in FAMILIES[family]["parts"]:
         wanted = {name for owner, names, _ in table.values() if owner == part for name in names}
+        if part in TEXT_PARTS:
+            parts[part] = _as_named(parts.get(part, {}), wanted)
         weights.check_keys(wanted, parts.get(part, {}), f"diffusers {part}")
     return {key: LAYOUTS[layout][1]([np.asarray(parts[part][name]) for name in names])
             for key, (part, names, layout) in table.items()}
+
+
+def unet_module_names(config):
+    """`{diffusers module path: original module path}` of every module of
+    the UNet that `config` (diffusers') describes, e.g.
+    `down_blocks.1.attentions.0.proj_in` -> `input_blocks.4.1.proj_in`:
+    the names kohya's sd-scripts gives SDXL's LoRA modules. Raises
+    `ValueError` for a UNet the original layout does not hold."""
+    options = {"addition_embed_type": config.get("addition_embed_type")}
+    return {_join(block_diffusers, module_diffusers): _join(block_original, module_original)
+            for block_original, block_diffusers, table in _unet_blocks(config, options)
+            for module_original, module_diffusers, _, _ in table}
