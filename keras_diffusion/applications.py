@@ -316,6 +316,94 @@ def img2img(model, images, *, strength=0.5, steps=50, eta=0.0, seed=None, labels
     return pipeline.decode(model, x0, batch_size=batch_size)
 
 
+OUTPUTS = ("images", "latents")
+
+
+def check_output(output):
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}.")
+    return output
+
+
+def finish(model, x, output, batch_size=None):
+    """A run's samples as `output` asks: decoded images in [0, 1], or the
+    latents themselves (float32 numpy, NHWC) to hand to another model."""
+    if check_output(output) == "latents":
+        return np.asarray(keras.ops.convert_to_numpy(x), dtype="float32")
+    return pipeline.decode(model, x, batch_size=batch_size)
+
+
+def is_latents(model, images):
+    """Whether `images` are a latent model's latents (its latent channels,
+    where its images have others) rather than images."""
+    channels = model.sample_shape[-1]
+    return (getattr(images, "ndim", 0) == 4 and images.shape[-1] == channels
+            and channels != model.image_shape[-1])
+
+
+def planned_img2img(model, images, *, strength=0.3, steps=50, sampler="ddim", eta=0.0,
+                    seed=None, labels=None, prompts=None, negative_prompts=None, guidance_scale=1.0,
+                    denoising_start=None, noise=None, timestep_spacing=None,
+                    use_karras_sigmas=None, batch_size=None, output="images"):
+    """Image-to-image as diffusers' img2img pipelines run it: plan `steps`
+    steps of `sampler` over the whole schedule (as `generate` would), noise
+    the images to the level where the last `int(strength * steps)` of them
+    begin, and run those.
+
+    Args:
+        images: `(N, H, W, C)` images in [0, 1] (or uint8), or the model's
+            latents `(N, h, w, c)` (told apart by the channel count), used
+            as they are instead of encoded.
+        denoising_start: SDXL's ensemble of experts: begin at this fraction
+            of the denoising (`samplers.split_point`) instead, with no noise
+            added: `images` are then the latents a base model's
+            `generate(..., denoising_end=..., output="latents")` handed on.
+            `strength` does not apply.
+        noise: the noise to add, shaped like the latents, instead of one
+            drawn from `seed` (e.g. to run from the noise another tool drew).
+        output: `"images"` or `"latents"` (see `finish`).
+        Others: as in `DiffusionModel.generate`.
+    """
+    check_output(output)
+    if not is_latents(model, images):
+        images = check_images(images, model.image_shape)
+    condition = pipeline.check_condition(model, len(images), guidance_scale, labels=labels,
+                                        prompts=prompts, negative_prompts=negative_prompts)
+    x = (keras.ops.convert_to_tensor(np.asarray(images, "float32")) if is_latents(model, images)
+         else pipeline.encode(model, images, batch_size=batch_size))
+    timesteps = samplers.plan_timesteps(
+        model.schedule, sampler, steps, eta=eta, spacing=timestep_spacing,
+        use_karras_sigmas=use_karras_sigmas, mu=pipeline.dynamic_shift(model, x.shape[1:]))
+    if denoising_start is None:
+        if not is_number(strength) or not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1]; got {strength!r}.")
+        begin = len(timesteps) - min(int(len(timesteps) * strength), len(timesteps))
+    else:
+        begin = samplers.split_point(model.schedule, timesteps, denoising_start)
+    if begin >= len(timesteps):
+        raise ValueError(
+            f"no step is left to run of the {len(timesteps)} planned: raise "
+            + ("strength (at least 1/steps)" if denoising_start is None
+               else "steps, or lower denoising_start") + ".")
+    timesteps = timesteps[begin:]
+    if denoising_start is None:
+        if noise is None:
+            noise = keras.random.normal(x.shape, seed=seed)
+        elif tuple(np.shape(noise)) != tuple(x.shape):
+            raise ValueError(f"noise must be shaped like the latents, {tuple(x.shape)}; got "
+                             f"{tuple(np.shape(noise))}.")
+        level = np.full((x.shape[0],), timesteps[0],
+                        dtype="float32" if samplers.plan(timesteps).dtype.kind == "f" else "int32")
+        x = model.schedule.add_noise(x, keras.ops.convert_to_tensor(noise, "float32"), level)
+    step_noise = samplers.draw_step_noise(x.shape, sampler, len(timesteps), eta=eta,
+                                          seed=None if seed is None else seed + 1,
+                                          schedule=model.schedule)
+    x = pipeline.run_sampler(model, x, timesteps=timesteps, sampler=sampler, eta=eta,
+                             condition=condition, guidance_scale=guidance_scale,
+                             step_noise=step_noise, batch_size=batch_size)
+    return finish(model, x, output, batch_size)
+
+
 # -------------------------------------------------------------- interpolate
 def interpolate(model, a, b, *, num=8, steps=50, labels=None, prompts=None,
                 negative_prompts=None, guidance_scale=1.0, batch_size=None):

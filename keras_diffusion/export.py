@@ -72,9 +72,9 @@ _TENSORFLOW_EXPORT = (
 def export_model(model, filepath, *, format="tf_saved_model", verbose=None, input_signature=None,
                  **kwargs):
     """What `DiffusionModel.export` does; see there."""
-    if hasattr(model, "added_conditions"):
-        raise ValueError(f"export of {type(model).__name__} is not built yet (its endpoints would "
-                         "take the pooled prompt and time ids); generate in Python.")
+    if getattr(model, "requires_aesthetics_score", False):
+        raise ValueError("an SDXL refiner does not export: its endpoints would make images from "
+                         "noise, and a refiner refines images (img2img in Python).")
     if format == "tf_saved_model":
         if input_signature is not None:
             raise ValueError(
@@ -194,6 +194,9 @@ def _endpoints(model, *, timesteps, sampler, eta, denoise_steps):
         empty = ops.convert_to_tensor(model.empty_prompt_ids)
         spec["token_ids"] = _spec("token_ids", (None, empty.shape[0]), "int32")
 
+        if pipeline.zeros_for_no_negative(model):  # SDXL: away from zero features
+            empty = ops.full_like(empty, -1)
+
         def condition(token_ids):  # each prompt, and the empty prompt to guide away from
             return ops.stack([token_ids, ops.broadcast_to(empty, ops.shape(token_ids))], axis=1)
 
@@ -248,9 +251,12 @@ def _endpoints(model, *, timesteps, sampler, eta, denoise_steps):
 
     def predict_noise(x_t, t, labels=None):
         weights, state = pipeline.sampling_state(model)
+        added = []
         if prompted:
-            labels = pipeline.text_function(model, weights, state)(labels)
-        inputs = [x_t, t] if labels is None else [x_t, t, labels]
+            labels, pooled = pipeline.text_function(model, weights, state, pooled=True)(labels)
+            if pooled is not None:  # SDXL: the pooled prompt and the default time ids
+                added = model.added_conditions(x_t, pooled)
+        inputs = [x_t, t] if labels is None else [x_t, t, labels, *added]
         output = pipeline.network_function(model, weights, state)(inputs)
         return _noise_from_output(model.schedule, x_t, output, t, model.prediction)
 

@@ -23,8 +23,9 @@ It works on any model that offers this protocol, and imports no model class:
   token ids `(N, L)` to features `(N, L, D)`, which the network (called as
   `network([x_t, t, context])`) cross-attends to; an encoder that also
   gives a pooled output (a dict with `"pooled_output"`, SDXL's) comes with
-  a model method `added_conditions(x_t, pooled)`, the network's further
-  inputs (`network([x_t, t, context, *added])`); with it, `tokenizer`
+  a model method `added_conditions(x_t, pooled, negative=False)`, the
+  network's further inputs (`network([x_t, t, context, *added])`) for the
+  prompt's branch of guidance or (`negative`) the other; with it, `tokenizer`
   (texts to `(N, L)` int ids), `text_sampling_weights` (matching
   `text_encoder.trainable_variables`) and `empty_prompt_ids`, the `(L,)`
   ids of the empty prompt, its null condition.
@@ -383,7 +384,8 @@ def _prompted(model, network, weights, state, condition, guidance_scale):
             context = [_broadcast(features[:, branch], x)]
             if pooled is None:
                 return context
-            return context + model.added_conditions(x, _broadcast(pooled[:, branch], x))
+            return context + model.added_conditions(x, _broadcast(pooled[:, branch], x),
+                                                    negative=branch == 1)
         return extra
 
     return _guided(network, inputs(0), inputs(1), guidance_scale)
@@ -505,14 +507,16 @@ def _freeze(value):
 
 
 def run_sampler(model, x, *, timesteps, sampler, eta=0.0, condition=None, guidance_scale=1.0,
-                step_noise=None, batch_size=None):
+                step_noise=None, batch_size=None, stop=None):
     """Run a sampler from `x` (at `timesteps[0]`) over `timesteps`: x0 as a
     tensor, in [-1, 1] for a pixel model. `step_noise` as
-    `samplers.draw_step_noise` draws it."""
+    `samplers.draw_step_noise` draws it. `stop`: run only that many of the
+    steps and return the noisy sample they reach (`samplers.run_sampler`)."""
+    stop = samplers.check_stop(sampler, stop, len(timesteps))
     return run_loop(
         model, samplers.run_sampler, [x, step_noise],
         constants=dict(timesteps=samplers.plan(timesteps), sampler=sampler,
-                       eta=float(eta), clip_x0=clips(model)),
+                       eta=float(eta), clip_x0=clips(model), stop=stop),
         condition=condition, guidance_scale=guidance_scale, batch_size=batch_size,
         batch_axes=(0, 1),
     )
@@ -521,9 +525,11 @@ def run_sampler(model, x, *, timesteps, sampler, eta=0.0, condition=None, guidan
 def sample(model, num_images, *, steps=50, sampler="ddim", seed=None, labels=None,
            prompts=None, negative_prompts=None, guidance_scale=1.0, eta=0.0,
            timestep_spacing=None, batch_size=None, use_karras_sigmas=None, noise=None,
-           image_size=None):
+           image_size=None, denoising_end=None):
     """`num_images` samples from pure noise, in the space the samplers run
-    in (see `decode`); the arguments are those of `DiffusionModel.generate`."""
+    in (see `decode`); the arguments are those of `DiffusionModel.generate`.
+    `denoising_end`: stop that fraction of the way (`samplers.split_point`)
+    and return the noisy samples there, for a refiner to finish."""
     check_integer("num_images", num_images)
     condition = check_condition(model, num_images, guidance_scale, labels=labels, prompts=prompts,
                                 negative_prompts=negative_prompts)
@@ -543,9 +549,11 @@ def sample(model, num_images, *, steps=50, sampler="ddim", seed=None, labels=Non
     step_noise = samplers.draw_step_noise(
         noise.shape, sampler, len(timesteps), eta=eta, seed=step_seed, schedule=model.schedule
     )
+    stop = (None if denoising_end is None
+            else samplers.split_point(model.schedule, timesteps, denoising_end))
     return run_sampler(
         model, noise, timesteps=timesteps, sampler=sampler, eta=eta, condition=condition,
-        guidance_scale=guidance_scale, step_noise=step_noise, batch_size=batch_size,
+        guidance_scale=guidance_scale, step_noise=step_noise, batch_size=batch_size, stop=stop,
     )
 
 

@@ -56,6 +56,8 @@ class Sampler:
         stochastic: adds fresh noise at every step, whatever `eta`.
         karras: spaces its noise levels by Karras 2022 eq. 5 by default.
         takes_eta: accepts the DDIM stochasticity `eta` (noise when > 0).
+        stops: its loops take `stop`, to run only a plan's first steps
+            (a base model's `denoising_end`, handing its latents on).
     """
 
     loop: Callable
@@ -65,6 +67,7 @@ class Sampler:
     flow_loop: Callable = None
 
     stochastic_on_flow: bool = False
+    stops: bool = True
 
     def needs_noise(self, eta, schedule=None):
         """Whether a run with this `eta` (on `schedule`) draws per-step noise."""
@@ -221,19 +224,64 @@ def draw_step_noise(shape, sampler, num_steps, *, eta, seed, schedule=None):
     return random.normal((num_steps,) + tuple(shape), seed=seed, dtype="float32")
 
 
+def split_point(schedule, timesteps, fraction):
+    """Where a plan splits at `fraction` of the denoising, as diffusers'
+    SDXL pipelines split it between base (`denoising_end`) and refiner
+    (`denoising_start`): the number of its levels at or above the training
+    timestep round(T - fraction * T) (on a flow schedule, of its sigmas
+    times T). The base runs the plan's first that many steps, the refiner
+    the rest."""
+    if not isinstance(fraction, (int, float, np.number)) or isinstance(fraction, bool) \
+            or not 0 < fraction < 1:
+        raise ValueError(f"a denoising_end / denoising_start must be a fraction in (0, 1); "
+                         f"got {fraction!r}.")
+    cutoff = int(round(schedule.timesteps - fraction * schedule.timesteps))
+    levels = np.asarray(timesteps, np.float64)
+    if getattr(schedule, "flow", False):
+        levels = levels * schedule.timesteps
+    return int(np.sum(levels >= cutoff))
+
+
+def check_stop(sampler, stop, num_steps):
+    """`stop`, the number of a plan's steps to run before handing the noisy
+    sample on (None: all, to the clean sample), checked against `sampler`
+    and the plan's length."""
+    if stop is None:
+        return None
+    if not check_sampler(sampler).stops:
+        accepted = ", ".join(name for name, spec in SAMPLERS.items() if spec.stops)
+        raise ValueError(f"sampler {sampler!r} cannot stop part way (its steps are pairs); "
+                         f"one that can: {accepted}.")
+    if not 0 < stop <= num_steps:
+        raise ValueError(f"the run would stop after {stop} of its {num_steps} steps; it "
+                         f"must take at least one.")
+    return None if stop == num_steps else int(stop)
+
+
 def run_sampler(denoiser, schedule, x, step_noise=None, *, timesteps, sampler, prediction,
-                eta=0.0, clip_x0=True):
+                eta=0.0, clip_x0=True, stop=None):
     """The sampling loop itself, free of validation and randomness: safe to
     trace inside `jax.jit` or `tf.function`. `step_noise` is what
-    `draw_step_noise` drew (None for a deterministic run)."""
+    `draw_step_noise` drew (None for a deterministic run). `stop` (see
+    `check_stop`): run only the first `stop` steps and return the sample at
+    the noise level they reach, `timesteps[stop]`, in the space the loops
+    start from (x_t; unclipped), so that a run over `timesteps[stop:]`
+    finishes it."""
     spec = SAMPLERS[sampler]
     if not spec.needs_noise(eta, schedule):
         step_noise = None
     elif step_noise is None:
         raise ValueError(f"sampler {sampler!r} needs step_noise; draw it with draw_step_noise.")
     loop = spec.flow_loop if getattr(schedule, "flow", False) else spec.loop
+    stopping = {} if stop is None else {"stop": stop}
     return loop(denoiser, schedule, x, step_noise, timesteps=plan(timesteps),
-                prediction=prediction, eta=eta, clip_x0=clip_x0)
+                prediction=prediction, eta=eta, clip_x0=clip_x0, **stopping)
+
+
+def _end(x, clip_x0, stop):
+    """A loop's result: the clean sample (clipped as `_clip`), or after a
+    `stop` the noisy sample as it is."""
+    return x if stop is not None else _clip(x, clip_x0)
 
 
 def _timesteps_from(timesteps, start_timestep):
@@ -290,7 +338,7 @@ def _flow_velocity(denoiser, schedule, x, sigma, *, prediction, clip_x0, x0=None
 
 
 def _ddim_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta, clip_x0,
-               num_steps=None):
+               num_steps=None, stop=None):
     """Generalised DDIM (Song 2021 eq. 12), one `_ddim_step` per timestep;
     `step_noise` None for the deterministic run (eta = 0).
 
@@ -308,8 +356,9 @@ def _ddim_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta,
         return _ddim_step(denoiser, schedule, x, ops.take(ts, i), ops.take(ts_prev, i),
                           prediction=prediction, eta=eta, clip_x0=clip_x0, z=z)
 
-    x = ops.fori_loop(0, len(timesteps) if num_steps is None else num_steps, body, x)
-    return _clip(x, clip_x0)
+    if num_steps is None:
+        num_steps = len(timesteps) if stop is None else stop
+    return _end(ops.fori_loop(0, num_steps, body, x), clip_x0, stop)
 
 
 def _clip(x, clip_x0):
@@ -364,7 +413,8 @@ def _table(values, dtype="float32"):
     return ops.convert_to_tensor(np.asarray(values).astype(dtype))
 
 
-def _euler_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta, clip_x0):
+def _euler_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta, clip_x0,
+                stop=None):
     """Euler steps of the probability-flow ODE in sigma space (Karras 2022
     algorithm 1 without the Heun correction): with y = x_t / sqrt(a) and
     d = (y - x0) / sigma (eq. 3 for sigma(t) = t), y_next = y + (sigma_next - sigma) d.
@@ -380,7 +430,10 @@ def _euler_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta
                          prediction=prediction, clip_x0=clip_x0)
         return y + (ops.take(s_next, i) - sigma) * (y - x0) / sigma
 
-    y = ops.fori_loop(0, steps, body, x * float(np.sqrt(1.0 + sigmas[0] ** 2)))
+    y = ops.fori_loop(0, steps if stop is None else stop, body,
+                      x * float(np.sqrt(1.0 + sigmas[0] ** 2)))
+    if stop is not None:  # back from y = x_t / sqrt(a) to x_t
+        return y * float(1.0 / np.sqrt(1.0 + sigmas[stop] ** 2))
     return _clip(y, clip_x0)
 
 
@@ -410,7 +463,8 @@ def _heun_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta,
     return _clip(x0_at(y, last), clip_x0)
 
 
-def _flow_ddim_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta, clip_x0):
+def _flow_ddim_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta, clip_x0,
+                    stop=None):
     """Generalised DDIM (Song 2021 eq. 12) on the flow's path x = alpha x0 +
     sigma noise, alpha = 1 - sigma:
 
@@ -422,7 +476,7 @@ def _flow_ddim_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction,
     deterministic step, which on this straight path is exactly Euler's."""
     if step_noise is None:
         return _flow_euler_loop(denoiser, schedule, x, None, timesteps=timesteps,
-                                prediction=prediction, eta=0.0, clip_x0=clip_x0)
+                                prediction=prediction, eta=0.0, clip_x0=clip_x0, stop=stop)
     sigmas = np.asarray(timesteps, np.float32)
     s, s_next = _table(sigmas), _table(np.append(sigmas[1:], 0.0))
 
@@ -431,7 +485,8 @@ def _flow_ddim_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction,
                                prediction=prediction, eta=eta, clip_x0=clip_x0,
                                z=ops.take(step_noise, i, axis=0))
 
-    return _clip(ops.fori_loop(0, len(sigmas), body, x), clip_x0)
+    return _end(ops.fori_loop(0, len(sigmas) if stop is None else stop, body, x), clip_x0,
+                stop)
 
 
 def _flow_ddim_step(denoiser, schedule, x, sigma, sigma_next, *, prediction, eta, clip_x0, z):
@@ -450,7 +505,8 @@ def _flow_ancestral_loop(denoiser, schedule, x, step_noise, **options):
     return _flow_ddim_loop(denoiser, schedule, x, step_noise, **{**options, "eta": 1.0})
 
 
-def _flow_euler_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta, clip_x0):
+def _flow_euler_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta, clip_x0,
+                     stop=None):
     """Euler steps of the flow ODE dx/dsigma = v (diffusers'
     `FlowMatchEulerDiscreteScheduler`), x_next = x + (sigma_next - sigma) v,
     the last to sigma = 0. The velocity is read back from the x0 estimate,
@@ -468,7 +524,8 @@ def _flow_euler_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction
         return x + (sigma_next - sigma) * _flow_velocity(
             denoiser, schedule, x, sigma, prediction=prediction, clip_x0=clip_x0, x0=x0)
 
-    return _clip(ops.fori_loop(0, len(sigmas), body, x), clip_x0)
+    return _end(ops.fori_loop(0, len(sigmas) if stop is None else stop, body, x), clip_x0,
+                stop)
 
 
 def _flow_heun_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta, clip_x0):
@@ -497,7 +554,7 @@ def _flow_heun_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction,
 
 
 def _flow_dpmpp_2m_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta,
-                        clip_x0):
+                        clip_x0, stop=None):
     """DPM-Solver++(2M) on a flow schedule, as diffusers'
     `DPMSolverMultistepScheduler(use_flow_sigmas=True)`: alpha = 1 - sigma
     and sigma as they are in x_t = alpha x0 + sigma noise, the network
@@ -510,7 +567,7 @@ def _flow_dpmpp_2m_loop(denoiser, schedule, x, step_noise, *, timesteps, predict
                                     1.0 - sigmas_next.astype(np.float64),
                                     sigmas_next.astype(np.float64), sde=step_noise is not None)
     return _multistep(denoiser, schedule, x, step_noise, tables, _table(sigmas), _table(times),
-                      prediction=prediction, clip_x0=clip_x0)
+                      prediction=prediction, clip_x0=clip_x0, stop=stop)
 
 
 def _dpmpp_2m_tables(schedule, timesteps, sde):
@@ -552,16 +609,18 @@ def _dpmpp_2m_coefficients(alpha, sigma, alpha_next, sigma_next, sde):
     return [_table(v) for v in (ratio, gain, 1.0 - w_prev, w_prev, noise_std)]
 
 
-def _dpmpp_2m_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta, clip_x0):
+def _dpmpp_2m_loop(denoiser, schedule, x, step_noise, *, timesteps, prediction, eta, clip_x0,
+                   stop=None):
     """DPM-Solver++(2M) (Lu 2022b): a multistep exponential integrator on
     the data prediction; the previous x0 estimate rides in the loop state.
     With `step_noise` it is the SDE variant, drawing z from it."""
     tables = _dpmpp_2m_tables(schedule, timesteps, sde=step_noise is not None)
     return _multistep(denoiser, schedule, x, step_noise, tables, _table(timesteps, "int32"),
-                      prediction=prediction, clip_x0=clip_x0)
+                      prediction=prediction, clip_x0=clip_x0, stop=stop)
 
 
-def _multistep(denoiser, schedule, x, step_noise, tables, ts, times=None, *, prediction, clip_x0):
+def _multistep(denoiser, schedule, x, step_noise, tables, ts, times=None, *, prediction, clip_x0,
+               stop=None):
     """The DPM-Solver++(2M) loop over its coefficient `tables`, at levels
     `ts` (timesteps, or sigmas with the network's `times`)."""
     ratio, gain, w_now, w_prev, noise_std = tables
@@ -577,8 +636,8 @@ def _multistep(denoiser, schedule, x, step_noise, tables, ts, times=None, *, pre
             x_next = x_next + ops.take(noise_std, i) * ops.take(step_noise, i, axis=0)
         return x_next, x0
 
-    x, _ = ops.fori_loop(0, ts.shape[0], body, (x, ops.zeros_like(x)))
-    return _clip(x, clip_x0)
+    x, _ = ops.fori_loop(0, ts.shape[0] if stop is None else stop, body, (x, ops.zeros_like(x)))
+    return _end(x, clip_x0, stop)
 
 
 # The table every question about a sampler is answered from. The multistep
@@ -594,7 +653,7 @@ SAMPLERS = MappingProxyType({
     "euler": Sampler(_euler_loop, stochastic=False, karras=True, takes_eta=False,
                      flow_loop=_flow_euler_loop, stochastic_on_flow=True),
     "heun": Sampler(_heun_loop, stochastic=False, karras=True, takes_eta=False,
-                    flow_loop=_flow_heun_loop),
+                    flow_loop=_flow_heun_loop, stops=False),
     "dpmpp_2m": Sampler(_dpmpp_2m_loop, stochastic=False, karras=True, takes_eta=False,
                         flow_loop=_flow_dpmpp_2m_loop),
     "dpmpp_2m_sde": Sampler(_dpmpp_2m_loop, stochastic=True, karras=True, takes_eta=False,

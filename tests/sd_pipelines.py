@@ -112,12 +112,14 @@ def build_pipeline(style, tokenizer_folder):
     )
 
 
-def build_xl_pipeline(tokenizer_folder):
+def build_xl_pipeline(tokenizer_folder, refiner=False):
     """A random `StableDiffusionXLPipeline`, as diffusers' SDXL tests build
     theirs: CLIP and CLIP-with-projection encoders (penultimate features 32
     + 32 wide, a pooled projection of 32), a `text_time` UNet with two-deep
     transformers at its second level, the second tokenizer padding with
-    `!`."""
+    `!`. `refiner`: a `StableDiffusionXLImg2ImgPipeline` as SDXL's refiner
+    is one: the second encoder alone (a context 32 wide), five time ids
+    ending with the aesthetic score, an Euler scheduler."""
     import torch
     from diffusers import AutoencoderKL
     from diffusers import DDIMScheduler
@@ -129,14 +131,15 @@ def build_xl_pipeline(tokenizer_folder):
 
     first = write_tokenizer(Path(tokenizer_folder) / "first", pad_token="<|endoftext|>")
     second = write_tokenizer(Path(tokenizer_folder) / "second", pad_token="!")
-    torch.manual_seed(0)
+    torch.manual_seed(1 if refiner else 0)
     unet = UNet2DConditionModel(
         block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4,
         out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=6 * 8 + 32,
-        cross_attention_dim=64, norm_num_groups=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=(5 if refiner else 6) * 8 + 32,
+        cross_attention_dim=32 if refiner else 64, norm_num_groups=8,
     )
     vae = AutoencoderKL(
         block_out_channels=(16, 32), in_channels=3, out_channels=3,
@@ -154,6 +157,15 @@ def build_xl_pipeline(tokenizer_folder):
                               timestep_spacing="leading")
     for module in (unet, vae, text_encoder, text_encoder_2):
         module.eval()
+    if refiner:
+        from diffusers import EulerDiscreteScheduler
+        from diffusers import StableDiffusionXLImg2ImgPipeline
+
+        return StableDiffusionXLImg2ImgPipeline(
+            unet=unet, vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None,
+            tokenizer_2=second, scheduler=EulerDiscreteScheduler.from_config(scheduler.config),
+            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+        )
     return StableDiffusionXLPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
         tokenizer=first, tokenizer_2=second, scheduler=scheduler,
@@ -161,13 +173,16 @@ def build_xl_pipeline(tokenizer_folder):
 
 
 def write_pipeline(folder, style):
-    """Save a tiny pipeline of `style` to `folder`; return the pipeline.
+    """Save a tiny pipeline of `style` ("sd1", "sd2", "sdxl" or
+    "sdxl_refiner") to `folder`; return the pipeline.
     The tokenizer's `vocab.json` and `merges.txt` are written beside it, to
     `<folder>_tokenizer` (transformers saves `tokenizer.json` only)."""
     folder = Path(folder)
     tokenizer_folder = folder.parent / f"{folder.name}_tokenizer"
-    pipeline = (build_xl_pipeline(tokenizer_folder) if style == "sdxl"
-                else build_pipeline(style, tokenizer_folder))
+    if style.startswith("sdxl"):
+        pipeline = build_xl_pipeline(tokenizer_folder, refiner=style == "sdxl_refiner")
+    else:
+        pipeline = build_pipeline(style, tokenizer_folder)
     pipeline.save_pretrained(folder, safe_serialization=True)
     return pipeline
 

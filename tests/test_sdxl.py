@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import keras_diffusion as kd
+from conftest import BACKEND
 from sd_pipelines import reference_images
 from sd_pipelines import write_pipeline
 
@@ -47,14 +48,6 @@ def test_guided_images_equal_diffusers(xl, sampler, negative):
     np.testing.assert_allclose(images, expected, atol=2e-3)
 
 
-def test_what_is_not_built_yet_says_so(xl, tmp_path):
-    _, model, _ = xl
-    with pytest.raises(ValueError, match="fine-tuning SDXL with fit is not built yet"):
-        model.fit(np.zeros((1, 16, 16, 3), "float32"), ["a cat"])
-    with pytest.raises(ValueError, match="export of StableDiffusionXL is not built yet"):
-        model.export(tmp_path / "served")
-
-
 def test_a_folder_missing_the_second_encoder_is_named(xl, tmp_path):
     import shutil
 
@@ -77,3 +70,48 @@ def test_it_saves_as_one_keras_file_and_reloads_to_the_same_images(xl, tmp_path)
     np.testing.assert_array_equal(again.tokenizer(["a red dog"]), model.tokenizer(["a red dog"]))
     after = again.generate(1, prompts="a red dog", steps=2, guidance_scale=5.0, noise=latents)
     np.testing.assert_allclose(after, before, atol=1e-6)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="the export traces under TensorFlow on every "
+                    "backend (a subprocess under the others); test_stable_diffusion checks the "
+                    "SD export under JAX too")
+def test_export_serves_both_token_sequences_to_an_image(xl, tmp_path):
+    """`generate_from_tokens` takes the two tokenizers' ids side by side and
+    gives `generate`'s image; the tokenizers' folders are written as
+    diffusers names them, and transformers reads them to the same ids."""
+    import tensorflow as tf
+    from transformers import CLIPTokenizer as Reference
+
+    _, model, _ = xl
+    path = tmp_path / "exported"
+    model.export(path, steps=2, sampler="euler")
+    prompts = ["a photo of a cat", "a red dog"]
+    ids = np.concatenate([np.asarray(Reference.from_pretrained(str(path / "assets" / folder))(
+        prompts, padding="max_length", max_length=77, truncation=True).input_ids, "int32")
+        for folder in ("tokenizer", "tokenizer_2")], axis=1)
+    np.testing.assert_array_equal(ids, model.tokenizer(prompts))
+    noise = np.random.default_rng(2).standard_normal((2, 8, 8, 4)).astype("float32")
+    served = tf.saved_model.load(str(path))
+    images = served.generate_from_tokens(noise, ids, tf.constant(5.0)).numpy()
+    expected = model.generate(2, prompts=prompts, guidance_scale=5.0, steps=2, sampler="euler",
+                              noise=noise)
+    np.testing.assert_allclose(images, expected, atol=2e-3)
+
+
+def test_save_diffusers_writes_a_folder_diffusers_loads_to_our_images(xl, tmp_path):
+    """Both encoders whole (SDXL's pipeline reads their penultimate layers
+    itself), the second with its projection, both tokenizers, SDXL's
+    model_index options."""
+    from diffusers import StableDiffusionXLPipeline
+
+    _, model, _ = xl
+    folder = model.save_diffusers(tmp_path / "written")
+    reference = StableDiffusionXLPipeline.from_pretrained(folder)
+    assert reference.config.force_zeros_for_empty_prompt
+    assert type(reference.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    latents = np.random.default_rng(4).standard_normal((1, 8, 8, 4)).astype("float32")
+    expected = reference_images(reference, latents, prompts=["a red dog"],
+                                negative_prompts=["blurry"], steps=2, guidance_scale=5.0)
+    images = model.generate(1, prompts="a red dog", negative_prompts="blurry", steps=2,
+                            guidance_scale=5.0, noise=latents)
+    np.testing.assert_allclose(images, expected, atol=2e-3)

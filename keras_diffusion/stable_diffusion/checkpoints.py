@@ -36,8 +36,8 @@ from keras_diffusion.stable_diffusion.unet import StableDiffusionUNet
 from keras_diffusion.stable_diffusion.vae import StableDiffusionVAE
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
-                       "StableDiffusionXLPipeline")
-XL_PIPELINES = ("StableDiffusionXLPipeline",)
+                       "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+XL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
 
 # diffusers' scheduler config -> our names.
@@ -114,7 +114,8 @@ def check_pipeline_class(index, path):
             unet_note = " (an inpainting UNet with 9 input channels; inpaint with a plain SD model)"
         raise ValueError(
             f"{path} holds a {name}{unet_note}, which keras_diffusion does not load; supported: "
-            f"{', '.join(SUPPORTED_PIPELINES)} (Stable Diffusion 1.x and 2.x; SDXL base)."
+            f"{', '.join(SUPPORTED_PIPELINES)} (Stable Diffusion 1.x and 2.x; SDXL base and "
+            "refiner)."
         )
 
 
@@ -195,9 +196,11 @@ def _build(parts_config, states, tokenizer, name, dtype="float32"):
                                          ("vae", StableDiffusionVAE, "VAE")))
     xl = "text_encoder_2" in parts_config
     text = {"skip_layers": 1, "final_layer_norm": False} if xl else {}
-    text_encoder = _part("text_encoder", CLIPTextTransformer, "text encoder",
-                         text_model_state_dict(states["text_encoder"]),
-                         parts_config["text_encoder"], dtype, **text)
+    text_encoder = None  # the SDXL refiner has only the second
+    if "text_encoder" in parts_config:
+        text_encoder = _part("text_encoder", CLIPTextTransformer, "text encoder",
+                             text_model_state_dict(states["text_encoder"]),
+                             parts_config["text_encoder"], dtype, **text)
     options = {}
     if xl:
         from keras_diffusion.stable_diffusion import xl as sdxl
@@ -229,18 +232,30 @@ def _part(name, cls, what, state, config, dtype, **options):
     return part
 
 
+def _listed(pipeline, part):
+    """Whether model_index.json has the component `part`: diffusers writes
+    `[null, null]` for one the pipeline goes without (the SDXL refiner's
+    first text encoder and tokenizer)."""
+    entry = pipeline.get(part, ())
+    return not (isinstance(entry, list) and all(item is None for item in entry))
+
+
 def _component_configs(folder):
+    """Each component's config (`text_encoder` absent where the pipeline
+    has none), and model_index.json's as `"pipeline"`."""
     folder = Path(folder)
-    configs = {
-        "unet": _read_json(folder / "unet" / "config.json"),
-        "vae": _read_json(folder / "vae" / "config.json"),
-        "text_encoder": _read_json(folder / "text_encoder" / "config.json"),
-        "scheduler": _read_json(folder / "scheduler" / "scheduler_config.json"),
-    }
     index = folder / "model_index.json"
-    configs["pipeline"] = _read_json(index) if index.is_file() else {}
-    if configs["pipeline"].get("_class_name") in XL_PIPELINES:
-        configs["text_encoder_2"] = _read_json(folder / "text_encoder_2" / "config.json")
+    pipeline = _read_json(index) if index.is_file() else {}
+    xl = pipeline.get("_class_name") in XL_PIPELINES
+    parts = {"unet": ("unet", "config.json"), "vae": ("vae", "config.json"),
+             "text_encoder": ("text_encoder", "config.json"),
+             "scheduler": ("scheduler", "scheduler_config.json")}
+    if xl:
+        parts["text_encoder_2"] = ("text_encoder_2", "config.json")
+        if not _listed(pipeline, "text_encoder"):
+            del parts["text_encoder"]
+    configs = {part: _read_json(folder.joinpath(*path)) for part, path in parts.items()}
+    configs["pipeline"] = pipeline
     return configs
 
 
@@ -252,9 +267,11 @@ def load_pipeline_folder(path, dtype=None):
     check_pipeline_class(_read_json(folder / "model_index.json"), path)
     configs = _component_configs(folder)
     xl = "text_encoder_2" in configs
-    parts = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if xl else ())
+    parts = [part for part in ("unet", "vae", "text_encoder", "text_encoder_2")
+             if part in configs]
     states = {part: _component_weights(folder / part, half=dtype != "float32") for part in parts}
-    tokenizer = CLIPTokenizer.from_folder(folder / "tokenizer")
+    tokenizer = (CLIPTokenizer.from_folder(folder / "tokenizer")
+                 if "text_encoder" in configs else None)
     if xl:
         tokenizer = (tokenizer, CLIPTokenizer.from_folder(folder / "tokenizer_2"))
     return _build(configs, states, tokenizer, name="stable_diffusion_xl" if xl

@@ -1,5 +1,8 @@
 """A `StableDiffusion` model written back as a diffusers pipeline folder,
-which `StableDiffusionPipeline.from_pretrained` loads to the same images.
+which `StableDiffusionPipeline.from_pretrained` loads to the same images (an
+SDXL model as a `StableDiffusionXLPipeline`, its refiner as a
+`StableDiffusionXLImg2ImgPipeline`, each text encoder whole, as SDXL's
+pipelines read their penultimate layers themselves).
 
 The folder is what diffusers' `save_pretrained` writes: `model_index.json`,
 and per component a config and float32 safetensors weights in the reference
@@ -67,18 +70,37 @@ def vae_config(model):
     return {"_class_name": "AutoencoderKL", **config, "sample_size": model.image_shape[0]}
 
 
-def text_encoder_config(model):
-    """transformers' `CLIPTextConfig` of the text encoder. A text encoder
-    that skips its last `k` layers (diffusers' `clip_skip`) is the same
-    function as one `k` layers shorter: that is the one written."""
+def _text_encoders(model):
+    """`{folder: (encoder, tokenizer)}` of the model's text encoders, as
+    the pipeline folder names them."""
     encoder, tokenizer = model.text_encoder, model.tokenizer
+    if not _is_xl(model):
+        return {"text_encoder": (encoder, tokenizer)}
+    parts = {"text_encoder_2": (encoder.second, tokenizer.second)}
+    if encoder.first is not None:
+        parts["text_encoder"] = (encoder.first, tokenizer.first)
+    return parts
+
+
+def _is_xl(model):
+    return hasattr(model, "added_conditions")
+
+
+def text_encoder_config(encoder, tokenizer, whole=False):
+    """transformers' `CLIPTextConfig` of a text encoder. One that skips its
+    last `k` layers (diffusers' `clip_skip`) is the same function as one
+    `k` layers shorter: that is the one written, unless `whole` (SDXL's,
+    whose pipelines skip the layer themselves). With a projection, a
+    `CLIPTextModelWithProjection`'s."""
+    projection = encoder.projection_dim
     return {
-        "architectures": ["CLIPTextModel"],
+        "architectures": ["CLIPTextModel" if projection is None
+                          else "CLIPTextModelWithProjection"],
         "model_type": "clip_text_model",
         "vocab_size": encoder.vocab_size,
         "hidden_size": encoder.hidden_size,
         "intermediate_size": encoder.intermediate_size,
-        "num_hidden_layers": encoder.num_hidden_layers - encoder.skip_layers,
+        "num_hidden_layers": encoder.num_hidden_layers - (0 if whole else encoder.skip_layers),
         "num_attention_heads": encoder.num_attention_heads,
         "max_position_embeddings": encoder.max_position_embeddings,
         "hidden_act": encoder.hidden_act,
@@ -86,17 +108,16 @@ def text_encoder_config(model):
         "bos_token_id": int(tokenizer.bos_id),
         "eos_token_id": int(tokenizer.eos_id),
         "pad_token_id": int(tokenizer.pad_id),
-        "projection_dim": encoder.hidden_size,
+        "projection_dim": encoder.hidden_size if projection is None else projection,
         "dtype": "float32",
     }
 
 
-def text_encoder_state_dict(model):
-    """The text encoder's transformers state dict (keys under `text_model.`,
+def text_encoder_state_dict(encoder, whole=False):
+    """A text encoder's transformers state dict (keys under `text_model.`,
     as the Hub's files and every transformers version read them), the
-    layers a `clip_skip` leaves unused left out."""
-    encoder = model.text_encoder
-    used = encoder.num_hidden_layers - encoder.skip_layers
+    layers a `clip_skip` leaves unused left out unless `whole`."""
+    used = encoder.num_hidden_layers - (0 if whole else encoder.skip_layers)
     unused = tuple(f"{TEXT_PREFIX}.encoder.layers.{index}."
                    for index in range(used, encoder.num_hidden_layers))
     return {key: value for key, value in state_dict(encoder).items()
@@ -153,18 +174,40 @@ def _write_weights(path, tensors):
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
+def model_index(model):
+    """model_index.json: SD's, or SDXL's with its second encoder and
+    tokenizer, its options, and (refiner) no first encoder."""
+    if not _is_xl(model):
+        return MODEL_INDEX
+    refiner = model.requires_aesthetics_score
+    index = {**MODEL_INDEX,
+             "_class_name": ("StableDiffusionXLImg2ImgPipeline" if refiner
+                             else "StableDiffusionXLPipeline"),
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer_2": ["transformers", "CLIPTokenizer"],
+             "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt}
+    for key in ("requires_safety_checker", "safety_checker"):
+        del index[key]
+    if refiner:
+        index.update(requires_aesthetics_score=True, text_encoder=[None, None],
+                     tokenizer=[None, None])
+    return index
+
+
 def write_folder(model, folder):
     """Write the pipeline's files into the existing, empty `folder`."""
     folder = Path(folder)
-    _write_json(folder / "model_index.json", MODEL_INDEX)
+    _write_json(folder / "model_index.json", model_index(model))
     _write_json(folder / "unet" / "config.json", unet_config(model))
     _write_weights(folder / "unet" / WEIGHT_FILES["unet"], state_dict(model.network))
     _write_json(folder / "vae" / "config.json", vae_config(model))
     _write_weights(folder / "vae" / WEIGHT_FILES["vae"], state_dict(model.autoencoder))
-    _write_json(folder / "text_encoder" / "config.json", text_encoder_config(model))
-    _write_weights(folder / "text_encoder" / WEIGHT_FILES["text_encoder"],
-                   text_encoder_state_dict(model))
-    model.tokenizer.save_folder(folder / "tokenizer")
+    whole = _is_xl(model)
+    for part, (encoder, tokenizer) in _text_encoders(model).items():
+        _write_json(folder / part / "config.json", text_encoder_config(encoder, tokenizer, whole))
+        _write_weights(folder / part / WEIGHT_FILES["text_encoder"],
+                       text_encoder_state_dict(encoder, whole))
+        tokenizer.save_folder(folder / part.replace("text_encoder", "tokenizer"))
     _write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config(model))
 
 

@@ -14,8 +14,10 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_diffusion import applications
 from keras_diffusion import backend
 from keras_diffusion import conditioning
+from keras_diffusion import pipeline
 from keras_diffusion.checks import check_integer
 from keras_diffusion.checks import is_number
 from keras_diffusion.data import check_training_images
@@ -62,6 +64,41 @@ class StableDiffusion(LatentDiffusionModel):
     def __init__(self, *args, prompt_dropout=0.0, noise_offset=0.0, **kwargs):
         super().__init__(*args, prompt_dropout=prompt_dropout, **kwargs)
         self.noise_offset = _check_noise_offset(noise_offset)
+
+    # ------------------------------------------------------------ sampling
+    def generate(self, num_images, steps=50, sampler="ddim", seed=None, labels=None,
+                 guidance_scale=1.0, eta=0.0, timestep_spacing=None, batch_size=None,
+                 use_karras_sigmas=None, prompts=None, negative_prompts=None, noise=None,
+                 image_size=None, denoising_end=None, output="images"):
+        """`DiffusionModel.generate`, with two options of diffusers' pipelines:
+        `denoising_end`, a fraction in (0, 1), stops that far through the
+        denoising (`keras_diffusion.samplers.split_point`) and hands the
+        noisy latents on to a refiner's `img2img(..., denoising_start=)`;
+        `output="latents"` returns the latents (float32 NHWC numpy) instead
+        of decoding them."""
+        applications.check_output(output)
+        x = pipeline.sample(
+            self, num_images, steps=steps, sampler=sampler, seed=seed, labels=labels,
+            prompts=prompts, negative_prompts=negative_prompts, guidance_scale=guidance_scale,
+            eta=eta, timestep_spacing=timestep_spacing, batch_size=batch_size,
+            use_karras_sigmas=use_karras_sigmas, noise=noise, image_size=image_size,
+            denoising_end=denoising_end,
+        )
+        return applications.finish(self, x, output, batch_size)
+
+    def img2img(self, images, strength=0.5, steps=50, eta=0.0, seed=None, labels=None,
+                prompts=None, negative_prompts=None, guidance_scale=1.0, batch_size=None,
+                sampler="ddim", denoising_start=None, noise=None, output="images"):
+        """Image-to-image as diffusers' img2img pipelines run it, with any
+        sampler: of a `steps`-step plan the last `int(strength * steps)` run
+        from the images noised to where they begin; `images` may be latents,
+        and `denoising_start` finishes a base model's `denoising_end` run.
+        See `keras_diffusion.applications.planned_img2img`."""
+        return applications.planned_img2img(
+            self, images, strength=strength, steps=steps, sampler=sampler, eta=eta, seed=seed,
+            labels=labels, prompts=prompts, negative_prompts=negative_prompts,
+            guidance_scale=guidance_scale, denoising_start=denoising_start, noise=noise,
+            batch_size=batch_size, output=output)
 
     # ------------------------------------------------------------ training
     def configure_fine_tuning(self, noise_offset=0.0, min_snr_gamma=None, prompt_dropout=0.0):
@@ -161,30 +198,39 @@ class StableDiffusion(LatentDiffusionModel):
         return noise + self.noise_offset * offset
 
     def compute_diffusion_loss(self, images, labels=None, training=True, sample_weight=None):
-        """The latent model's objective (`DiffusionModel.compute_diffusion_loss`),
-        its training noise from `training_noise` when `noise_offset` is set."""
-        if not (training and self.noise_offset):
-            weighted = {} if sample_weight is None else {"sample_weight": sample_weight}
-            return super().compute_diffusion_loss(images, labels, training=training, **weighted)
+        """The latent model's objective (`DiffusionModel.compute_diffusion_loss`,
+        the same draws in the same order), its training noise from
+        `training_noise` (`noise_offset`) and the network's conditioning
+        inputs from `training_conditions`."""
         x0 = self.diffusion_inputs(images)
-        batch = ops.shape(x0)[0]
-        t = keras.random.randint((batch,), 0, self.schedule.timesteps, dtype="int32",
-                                 seed=self.seed_generator)
-        noise = self.training_noise(ops.shape(x0))
-        condition = conditioning.network_condition(self, labels, batch, training=training)
-        output = self.network([self.schedule.add_noise(x0, noise, t), t, condition],
-                              training=training)
+        t = self.schedule.draw_levels(ops.shape(x0)[0], seed=self.seed_generator)
+        noise = (self.training_noise(ops.shape(x0)) if training else
+                 keras.random.normal(ops.shape(x0), dtype="float32", seed=self.seed_generator))
+        inputs = [self.schedule.add_noise(x0, noise, t), self.schedule.network_time(t),
+                  *self.training_conditions(labels, x0, training=training)]
+        output = ops.cast(self.network(inputs, training=training), "float32")
         target = self.schedule.target(x0, noise, t, self.prediction)
-        per_example = ops.mean(ops.square(ops.cast(output, "float32") - target), axis=(1, 2, 3))
+        per_example = ops.mean(ops.square(output - target), axis=(1, 2, 3))
         weights = self.schedule.loss_weight(t, self.prediction, self.min_snr_gamma)
         if sample_weight is not None:
             weights = weights * ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
         return ops.mean(weights * per_example)
 
+    def training_conditions(self, labels, x0, training=True):
+        """The network's inputs after `[x_t, t]` in a training step on the
+        clean latents `x0`: the text features of the batch's token ids
+        (`conditioning.network_condition`, with prompt dropout)."""
+        return [conditioning.network_condition(self, labels, ops.shape(x0)[0],
+                                               training=training)]
+
     def get_config(self):
         return dict(super().get_config(), noise_offset=self.noise_offset)
 
     # ------------------------------------------------------------------ LoRA
+    def lora_parts(self):
+        """The parts a LoRA file names, by its names for them."""
+        return {"unet": self.network, "text_encoder": self.text_encoder}
+
     def enable_lora(self, rank=8, alpha=None, targets=lora.ATTENTION_TARGETS,
                     text_encoder=False, seed=None):
         """Keras' LoRA (`Dense.enable_lora`) on the UNet's dense layers whose
@@ -259,6 +305,20 @@ class StableDiffusion(LatentDiffusionModel):
         return diffusers_folder.save_diffusers(self, path, overwrite=overwrite)
 
 
+def _check_pixel_pairs(name, value, low):
+    """An SDXL size or crop given per image: `(N, 2)` whole numbers of
+    pixels, `(height, width)` or `(top, left)`, each at least `low`."""
+    array = np.asarray(value)
+    if array.ndim != 2 or array.shape[1] != 2 or not np.issubdtype(array.dtype, np.number) \
+            or not np.isfinite(array).all() or (array < low).any() \
+            or (array != np.round(array)).any():
+        raise ValueError(f"y[{name!r}] must be (N, 2) whole numbers of pixels, "
+                         f"{'(height, width) of at least 1' if low else '(top, left) of at least 0'}"
+                         f", one row per image; got shape {array.shape}: "
+                         f"{str(array.tolist())[:80]}.")
+    return array.astype("float32")
+
+
 def _check_noise_offset(noise_offset):
     if not is_number(noise_offset) or not 0 <= noise_offset < 1:
         raise ValueError(f"noise_offset must be a number in [0, 1); got {noise_offset!r}.")
@@ -267,40 +327,128 @@ def _check_noise_offset(noise_offset):
 
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="StableDiffusionXL")
 class StableDiffusionXL(StableDiffusion):
-    """A Stable Diffusion XL base model; build one with
+    """A Stable Diffusion XL base or refiner model; build one with
     `keras_diffusion.load_model(folder)`.
 
     `generate`, guidance with negative prompts, the samplers and `img2img`
     are the Stable Diffusion model's; what SDXL adds is its conditioning
-    (see this module). Fine-tuning SDXL with `fit` is not built yet: `fit`
-    says so.
+    (see `keras_diffusion.stable_diffusion.xl`). The refiner (a
+    `StableDiffusionXLImg2ImgPipeline` folder: only the second text encoder,
+    an aesthetic score in its time ids) refines: `img2img` of images or
+    latents, or the end of a base model's run (`denoising_start`), as
+    diffusers' ensemble of experts:
+
+    >>> latents = base.generate(1, prompts=p, steps=40, sampler="euler",
+    ...                         denoising_end=0.8, output="latents")
+    >>> image = refiner.img2img(latents, prompts=p, steps=40, sampler="euler",
+    ...                         denoising_start=0.8)
 
     Args:
         force_zeros_for_empty_prompt: without a negative prompt, guide away
             from zero features and pooled output (diffusers' default for
             SDXL base) rather than from the empty prompt's.
+        requires_aesthetics_score: the UNet's time ids end with an
+            aesthetic score instead of the target size (the refiner's).
+        aesthetic_score, negative_aesthetic_score: those scores for the
+            prompt's branch of guidance and the other (diffusers' 6 and 2.5).
         Other arguments as `StableDiffusion`'s.
     """
 
-    def __init__(self, *args, force_zeros_for_empty_prompt=True, **kwargs):
+    def __init__(self, *args, force_zeros_for_empty_prompt=True, requires_aesthetics_score=False,
+                 aesthetic_score=6.0, negative_aesthetic_score=2.5, **kwargs):
         super().__init__(*args, **kwargs)
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
+        self.requires_aesthetics_score = bool(requires_aesthetics_score)
+        for name, score in (("aesthetic_score", aesthetic_score),
+                            ("negative_aesthetic_score", negative_aesthetic_score)):
+            if not is_number(score):
+                raise ValueError(f"{name} must be a number; got {score!r}.")
+        self.aesthetic_score = float(aesthetic_score)
+        self.negative_aesthetic_score = float(negative_aesthetic_score)
 
-    def added_conditions(self, x, pooled):
+    def added_conditions(self, x, pooled, negative=False):
         """The UNet's inputs after the context for latents `x`: the pooled
-        prompt and SDXL's six time ids, original size, crop offsets (0, 0)
-        and target size, each the image's height and width in pixels, as
-        diffusers' pipeline sets them by default."""
+        prompt and SDXL's time ids, as diffusers' pipelines set them by
+        default: original size and crop offsets (0, 0), then the target
+        size (base) or the aesthetic score (refiner; `negative`: for the
+        other branch of guidance), sizes in pixels of the image."""
         factor = self.autoencoder.factor
         height, width = x.shape[1] * factor, x.shape[2] * factor
-        ids = ops.convert_to_tensor(np.array([height, width, 0, 0, height, width], "float32"))
-        return [pooled, ops.broadcast_to(ids[None], (ops.shape(x)[0], 6))]
+        if self.requires_aesthetics_score:
+            last = [self.negative_aesthetic_score if negative else self.aesthetic_score]
+        else:
+            last = [height, width]
+        ids = ops.convert_to_tensor(np.array([height, width, 0, 0, *last], "float32"))
+        return [pooled, ops.broadcast_to(ids[None], (ops.shape(x)[0], ids.shape[0]))]
 
-    def fit(self, *args, **kwargs):
-        raise ValueError("fine-tuning SDXL with fit is not built yet (its training step needs "
-                         "the pooled prompt and the time ids per image); generate, img2img and "
-                         "the samplers work.")
+    def generate(self, *args, **kwargs):
+        """`StableDiffusion.generate`; a refiner refuses: it refines images."""
+        if self.requires_aesthetics_score:
+            raise ValueError(
+                "this is an SDXL refiner (its UNet is conditioned on an aesthetic score), which "
+                "refines images rather than making them: call img2img(images or latents, "
+                "prompts=..., strength=0.3), or img2img(latents, denoising_start=0.8) on a base "
+                "model's generate(..., denoising_end=0.8, output='latents').")
+        return super().generate(*args, **kwargs)
+
+    # ------------------------------------------------------------ training
+    # What `fit`'s y may give per image besides the captions (a dict).
+    image_conditions = ("original_size", "crop_top_left")
+
+    def fit(self, x=None, y=None, *args, **kwargs):
+        """`StableDiffusion.fit` with SDXL's conditioning, as diffusers'
+        `train_text_to_image_sdxl.py` and `train_dreambooth_lora_sdxl.py`
+        train: the UNet takes the captions' features, the second encoder's
+        pooled output and six time ids per image, its original size `(h,
+        w)`, the top-left corner `(top, left)` of the crop taken from it
+        once resized, and the target size (the model's). `y` is the
+        captions (original size = target size, crop (0, 0): images made at
+        the model's size), or a dict `{"prompts": captions,
+        "original_size": (N, 2), "crop_top_left": (N, 2)}` in pixels, either
+        size key left out for its default; a dataset yields `(images,
+        token_ids)` or `(images, that dict with token ids)` batches."""
+        if self.requires_aesthetics_score:
+            raise ValueError("fine-tuning the SDXL refiner with fit is not built (its time ids "
+                             "hold an aesthetic score no training script sets); fine-tune the "
+                             "SDXL base model.")
+        if isinstance(y, dict):
+            y = dict(y)
+            for name, low in (("original_size", 1), ("crop_top_left", 0)):
+                if name in y:
+                    y[name] = _check_pixel_pairs(name, y[name], low)
+        return super().fit(x, y, *args, **kwargs)
+
+    def training_conditions(self, labels, x0, training=True):
+        """The UNet's inputs after `[x_t, t]`: the features and pooled
+        output of the batch's captions (with prompt dropout to the empty
+        prompt, as diffusers' `--proportion_empty_prompts`), and each
+        image's time ids `(original size, crop top-left, target size)`."""
+        given = labels if isinstance(labels, dict) else {"prompts": labels}
+        features, pooled = conditioning.encode_prompts(self, given["prompts"], training=training,
+                                                       pooled=True)
+        batch, factor = ops.shape(x0)[0], self.autoencoder.factor
+        target = ops.convert_to_tensor(
+            np.array([[x0.shape[1] * factor, x0.shape[2] * factor]], "float32"))
+        target = ops.broadcast_to(target, (batch, 2))
+        original = ops.cast(given["original_size"], "float32") if "original_size" in given \
+            else target
+        crop = ops.cast(given["crop_top_left"], "float32") if "crop_top_left" in given \
+            else ops.zeros((batch, 2), "float32")
+        return [features, pooled, ops.concatenate([original, crop, target], axis=1)]
+
+    # ------------------------------------------------------------------ LoRA
+    lora_family = "SDXL"  # named when a LoRA file does not fit
+
+    def lora_parts(self):
+        """The parts a LoRA file names, by its names for them: the UNet and
+        both text encoders (the refiner's second alone)."""
+        parts = {"unet": self.network, "text_encoder": self.text_encoder.first,
+                 "text_encoder_2": self.text_encoder.second}
+        return {name: part for name, part in parts.items() if part is not None}
 
     def get_config(self):
         return {**super().get_config(),
-                "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt}
+                "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
+                "requires_aesthetics_score": self.requires_aesthetics_score,
+                "aesthetic_score": self.aesthetic_score,
+                "negative_aesthetic_score": self.negative_aesthetic_score}
