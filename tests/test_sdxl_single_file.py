@@ -218,6 +218,21 @@ def test_the_file_loads_to_the_folders_images(pipelines):
     np.testing.assert_allclose(images, expected, atol=1e-5)
 
 
+def test_the_refiner_file_loads_to_the_folders_refiner(pipelines):
+    import keras_diffusion as kd
+
+    pipeline = pipelines["sdxl_refiner"]
+    latents = np.random.default_rng(1).standard_normal((1, 8, 8, 4)).astype("float32")
+    options = dict(prompts="a red dog", negative_prompts="blurry", guidance_scale=5.0, steps=4,
+                   strength=0.5, sampler="ddim", noise=latents)
+    reference = kd.load_model(pipeline.folder)
+    model = kd.load_model(pipeline.file, config=pipeline.folder)
+    assert model.requires_aesthetics_score and model.tokenizer.first is None
+    images = model.img2img(latents, **options)
+    assert np.all(np.isfinite(images)) and images.shape == (1, 16, 16, 3)
+    np.testing.assert_allclose(images, reference.img2img(latents, **options), atol=1e-5)
+
+
 # ----------------------------------------------------------------- errors
 @pytest.mark.parametrize("prefix, message", [
     ("conditioner.embedders.1.", r"the file has no second text encoder "
