@@ -4,10 +4,11 @@ backend against diffusers (float32, PyTorch eager) in the same run.
     python benchmarks/stable_diffusion.py --write docs/stable_diffusion.md
     python benchmarks/stable_diffusion.py --dtype bfloat16 --write docs/stable_diffusion.md
 
-A random SD 1.5 (or `--model sd21`) pipeline is built by diffusers from the
-shipped configuration, saved with `save_pretrained`, and loaded by both
-libraries, so both run the same weights, in `--dtype` (diffusers'
-`torch_dtype`, our `load_model(dtype=...)`; float32 by default). Each library
+A random SD 1.5 (or `--model sd21`, or `--model sdxl`: SDXL base 1.0)
+pipeline is built by diffusers from the shipped configuration, saved with
+`save_pretrained`, and loaded by both libraries, so both run the same
+weights, in `--dtype` (diffusers' `torch_dtype`, our `load_model(dtype=...)`;
+float32 by default; SDXL's folder is written in bfloat16, 7 GB). Each library
 and backend runs in its own subprocess, diffusers first and last. Measured
 per run:
 
@@ -19,8 +20,9 @@ per run:
   (64x64 for SD 1.5), 77-token context; the mean of `--repeats` after one
   that compiles (ours) or warms up (diffusers);
 - image: one `--size` image, `--steps` DPM-Solver++(2M) steps at guidance
-  7.5 from the same prompt, the VAE decode included; ours once compiled
-  (the first call, compile included, is reported too);
+  7.5 from the same prompt (SDXL: Euler, as it ships, at guidance 5), the
+  VAE decode included; ours once compiled (the first call, compile
+  included, is reported too);
 - peak memory: the process's peak resident set (ru_maxrss).
 
 With `--finetune`, LoRA training instead (rank 8 on the attention
@@ -51,7 +53,10 @@ from throughput import hardware  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "keras_diffusion" / "stable_diffusion" / "configs"
-FAMILIES = {"sd15": "sd1", "sd21": "sd2"}
+FAMILIES = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
+# The sampler and guidance of each model's image: SDXL's folder ships Euler.
+IMAGE_SETTINGS = {"sd15": ("dpmpp_2m", 7.5), "sd21": ("dpmpp_2m", 7.5), "sdxl": ("euler", 5.0)}
+DEFAULT_SIZES = {"sd15": (512, 512), "sd21": (768, 768), "sdxl": (1024, 1024)}
 PROMPT = "jackfruits hang from the branches of a jackfruit tree"
 
 
@@ -86,6 +91,8 @@ def write_random_pipeline(model, folder):
     from keras_diffusion.stable_diffusion.tokenizer import CLIPTokenizer
 
     source = CONFIGS / FAMILIES[model]
+    if model == "sdxl":
+        return _write_random_xl(source, folder)
     torch.manual_seed(0)
     configs = {part: json.loads((source / part / "config.json").read_text())
                for part in ("unet", "vae", "text_encoder")}
@@ -106,11 +113,50 @@ def write_random_pipeline(model, folder):
     return folder
 
 
+def _write_random_xl(source, folder):
+    """`write_random_pipeline` for SDXL base: both encoders, the shipped
+    tokenizers (CLIP's BPE, padded as SD 1.x's and SD 2.x's), weights in
+    bfloat16, each part cast as soon as it is built (float32 throughout
+    would hold 14 GB)."""
+    import torch
+    from diffusers import AutoencoderKL
+    from diffusers import EulerDiscreteScheduler
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig
+    from transformers import CLIPTextModel
+    from transformers import CLIPTextModelWithProjection
+
+    from keras_diffusion.stable_diffusion.tokenizer import CLIPTokenizer
+
+    torch.manual_seed(0)
+    config = {part: json.loads((source / part / "config.json").read_text())
+              for part in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    parts = dict(
+        unet=UNet2DConditionModel.from_config(config["unet"]).to(torch.bfloat16),
+        vae=AutoencoderKL.from_config(config["vae"]).to(torch.bfloat16),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**config["text_encoder"])).to(torch.bfloat16),
+        text_encoder_2=CLIPTextModelWithProjection(
+            CLIPTextConfig(**config["text_encoder_2"])).to(torch.bfloat16),
+        scheduler=EulerDiscreteScheduler.from_config(
+            json.loads((source / "scheduler" / "scheduler_config.json").read_text())))
+    staging = folder.with_name(folder.name + ".partial")
+    StableDiffusionXLPipeline(**parts, tokenizer=None, tokenizer_2=None).save_pretrained(staging)
+    index = json.loads((staging / "model_index.json").read_text())
+    for name, family in (("tokenizer", "sd1"), ("tokenizer_2", "sd2")):
+        CLIPTokenizer.shipped(family).save_folder(staging / name)
+        index[name] = ["transformers", "CLIPTokenizer"]
+    (staging / "model_index.json").write_text(json.dumps(index))
+    staging.rename(folder)
+    return folder
+
+
 # ------------------------------------------------------------------ workers
 def run_diffusers(args):
     import torch
+    from diffusers import DiffusionPipeline
     from diffusers import DPMSolverMultistepScheduler
-    from diffusers import StableDiffusionPipeline
+    from diffusers import EulerDiscreteScheduler
 
     torch.set_grad_enabled(False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -124,27 +170,35 @@ def run_diffusers(args):
 
     dtype = getattr(torch, args.dtype)
     start = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(args.folder, safety_checker=None,
-                                                   torch_dtype=dtype).to(device)
+    pipe = DiffusionPipeline.from_pretrained(args.folder, torch_dtype=dtype).to(device)
     load = time.perf_counter() - start
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    side = pipe.unet.config.sample_size
-    latents = torch.randn(2, 4, side, side, device=device, dtype=dtype)
+    sampler, guidance = IMAGE_SETTINGS[args.model]
+    kind = EulerDiscreteScheduler if sampler == "euler" else DPMSolverMultistepScheduler
+    pipe.scheduler = kind.from_config(pipe.scheduler.config)
+    height, width = args.size
+    factor = pipe.vae_scale_factor
+    latents = torch.randn(2, 4, height // factor, width // factor, device=device, dtype=dtype)
     t = torch.tensor([500, 500], device=device)
-    context = torch.randn(2, 77, pipe.text_encoder.config.hidden_size, device=device, dtype=dtype)
-    unet_step = synced(lambda: pipe.unet(latents, t, context))
+    context = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, device=device, dtype=dtype)
+    added = {}
+    if args.model == "sdxl":  # the pooled prompt and the six time ids
+        added = {"added_cond_kwargs": {
+            "text_embeds": torch.randn(2, pipe.text_encoder_2.config.projection_dim,
+                                       device=device, dtype=dtype),
+            "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * 2,
+                                     device=device, dtype=dtype)}}
+    unet_step = synced(lambda: pipe.unet(latents, t, context, **added))
     step = _timed(unet_step, 1)  # warm-up
     step = _timed(unet_step, args.repeats)
-    height, width = args.size
 
     def image():
         return pipe(PROMPT, height=height, width=width, num_inference_steps=args.steps,
-                    guidance_scale=7.5, output_type="np").images
+                    guidance_scale=guidance, output_type="np").images
 
     seconds = _timed(synced(image), 1)
-    counts = {name: sum(p.numel() for p in part.parameters())
-              for name, part in (("unet", pipe.unet), ("vae", pipe.vae),
-                                 ("text_encoder", pipe.text_encoder))}
+    counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
+              for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+              if getattr(pipe, name, None) is not None}
     return dict(library="diffusers", backend="torch", load_s=load, unet_step_s=step,
                 image_s=seconds, first_image_s=seconds, peak_gb=_peak_gb(),
                 parameters=counts)
@@ -160,28 +214,40 @@ def run_ours(args):
     start = time.perf_counter()
     model = kd.load_model(args.folder, dtype=args.dtype)
     load = time.perf_counter() - start
-    h, w, channels = model.sample_shape
-    latents = np.random.default_rng(0).standard_normal((2, h, w, channels)).astype("float32")
+    height, width = args.size
+    factor = model.autoencoder.factor
+    channels = model.sample_shape[-1]
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, height // factor, width // factor, channels))
     t = np.full((2,), 500, "int32")
-    context = np.random.default_rng(1).standard_normal(
-        (2, 77, model.network.context_dim)).astype("float32")
+    context = rng.standard_normal((2, 77, model.network.context_dim))
+    inputs = [latents.astype("float32"), t, context.astype("float32")]
+    if hasattr(model, "added_conditions"):  # SDXL: the pooled prompt and the time ids
+        pooled = rng.standard_normal((2, model.text_encoder.second.projection_dim))
+        inputs += model.added_conditions(latents, pooled.astype("float32"))
     step_fn = pipeline.compiled_network(model)
-    inputs = [keras.ops.convert_to_tensor(v) for v in (latents, t, context)]
+    inputs = [keras.ops.convert_to_tensor(v) for v in inputs]
     compile_s = _timed(lambda: keras.ops.convert_to_numpy(step_fn(*inputs)), 1)
     step = _timed(lambda: keras.ops.convert_to_numpy(step_fn(*inputs)), args.repeats)
 
+    sampler, guidance = IMAGE_SETTINGS[args.model]
+
     def image():
-        return model.generate(1, prompts=PROMPT, guidance_scale=7.5, steps=args.steps,
-                              sampler="dpmpp_2m", image_size=tuple(args.size), seed=0)
+        return model.generate(1, prompts=PROMPT, guidance_scale=guidance, steps=args.steps,
+                              sampler=sampler, image_size=tuple(args.size), seed=0)
 
     first = _timed(image, 1)
     seconds = _timed(image, 1) if args.image_repeats else first
     from keras_diffusion.stable_diffusion import weights as sd_weights
 
     # The checkpoint's weights (the VAE's scaling factor, a weight here, is not one).
+    encoders = {"text_encoder": model.text_encoder}
+    if hasattr(model.text_encoder, "second"):  # SDXL's pair
+        encoders = {"text_encoder": model.text_encoder.first,
+                    "text_encoder_2": model.text_encoder.second}
     counts = {name: int(sum(np.prod(v.shape) for v, _ in sd_weights.checkpoint_table(part).values()))
               for name, part in (("unet", model.network), ("vae", model.autoencoder),
-                                 ("text_encoder", model.text_encoder))}
+                                 *encoders.items())}
     return dict(library="keras_diffusion", backend=keras.backend.backend(), load_s=load,
                 unet_step_s=step, unet_compile_s=compile_s, image_s=seconds,
                 first_image_s=first, peak_gb=_peak_gb(), parameters=counts)
@@ -293,6 +359,7 @@ def finetune_table(runs):
 def _spawn(args, library, backend):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
     command = [sys.executable, __file__, "--worker", library, "--folder", str(args.folder),
+               "--model", args.model,
                *(["--finetune"] if args.finetune else []),
                *(["--checkpointing"] if args.checkpointing else []),
                "--steps", str(args.steps), "--repeats", str(args.repeats), "--dtype", args.dtype,
@@ -358,7 +425,7 @@ def main():
     if args.folder is None:
         args.folder = ROOT / "build" / f"sd-{args.model}"
     if args.size is None:
-        args.size = (512, 512) if args.model == "sd15" else (768, 768)
+        args.size = DEFAULT_SIZES[args.model]
     if args.worker:
         workers = {(False, "diffusers"): run_diffusers, (False, "keras_diffusion"): run_ours,
                    (True, "diffusers"): finetune_diffusers, (True, "keras_diffusion"): finetune_ours}

@@ -18,9 +18,9 @@ from keras_diffusion.quiet import quiet_stderr
 
 BACKENDS = ("tensorflow", "jax", "torch")
 MODEL_HELP = (".keras file, preset name (keras-diffusion presets), hf://OWNER/NAME, or a Stable "
-              "Diffusion 1.x/2.x checkpoint: a diffusers folder or one .safetensors file")
+              "Diffusion 1.x/2.x or SDXL checkpoint: a diffusers folder or one .safetensors file")
 CONFIG_HELP = ("for a single-file checkpoint: a diffusers folder of the same model (configs and "
-               "tokenizer; no weights needed); default: the shipped SD 1.5 / 2.1 configuration")
+               "tokenizer; no weights needed); default: the shipped SD 1.5 / 2.1 / SDXL configuration")
 
 
 class _Parser(argparse.ArgumentParser):

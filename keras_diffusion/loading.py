@@ -44,7 +44,8 @@ def load_model(source, precision=None, config=None, dtype=None):
       original-layout file (`.safetensors`; `.ckpt` only where it can be
       read without running code), which `config` (a diffusers folder of
       the same model, weights not needed) describes; None takes the
-      shipped SD 1.5 / 2.1 configuration of the file's family.
+      shipped configuration of the file's family (SD 1.5, SD 2.1, SDXL
+      base 1.0 or SDXL refiner 1.0).
 
     The network computes in the global dtype policy (float32 unless set),
     whatever precision it was trained in: its weights are float32 either
