@@ -110,11 +110,12 @@ class LatentDiffusionModel(DiffusionModel):
         return super().fit(x, y, *args, **kwargs)
 
     def diffusion_inputs(self, images):
-        """A posterior sample of the images' latents, times the scaling
-        factor, with no gradient into the frozen autoencoder."""
+        """A posterior sample of the images' latents, shifted and scaled
+        (`pipeline.scale_latents`), with no gradient into the frozen
+        autoencoder."""
         mean, logvar = self.autoencoder.posterior(pipeline.to_model_range(images), training=False)
         latents = ops.stop_gradient(sample_posterior(mean, logvar, self.seed_generator))
-        return latents * ops.cast(self.autoencoder.scaling_factor, "float32")
+        return pipeline.scale_latents(self.autoencoder, latents)
 
     def get_config(self):
         config = dict(super().get_config(),

@@ -33,8 +33,9 @@ It works on any model that offers this protocol, and imports no model class:
   `sample_shape`: that of what the samplers run on (the same for a pixel
   model; the latent shape for a latent one).
 - `autoencoder`, optional: for a latent model, an `Autoencoder` with a
-  measured `scaling_factor`; the samplers then run on its scaled latents
-  (`encode`, `decode`) and do not clip to [-1, 1].
+  measured `scaling_factor` (and optionally a `shift_factor`, subtracted
+  first); the samplers then run on its scaled latents (`encode`,
+  `decode`) and do not clip to [-1, 1].
 
 A *loop* is a function `loop(denoiser, schedule, *inputs, prediction=...,
 **constants)` of pure `keras.ops` (the samplers and the restoration loops of
@@ -97,8 +98,9 @@ def encode(model, images, *, batch_size=None):
     autoencoder = _autoencoder(model)
     if autoencoder is None:
         return to_model_range(images)
+    autoencoder.check_measured()
     latents = autoencoder.encode(images, batch_size=batch_size)
-    return ops.convert_to_tensor(latents * _scaling_factor(autoencoder))
+    return ops.convert_to_tensor(scale_latents(autoencoder, latents))
 
 
 def decode(model, x, *, batch_size=None):
@@ -106,7 +108,7 @@ def decode(model, x, *, batch_size=None):
     autoencoder = _autoencoder(model)
     if autoencoder is None:
         return from_model_range(x)
-    latents = ops.convert_to_numpy(x) / _scaling_factor(autoencoder)
+    latents = ops.convert_to_numpy(x) / _scaling_factor(autoencoder) + shift_factor(autoencoder)
     return autoencoder.decode(latents, batch_size=batch_size)
 
 
@@ -136,7 +138,7 @@ def decode_tensor(model, x):
     if autoencoder is None:
         return unit_range(x)
     decoder = autoencoder.decoder
-    latents = x / ops.cast(autoencoder.scaling_factor, "float32")
+    latents = x / ops.cast(autoencoder.scaling_factor, "float32") + shift_factor(autoencoder)
     weights = [v.value for v in decoder.trainable_variables]
     state = [v.value for v in decoder.non_trainable_variables]
     return unit_range(decoder.stateless_call(weights, state, latents, training=False)[0])
@@ -145,6 +147,20 @@ def decode_tensor(model, x):
 def _scaling_factor(autoencoder):
     autoencoder.check_measured()
     return float(ops.convert_to_numpy(autoencoder.scaling_factor))
+
+
+def shift_factor(autoencoder):
+    """What is subtracted from the latents before scaling (an autoencoder's
+    optional `shift_factor`, SD 3's VAE's; 0 when it has none)."""
+    return float(getattr(autoencoder, "shift_factor", 0.0) or 0.0)
+
+
+def scale_latents(autoencoder, latents):
+    """Latents as the samplers run on them: `(latents - shift_factor) *
+    scaling_factor` (a tensor or an array; the scaling factor as a tensor,
+    so that a traced training step reads the variable)."""
+    shifted = ops.subtract(ops.cast(latents, "float32"), shift_factor(autoencoder))
+    return ops.multiply(shifted, ops.cast(autoencoder.scaling_factor, "float32"))
 
 
 def call_network(owner, network, x, *, batch_size=None):

@@ -57,6 +57,7 @@ DEFAULTS = {
     "latent_channels": 4,
     "norm_num_groups": 32,
     "scaling_factor": 0.18215,
+    "shift_factor": None,
     "use_quant_conv": True,
     "use_post_quant_conv": True,
     "mid_block_add_attention": True,
@@ -66,7 +67,7 @@ DEFAULTS = {
 # asks for float32 under float16 pipelines, a choice of precision.
 _IGNORED = ("sample_size", "force_upcast")
 # Keys accepted only at the value that leaves the function unchanged.
-_NEUTRAL = {"shift_factor": (None, 0, 0.0), "latents_mean": (None,), "latents_std": (None,)}
+_NEUTRAL = {"latents_mean": (None,), "latents_std": (None,)}
 
 
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="SDVAEResnetBlock")
@@ -201,6 +202,9 @@ class StableDiffusionVAE(keras.Model):
         use_quant_conv, use_post_quant_conv: whether the 1x1 convolutions
             after the encoder and before the decoder exist.
         mid_block_add_attention: whether the mid blocks have attention.
+        shift_factor: what a latent model subtracts from the latents before
+            scaling them (SD 3's VAE: 0.0609; None or 0 for SD 1.x / 2.x /
+            SDXL's).
 
     `encoder` maps images in [-1, 1] `(B, H, W, in_channels)` to the
     posterior's moments `(B, H / f, W / f, 2 * latent_channels)` (mean,
@@ -221,7 +225,7 @@ class StableDiffusionVAE(keras.Model):
                  up_block_types=(UP_BLOCK,), block_out_channels=(64,), layers_per_block=1,
                  act_fn="silu", latent_channels=4, norm_num_groups=32, scaling_factor=0.18215,
                  use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True,
-                 **kwargs):
+                 shift_factor=None, **kwargs):
         block_out_channels = tuple(block_out_channels)
         down_block_types, up_block_types = tuple(down_block_types), tuple(up_block_types)
         check_vae_arguments(
@@ -242,6 +246,9 @@ class StableDiffusionVAE(keras.Model):
         self.use_quant_conv = bool(use_quant_conv)
         self.use_post_quant_conv = bool(use_post_quant_conv)
         self.mid_block_add_attention = bool(mid_block_add_attention)
+        if shift_factor is not None and not is_number(shift_factor):
+            raise ValueError(f"shift_factor must be a number or None; got {shift_factor!r}.")
+        self.shift_factor = float(shift_factor or 0.0)
         self.factor = 2 ** (len(self.block_out_channels) - 1)
         self.pad = 0
         self.image_shape = (None, None, self.in_channels)
@@ -376,6 +383,7 @@ class StableDiffusionVAE(keras.Model):
             "use_quant_conv": self.use_quant_conv,
             "use_post_quant_conv": self.use_post_quant_conv,
             "mid_block_add_attention": self.mid_block_add_attention,
+            "shift_factor": self.shift_factor,
         }, self)
 
     @classmethod
