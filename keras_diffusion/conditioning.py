@@ -140,7 +140,11 @@ def check_fit_condition(model, y, num_images):
     """The `y` that `fit` was given with `num_images` numpy images, checked
     as a whole: for a class-conditional network, integer labels 0 to
     `num_classes - 1`, one per image; for a prompted model, captions (see
-    `tokenize_captions`), returned as token ids; None for neither."""
+    `tokenize_captions`), returned as token ids, or a dict of the captions
+    (`"prompts"`) and the per-image conditions the model names in its
+    `image_conditions` (SDXL's original sizes and crops); None for neither."""
+    if isinstance(y, dict):
+        return _check_condition_dict(model, y, num_images)
     if model.prompted and y is not None:
         y = tokenize_captions(model, y, num_images)
     y = None if y is None else np.asarray(y)
@@ -150,12 +154,37 @@ def check_fit_condition(model, y, num_images):
     return check_training_labels(y, num_images, model.num_classes)
 
 
+def _check_condition_dict(model, y, num_images):
+    """`y` given as a dict: captions under `"prompts"`, as token ids, and
+    the model's `image_conditions` given beside them as float32 arrays of
+    one row per image (their values are the model's to check)."""
+    accepted = tuple(getattr(model, "image_conditions", ()))
+    unknown = sorted(set(y) - {"prompts", *accepted})
+    keys = ", ".join(map(repr, sorted(y)))
+    if not accepted or not model.prompted:
+        raise ValueError(f"this model takes its captions or labels as y, not a dict (given, "
+                         f"of the keys {keys}); a dict gives SDXL's per-image conditions.")
+    if "prompts" not in y or unknown:
+        raise ValueError(f"y as a dict takes 'prompts' (the captions) and any of "
+                         f"{', '.join(map(repr, accepted))}; got the keys {keys}.")
+    checked = {"prompts": tokenize_captions(model, y["prompts"], num_images)}
+    for name in accepted:
+        if name in y:
+            value = np.asarray(y[name], "float32")
+            if value.ndim < 1 or len(value) != num_images or not np.isfinite(value).all():
+                raise ValueError(f"y[{name!r}] must hold finite numbers, one row per image "
+                                 f"({num_images}); got shape {value.shape}.")
+            checked[name] = value
+    return checked
+
+
 # --------------------------------------------- the condition in training
-def encode_prompts(model, token_ids, training=True):
+def encode_prompts(model, token_ids, training=True, pooled=False):
     """Text features `(B, L, D)` of a batch of token ids, by the model's
     text encoder. Ids `(B, K, L)` hold K captions per image, of which one
     is drawn; in training a caption is replaced by the empty prompt with
-    probability `model.prompt_dropout`."""
+    probability `model.prompt_dropout`. With `pooled`, `(features, pooled
+    output)`, the pooled output None for an encoder without one."""
     ids = ops.cast(token_ids, "int32")
     if len(ids.shape) == 3:
         choice = keras.random.randint((ops.shape(ids)[0], 1, 1), 0, ids.shape[1],
@@ -168,6 +197,8 @@ def encode_prompts(model, token_ids, training=True):
     encoder = model.text_encoder
     output = encoder(text.encoder_inputs(encoder, ids),
                      training=training and model.train_text_encoder)
+    if pooled:
+        return text.encoder_features(output), text.encoder_pooled(output)
     return text.encoder_features(output)
 
 

@@ -260,9 +260,10 @@ def test_a_lora_for_another_architecture_is_one_error(setup, tmp_path):
         "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight":
             np.zeros((4, 640)),
     })
-    with pytest.raises(ValueError, match=r"the LoRA does not fit this model: lora_te2_text_model_"
-                                         r".*lora_down.weight \(a key of SDXL LoRAs\); lora_unet_"
-                                         r"input_blocks.*lora_down.weight \(a key of SDXL LoRAs\)"
+    with pytest.raises(ValueError, match=r"the LoRA does not fit this SD 1.x / 2.x model: "
+                                         r"lora_te2_text_model_.*lora_down.weight \(a key of "
+                                         r"SDXL LoRAs\); lora_unet_input_blocks.*lora_down."
+                                         r"weight \(a key of SDXL LoRAs\)"
                                          r"\. Its keys look like a LoRA for SDXL \(lora_te2_\)"):
         model.load_lora_weights(sdxl)
     unknown = _write(tmp_path / "unknown.safetensors", {

@@ -341,9 +341,9 @@ Q = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
 REFUSED = {
     "sdxl": ({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": (4, 64),
               "unet.add_embedding.linear_1.lora_A.weight": (4, 64)},
-             r"the LoRA does not fit this model: lora_te2_.*\(a key of SDXL LoRAs\); unet.add_"
-             r"embedding.linear_1.lora_A.weight \(a key of SDXL LoRAs\)\. Its keys look like a "
-             r"LoRA for SDXL"),
+             r"the LoRA does not fit this SD 1.x / 2.x model: lora_te2_.*\(a key of SDXL LoRAs\); "
+             r"unet.add_embedding.linear_1.lora_A.weight \(a key of SDXL LoRAs\)\. Its keys "
+             r"look like a LoRA for SDXL"),
     "sd3": ({"transformer.transformer_blocks.0.attn.add_q_proj.lora_A.weight": (4, 64),
              "transformer.transformer_blocks.0.attn.add_q_proj.lora_B.weight": (64, 4)},
             r"Its keys look like a LoRA for SD 3 \(add_q_proj\)"),
@@ -354,8 +354,8 @@ REFUSED = {
              r"rank 2\)"),
     "loha": ({f"lora_unet_{Q.replace('.', '_')}.hada_w1_a": (32, 4)},
              r"the file is a LyCORIS LoHa adapter \(hada_w1_a in lora_unet_mid_block.*\), "
-             r"which keras_diffusion does not load; it reads LoRA files of SD 1.x / 2.x in the "
-             r"peft, diffusers and kohya layouts\."),
+             r"which keras_diffusion does not load; it reads LoRA files of SD 1.x / 2.x and SDXL "
+             r"in the peft, diffusers and kohya layouts\."),
     "lokr": ({f"lora_unet_{Q.replace('.', '_')}.lokr_w1": (4, 4)}, r"a LyCORIS LoKr adapter"),
     "dora": ({f"unet.{Q}.lora_A.weight": (4, 32), f"unet.{Q}.lora_B.weight": (32, 4),
               f"unet.{Q}.lora_magnitude_vector": (32,)},

@@ -54,6 +54,7 @@ import numpy as np
 from keras import layers
 from keras import ops
 
+from keras_diffusion.stable_diffusion import single_file
 from keras_diffusion.stable_diffusion import weights
 from keras_diffusion.stable_diffusion.layers import keras_name
 
@@ -65,12 +66,18 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 TEXT_PREFIX = "text_model."  # transformers' CLIPTextModel before version 5
 DEFAULT_ADAPTER = "default"
 
-# The model's parts a LoRA may touch: file name -> model attribute.
-PARTS = {"unet": "network", "text_encoder": "text_encoder"}
+# The parts a LoRA file may name (the model's `lora_parts()` gives those it has).
+PARTS = ("unet", "text_encoder", "text_encoder_2")
 
 # Each part's key prefixes in a layout; the first is the one written.
-DIFFUSERS_PREFIXES = {"unet": ("unet.",), "text_encoder": ("text_encoder.",)}
-KOHYA_PREFIXES = {"unet": ("lora_unet_",), "text_encoder": ("lora_te_", "lora_te1_")}
+DIFFUSERS_PREFIXES = {"unet": ("unet.",), "text_encoder": ("text_encoder.",),
+                      "text_encoder_2": ("text_encoder_2.",)}
+KOHYA_PREFIXES = {"unet": ("lora_unet_",), "text_encoder": ("lora_te_", "lora_te1_"),
+                  "text_encoder_2": ("lora_te2_",)}
+# How kohya's sd-scripts writes a family's files where it differs from the
+# first prefixes above: SDXL's first text encoder is `lora_te1_`, and its
+# UNet's modules have their original (SGM) names, `input_blocks_4_1_...`.
+KOHYA_WRITTEN = {"SDXL": {"text_encoder": "lora_te1_", "original_unet_names": True}}
 # How each layout spells a module's LoRA: (layout, part prefixes, module path
 # written with "." or "_", {matrix: key suffix}). Tried in this order: a
 # longer suffix before one it ends with.
@@ -94,22 +101,32 @@ LEGACY_NAMES = {
     "text_encoder": {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj",
                      "to_out_lora": "out_proj"},
 }
+LEGACY_NAMES["text_encoder_2"] = LEGACY_NAMES["text_encoder"]
 # What a file's keys say of the family it was made for, checked in order
-# (Flux shares SD 3's add_q_proj), named when its keys do not fit.
+# (Flux shares SD 3's add_q_proj), named when its keys do not fit a model
+# of another family: SDXL's second text encoder, added embedding, original
+# UNet names and transformers two or more blocks deep; SD 1.x / 2.x's
+# kohya text encoder (SDXL's is te1), attention at the first level and a
+# fourth level (SDXL's UNet has three, the first without attention).
 FAMILY_TELLTALES = (
     ("double_blocks", "Flux"), ("single_blocks", "Flux"),
     ("single_transformer_blocks", "Flux"), ("add_q_proj", "SD 3"), ("joint_blocks", "SD 3"),
     ("context_embedder", "SD 3"), ("lora_te2_", "SDXL"), ("text_encoder_2.", "SDXL"),
     ("add_embedding", "SDXL"), ("label_emb", "SDXL"), ("lora_unet_input_blocks_", "SDXL"),
     ("lora_unet_middle_block_", "SDXL"), ("lora_unet_output_blocks_", "SDXL"),
+    ("transformer_blocks.1.attn", "SDXL"), ("transformer_blocks_1_attn", "SDXL"),
+    ("lora_te_", "SD 1.x / 2.x"), ("down_blocks.0.attentions", "SD 1.x / 2.x"),
+    ("down_blocks_0_attentions", "SD 1.x / 2.x"), ("up_blocks.3.", "SD 1.x / 2.x"),
+    ("up_blocks_3_", "SD 1.x / 2.x"),
 )
+SD_FAMILY = "SD 1.x / 2.x"  # a model's family (`lora_family`) unless it names another
 # Adapters of another kind than LoRA, refused by name: key marker -> format.
 UNSUPPORTED = {"dora_scale": "DoRA (weight-decomposed LoRA)",
                "lora_magnitude_vector": "DoRA (weight-decomposed LoRA)",
                "hada_w1_a": "LyCORIS LoHa", "hada_w2_a": "LyCORIS LoHa",
                "lokr_w1": "LyCORIS LoKr", "lokr_w2": "LyCORIS LoKr",
                "lora_B.bias": "LoRA with biases (peft's lora_bias)"}
-READ = "LoRA files of SD 1.x / 2.x in the peft, diffusers and kohya layouts"
+READ = "LoRA files of SD 1.x / 2.x and SDXL in the peft, diffusers and kohya layouts"
 
 
 class Adapter:
@@ -161,7 +178,12 @@ def module_layers(part):
 
 
 def _parts(model):
-    return {name: getattr(model, attribute) for name, attribute in PARTS.items()}
+    """`{part: Keras model}` of the parts a LoRA of `model` may name."""
+    return model.lora_parts()
+
+
+def _family(model):
+    return getattr(model, "lora_family", SD_FAMILY)
 
 
 def _matching(paths, target):
@@ -228,7 +250,7 @@ def _set_trainable(model):
     state = state_of(model)
     lora = {id(v) for layer in state.layers.values()
             for v in (layer.lora_kernel_a, layer.lora_kernel_b)}
-    if any(part == "text_encoder" for part, _ in state.layers):
+    if any(part != "unet" for part, _ in state.layers):
         model.text_encoder.trainable = True
     for part in _parts(model).values():
         for variable in part.variables:
@@ -255,7 +277,7 @@ def _check_model(model):
 def enable_lora(model, rank=8, alpha=None, targets=ATTENTION_TARGETS, text_encoder=False,
                 seed=None):
     """Keras' LoRA on the UNet's dense layers whose module paths end with one
-    of `targets` (and, with `text_encoder`, on the text encoder's: True
+    of `targets` (and, with `text_encoder`, on each text encoder's: True
     for `TEXT_TARGETS`, or a list of suffixes); A drawn as peft draws it,
     B zero, so the model's function starts unchanged. Afterwards only the
     LoRA matrices are trainable. `alpha` None is `rank` (scale 1)."""
@@ -276,8 +298,10 @@ def enable_lora(model, rank=8, alpha=None, targets=ATTENTION_TARGETS, text_encod
     if text_encoder:
         text_targets = TEXT_TARGETS if text_encoder is True else text_encoder
         text_targets = _check_targets(text_targets, "text_encoder")
-        chosen.update({("text_encoder", path): layer for path, layer in
-                       _target_layers(model.text_encoder, text_targets, "text target").items()})
+        for part, encoder in _parts(model).items():
+            if part != "unet":
+                chosen.update({(part, path): layer for path, layer in
+                               _target_layers(encoder, text_targets, "text target").items()})
     initializer = _peft_a_initializer(seed)
     alpha = float(rank if alpha is None else alpha)
     for key, layer in chosen.items():
@@ -337,18 +361,32 @@ def read_file(path):
     return checkpoint_files.read_weights(path), _metadata(path)
 
 
-def _module_tables(lookup):
+def _module_tables(model, lookup):
     """`{part: {separator: {spelled path: module path}}}` of `_lookup`'s
-    modules: each as the layouts spell it, with `.` or `_`, and a text
+    modules: each as the layouts spell it, with `.` or `_`, a text
     encoder's also without transformers' `text_model.` (as transformers 5
-    names it)."""
-    tables = {part: {".": {}, "_": {}} for part in PARTS}
+    names it), and a UNet's also by its original name with `_` (kohya's
+    SDXL files)."""
+    tables = {part: {".": {}, "_": {}} for part in _parts(model)}
     for part, path in lookup:
         for separator, spelled in tables[part].items():
             spelled[path.replace(".", separator)] = path
             if path.startswith(TEXT_PREFIX):
                 spelled[path[len(TEXT_PREFIX):].replace(".", separator)] = path
+    for path, original in original_unet_names(model).items():
+        if ("unet", path) in lookup:
+            tables["unet"]["_"][keras_name(original)] = path
     return tables
+
+
+def original_unet_names(model):
+    """`{module path: original (SGM / CompVis) module path}` of the UNet's
+    modules, as `single_file` renames them ({} for a UNet that layout does
+    not describe)."""
+    try:
+        return single_file.unet_module_names(model.network.config)
+    except (ValueError, TypeError):  # TypeError: transformer depths given per layer
+        return {}
 
 
 def _legacy(middle, part):
@@ -374,7 +412,8 @@ def _split_key(key, tables):
                     middle = key[len(prefix):-len(suffix)]
                     if separator == ".":
                         middle = _legacy(middle, part)
-                    return part, tables[part][separator].get(middle), matrix
+                    spelled = tables.get(part, {}).get(separator, {})  # {}: a part it lacks
+                    return part, spelled.get(middle), matrix
     return None
 
 
@@ -443,21 +482,27 @@ def _reference_shape(layer):
     return (kernel_out, kernel_in, kh, kw)
 
 
-def _misfit(problems, keys):
-    """The one error for keys that do not fit, naming the first few and the
-    family the file's keys look like."""
+def _telltales(model):
+    """The telltales of families other than the model's own."""
+    return [(marker, family) for marker, family in FAMILY_TELLTALES
+            if family != _family(model)]
+
+
+def _misfit(problems, keys, model):
+    """The one error for keys that do not fit, naming the first few, the
+    model's family and the family the file's keys look like."""
     more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
-    look = next(((marker, family) for marker, family in FAMILY_TELLTALES
+    look = next(((marker, family) for marker, family in _telltales(model)
                  if any(marker in key for key in keys)), None)
     guess = (f"Its keys look like a LoRA for {look[1]} ({look[0]}); " if look else
              "It may be a LoRA for another model (SD 2.x weights on an SD 1.x model, or "
              "another family); ")
-    return (f"the LoRA does not fit this model: {'; '.join(problems[:5])}{more}. {guess}"
-            f"keras_diffusion reads {READ}.")
+    return (f"the LoRA does not fit this {_family(model)} model: {'; '.join(problems[:5])}"
+            f"{more}. {guess}keras_diffusion reads {READ}.")
 
 
-def _key_problem(key, split):
-    family = next((family for marker, family in FAMILY_TELLTALES if marker in key), None)
+def _key_problem(key, split, model):
+    family = next((family for marker, family in _telltales(model) if marker in key), None)
     if split is None or split[1] is None:
         if family:
             return f"{key} (a key of {family} LoRAs)"
@@ -488,11 +533,11 @@ def parse(state, metadata, model):
     a file of another kind is."""
     _refuse_other_kinds(state)
     lookup = _lookup(model)
-    tables = _module_tables(lookup)
+    tables = _module_tables(model, lookup)
     found, problems = {}, []
     for key in sorted(state):
         split = _split_key(key, tables)
-        problem = _key_problem(key, split)
+        problem = _key_problem(key, split, model)
         if problem:
             problems.append(problem)
             continue
@@ -510,7 +555,7 @@ def parse(state, metadata, model):
                  else _alpha_from_metadata(metadata, part, path, down.shape[0]))
         entries[(part, path)] = (down, up, float(down.shape[0]) if alpha is None else alpha)
     if problems:
-        raise ValueError(_misfit(problems, state))
+        raise ValueError(_misfit(problems, state, model))
     if not entries:
         raise ValueError("the LoRA file holds no LoRA weights.")
     return entries
@@ -795,6 +840,9 @@ def lora_state_dict(model, format="peft", adapter_name=None):
     state = state_of(model)
     name = _adapter_to_save(state, adapter_name)
     adapter = state.adapters[name]
+    kohya = {part: prefixes[0] for part, prefixes in KOHYA_PREFIXES.items()}
+    kohya.update(KOHYA_WRITTEN.get(_family(model), {}))
+    unet_names = original_unet_names(model) if kohya.pop("original_unet_names", False) else {}
     out = {}
     for (part, path), (down, up, alpha) in sorted(adapter.entries.items()):
         layer = state.layers.get((part, path)) if name == state.live else None
@@ -807,7 +855,7 @@ def lora_state_dict(model, format="peft", adapter_name=None):
             out[key + ".lora_A.weight"] = down
             out[key + ".lora_B.weight"] = up * np.float32(alpha / rank)
         else:
-            key = KOHYA_PREFIXES[part][0] + keras_name(path)
+            key = kohya[part] + keras_name(unet_names.get(path, path) if part == "unet" else path)
             out[key + ".lora_down.weight"] = down
             out[key + ".lora_up.weight"] = up
             out[key + ".alpha"] = np.asarray(alpha, "float32")

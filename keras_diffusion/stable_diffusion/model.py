@@ -309,12 +309,12 @@ def _check_pixel_pairs(name, value, low):
     """An SDXL size or crop given per image: `(N, 2)` whole numbers of
     pixels, `(height, width)` or `(top, left)`, each at least `low`."""
     array = np.asarray(value)
+    what = "(height, width) of at least 1" if low else "(top, left) of at least 0"
     if array.ndim != 2 or array.shape[1] != 2 or not np.issubdtype(array.dtype, np.number) \
             or not np.isfinite(array).all() or (array < low).any() \
             or (array != np.round(array)).any():
         raise ValueError(f"y[{name!r}] must be (N, 2) whole numbers of pixels, "
-                         f"{'(height, width) of at least 1' if low else '(top, left) of at least 0'}"
-                         f", one row per image; got shape {array.shape}: "
+                         f"{what}, one row per image; got shape {array.shape}: "
                          f"{str(array.tolist())[:80]}.")
     return array.astype("float32")
 
@@ -342,6 +342,18 @@ class StableDiffusionXL(StableDiffusion):
     ...                         denoising_end=0.8, output="latents")
     >>> image = refiner.img2img(latents, prompts=p, steps=40, sampler="euler",
     ...                         denoising_start=0.8)
+
+    The base model fine-tunes with `fit` as Stable Diffusion does (see
+    `fit` for SDXL's per-image time ids); `enable_lora(text_encoder=True)`
+    puts LoRA on the UNet and both text encoders, and LoRA files name
+    them `unet`, `text_encoder`, `text_encoder_2` (kohya: `lora_unet_`
+    with the UNet's original SGM names, `lora_te1_`, `lora_te2_`):
+
+    >>> base.enable_lora(rank=8, text_encoder=True)
+    >>> base.compile(optimizer=keras.optimizers.AdamW(1e-4))
+    >>> base.fit(images, {"prompts": captions, "original_size": sizes,
+    ...                   "crop_top_left": crops}, batch_size=1, epochs=10)
+    >>> base.save_lora_weights("my_lora/", format="kohya")
 
     Args:
         force_zeros_for_empty_prompt: without a negative prompt, guide away
@@ -417,6 +429,14 @@ class StableDiffusionXL(StableDiffusion):
                 if name in y:
                     y[name] = _check_pixel_pairs(name, y[name], low)
         return super().fit(x, y, *args, **kwargs)
+
+    def unpack_batch(self, data):
+        """`StableDiffusion.unpack_batch`; with a dict `y`, Keras repeats
+        `fit`'s one `sample_weight` array per entry: that array is the weight."""
+        images, labels, sample_weight = super().unpack_batch(data)
+        if isinstance(sample_weight, dict):
+            sample_weight = sample_weight["prompts"]
+        return images, labels, sample_weight
 
     def training_conditions(self, labels, x0, training=True):
         """The UNet's inputs after `[x_t, t]`: the features and pooled

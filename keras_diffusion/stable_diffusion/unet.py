@@ -447,6 +447,7 @@ class TextTimeEmbedding(layers.Layer):
         self.linear_2 = Dense(units, "add_embedding.linear_2")
 
     def build(self, text_embeds_shape, time_ids_shape):
+        self.time_proj.build((None,))  # weightless, but fit builds what is not built
         self.linear_1.build((None, self.input_dim))
         self.linear_2.build((None, self.units))
 
