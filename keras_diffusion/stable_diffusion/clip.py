@@ -30,7 +30,6 @@ from keras_diffusion.stable_diffusion import weights
 from keras_diffusion.stable_diffusion.layers import _AtModulePath
 from keras_diffusion.stable_diffusion.layers import _Block
 from keras_diffusion.stable_diffusion.layers import keras_name
-from keras_diffusion.stable_diffusion.weights import Placeholder
 
 PREFIX = "text_model"
 # `hidden_act` values and their functions: CLIP's sigmoid approximation
@@ -79,14 +78,9 @@ class LayerNormalization(_AtModulePath, layers.LayerNormalization):
 
 
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="SDCLIPEmbedding")
-class Embedding(_AtModulePath, layers.Embedding):
-    """Keras' `Embedding` holding the `Embedding` at `module_path`."""
-
-    def __init__(self, input_dim, output_dim, module_path, **kwargs):
-        kwargs.setdefault("name", keras_name(module_path))
-        kwargs.setdefault("embeddings_initializer", Placeholder())
-        super().__init__(input_dim, output_dim, **kwargs)
-        self._set_module_path(module_path)
+class Embedding(sd_layers.Embedding):
+    """The shared `Embedding` (an `Embedding` at `module_path`), under the
+    name the text encoder's saved configs use."""
 
 
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="SDCLIPEmbeddings")

@@ -135,6 +135,17 @@ class Dense(_AtModulePath, layers.Dense):
         return super().call(inputs, training=training) if y is NotImplemented else y
 
 
+@keras.saving.register_keras_serializable(package="keras_diffusion", name="SDEmbedding")
+class Embedding(_AtModulePath, layers.Embedding):
+    """Keras' `Embedding` holding the `Embedding` at `module_path`."""
+
+    def __init__(self, input_dim, output_dim, module_path, **kwargs):
+        kwargs.setdefault("name", keras_name(module_path))
+        kwargs.setdefault("embeddings_initializer", Placeholder())
+        super().__init__(input_dim, output_dim, **kwargs)
+        self._set_module_path(module_path)
+
+
 class _Block(layers.Layer):
     """A layer of several reference modules, at `module_path`; its
     sublayers sit at paths below it."""
