@@ -172,15 +172,79 @@ def build_xl_pipeline(tokenizer_folder, refiner=False):
     )
 
 
+def write_t5_tokenizer(folder):
+    """A T5 (Unigram) tokenizer over `WORDS`, as transformers builds one
+    from a vocabulary and saves it (`tokenizer.json`); returns it."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + word, -1.0 - 0.1 * index) for index, word in enumerate(WORDS)]
+    vocab += [(char, -5.0) for char in sorted(set("".join(WORDS)))]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    tokenizer.save_pretrained(str(folder))
+    return tokenizer
+
+
+def build_sd3_pipeline(tokenizer_folder, t5=True):
+    """A random `StableDiffusion3Pipeline` as diffusers' SD 3 tests build
+    theirs, at widths where nothing is cropped: CLIP-L and CLIP-G with
+    projections (32 + 32 wide, pooled 32 + 32), a T5 encoder 96 wide (the
+    joint context; without `t5`, none), a two-block MMDiT with patches of
+    2, a 16-channel VAE with a shift factor, the flow-matching Euler
+    scheduler at shift 3."""
+    import torch
+    from diffusers import AutoencoderKL
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import SD3Transformer2DModel
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig
+    from transformers import CLIPTextModelWithProjection
+    from transformers import T5Config
+    from transformers import T5EncoderModel
+
+    first = write_tokenizer(Path(tokenizer_folder) / "first", pad_token="<|endoftext|>")
+    second = write_tokenizer(Path(tokenizer_folder) / "second", pad_token="!")
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=96,
+        pooled_projection_dim=64, out_channels=16, pos_embed_max_size=16)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=16, norm_num_groups=8, sample_size=16, use_quant_conv=False,
+        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305)
+    config = dict(bos_token_id=first.bos_token_id, eos_token_id=2, pad_token_id=1,
+                  hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                  num_hidden_layers=3, vocab_size=len(first.get_vocab()),
+                  max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
+    parts = dict(text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**config)),
+                 text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config)),
+                 text_encoder_3=None, tokenizer_3=None)
+    if t5:
+        third = write_t5_tokenizer(Path(tokenizer_folder) / "third")
+        parts.update(tokenizer_3=third, text_encoder_3=T5EncoderModel(T5Config(
+            vocab_size=len(third.get_vocab()), d_model=96, d_kv=8, d_ff=37, num_layers=2,
+            num_heads=4, feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+            relative_attention_max_distance=16, decoder_start_token_id=0)))
+    for module in (transformer, vae, *(p for k, p in parts.items() if "encoder" in k and p)):
+        module.eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, tokenizer=first, tokenizer_2=second,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **parts)
+
+
 def write_pipeline(folder, style):
-    """Save a tiny pipeline of `style` ("sd1", "sd2", "sdxl" or
-    "sdxl_refiner") to `folder`; return the pipeline.
+    """Save a tiny pipeline of `style` ("sd1", "sd2", "sdxl", "sdxl_refiner",
+    "sd3", or "sd3_no_t5") to `folder`; return the pipeline.
     The tokenizer's `vocab.json` and `merges.txt` are written beside it, to
     `<folder>_tokenizer` (transformers saves `tokenizer.json` only)."""
     folder = Path(folder)
     tokenizer_folder = folder.parent / f"{folder.name}_tokenizer"
     if style.startswith("sdxl"):
         pipeline = build_xl_pipeline(tokenizer_folder, refiner=style == "sdxl_refiner")
+    elif style.startswith("sd3"):
+        pipeline = build_sd3_pipeline(tokenizer_folder, t5=style == "sd3")
     else:
         pipeline = build_pipeline(style, tokenizer_folder)
     pipeline.save_pretrained(folder, safe_serialization=True)

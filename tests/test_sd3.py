@@ -1,0 +1,78 @@
+"""Stable Diffusion 3 against diffusers: tiny random `StableDiffusion3Pipeline`s
+built offline as diffusers' own SD 3 tests build theirs (CLIP-L and CLIP-G
+with projections, a tiny T5 and a tokenizer.json written here, or no T5),
+their prompt encoding, and the flow-matching schedule their folder sets."""
+
+import keras
+import numpy as np
+import pytest
+
+from sd_pipelines import write_pipeline
+
+PROMPTS = ["a photo of a cat", "jackfruits hang from the tree"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd3")
+    pipelines = {style: write_pipeline(root / style, style) for style in ("sd3", "sd3_no_t5")}
+    return root, pipelines
+
+
+def _clip(folder, part):
+    from keras_diffusion import checkpoint_files
+    from keras_diffusion.stable_diffusion import weights
+    from keras_diffusion.stable_diffusion.clip import CLIPTextTransformer
+    from keras_diffusion.stable_diffusion.clip import text_model_state_dict
+
+    config = __import__("json").loads((folder / part / "config.json").read_text())
+    encoder = CLIPTextTransformer.from_reference_config(config, skip_layers=1,
+                                                        final_layer_norm=False)
+    state = checkpoint_files.read_safetensors(folder / part / "model.safetensors")
+    weights.load_state_dict(encoder, text_model_state_dict(state), part)
+    return encoder
+
+
+def test_prompts_without_t5_encode_as_diffusers(folders):
+    """CLIP-L and CLIP-G penultimate features side by side, zero-padded to
+    the joint width, then zeros where T5's 256 tokens would be; the pooled
+    prompt both projections side by side."""
+    import torch
+
+    from keras_diffusion.stable_diffusion.sd3 import SD3TextEncoders
+    from keras_diffusion.stable_diffusion.sd3 import SD3Tokenizer
+    from keras_diffusion.stable_diffusion.tokenizer import CLIPTokenizer
+
+    root, pipelines = folders
+    folder, reference = root / "sd3_no_t5", pipelines["sd3_no_t5"]
+    tokenizer = SD3Tokenizer(CLIPTokenizer.from_folder(folder / "tokenizer"),
+                             CLIPTokenizer.from_folder(folder / "tokenizer_2"))
+    encoders = SD3TextEncoders(_clip(folder, "text_encoder"), _clip(folder, "text_encoder_2"),
+                               joint_dim=96, t5_length=256)
+    ids = tokenizer(PROMPTS)
+    assert ids.shape == (2, 154)
+    output = {key: keras.ops.convert_to_numpy(value) for key, value in encoders(ids).items()}
+    with torch.no_grad():
+        features, _, pooled, _ = reference.encode_prompt(PROMPTS, None, None,
+                                                         do_classifier_free_guidance=False)
+    assert tuple(output["sequence_output"].shape) == tuple(features.shape) == (2, 77 + 256, 96)
+    np.testing.assert_allclose(output["sequence_output"], features.numpy(), atol=1e-4)
+    np.testing.assert_allclose(output["pooled_output"], pooled.numpy(), atol=1e-4)
+
+
+def test_the_folder_scheduler_is_a_shifted_flow_schedule(folders):
+    import json
+
+    from keras_diffusion.stable_diffusion.sd3 import schedule_from_config
+
+    root, pipelines = folders
+    config = json.loads((root / "sd3" / "scheduler" / "scheduler_config.json").read_text())
+    schedule = schedule_from_config(config)
+    reference = pipelines["sd3"].scheduler
+    reference.set_timesteps(5)
+    np.testing.assert_allclose(schedule.sampling_sigmas(5), reference.sigmas.numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="an SD 3 scheduler must be one of "
+                                         "FlowMatchEulerDiscreteScheduler; got 'DDIMScheduler'"):
+        schedule_from_config({"_class_name": "DDIMScheduler"})
+    with pytest.raises(ValueError, match="use_karras_sigmas=True is not supported"):
+        schedule_from_config({**config, "use_karras_sigmas": True})
