@@ -63,7 +63,7 @@ def is_single_file(path):
     return os.path.isfile(path) and str(path).lower().endswith(SINGLE_FILE_SUFFIXES)
 
 
-def _read_json(path):
+def read_json(path):
     try:
         with open(path, encoding="utf-8") as file:
             return json.load(file)
@@ -80,7 +80,7 @@ def _variants(half):
     return (".fp16", "") if half else ("", ".fp16")
 
 
-def _component_weights(folder, half=False):
+def component_weights(folder, half=False):
     """The state dict of one component folder (`unet/`, `vae/`, ...): its
     safetensors file (or diffusers' `variant="fp16"` one), its shards, or
     a PyTorch `.bin`. Values keep the dtype of the file."""
@@ -89,7 +89,7 @@ def _component_weights(folder, half=False):
         for stem in ("diffusion_pytorch_model", "model"):
             index = folder / f"{stem}.safetensors.index{variant}.json"
             if index.is_file():
-                shards = sorted(set(_read_json(index)["weight_map"].values()))
+                shards = sorted(set(read_json(index)["weight_map"].values()))
                 return checkpoint_files.read_safetensors([folder / shard for shard in shards],
                                                     lazy=True, upcast_bfloat16=False)
             if (folder / f"{stem}{variant}.safetensors").is_file():
@@ -191,21 +191,21 @@ def _build(parts_config, states, tokenizer, name, dtype="float32"):
             f"the UNet takes {in_channels} input channels (an inpainting UNet); "
             "supported: Stable Diffusion 1.x and 2.x text-to-image UNets with 4."
         )
-    unet, vae = (_part(part, cls, what, states[part], parts_config[part], dtype)
+    unet, vae = (build_part(part, cls, what, states[part], parts_config[part], dtype)
                  for part, cls, what in (("unet", StableDiffusionUNet, "UNet"),
                                          ("vae", StableDiffusionVAE, "VAE")))
     xl = "text_encoder_2" in parts_config
     text = {"skip_layers": 1, "final_layer_norm": False} if xl else {}
     text_encoder = None  # the SDXL refiner has only the second
     if "text_encoder" in parts_config:
-        text_encoder = _part("text_encoder", CLIPTextTransformer, "text encoder",
+        text_encoder = build_part("text_encoder", CLIPTextTransformer, "text encoder",
                              text_model_state_dict(states["text_encoder"]),
                              parts_config["text_encoder"], dtype, **text)
     options = {}
     if xl:
         from keras_diffusion.stable_diffusion import xl as sdxl
 
-        second = _part("text_encoder_2", CLIPTextTransformer, "second text encoder",
+        second = build_part("text_encoder_2", CLIPTextTransformer, "second text encoder",
                        text_model_state_dict(states["text_encoder_2"]),
                        parts_config["text_encoder_2"], dtype, **text)
         text_encoder = sdxl.SDXLTextEncoders(text_encoder, second, name="text_encoders")
@@ -222,7 +222,7 @@ def _build(parts_config, states, tokenizer, name, dtype="float32"):
     )
 
 
-def _part(name, cls, what, state, config, dtype, **options):
+def build_part(name, cls, what, state, config, dtype, **options):
     """One part, built with its weights (`weights.building_from`), then
     checked, and what was not taken assigned."""
     with weights.building_from(state) as taken, precisions.policy_scope(
@@ -245,7 +245,7 @@ def _component_configs(folder):
     has none), and model_index.json's as `"pipeline"`."""
     folder = Path(folder)
     index = folder / "model_index.json"
-    pipeline = _read_json(index) if index.is_file() else {}
+    pipeline = read_json(index) if index.is_file() else {}
     xl = pipeline.get("_class_name") in XL_PIPELINES
     parts = {"unet": ("unet", "config.json"), "vae": ("vae", "config.json"),
              "text_encoder": ("text_encoder", "config.json"),
@@ -254,7 +254,7 @@ def _component_configs(folder):
         parts["text_encoder_2"] = ("text_encoder_2", "config.json")
         if not _listed(pipeline, "text_encoder"):
             del parts["text_encoder"]
-    configs = {part: _read_json(folder.joinpath(*path)) for part, path in parts.items()}
+    configs = {part: read_json(folder.joinpath(*path)) for part, path in parts.items()}
     configs["pipeline"] = pipeline
     return configs
 
@@ -264,12 +264,12 @@ def load_pipeline_folder(path, dtype=None):
     its weights in `dtype` (None: float32)."""
     dtype = check_dtype(dtype)
     folder = Path(path)
-    check_pipeline_class(_read_json(folder / "model_index.json"), path)
+    check_pipeline_class(read_json(folder / "model_index.json"), path)
     configs = _component_configs(folder)
     xl = "text_encoder_2" in configs
     parts = [part for part in ("unet", "vae", "text_encoder", "text_encoder_2")
              if part in configs]
-    states = {part: _component_weights(folder / part, half=dtype != "float32") for part in parts}
+    states = {part: component_weights(folder / part, half=dtype != "float32") for part in parts}
     tokenizer = (CLIPTokenizer.from_folder(folder / "tokenizer")
                  if "text_encoder" in configs else None)
     if xl:
