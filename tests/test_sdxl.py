@@ -115,3 +115,19 @@ def test_save_diffusers_writes_a_folder_diffusers_loads_to_our_images(xl, tmp_pa
     images = model.generate(1, prompts="a red dog", negative_prompts="blurry", steps=2,
                             guidance_scale=5.0, noise=latents)
     np.testing.assert_allclose(images, expected, atol=2e-3)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="registration is the same on every backend")
+def test_a_saved_sdxl_model_loads_in_a_fresh_process(xl, tmp_path):
+    """Its tokenizers and text encoders are registered by `import
+    keras_diffusion` alone, not only once a checkpoint was read."""
+    import subprocess
+    import sys
+
+    _, model, _ = xl
+    model.save(tmp_path / "xl.keras")
+    code = ("import keras_diffusion as kd; "
+            f"print(type(kd.load_model({str(tmp_path / 'xl.keras')!r})).__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "StableDiffusionXL"

@@ -10,3 +10,8 @@ themselves, and `single_file` renames the original (CompVis / Stability)
 single-file keys to those. `checkpoints` reads folders and files and
 assembles the model.
 """
+
+# The families' own parts (SDXL's text encoders and tokenizers, SD 3's), so
+# that importing the package registers every class a `.keras` file names.
+from keras_diffusion.stable_diffusion import sd3  # noqa: E402,F401
+from keras_diffusion.stable_diffusion import xl  # noqa: E402,F401
