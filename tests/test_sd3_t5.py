@@ -4,6 +4,7 @@ real t5-v1_1-xxl size by its parameter count, and the T5 tokenizer on a
 small Unigram `tokenizer.json` written here; run once per KERAS_BACKEND."""
 
 import json
+import sys
 
 import keras
 import numpy as np
@@ -295,3 +296,9 @@ def test_tokenizer_refusals(tokenizer_file, tmp_path):
         T5Tokenizer(tokenizer_file.read_text(encoding="utf-8"), pad_token="<s>")
     with pytest.raises(ValueError, match="max_length must be a positive integer"):
         T5Tokenizer(tokenizer_file.read_text(encoding="utf-8"), max_length=0)
+
+
+def test_tokenizer_without_the_tokenizers_library(tokenizer_file, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'keras-diffusion\[sd\]'"):
+        T5Tokenizer.from_folder(tokenizer_file.parent)

@@ -8,10 +8,10 @@ blocks, each adding to the stream:
 
 1. self-attention over all positions, scores `q k^T` (no `1/sqrt(d)`; T5's
    initialisation accounts for it) plus a learned number per head for the
-   bucket of the distance `j - i` (exact up to `num_buckets // 4`,
-   logarithmic up to `relative_attention_max_distance`, one bucket beyond,
-   each side its own), the first block's `relative_attention_bias` serving
-   every block;
+   bucket of the distance `j - i` (each distance below `num_buckets // 4`
+   its own, logarithmic bins up to `relative_attention_max_distance`, one
+   bucket beyond; keys before and after the query apart), the first
+   block's `relative_attention_bias` serving every block;
 2. a feed-forward: `wo(gelu_tanh(wi_0 x) * wi_1 x)` for v1.1
    (`feed_forward_proj="gated-gelu"`), `wo(relu(wi x))` for the original T5
    (`"relu"`);
@@ -26,9 +26,10 @@ keeps each `wo` in float32 when it loads the model in float16, so its stream
 is float32 from the first feed-forward on; here the stream (each block's
 input and output) is float32 under every policy, the norms take their
 statistics in float32 and give the policy's dtype, and under a float16
-policy `wo` multiplies in float32 (its float16 weights upcast). Nothing
-overflows, so nothing is clamped. Under bfloat16, whose range is float32's,
-`wo` runs in bfloat16, as in transformers.
+policy `wo` multiplies in float32 (its float16 weights upcast). The stream
+cannot overflow, so nothing is clamped (transformers clamps a float16
+stream to float16's range). Under bfloat16, whose range is float32's, `wo`
+runs in bfloat16, as in transformers.
 
 Each layer holding weights knows its module path in transformers'
 `T5EncoderModel` state dict (`encoder.block.0.layer.0.SelfAttention.q`);
@@ -389,8 +390,10 @@ class T5Tokenizer:
     The `tokenizers` library runs the `tokenizer.json` as it is (normalizer,
     pre-tokenizer, Unigram model, added tokens), except that `</s>` is
     appended whatever its post-processor says, as transformers' T5 tokenizer
-    appends it. Saved with the model: its config holds the `tokenizer.json`
-    text.
+    appends it. (transformers 5 rebuilds the pipeline from the file's
+    vocabulary and charsmap: whitespace split, then Metaspace, the layout of
+    T5's own files.) Saved with the model: its config holds the
+    `tokenizer.json` text.
 
     Args:
         tokenizer_json: the text of a `tokenizer.json` with a Unigram model.
@@ -401,8 +404,8 @@ class T5Tokenizer:
     Example:
 
     >>> tokenizer = T5Tokenizer.from_folder("stable-diffusion-3-medium/tokenizer_3")
-    >>> tokenizer(["a photo of an astronaut"])[:, :8]
-    array([[   3,    9,  1202,    13,    46, 28582,     1,     0]], dtype=int32)
+    >>> tokenizer(["a photo of an astronaut", ""]).shape
+    (2, 256)
     """
 
     def __init__(self, tokenizer_json, max_length=DEFAULT_MAX_LENGTH, eos_token="</s>",
