@@ -36,6 +36,7 @@ RULES = (
     (layers.GroupNormalization, (("gamma", "weight", "same"), ("beta", "bias", "same"))),
     (layers.LayerNormalization, (("gamma", "weight", "same"), ("beta", "bias", "same"))),
     (layers.Embedding, (("embeddings", "weight", "same"),)),
+    (layers.RMSNormalization, (("scale", "weight", "same"),)),
 )
 
 
