@@ -16,6 +16,7 @@ from keras_diffusion.stable_diffusion import single_file
 from keras_diffusion.stable_diffusion.single_file import detect_family
 from keras_diffusion.stable_diffusion.single_file import to_diffusers
 from keras_diffusion.stable_diffusion.single_file import to_original
+from conftest import BACKEND
 from sd_pipelines import assert_same_state_dicts
 from sd_pipelines import SAVED_PARTS
 from sd_pipelines import build_xl_pipeline
@@ -24,6 +25,11 @@ from sd_pipelines import write_single_file
 # The second encoder wider than the first: diffusers tells SDXL base's CLIP
 # from its OpenCLIP by their widths.
 WIDTH_2 = 48
+
+# Key tables and files are numpy and diffusers' own loader: the same on every
+# backend. The two image tests run on each.
+once = pytest.mark.skipif(BACKEND != "torch", reason="backend-independent (tables and files); "
+                          "run under PyTorch")
 
 
 def _build(family, root):
@@ -82,6 +88,7 @@ def pipelines(tmp_path_factory):
 
 
 # ------------------------------------------------------------------ layouts
+@once
 def test_base_original_keys(pipelines):
     pipeline = pipelines["sdxl"]
     keys, parts = pipeline.original, pipeline.parts
@@ -107,6 +114,7 @@ def test_base_original_keys(pipelines):
     assert len(keys) == sum(len(state) for state in parts.values()) - 4 * 3
 
 
+@once
 def test_refiner_original_keys(pipelines):
     keys = pipelines["sdxl_refiner"].original
     assert keys["model.diffusion_model.label_emb.0.0.weight"].shape[1] == 5 * 8 + 32
@@ -115,11 +123,13 @@ def test_refiner_original_keys(pipelines):
                    for key in keys)
 
 
+@once
 def test_families_told_apart(pipelines):
     assert detect_family(pipelines["sdxl"].original) == "sdxl"
     assert detect_family(pipelines["sdxl_refiner"].original.keys()) == "sdxl_refiner"
 
 
+@once
 @pytest.mark.parametrize("family", ["sdxl", "sdxl_refiner"])
 def test_real_size_tables(family):
     """With the shipped SDXL base 1.0 / refiner 1.0 configs (models on
@@ -162,6 +172,7 @@ def test_real_size_tables(family):
 
 
 # ----------------------------------------------- diffusers reads our files
+@once
 @pytest.mark.parametrize("family", ["sdxl", "sdxl_refiner"])
 def test_diffusers_from_single_file_loads_the_same_weights(pipelines, family):
     from diffusers import StableDiffusionXLImg2ImgPipeline
@@ -176,6 +187,7 @@ def test_diffusers_from_single_file_loads_the_same_weights(pipelines, family):
                              for part in pipeline.parts}, pipeline.parts)
 
 
+@once
 @pytest.mark.parametrize("family", ["sdxl", "sdxl_refiner"])
 def test_to_diffusers_reads_the_file_back_exactly(pipelines, family):
     pipeline = pipelines[family]
@@ -183,6 +195,7 @@ def test_to_diffusers_reads_the_file_back_exactly(pipelines, family):
                             pipeline.parts)
 
 
+@once
 def test_keys_diffusers_ignores_are_dropped(pipelines):
     pipeline = pipelines["sdxl"]
     state = dict(pipeline.original)
@@ -194,6 +207,7 @@ def test_keys_diffusers_ignores_are_dropped(pipelines):
     assert_same_state_dicts(to_diffusers(state, **pipeline.configs), pipeline.parts)
 
 
+@once
 def test_nested_text_keys_accepted(pipelines):
     """transformers before 5.6 nests CLIPTextModel's keys under
     `text_model.`; the projection of CLIPTextModelWithProjection never is."""
@@ -241,6 +255,7 @@ def test_the_refiner_file_loads_to_the_folders_refiner(pipelines):
                                  r"\(conditioner\.embedders\.0\.transformer\.text_model\.\*, CLIP ViT-L\)"),
     ("first_stage_model.", r"the file has no VAE \(first_stage_model\.\*\)"),
 ])
+@once
 def test_a_missing_part_is_named(pipelines, tmp_path, prefix, message):
     import keras_diffusion as kd
 
@@ -255,6 +270,7 @@ def test_a_missing_part_is_named(pipelines, tmp_path, prefix, message):
         kd.load_model(tmp_path / "partial.safetensors", config=pipeline.folder)
 
 
+@once
 def test_a_config_of_another_pipeline_is_refused(pipelines, tmp_path):
     """An SDXL file with the configuration of an SD 1.x / 2.x pipeline."""
     import shutil
@@ -274,6 +290,7 @@ def test_a_config_of_another_pipeline_is_refused(pipelines, tmp_path):
         kd.load_model(pipelines["sdxl"].file, config=folder)
 
 
+@once
 def test_a_missing_config_is_named(pipelines):
     configs = dict(pipelines["sdxl"].configs)
     del configs["text_2_config"]
@@ -282,6 +299,7 @@ def test_a_missing_config_is_named(pipelines):
         to_diffusers(pipelines["sdxl"].original, **configs)
 
 
+@once
 def test_shipped_tokenizers():
     from keras_diffusion.stable_diffusion import checkpoints
 
