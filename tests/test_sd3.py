@@ -76,3 +76,73 @@ def test_the_folder_scheduler_is_a_shifted_flow_schedule(folders):
         schedule_from_config({"_class_name": "DDIMScheduler"})
     with pytest.raises(ValueError, match="use_karras_sigmas=True is not supported"):
         schedule_from_config({**config, "use_karras_sigmas": True})
+
+
+@pytest.fixture(scope="module")
+def models(folders):
+    import keras_diffusion as kd
+
+    root, _ = folders
+    return {style: kd.load_model(root / style) for style in ("sd3", "sd3_no_t5")}
+
+
+def test_the_folder_loads_as_sd3(models):
+    from keras_diffusion import FlowMatchSchedule
+    from keras_diffusion.stable_diffusion.sd3 import StableDiffusion3
+
+    model = models["sd3"]
+    assert isinstance(model, StableDiffusion3) and model.prediction == "flow"
+    assert isinstance(model.schedule, FlowMatchSchedule) and model.schedule.shift == 3.0
+    assert model.sample_shape == (8, 8, 16) and model.image_shape == (16, 16, 3)
+    assert model.tokenizer(PROMPTS).shape == (2, 77 + 77 + 256)
+    assert models["sd3_no_t5"].text_encoder.third is None
+    assert models["sd3_no_t5"].tokenizer(PROMPTS).shape == (2, 154)
+
+
+@pytest.mark.parametrize("style", ["sd3", "sd3_no_t5"])
+def test_guided_images_equal_diffusers(folders, models, style):
+    """Euler on the shifted flow sigmas, guided away from negative prompts,
+    with T5 and without (zeros of its shape), from the same latents."""
+    import torch
+
+    _, pipelines = folders
+    latents = np.random.default_rng(0).standard_normal((2, 8, 8, 16)).astype("float32")
+    with torch.no_grad():
+        expected = pipelines[style](
+            prompt=PROMPTS, negative_prompt=["blurry", "a red dog"], height=16, width=16,
+            num_inference_steps=3, guidance_scale=5.0, output_type="np",
+            latents=torch.from_numpy(np.ascontiguousarray(latents.transpose(0, 3, 1, 2)))).images
+    images = models[style].generate(2, prompts=PROMPTS, negative_prompts=["blurry", "a red dog"],
+                                    guidance_scale=5.0, steps=3, sampler="euler", noise=latents)
+    assert images.shape == expected.shape == (2, 16, 16, 3)
+    np.testing.assert_allclose(images, expected, atol=2e-3)
+
+
+def test_it_saves_as_one_keras_file_and_reloads_to_the_same_images(models, tmp_path):
+    import keras_diffusion as kd
+    from keras_diffusion.stable_diffusion.sd3 import StableDiffusion3
+
+    model = models["sd3"]
+    latents = np.random.default_rng(1).standard_normal((1, 8, 8, 16)).astype("float32")
+    before = model.generate(1, prompts="a red dog", steps=2, guidance_scale=5.0, noise=latents,
+                            sampler="euler")
+    model.save(tmp_path / "sd3.keras")
+    again = kd.load_model(tmp_path / "sd3.keras")
+    assert isinstance(again, StableDiffusion3)
+    np.testing.assert_array_equal(again.tokenizer(PROMPTS), model.tokenizer(PROMPTS))
+    after = again.generate(1, prompts="a red dog", steps=2, guidance_scale=5.0, noise=latents,
+                           sampler="euler")
+    np.testing.assert_allclose(after, before, atol=1e-6)
+
+
+def test_a_folder_missing_an_encoder_names_it(folders, tmp_path):
+    import shutil
+
+    import keras_diffusion as kd
+
+    root, _ = folders
+    shutil.copytree(root / "sd3", tmp_path / "copy")
+    shutil.rmtree(tmp_path / "copy" / "text_encoder_2")
+    with pytest.raises(FileNotFoundError, match=r"has no text_encoder_2/ \(OpenCLIP ViT-bigG "
+                                                r"with projection\)"):
+        kd.load_model(tmp_path / "copy")

@@ -35,9 +35,10 @@ from keras_diffusion.stable_diffusion.tokenizer import CLIPTokenizer
 from keras_diffusion.stable_diffusion.unet import StableDiffusionUNet
 from keras_diffusion.stable_diffusion.vae import StableDiffusionVAE
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
-                       "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 XL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+SD3_PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+                       *XL_PIPELINES, *SD3_PIPELINES)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
 
 # diffusers' scheduler config -> our names.
@@ -115,7 +116,7 @@ def check_pipeline_class(index, path):
         raise ValueError(
             f"{path} holds a {name}{unet_note}, which keras_diffusion does not load; supported: "
             f"{', '.join(SUPPORTED_PIPELINES)} (Stable Diffusion 1.x and 2.x; SDXL base and "
-            "refiner)."
+            "refiner; SD 3 / 3.5)."
         )
 
 
@@ -232,7 +233,7 @@ def build_part(name, cls, what, state, config, dtype, **options):
     return part
 
 
-def _listed(pipeline, part):
+def listed(pipeline, part):
     """Whether model_index.json has the component `part`: diffusers writes
     `[null, null]` for one the pipeline goes without (the SDXL refiner's
     first text encoder and tokenizer)."""
@@ -252,7 +253,7 @@ def _component_configs(folder):
              "scheduler": ("scheduler", "scheduler_config.json")}
     if xl:
         parts["text_encoder_2"] = ("text_encoder_2", "config.json")
-        if not _listed(pipeline, "text_encoder"):
+        if not listed(pipeline, "text_encoder"):
             del parts["text_encoder"]
     configs = {part: read_json(folder.joinpath(*path)) for part, path in parts.items()}
     configs["pipeline"] = pipeline
@@ -264,7 +265,12 @@ def load_pipeline_folder(path, dtype=None):
     its weights in `dtype` (None: float32)."""
     dtype = check_dtype(dtype)
     folder = Path(path)
-    check_pipeline_class(read_json(folder / "model_index.json"), path)
+    index = read_json(folder / "model_index.json")
+    check_pipeline_class(index, path)
+    if index.get("_class_name") in SD3_PIPELINES:
+        from keras_diffusion.stable_diffusion import sd3
+
+        return sd3.load_folder(folder, dtype=dtype)
     configs = _component_configs(folder)
     xl = "text_encoder_2" in configs
     parts = [part for part in ("unet", "vae", "text_encoder", "text_encoder_2")

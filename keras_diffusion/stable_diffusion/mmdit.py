@@ -591,6 +591,8 @@ class SD3Transformer(keras.Model):
         context_dim: `joint_attention_dim`.
         pooled_dim: `pooled_projection_dim`.
         patch_size: what `H` and `W` must be multiples of.
+        downsampling_factor: `patch_size`, under the name the latent model
+            and the pipeline read (as the UNet's).
 
     Example:
 
@@ -624,6 +626,7 @@ class SD3Transformer(keras.Model):
         self.context_dim = config["joint_attention_dim"]
         self.pooled_dim = config["pooled_projection_dim"]
         self.patch_size = config["patch_size"]
+        self.downsampling_factor = self.patch_size  # what the pipeline's image sizes divide by
         self.max_patches = config["pos_embed_max_size"]
 
     @property

@@ -17,10 +17,29 @@ Stable Diffusion parts.
   `FlowMatchSchedule` (shift 3.0), whose sampler names keep their meaning.
 """
 
+from pathlib import Path
+
 import keras
 from keras import ops
 
+from keras_diffusion import conditioning
 from keras_diffusion.schedule import FlowMatchSchedule
+from keras_diffusion.stable_diffusion import checkpoints
+from keras_diffusion.stable_diffusion.clip import CLIPTextTransformer
+from keras_diffusion.stable_diffusion.clip import text_model_state_dict
+from keras_diffusion.stable_diffusion.mmdit import SD3Transformer
+from keras_diffusion.stable_diffusion.model import StableDiffusion
+from keras_diffusion.stable_diffusion.t5 import T5Encoder
+from keras_diffusion.stable_diffusion.t5 import T5Tokenizer
+from keras_diffusion.stable_diffusion.t5 import t5_encoder_state_dict
+from keras_diffusion.stable_diffusion.tokenizer import CLIPTokenizer
+from keras_diffusion.stable_diffusion.vae import StableDiffusionVAE
+
+# Each text encoder of an SD 3 folder, by what it is.
+ENCODERS = {"text_encoder": "CLIP ViT-L with projection",
+            "text_encoder_2": "OpenCLIP ViT-bigG with projection",
+            "text_encoder_3": "T5 v1.1 XXL"}
+T5_LENGTH = 256  # diffusers' max_sequence_length
 
 # FlowMatchEulerDiscreteScheduler's config keys -> FlowMatchSchedule's.
 _SCHEDULER_KEYS = {"num_train_timesteps": "timesteps", "shift": "shift",
@@ -158,3 +177,80 @@ class SD3TextEncoders(keras.Model):
         for key in ("first", "second", "third"):
             config.pop(key, None)
         return cls(*parts, **config)
+
+
+@keras.saving.register_keras_serializable(package="keras_diffusion", name="StableDiffusion3")
+class StableDiffusion3(StableDiffusion):
+    """A Stable Diffusion 3 / 3.5 model; build one with
+    `keras_diffusion.load_model(folder)`.
+
+    A `StableDiffusion` whose network is the MMDiT (`SD3Transformer`),
+    whose schedule is a `FlowMatchSchedule` (the network predicts the
+    flow's velocity) and whose text encoders are `SD3TextEncoders`:
+    `generate`, guidance with negative prompts, the samplers (`"euler"` is
+    diffusers' `FlowMatchEulerDiscreteScheduler`), `img2img` and `save` /
+    `load_model` are the Stable Diffusion model's. The MMDiT takes the
+    pooled prompt after the context (`added_conditions`), in sampling and
+    in training.
+    """
+
+    def added_conditions(self, x, pooled, negative=False):
+        """The MMDiT's input after the context: the pooled prompt."""
+        return [pooled]
+
+    def training_conditions(self, labels, x0, training=True):
+        """The MMDiT's inputs after `[x_t, t]` in a training step: the
+        captions' features and pooled output (with prompt dropout)."""
+        features, pooled = conditioning.encode_prompts(self, labels, training=training,
+                                                       pooled=True)
+        return [features, pooled]
+
+
+# ------------------------------------------------------------------ loading
+def _check_folder(folder, parts):
+    for part in parts:
+        if not (folder / part / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{folder} has no {part}/ ({ENCODERS.get(part, part)}): an SD 3 folder holds "
+                "transformer/, vae/, text_encoder/ and text_encoder_2/ (the CLIP encoders) and, "
+                "optionally, text_encoder_3/ (T5), each with its config.json.")
+
+
+def load_folder(folder, dtype="float32"):
+    """A `StableDiffusion3` from a diffusers `StableDiffusion3Pipeline`
+    folder, its weights in `dtype`. Without T5 (`text_encoder_3` null in
+    `model_index.json`, as diffusers saves a pipeline loaded with
+    `text_encoder_3=None`), zeros stand for its features."""
+    folder = Path(folder)
+    index = checkpoints.read_json(folder / "model_index.json")
+    parts = ["transformer", "vae", "text_encoder", "text_encoder_2"]
+    if checkpoints.listed(index, "text_encoder_3"):
+        parts.append("text_encoder_3")
+    _check_folder(folder, parts)
+    configs = {part: checkpoints.read_json(folder / part / "config.json") for part in parts}
+    states = {part: checkpoints.component_weights(folder / part, half=dtype != "float32")
+              for part in parts}
+    transformer = checkpoints.build_part("transformer", SD3Transformer, "transformer",
+                                         states["transformer"], configs["transformer"], dtype)
+    vae = checkpoints.build_part("vae", StableDiffusionVAE, "VAE", states["vae"],
+                                 configs["vae"], dtype)
+    clip = [checkpoints.build_part(part, CLIPTextTransformer, ENCODERS[part],
+                                   text_model_state_dict(states[part]), configs[part], dtype,
+                                   skip_layers=1, final_layer_norm=False)
+            for part in ("text_encoder", "text_encoder_2")]
+    tokenizers = [CLIPTokenizer.from_folder(folder / name) for name in ("tokenizer", "tokenizer_2")]
+    t5 = None
+    if "text_encoder_3" in parts:
+        t5 = checkpoints.build_part("text_encoder_3", T5Encoder, ENCODERS["text_encoder_3"],
+                                    t5_encoder_state_dict(states["text_encoder_3"]),
+                                    configs["text_encoder_3"], dtype)
+        tokenizers.append(T5Tokenizer.from_folder(folder / "tokenizer_3", max_length=T5_LENGTH))
+    encoders = SD3TextEncoders(*clip, t5, joint_dim=transformer.context_dim, t5_length=T5_LENGTH,
+                               name="text_encoders")
+    schedule = schedule_from_config(
+        checkpoints.read_json(folder / "scheduler" / "scheduler_config.json"))
+    side = int(configs["transformer"].get("sample_size", 128)) * vae.factor
+    return StableDiffusion3(
+        vae, transformer, schedule, prediction="flow", ema_decay=None, text_encoder=encoders,
+        tokenizer=SD3Tokenizer(*tokenizers), train_text_encoder=False, image_size=(side, side),
+        name="stable_diffusion_3")
