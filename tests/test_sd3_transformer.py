@@ -59,6 +59,24 @@ SD35_MEDIUM_TRANSFORMER = {
     "sample_size": 128,
 }
 
+# The other two releases' transformer/config.json, as they are published:
+# SD 3 medium (no query / key norm) and SD 3.5 large (38 blocks of 38 heads).
+SD3_MEDIUM_TRANSFORMER = {
+    **{key: value for key, value in SD35_MEDIUM_TRANSFORMER.items()
+       if key not in ("dual_attention_layers", "qk_norm")},
+    "pos_embed_max_size": 192,
+}
+SD35_LARGE_TRANSFORMER = {
+    **SD3_MEDIUM_TRANSFORMER,
+    "caption_projection_dim": 2432,
+    "num_attention_heads": 38,
+    "num_layers": 38,
+    "qk_norm": "rms_norm",
+}
+REAL_SIZES = {"sd35_medium": (SD35_MEDIUM_TRANSFORMER, 2_243_171_520),
+              "sd3_medium": (SD3_MEDIUM_TRANSFORMER, 2_028_328_000),
+              "sd35_large": (SD35_LARGE_TRANSFORMER, 8_056_627_520)}
+
 
 def reference_model(config, seed=0):
     torch.manual_seed(seed)
@@ -172,8 +190,9 @@ def test_interface(pair):
     assert [tuple(i.shape[1:]) for i in ours.inputs] == [
         (None, None, config.in_channels), (), (None, config.joint_attention_dim),
         (config.pooled_projection_dim,)]
-    assert (ours.context_dim, ours.pooled_dim, ours.patch_size) == (
-        config.joint_attention_dim, config.pooled_projection_dim, config.patch_size)
+    assert (ours.context_dim, ours.pooled_dim, ours.patch_size, ours.downsampling_factor) == (
+        config.joint_attention_dim, config.pooled_projection_dim, config.patch_size,
+        config.patch_size)
     assert ours.config["dual_attention_layers"] == list(config.dual_attention_layers)
 
 
@@ -222,14 +241,22 @@ def test_gradient_checkpointing_changes_nothing_but_memory(medium):
         ours.enable_gradient_checkpointing(False)
 
 
-def test_mixed_precision_output_is_float32_and_close():
-    reference = reference_model(SD35_TINY)
+@pytest.mark.parametrize("policy, weights_dtype", [("mixed_bfloat16", "float32"),
+                                                   ("bfloat16", "bfloat16")])
+def test_half_precision_output_is_float32_and_close(policy, weights_dtype):
+    """Mixed precision (float32 weights) and weights in bfloat16, as
+    `load_model(dtype=...)` builds a part."""
+    reference = reference_model(SD35_MEDIUM_TINY)
     inputs = example_inputs(reference.config)
     expected = expected_output(reference, inputs)
-    with policy_scope("mixed_bfloat16"):
+    with policy_scope(policy):
         ours = SD3Transformer.from_reference_config(dict(reference.config))
     weights.load_state_dict(ours, reference_state(reference))
     assert ours.outputs[0].dtype == "float32"
+    kernel, _ = weights.checkpoint_table(ours)["transformer_blocks.0.attn.to_q.weight"]
+    assert keras.backend.standardize_dtype(kernel.dtype) == weights_dtype
+    # A part in half precision says so in its config, to be rebuilt so.
+    assert ours.get_config().get("weights_dtype", "float32") == weights_dtype
     got = evaluate(ours, inputs)
     assert got.dtype == np.float32
     assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
@@ -291,17 +318,20 @@ def shapes_only():
         global_state.set_global_attribute("uninitialized_variables", before)
 
 
-def test_real_size_keys_shapes_and_parameter_count():
-    """SD 3.5 medium (2.24B parameters): the same keys as diffusers' state
-    dict, each at its shape, and the same parameter count."""
+@pytest.mark.parametrize("release", list(REAL_SIZES))
+def test_real_size_keys_shapes_and_parameter_count(release):
+    """The released transformers (2.0B, 2.2B and 8.1B parameters): the same
+    keys as diffusers' state dict, each at its shape, and the same
+    parameter count."""
+    config, parameters = REAL_SIZES[release]
     with torch.device("meta"):
-        reference = SD3Transformer2DModel.from_config(SD35_MEDIUM_TRANSFORMER)
+        reference = SD3Transformer2DModel.from_config(config)
     expected = {key: tuple(value.shape) for key, value in reference.state_dict().items()}
     with shapes_only():
-        ours = SD3Transformer.from_reference_config(SD35_MEDIUM_TRANSFORMER)
+        ours = SD3Transformer.from_reference_config(config)
         table = weights.checkpoint_table(ours)
         trainable = sum(int(np.prod(v.shape)) for v in ours.trainable_weights)
     assert sorted(table) == sorted(expected)
     for key, (variable, layout) in table.items():
         assert tuple(variable.shape) == weights.keras_shape(expected[key], layout), key
-    assert trainable == sum(p.numel() for p in reference.parameters()) == 2_243_171_520
+    assert trainable == sum(p.numel() for p in reference.parameters()) == parameters
