@@ -341,6 +341,14 @@ def is_latents(model, images):
             and channels != model.image_shape[-1])
 
 
+def img2img_start(num_steps, strength):
+    """Where img2img begins in a plan of `num_steps`: after the first
+    `num_steps - int(num_steps * strength)`, as diffusers' SD and SDXL
+    img2img pipelines count. A model may count otherwise (its own
+    `img2img_start`)."""
+    return num_steps - min(int(num_steps * strength), num_steps)
+
+
 def planned_img2img(model, images, *, strength=0.3, steps=50, sampler="ddim", eta=0.0,
                     seed=None, labels=None, prompts=None, negative_prompts=None, guidance_scale=1.0,
                     denoising_start=None, noise=None, timestep_spacing=None,
@@ -348,7 +356,8 @@ def planned_img2img(model, images, *, strength=0.3, steps=50, sampler="ddim", et
     """Image-to-image as diffusers' img2img pipelines run it: plan `steps`
     steps of `sampler` over the whole schedule (as `generate` would), noise
     the images to the level where the last `int(strength * steps)` of them
-    begin, and run those.
+    begin, and run those (the model's `img2img_start`, if it has one,
+    decides where that is).
 
     Args:
         images: `(N, H, W, C)` images in [0, 1] (or uint8), or the model's
@@ -377,7 +386,7 @@ def planned_img2img(model, images, *, strength=0.3, steps=50, sampler="ddim", et
     if denoising_start is None:
         if not is_number(strength) or not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1]; got {strength!r}.")
-        begin = len(timesteps) - min(int(len(timesteps) * strength), len(timesteps))
+        begin = getattr(model, "img2img_start", img2img_start)(len(timesteps), strength)
     else:
         begin = samplers.split_point(model.schedule, timesteps, denoising_start)
     if begin >= len(timesteps):

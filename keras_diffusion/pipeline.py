@@ -302,8 +302,9 @@ def network_function(model, weights, state):
     weights = weights[:len(model.network.trainable_variables)]
     state = state[:len(model.network.non_trainable_variables)]
 
-    def network(inputs):
-        output = model.network.stateless_call(weights, state, inputs, training=False)[0]
+    def network(inputs, **options):
+        output = model.network.stateless_call(weights, state, inputs, training=False,
+                                              **options)[0]
         # Shaped like x_t, and now said so: a network of any image size may
         # lose the static batch size inside, which a traced loop
         # (TensorFlow's while_loop) refuses to carry.
@@ -352,17 +353,19 @@ def empty_condition(model):
     return ops.convert_to_tensor(np.stack([ids, negative])[np.newaxis])
 
 
-def denoiser(model, weights, state, condition, guidance_scale):
+def denoiser(model, weights, state, condition, guidance_scale, skip_guidance=None):
     """The `(x_t, t) -> output` denoiser the samplers take: the network with
     the given weight values, conditioned on `condition` (see this module's
     docstring; None: the null label, or the empty prompt), with
     classifier-free guidance: uncond + w (cond - uncond) (Ho & Salimans 2022
     eq. 6, written so w = 0 is unconditional and w = 1 conditional). For a
     prompted model "uncond" is the negative prompt. `guidance_scale` may be
-    a tensor (an exported endpoint's input)."""
+    a tensor (an exported endpoint's input). `skip_guidance`: the
+    constant `skip_layer_guidance` makes, or None."""
     network = network_function(model, weights, state)
     if text_encoder(model) is not None:
-        return _prompted(model, network, weights, state, condition, guidance_scale)
+        return _prompted(model, network, weights, state, condition, guidance_scale,
+                         skip_guidance)
     if model.num_classes is None:
         return lambda x, t: network([x, t])
 
@@ -374,7 +377,7 @@ def denoiser(model, weights, state, condition, guidance_scale):
     return _guided(network, lambda x: [condition], null_labels, guidance_scale)
 
 
-def _prompted(model, network, weights, state, condition, guidance_scale):
+def _prompted(model, network, weights, state, condition, guidance_scale, skip_guidance=None):
     """`denoiser` for a prompted model: the network cross-attends to each
     prompt's features, and (SDXL) takes the pooled output and the model's
     `added_conditions` besides. Ids of -1 stand for a prompt that is not
@@ -404,7 +407,65 @@ def _prompted(model, network, weights, state, condition, guidance_scale):
                                                     negative=branch == 1)
         return extra
 
-    return _guided(network, inputs(0), inputs(1), guidance_scale)
+    return _guided(network, inputs(0), inputs(1), guidance_scale,
+                   _skipping(network, inputs(0), skip_guidance))
+
+
+def _skipping(network, cond, skip_guidance):
+    """`(x, t, cond_out) -> correction` of skip-layer guidance, or None:
+    inside the window of network times it is `scale (cond_out - out)`,
+    `out` the conditional branch with the named blocks skipped."""
+    if skip_guidance is None:
+        return None
+    layers, scale, low, high = skip_guidance
+
+    def correction(x, t, cond_out):
+        def skipped():
+            out = ops.cast(network([x, t, *cond(x)], skip_layers=list(layers)), "float32")
+            return scale * (cond_out - out)
+
+        time = ops.cast(ops.take(t, 0), "float32")
+        return ops.cond(ops.logical_and(time > low, time < high), skipped,
+                        lambda: ops.zeros_like(cond_out))
+
+    return correction
+
+
+def skip_layer_guidance(model, timesteps, sampler, layers, scale, start, stop):
+    """The constant of skip-layer guidance (Stability's SD 3.5 sampling
+    trick, diffusers' `skip_guidance_layers`): on the steps `i` of a plan
+    with `start * n < i < stop * n` (`n` steps), the guided prediction gains
+    `scale (cond - cond_skipped)`, `cond_skipped` the conditional branch run
+    with the blocks `layers` left out. The steps are found in the loop by
+    the network time they call it at: `(layers, scale, low, high)`, the
+    window's bounds halfway to the neighbouring steps' times. None when no
+    step is in the window. The network must take `skip_layers`."""
+    import inspect
+
+    if "skip_layers" not in inspect.signature(model.network.call).parameters:
+        raise ValueError(f"skip-layer guidance needs a network that can skip blocks (SD 3's "
+                         f"transformer); this model's is a {type(model.network).__name__}.")
+    if (not isinstance(layers, (list, tuple)) or not layers
+            or not all(isinstance(i, (int, np.integer)) and i >= 0 for i in layers)):
+        raise ValueError(f"skip_guidance_layers must be a list of block indices; got "
+                         f"{layers!r}.")
+    for name, value in (("skip_layer_guidance_start", start),
+                        ("skip_layer_guidance_stop", stop)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"{name} must be a fraction in [0, 1]; got {value!r}.")
+    schedule, n = model.schedule, len(timesteps)
+    times = np.asarray(timesteps, np.float64)
+    if getattr(schedule, "flow", False):
+        times = times * schedule.timesteps
+        if sampler.startswith("dpmpp"):  # the whole timesteps that solver calls at
+            times = np.floor(times)
+    steps = [i for i in range(n) if start * n < i < stop * n]
+    if not steps:
+        return None
+    first, last = steps[0], steps[-1]
+    high = np.inf if first == 0 else (times[first - 1] + times[first]) / 2
+    low = -np.inf if last == n - 1 else (times[last] + times[last + 1]) / 2
+    return (tuple(int(i) for i in layers), float(scale), float(low), float(high))
 
 
 def _length_of(features):
@@ -417,11 +478,12 @@ def _broadcast(context, x):
     return ops.broadcast_to(context, (ops.shape(x)[0],) + tuple(context.shape[1:]))
 
 
-def _guided(network, cond, uncond, guidance_scale):
+def _guided(network, cond, uncond, guidance_scale, correction=None):
     """Guidance between the network's conditional and unconditional
     branches; `cond(x)` and `uncond(x)` give the network inputs after `x_t`
     and `t` of each (a list: labels, or a context and SDXL's added
-    conditions) for a batch `x`."""
+    conditions) for a batch `x`. `correction(x, t, cond_out)`, added to
+    the guided output: skip-layer guidance's (`_skipping`)."""
     fixed = not ops.is_tensor(guidance_scale)
     if fixed and guidance_scale == 0:
         return lambda x, t: network([x, t, *uncond(x)])
@@ -435,7 +497,10 @@ def _guided(network, cond, uncond, guidance_scale):
             *[ops.concatenate([a, b], axis=0) for a, b in zip(cond(x), uncond(x))],
         ])
         cond_out, uncond_out = ops.split(ops.cast(both, "float32"), 2, axis=0)
-        return uncond_out + guidance_scale * (cond_out - uncond_out)
+        guided_out = uncond_out + guidance_scale * (cond_out - uncond_out)
+        if correction is not None:
+            guided_out = guided_out + correction(x, t, cond_out)
+        return guided_out
 
     return guided
 
@@ -445,8 +510,11 @@ def loop_function(model, loop, *, constants, guidance_scale):
     """`run(weights, state, condition, *inputs)`: `loop` over the guided
     network, uncompiled. `run_loop` compiles it; an export traces it."""
 
+    constants = dict(constants)
+    skipping = constants.pop("skip_guidance", None)  # the denoiser's, not the loop's
+
     def run(weights, state, condition, *inputs):
-        guided = denoiser(model, weights, state, condition, guidance_scale)
+        guided = denoiser(model, weights, state, condition, guidance_scale, skipping)
         return loop(guided, model.schedule, *inputs, prediction=model.prediction, **constants)
 
     return run
@@ -523,16 +591,18 @@ def _freeze(value):
 
 
 def run_sampler(model, x, *, timesteps, sampler, eta=0.0, condition=None, guidance_scale=1.0,
-                step_noise=None, batch_size=None, stop=None):
+                step_noise=None, batch_size=None, stop=None, skip_guidance=None):
     """Run a sampler from `x` (at `timesteps[0]`) over `timesteps`: x0 as a
     tensor, in [-1, 1] for a pixel model. `step_noise` as
     `samplers.draw_step_noise` draws it. `stop`: run only that many of the
-    steps and return the noisy sample they reach (`samplers.run_sampler`)."""
+    steps and return the noisy sample they reach (`samplers.run_sampler`).
+    `skip_guidance`: `skip_layer_guidance`'s constant, or None."""
     stop = samplers.check_stop(sampler, stop, len(timesteps))
+    skipping = {} if skip_guidance is None else {"skip_guidance": skip_guidance}
     return run_loop(
         model, samplers.run_sampler, [x, step_noise],
         constants=dict(timesteps=samplers.plan(timesteps), sampler=sampler,
-                       eta=float(eta), clip_x0=clips(model), stop=stop),
+                       eta=float(eta), clip_x0=clips(model), stop=stop, **skipping),
         condition=condition, guidance_scale=guidance_scale, batch_size=batch_size,
         batch_axes=(0, 1),
     )
@@ -541,11 +611,15 @@ def run_sampler(model, x, *, timesteps, sampler, eta=0.0, condition=None, guidan
 def sample(model, num_images, *, steps=50, sampler="ddim", seed=None, labels=None,
            prompts=None, negative_prompts=None, guidance_scale=1.0, eta=0.0,
            timestep_spacing=None, batch_size=None, use_karras_sigmas=None, noise=None,
-           image_size=None, denoising_end=None):
+           image_size=None, denoising_end=None, skip_guidance_layers=None,
+           skip_layer_guidance_scale=2.8, skip_layer_guidance_start=0.01,
+           skip_layer_guidance_stop=0.2):
     """`num_images` samples from pure noise, in the space the samplers run
     in (see `decode`); the arguments are those of `DiffusionModel.generate`.
     `denoising_end`: stop that fraction of the way (`samplers.split_point`)
-    and return the noisy samples there, for a refiner to finish."""
+    and return the noisy samples there, for a refiner to finish.
+    `skip_guidance_layers` and the three settings after it: skip-layer
+    guidance (`skip_layer_guidance`), with diffusers' defaults."""
     check_integer("num_images", num_images)
     condition = check_condition(model, num_images, guidance_scale, labels=labels, prompts=prompts,
                                 negative_prompts=negative_prompts)
@@ -567,9 +641,15 @@ def sample(model, num_images, *, steps=50, sampler="ddim", seed=None, labels=Non
     )
     stop = (None if denoising_end is None
             else samplers.split_point(model.schedule, timesteps, denoising_end))
+    skipping = None
+    if skip_guidance_layers is not None and guidance_scale != 1:
+        skipping = skip_layer_guidance(model, timesteps, sampler, skip_guidance_layers,
+                                       skip_layer_guidance_scale, skip_layer_guidance_start,
+                                       skip_layer_guidance_stop)
     return run_sampler(
         model, noise, timesteps=timesteps, sampler=sampler, eta=eta, condition=condition,
         guidance_scale=guidance_scale, step_noise=step_noise, batch_size=batch_size, stop=stop,
+        skip_guidance=skipping,
     )
 
 

@@ -146,3 +146,62 @@ def test_a_folder_missing_an_encoder_names_it(folders, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"has no text_encoder_2/ \(OpenCLIP ViT-bigG "
                                                 r"with projection\)"):
         kd.load_model(tmp_path / "copy")
+
+
+def test_skip_layer_guidance_equals_diffusers(folders, models):
+    """SD 3.5's skip-layer guidance: on the steps between 1% and 60% of a
+    5-step plan (steps 1 and 2), the conditional branch with block 0
+    skipped steers the image, as diffusers' pipeline does."""
+    import torch
+
+    _, pipelines = folders
+    latents = np.random.default_rng(3).standard_normal((1, 8, 8, 16)).astype("float32")
+    options = dict(skip_guidance_layers=[0], skip_layer_guidance_scale=2.8,
+                   skip_layer_guidance_start=0.01, skip_layer_guidance_stop=0.6)
+    with torch.no_grad():
+        expected = pipelines["sd3"](
+            prompt="a photo of a cat", negative_prompt="blurry", height=16, width=16,
+            num_inference_steps=5, guidance_scale=5.0, output_type="np",
+            latents=torch.from_numpy(np.ascontiguousarray(latents.transpose(0, 3, 1, 2))),
+            **options).images
+    model = models["sd3"]
+    images = model.generate(1, prompts="a photo of a cat", negative_prompts="blurry",
+                            guidance_scale=5.0, steps=5, sampler="euler", noise=latents,
+                            **options)
+    plain = model.generate(1, prompts="a photo of a cat", negative_prompts="blurry",
+                           guidance_scale=5.0, steps=5, sampler="euler", noise=latents)
+    assert np.abs(images - plain).max() > 1e-2  # the guidance changes the image
+    np.testing.assert_allclose(images, expected, atol=2e-3)
+
+
+def test_skip_layer_guidance_needs_a_network_that_skips(folders):
+    import keras_diffusion as kd
+    from sd_pipelines import write_pipeline as write
+
+    root, _ = folders
+    write(root / "sd1", "sd1")
+    with pytest.raises(ValueError, match="skip-layer guidance needs a network that can skip "
+                                         "blocks .*StableDiffusionUNet"):
+        kd.load_model(root / "sd1").generate(1, prompts="a cat", guidance_scale=5.0, steps=2,
+                                             skip_guidance_layers=[0])
+
+
+def test_img2img_equals_diffusers(folders, models):
+    """From the same latents and noise, at a strength where SD 3's pipeline
+    counts its steps otherwise than SD's (3 of 5 at 0.55, not 2)."""
+    import torch
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    _, pipelines = folders
+    reference = StableDiffusion3Img2ImgPipeline(**pipelines["sd3"].components)
+    latents = np.random.default_rng(4).standard_normal((1, 8, 8, 16)).astype("float32")
+    with torch.no_grad():
+        expected = reference(
+            prompt="a red dog", negative_prompt="blurry", strength=0.55, num_inference_steps=5,
+            guidance_scale=5.0, output_type="np", generator=torch.Generator().manual_seed(7),
+            image=torch.from_numpy(np.ascontiguousarray(latents.transpose(0, 3, 1, 2)))).images
+    noise = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(7))
+    images = models["sd3"].img2img(latents, prompts="a red dog", negative_prompts="blurry",
+                                   strength=0.55, steps=5, guidance_scale=5.0, sampler="euler",
+                                   noise=noise.numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(images, expected, atol=2e-3)

@@ -135,10 +135,10 @@ def _copy_with_json_edit(folder, copy, name, key, value):
 
 
 def test_an_unsupported_pipeline_is_named(sd, tmp_path):
-    copy = _copy_with_json_edit(sd[0], tmp_path / "xl", "model_index.json", "_class_name",
-                                "StableDiffusion3Pipeline")
-    with pytest.raises(ValueError, match="holds a StableDiffusion3Pipeline, which keras_diffusion "
-                                         "does not load; supported: StableDiffusionPipeline"):
+    copy = _copy_with_json_edit(sd[0], tmp_path / "flux", "model_index.json", "_class_name",
+                                "FluxPipeline")
+    with pytest.raises(ValueError, match="holds a FluxPipeline, which keras_diffusion does not "
+                                         "load; supported: StableDiffusionPipeline"):
         kd.load_model(copy)
 
 

@@ -69,20 +69,22 @@ class StableDiffusion(LatentDiffusionModel):
     def generate(self, num_images, steps=50, sampler="ddim", seed=None, labels=None,
                  guidance_scale=1.0, eta=0.0, timestep_spacing=None, batch_size=None,
                  use_karras_sigmas=None, prompts=None, negative_prompts=None, noise=None,
-                 image_size=None, denoising_end=None, output="images"):
-        """`DiffusionModel.generate`, with two options of diffusers' pipelines:
+                 image_size=None, denoising_end=None, output="images", **guidance):
+        """`DiffusionModel.generate`, with options of diffusers' pipelines:
         `denoising_end`, a fraction in (0, 1), stops that far through the
         denoising (`keras_diffusion.samplers.split_point`) and hands the
         noisy latents on to a refiner's `img2img(..., denoising_start=)`;
         `output="latents"` returns the latents (float32 NHWC numpy) instead
-        of decoding them."""
+        of decoding them; `guidance`: skip-layer guidance for a network that
+        skips blocks (SD 3's: `skip_guidance_layers`, `skip_layer_guidance_
+        scale`, `_start`, `_stop`, as `keras_diffusion.pipeline.sample`)."""
         applications.check_output(output)
         x = pipeline.sample(
             self, num_images, steps=steps, sampler=sampler, seed=seed, labels=labels,
             prompts=prompts, negative_prompts=negative_prompts, guidance_scale=guidance_scale,
             eta=eta, timestep_spacing=timestep_spacing, batch_size=batch_size,
             use_karras_sigmas=use_karras_sigmas, noise=noise, image_size=image_size,
-            denoising_end=denoising_end,
+            denoising_end=denoising_end, **guidance,
         )
         return applications.finish(self, x, output, batch_size)
 
