@@ -245,7 +245,7 @@ def test_inpainting_unet(pipelines):
 # ----------------------------------------------------------------- errors
 @pytest.mark.parametrize("key, what", [
     ("conditioner.embedders.0.open_clip.model.positional_embedding", "SGM"),
-    ("text_encoders.clip_l.transformer.text_model.final_layer_norm.weight", "Stable Diffusion 3"),
+    ("joint_blocks.0.x_block.attn.qkv.weight", "Stable Diffusion 3"),
     ("model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale", "Flux"),
     ("lora_unet_down_blocks_0_attentions_0_proj_in.alpha", "LoRA"),
     ("model.diffusion_model.input_blocks.0.0.weight", "without a text encoder"),
@@ -278,9 +278,10 @@ def test_missing_and_unexpected_keys_listed(pipelines):
                                       if k != "quant_conv.bias"})
     with pytest.raises(ValueError, match=r"diffusers vae .*1 missing \(quant_conv.bias\)"):
         to_original(parts, family="sd1", **pipeline.configs)
-    with pytest.raises(ValueError, match=r"unknown single-file family 'sd3'; supported: "
-                                         r"\['sd1', 'sd2', 'sdxl', 'sdxl_refiner'\]"):
-        to_original(pipeline.parts, family="sd3", **pipeline.configs)
+    with pytest.raises(ValueError, match=r"unknown single-file family 'flux'; supported: "
+                                         r"\['sd1', 'sd2', 'sd3', 'sd35_large', 'sd35_medium', "
+                                         r"'sdxl', 'sdxl_refiner'\]"):
+        to_original(pipeline.parts, family="flux", **pipeline.configs)
 
 
 @pytest.mark.parametrize("option, value", [("class_embed_type", "timestep"),

@@ -311,21 +311,28 @@ def _single_file_tokenizer(family, folder):
 
 def load_single_file(path, config=None, dtype=None):
     """A `LatentDiffusionModel` from one original-layout checkpoint file:
-    Stable Diffusion 1.x / 2.x, SDXL base or its refiner (`single_file`
-    tells which).
+    Stable Diffusion 1.x / 2.x, SDXL base or its refiner, SD 3 Medium,
+    SD 3.5 Medium or Large (`single_file` tells which).
 
     `config`: a diffusers folder (no weights needed) whose component
     configs, scheduler and tokenizers describe the checkpoint; None takes
     the shipped configuration of the file's family (SD 1.5, SD 2.1, SDXL
-    base 1.0 or SDXL refiner 1.0). `dtype`: the weights' dtype (None:
-    float32)."""
+    base 1.0, SDXL refiner 1.0, SD 3 Medium, SD 3.5 Medium or Large). An
+    SD 3 file without its text encoders takes them from the folder's
+    weights (see `sd3.load_single_file`). `dtype`: the weights' dtype
+    (None: float32)."""
     dtype = check_dtype(dtype)
     state = checkpoint_files.read_weights(path, upcast_bfloat16=False)
     family = single_file.detect_family(state.keys())
+    single_file.check_parts(family, state)
     if config is None:
         config = _shipped_config(family)
     elif not is_pipeline_folder(config):
         raise FileNotFoundError(f"config {config} is not a diffusers folder (no model_index.json).")
+    if "transformer" in single_file.FAMILIES[family]["parts"]:
+        from keras_diffusion.stable_diffusion import sd3
+
+        return sd3.load_single_file(state, family, config, dtype=dtype)
     configs = _component_configs(config)
     _check_config_family(family, configs, config)
     parts = single_file.to_diffusers(
@@ -352,7 +359,8 @@ def _check_config_family(family, configs, config):
 
 def _shipped_config(family):
     """The configuration folder that ships for `family`: SD 1.5, SD 2.1,
-    SDXL base 1.0 or SDXL refiner 1.0 (configs only, no weights)."""
+    SDXL base 1.0, SDXL refiner 1.0, SD 3 Medium, SD 3.5 Medium or SD 3.5
+    Large (configs only: no weights, and of the tokenizers CLIP's alone)."""
     folder = Path(__file__).parent / "configs" / family
     if not is_pipeline_folder(folder):
         raise ValueError(

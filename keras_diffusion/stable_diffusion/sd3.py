@@ -373,7 +373,8 @@ SD3_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 # CLIP's shipped tokenizers (`CLIPTokenizer.shipped`) for a config folder
 # without tokenizer folders: CLIP-L pads with `<|endoftext|>`, CLIP-G with
 # `!`, as SDXL's pair does.
-SHIPPED_TOKENIZERS = {"text_encoder": ("tokenizer", "sd1"), "text_encoder_2": ("tokenizer_2", "sd2")}
+SHIPPED_TOKENIZERS = {"text_encoder": ("tokenizer", "sd1"),
+                      "text_encoder_2": ("tokenizer_2", "sd2")}
 
 
 def load_single_file(state, family, folder, dtype="float32"):
@@ -393,9 +394,10 @@ def load_single_file(state, family, folder, dtype="float32"):
     folder, entry = Path(folder), single_file.FAMILIES[family]
     index = checkpoints.read_json(folder / "model_index.json")
     if index.get("_class_name") not in checkpoints.SD3_PIPELINES:
+        described = index.get("_class_name") or "pipeline"
         raise ValueError(f"the file is a {entry['name']} checkpoint, but config {folder} describes "
-                         f"a {index.get('_class_name') or 'pipeline'}; pass the config folder of an "
-                         f"SD 3 model, or none for the shipped {family} configuration.")
+                         f"a {described}; pass the config folder of an SD 3 model, or none for "
+                         f"the shipped {family} configuration.")
     held = single_file.parts_held(family, state)
     t5_listed = checkpoints.listed(index, "text_encoder_3")
     parts = list(SD3_PARTS) + (["text_encoder_3"] if t5_listed or "text_encoder_3" in held else [])

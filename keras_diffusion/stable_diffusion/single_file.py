@@ -32,7 +32,9 @@ Layouts (original -> diffusers):
   query, key and value projections `(d, ...)` each;
 - `"transpose"`: OpenCLIP's `text_projection` `(width, projection)`, applied as
   `pooled @ text_projection` -> transformers' `Linear` weight `(projection,
-  width)`.
+  width)`;
+- `"shift_scale"`: an SD 3 modulation's `(shift, scale)` halves -> diffusers'
+  `(scale, shift)` (its own inverse).
 
 A `CLIPTextModel`'s keys are as transformers (>= 5.6) writes them, without
 the `text_model.` level older versions nest them under; a
@@ -95,9 +97,10 @@ VAE_TOP = (
     ("decoder.conv_in", "decoder.conv_in", WEIGHT_BIAS, "same"),
     ("decoder.norm_out", "decoder.conv_norm_out", WEIGHT_BIAS, "same"),
     ("decoder.conv_out", "decoder.conv_out", WEIGHT_BIAS, "same"),
-    ("quant_conv", "quant_conv", WEIGHT_BIAS, "same"),
-    ("post_quant_conv", "post_quant_conv", WEIGHT_BIAS, "same"),
 )
+# The 1x1 convolutions around the latent that SD 1.x / 2.x and SDXL's VAEs
+# have and SD 3's has not, each by the config option that keeps it.
+VAE_QUANT = {"use_quant_conv": _same("quant_conv"), "use_post_quant_conv": _same("post_quant_conv")}
 VAE_RESNET = _same("norm1", "conv1", "norm2", "conv2")
 VAE_SHORTCUT = (("nin_shortcut", "conv_shortcut", WEIGHT_BIAS, "same"),)
 VAE_ATTENTION = (
@@ -146,6 +149,91 @@ OPENCLIP_PROJECTED_TEXT = dict(
     OPENCLIP_TEXT, nested="text_model",
     head=(("", "text_projection", (("text_projection", "weight"),), "transpose"),),
 )
+# SD 3's files hold both CLIP encoders as transformers writes a
+# `CLIPTextModelWithProjection` ("original_nested": the level the original
+# nests the text model under). CLIP-L's projection is not read: the original
+# takes CLIP-L's pooled output unprojected, so diffusers gives the model an
+# identity projection (see the family's "identities").
+SD3_CLIP_L = dict(CLIP_TEXT, nested="text_model", original_nested="text_model")
+SD3_CLIP_G = dict(SD3_CLIP_L, head=_same("text_projection", params=WEIGHT))
+
+# T5's encoder (transformers' `T5EncoderModel`), kept in its own keys; the
+# relative position table sits in the first block only.
+T5_LAYER = _same("layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAttention.v",
+                 "layer.0.SelfAttention.o", "layer.0.layer_norm", "layer.1.layer_norm",
+                 params=WEIGHT)
+T5_FEED_FORWARD = {  # gated or not (`feed_forward_proj`)
+    True: _same("layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi_1",
+                "layer.1.DenseReluDense.wo", params=WEIGHT),
+    False: _same("layer.1.DenseReluDense.wi", "layer.1.DenseReluDense.wo", params=WEIGHT),
+}
+T5_POSITIONS = _same("layer.0.SelfAttention.relative_attention_bias", params=WEIGHT)
+T5_TOP = _same("shared", "encoder.final_layer_norm", params=WEIGHT)
+
+
+def _t5_blocks(config):
+    """T5's blocks (a text table's counterpart, derived from transformers'
+    `T5Config` dict), and none dropped."""
+    gated = str(config.get("feed_forward_proj", "relu")).startswith("gated-")
+    layer = T5_LAYER + T5_FEED_FORWARD[gated]
+    return [("", "", T5_TOP)] + [
+        (f"encoder.block.{n}", f"encoder.block.{n}", layer + (T5_POSITIONS if n == 0 else ()))
+        for n in range(int(config.get("num_layers", 6)))], []
+
+
+# SD 3's MMDiT (diffusers' `SD3Transformer2DModel`): its modules outside the
+# joint blocks, and a joint block's (an image `x_block` and a context
+# `context_block`, each attention's query, key and value fused as `qkv`).
+# The original modulations split into (shift, scale), diffusers' into
+# (scale, shift): the last block's context modulation and the final layer's
+# are those two alone ("shift_scale"); the others split into six or nine
+# chunks in the same order in both.
+MMDIT_TOP = (
+    ("x_embedder.proj", "pos_embed.proj", WEIGHT_BIAS, "same"),
+    ("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1", WEIGHT_BIAS, "same"),
+    ("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2", WEIGHT_BIAS, "same"),
+    ("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1", WEIGHT_BIAS, "same"),
+    ("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2", WEIGHT_BIAS, "same"),
+    ("context_embedder", "context_embedder", WEIGHT_BIAS, "same"),
+    ("final_layer.linear", "proj_out", WEIGHT_BIAS, "same"),
+    ("final_layer.adaLN_modulation.1", "norm_out.linear", WEIGHT_BIAS, "shift_scale"),
+)
+MMDIT_POSITIONS = (("", "pos_embed", (("pos_embed", "pos_embed"),), "same"),)
+MMDIT_BLOCK = (
+    ("x_block.attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v"), WEIGHT_BIAS, "split"),
+    ("x_block.attn.proj", "attn.to_out.0", WEIGHT_BIAS, "same"),
+    ("x_block.adaLN_modulation.1", "norm1.linear", WEIGHT_BIAS, "same"),
+    ("x_block.mlp.fc1", "ff.net.0.proj", WEIGHT_BIAS, "same"),
+    ("x_block.mlp.fc2", "ff.net.2", WEIGHT_BIAS, "same"),
+    ("context_block.attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+     WEIGHT_BIAS, "split"),
+)
+# Every block's context stream but the last's, which only feeds the joint
+# attention (diffusers' `context_pre_only`).
+MMDIT_CONTEXT = (
+    ("context_block.attn.proj", "attn.to_add_out", WEIGHT_BIAS, "same"),
+    ("context_block.adaLN_modulation.1", "norm1_context.linear", WEIGHT_BIAS, "same"),
+    ("context_block.mlp.fc1", "ff_context.net.0.proj", WEIGHT_BIAS, "same"),
+    ("context_block.mlp.fc2", "ff_context.net.2", WEIGHT_BIAS, "same"),
+)
+MMDIT_LAST_CONTEXT = (
+    ("context_block.adaLN_modulation.1", "norm1_context.linear", WEIGHT_BIAS, "shift_scale"),
+)
+MMDIT_QK_NORM = (  # qk_norm="rms_norm" (SD 3.5)
+    ("x_block.attn.ln_q", "attn.norm_q", WEIGHT, "same"),
+    ("x_block.attn.ln_k", "attn.norm_k", WEIGHT, "same"),
+    ("context_block.attn.ln_q", "attn.norm_added_q", WEIGHT, "same"),
+    ("context_block.attn.ln_k", "attn.norm_added_k", WEIGHT, "same"),
+)
+MMDIT_DUAL = (  # the second image attention of `dual_attention_layers` (SD 3.5 Medium)
+    ("x_block.attn2.qkv", ("attn2.to_q", "attn2.to_k", "attn2.to_v"), WEIGHT_BIAS, "split"),
+    ("x_block.attn2.proj", "attn2.to_out.0", WEIGHT_BIAS, "same"),
+)
+MMDIT_DUAL_QK_NORM = (
+    ("x_block.attn2.ln_q", "attn2.norm_q", WEIGHT, "same"),
+    ("x_block.attn2.ln_k", "attn2.norm_k", WEIGHT, "same"),
+)
+MMDIT_QK_NORMS = (None, "rms_norm")
 
 # The noise schedule that the original training code (ldm's DDPM) stores as
 # buffers beside the weights. The schedule comes from the scheduler config
@@ -159,6 +247,7 @@ SCHEDULE_BUFFERS = (
 
 UNET_PART = ("model.diffusion_model.", "UNet", "")
 VAE_PART = ("first_stage_model.", "VAE", "")
+MMDIT_PART = ("model.diffusion_model.", "transformer", "MMDiT")
 
 # Each family: the key prefixes that tell it (any one present), each part's
 # original prefix, name and architecture, its text tables, the UNet options
@@ -224,15 +313,56 @@ FAMILIES = {
 }
 TEXT_PARTS = ("text_encoder", "text_encoder_2")
 
+# Stable Diffusion 3 / 3.5 (Stability's layout, as their reference code and
+# ComfyUI save it): the MMDiT under `model.diffusion_model.`, the VAE
+# without quant convolutions, and the text encoders under
+# `text_encoders.{clip_l,clip_g,t5xxl}.transformer.` in transformers' own
+# keys. Stability ships most files without text encoders (they come from
+# elsewhere: `optional` parts), some with the CLIP ones, a few with T5 too.
+# The three releases differ in the MMDiT's blocks, which tell them (any
+# key must contain each of "requires"): SD 3.5 Medium's second image
+# attention, SD 3.5 Large's query / key norms, SD 3 Medium neither. A Flux
+# file (its own blocks) is not one, whatever encoders it holds.
+# - "identities": diffusers keys a file has no original for, and the
+#   identity matrix diffusers gives them (CLIP-L's projection, see
+#   SD3_CLIP_L);
+# - a T5 file may repeat its token embedding as `encoder.embed_tokens`,
+#   tied to `shared`: dropped, as is the projection CLIP-L may carry.
+SD3_FAMILY = {
+    "telltales": ("model.diffusion_model.joint_blocks.", "text_encoders."),
+    "excludes": ("model.diffusion_model.double_blocks.",),
+    "parts": {"transformer": MMDIT_PART, "vae": VAE_PART,
+              "text_encoder": ("text_encoders.clip_l.transformer.", "first text encoder",
+                               "CLIP ViT-L"),
+              "text_encoder_2": ("text_encoders.clip_g.transformer.", "second text encoder",
+                                 "OpenCLIP ViT-bigG"),
+              "text_encoder_3": ("text_encoders.t5xxl.transformer.", "third text encoder",
+                                 "T5 v1.1 XXL")},
+    "optional": ("text_encoder", "text_encoder_2", "text_encoder_3"),
+    "texts": {"text_encoder": SD3_CLIP_L, "text_encoder_2": SD3_CLIP_G,
+              "text_encoder_3": _t5_blocks},
+    "identities": {"text_encoder": ("text_projection.weight",)},
+    "ignored_keys": ("text_encoders.clip_l.transformer.text_model.embeddings.position_ids",
+                     "text_encoders.clip_g.transformer.text_model.embeddings.position_ids",
+                     "text_encoders.clip_l.transformer.text_projection.weight",
+                     "text_encoders.t5xxl.transformer.encoder.embed_tokens.weight"),
+    "ignored_prefixes": (),
+}
+FAMILIES.update({
+    "sd35_medium": dict(SD3_FAMILY, name="Stable Diffusion 3.5 Medium", requires=(".attn2.",)),
+    "sd35_large": dict(SD3_FAMILY, name="Stable Diffusion 3.5 Large", requires=(".ln_q.",)),
+    "sd3": dict(SD3_FAMILY, name="Stable Diffusion 3 Medium"),
+})
+
 # Files that are something else: a key prefix that gives each away.
 OTHER_LAYOUTS = (
     ("conditioner.embedders.",
      "a Stability (SGM) checkpoint whose conditioners are not SDXL's text encoders"),
-    ("text_encoders.clip_", "a Stable Diffusion 3 / 3.5 checkpoint"),
-    ("model.diffusion_model.joint_blocks.", "a Stable Diffusion 3 / 3.5 checkpoint"),
-    ("joint_blocks.", "a Stable Diffusion 3 / 3.5 transformer"),
-    ("model.diffusion_model.double_blocks.", "a Flux checkpoint"),
-    ("double_blocks.", "a Flux transformer"),
+    ("model.diffusion_model.double_blocks.", "a Flux checkpoint, not supported yet"),
+    ("double_blocks.", "a Flux transformer, not supported yet"),
+    ("joint_blocks.",
+     "a Stable Diffusion 3 / 3.5 transformer alone, without the model.diffusion_model. prefix "
+     "and the VAE of a full checkpoint"),
     ("control_model.", "a ControlNet checkpoint"),
     ("lora_unet_", "a LoRA (kohya layout), not a full checkpoint"),
     ("lora_te_", "a LoRA (kohya layout), not a full checkpoint"),
@@ -262,7 +392,7 @@ UNET_ADDED_EMBEDDINGS = {
 }
 UNET_DOWN_BLOCKS = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}  # type -> attends
 UNET_UP_BLOCKS = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
-VAE_FIXED = {"mid_block_add_attention": True, "use_quant_conv": True, "use_post_quant_conv": True}
+VAE_FIXED = {"mid_block_add_attention": True}
 VAE_BLOCKS = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
 
 
@@ -288,8 +418,15 @@ def _split(value, count):
     return np.split(value, count, axis=0)
 
 
+def _swap_halves(value):
+    first, second = np.split(value, 2, axis=0)
+    return np.concatenate([second, first], axis=0)
+
+
 LAYOUTS = {
     "same": (lambda value, count: [value], lambda values: values[0]),
+    "shift_scale": (lambda value, count: [_swap_halves(value)],
+                    lambda values: _swap_halves(values[0])),
     "transpose": (lambda value, count: [np.ascontiguousarray(value.T)],
                   lambda values: np.ascontiguousarray(values[0].T)),
     "conv1x1": (_conv1x1_to_linear, _linear_to_conv1x1),
@@ -410,7 +547,8 @@ def _vae_blocks(config):
     for option, kind in VAE_BLOCKS.items():
         _block_types(config, option, {kind: True}, levels, "VAE")
     layers = int(config.get("layers_per_block", 1))
-    blocks = [("", "", VAE_TOP)]
+    quant = sum((table for option, table in VAE_QUANT.items() if config.get(option, True)), ())
+    blocks = [("", "", VAE_TOP + quant)]
 
     def resnet(original, diffusers, c_in, c_out):
         blocks.append((original, diffusers, VAE_RESNET + (VAE_SHORTCUT if c_in != c_out else ())))
@@ -447,18 +585,44 @@ def _vae_blocks(config):
     return blocks
 
 
+def _mmdit_blocks(config):
+    """`(original prefix, diffusers prefix, table)` for every block of the
+    MMDiT that diffusers' `transformer/config.json` dict describes."""
+    if config.get("qk_norm") not in MMDIT_QK_NORMS:
+        raise ValueError(f"the transformer config option qk_norm={config['qk_norm']!r} is not "
+                         f"supported by the single-file layout here (supported: "
+                         f"{', '.join(map(repr, MMDIT_QK_NORMS))}).")
+    count = int(config.get("num_layers", 18))
+    dual = {int(n) for n in config.get("dual_attention_layers") or ()}
+    norms = config.get("qk_norm") is not None
+    # diffusers keeps the position table as a weight only with a maximum size.
+    top = MMDIT_TOP + (MMDIT_POSITIONS if config.get("pos_embed_max_size", 96) else ())
+    blocks = [("", "", top)]
+    for n in range(count):
+        table = MMDIT_BLOCK + (MMDIT_LAST_CONTEXT if n == count - 1 else MMDIT_CONTEXT)
+        table += MMDIT_QK_NORM if norms else ()
+        if n in dual:
+            table += MMDIT_DUAL + (MMDIT_DUAL_QK_NORM if norms else ())
+        blocks.append((f"joint_blocks.{n}", f"transformer_blocks.{n}", table))
+    return blocks
+
+
 def _text_blocks(text, config):
-    """A text encoder's blocks (`text`: a text table), and those of the
-    original's extra layers that diffusers drops."""
+    """A text encoder's blocks (`text`: a text table, or a function of the
+    config giving them), and those of the original's extra layers that
+    diffusers drops."""
+    if callable(text):
+        return text(config)
     count = int(config["num_hidden_layers"])
     original, diffusers = text["layer"]
-    nested = text.get("nested", "")
+    nested, original_nested = text.get("nested", ""), text.get("original_nested", "")
 
     def layer(n):
-        return (original.format(n), _join(nested, diffusers.format(n)), text["layer_table"])
+        return (_join(original_nested, original.format(n)), _join(nested, diffusers.format(n)),
+                text["layer_table"])
 
     extra = range(count, count + text["dropped"])
-    blocks = [("", nested, text["top"])] + [layer(n) for n in range(count)]
+    blocks = [(original_nested, nested, text["top"])] + [layer(n) for n in range(count)]
     if "head" in text:
         blocks.append(("", "", text["head"]))
     return blocks, [layer(n) for n in extra]
@@ -478,34 +642,47 @@ def _keys(blocks, part, prefix):
 
 
 # The keyword that passes each part's config.
-CONFIG_ARGUMENTS = {"unet": "unet_config", "vae": "vae_config", "text_encoder": "text_config",
-                    "text_encoder_2": "text_2_config"}
+CONFIG_ARGUMENTS = {"unet": "unet_config", "transformer": "transformer_config",
+                    "vae": "vae_config", "text_encoder": "text_config",
+                    "text_encoder_2": "text_2_config", "text_encoder_3": "text_3_config"}
 
 
-def key_table(family, *, unet_config, vae_config, text_config=None, text_2_config=None):
+def key_table(family, *, unet_config=None, vae_config=None, text_config=None,
+              text_2_config=None, transformer_config=None, text_3_config=None, parts=None):
     """The renaming for one family and configuration: `(table, ignored)`
     where `table` is `{original key: (part, diffusers keys, layout)}` and
     `ignored` the original keys of weights diffusers does not load.
 
-    The configs are the diffusers `unet/config.json` and `vae/config.json`
-    dicts and transformers' `text_encoder/config.json` (`text_config`) and
-    `text_encoder_2/config.json` (`text_2_config`) ones: those of the parts
-    the family has (SDXL base both text encoders, its refiner the second
-    only, SD 1.x / 2.x the first only); the others are not read."""
+    The configs are the diffusers `unet/config.json` (or SD 3's
+    `transformer/config.json`) and `vae/config.json` dicts and
+    transformers' `text_encoder/config.json` (`text_config`),
+    `text_encoder_2/...` (`text_2_config`) and `text_encoder_3/...`
+    (`text_3_config`) ones: those of the parts the family has (SDXL base
+    both CLIP encoders, its refiner the second only, SD 1.x / 2.x the first
+    only, SD 3 a transformer and any of its three); the others are not
+    read. `parts`: the parts to rename (None: all the family has, less the
+    optional ones whose config is None)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown single-file family {family!r}; supported: {sorted(FAMILIES)}.")
     entry = FAMILIES[family]
-    configs = {"unet": unet_config, "vae": vae_config, "text_encoder": text_config,
-               "text_encoder_2": text_2_config}
-    for part in entry["parts"]:
+    configs = {"unet": unet_config, "transformer": transformer_config, "vae": vae_config,
+               "text_encoder": text_config, "text_encoder_2": text_2_config,
+               "text_encoder_3": text_3_config}
+    if parts is None:
+        parts = [part for part in entry["parts"]
+                 if configs[part] is not None or part not in entry.get("optional", ())]
+    for part in parts:
         if configs[part] is None:
             raise ValueError(f"the {entry['name']} layout has a {part}: pass its config as "
                              f"{CONFIG_ARGUMENTS[part]}= (the {part}/config.json of a diffusers "
                              "folder).")
     table, ignored = {}, set(entry["ignored_keys"])
-    for part, (prefix, _, _) in entry["parts"].items():
+    for part in parts:
+        prefix = entry["parts"][part][0]
         if part == "unet":
             blocks, extra = _unet_blocks(unet_config, entry.get("unet_options")), []
+        elif part == "transformer":
+            blocks, extra = _mmdit_blocks(transformer_config), []
         elif part == "vae":
             blocks, extra = _vae_blocks(vae_config), []
         else:
@@ -530,17 +707,21 @@ def _first_keys(keys, limit=8):
 
 def detect_family(keys):
     """The family (a `FAMILIES` key: `"sd1"`, `"sd2"`, `"sdxl"`,
-    `"sdxl_refiner"`) of an original single file's keys (a dict or any
-    iterable of keys), or one `ValueError` naming what the file looks like.
+    `"sdxl_refiner"`, `"sd3"`, `"sd35_medium"`, `"sd35_large"`) of an
+    original single file's keys (a dict or any iterable of keys), or one
+    `ValueError` naming what the file looks like.
 
     The text encoders tell the family, as diffusers tells them: a file with
     either of SDXL base's encoders is an SDXL base file (`to_diffusers`
-    then names the one it lacks). An inpainting UNet (9 input channels) has
+    then names the one it lacks). An SD 3 file is told by its MMDiT's
+    blocks (see `SD3_FAMILY`). An inpainting UNet (9 input channels) has
     its family's keys: the family is returned and `unet_in_channels` tells
     the caller."""
     keys = list(keys)
     for family, entry in FAMILIES.items():
-        if any(key.startswith(entry["telltales"]) for key in keys):
+        if (any(key.startswith(entry["telltales"]) for key in keys)
+                and not any(key.startswith(entry.get("excludes", ())) for key in keys)
+                and all(any(mark in key for key in keys) for mark in entry.get("requires", ()))):
             return family
     supported = ", ".join(f"{f} ({e['name']})" for f, e in FAMILIES.items())
     for prefix, what in OTHER_LAYOUTS:
@@ -561,48 +742,77 @@ def unet_in_channels(state):
     return int(np.shape(state[key])[1])
 
 
-def _check_parts(family, keys):
-    """One `ValueError` naming the first part of `family` the file has no
-    key of."""
+def _described(prefix, name, architecture):
+    return f"{prefix}* ({', '.join(filter(None, (name, architecture)))})"
+
+
+def check_parts(family, keys):
+    """One `ValueError` naming the first part of `family` that a file
+    needs and has no key of (an SD 3 file needs its transformer and VAE;
+    its text encoders are optional)."""
     entry = FAMILIES[family]
-    for prefix, name, architecture in entry["parts"].values():
-        if not any(key.startswith(prefix) for key in keys):
+    optional = entry.get("optional", ())
+    for part, (prefix, name, architecture) in entry["parts"].items():
+        if part not in optional and not any(key.startswith(prefix) for key in keys):
             where = ", ".join(filter(None, (f"{prefix}*", architecture)))
-            held = ", ".join(f"{p}* ({n})" for p, n, _ in entry["parts"].values())
+            held = ", ".join(f"{p}* ({n})" for part, (p, n, _) in entry["parts"].items()
+                             if part not in optional)
+            if optional:
+                held += " and optionally " + ", ".join(
+                    _described(*entry["parts"][part]) for part in optional)
             raise ValueError(f"the file has no {name} ({where}); a {entry['name']} single file "
                              f"holds {held}.")
 
 
-def to_diffusers(state, *, unet_config, vae_config, text_config=None, text_2_config=None):
-    """An original single file's `{key: array}` as diffusers / transformers
-    state dicts, one per part of its family (`"unet"`, `"vae"`, and
-    `"text_encoder"` and / or `"text_encoder_2"`), in their keys and
-    layouts, each array of the dtype it came in.
+def parts_held(family, keys):
+    """The parts of `family` that the file of `keys` holds: all it needs
+    (see `check_parts`) and the optional ones it has keys of."""
+    entry = FAMILIES[family]
+    return [part for part, (prefix, _, _) in entry["parts"].items()
+            if part not in entry.get("optional", ())
+            or any(key.startswith(prefix) for key in keys)]
 
-    The configs are those `key_table` reads. Keys diffusers does not load
-    (see `FAMILIES`) are dropped; a part the file lacks raises one
-    `ValueError` naming it, and any other key the configuration does not
-    account for, or any key it needs and the file lacks, one naming the
-    first few of each."""
+
+def to_diffusers(state, **configs):
+    """An original single file's `{key: array}` as diffusers / transformers
+    state dicts, one per part of its family that it holds (`"unet"` or
+    `"transformer"`, `"vae"`, and its text encoders: `"text_encoder"`,
+    `"text_encoder_2"`, `"text_encoder_3"`), in their keys and layouts, each
+    array of the dtype it came in.
+
+    `configs`: those `key_table` reads (`unet_config=`, `vae_config=`,
+    ...). Keys diffusers does not load (see `FAMILIES`) are dropped; a part
+    the file lacks raises one `ValueError` naming it, and any other key the
+    configuration does not account for, or any key it needs and the file
+    lacks, one naming the first few of each."""
     family = detect_family(state)
-    _check_parts(family, state)
-    table, ignored = key_table(family, unet_config=unet_config, vae_config=vae_config,
-                               text_config=text_config, text_2_config=text_2_config)
+    check_parts(family, state)
+    held = parts_held(family, state)
+    table, ignored = key_table(family, parts=held, **configs)
     present = {key for key in state if not _is_ignored(key, family, ignored)}
     weights.check_keys(table, present, f"{FAMILIES[family]['name']} single-file")
-    expected, found = int(unet_config.get("in_channels", 4)), unet_in_channels(state)
-    if found != expected:
-        raise ValueError(f"the file's UNet takes {found} input channels"
-                         f"{' (an inpainting UNet)' if found == 9 else ''}, but the UNet config "
-                         f"has in_channels={expected}.")
-    parts = {part: {} for part in FAMILIES[family]["parts"]}
+    if "unet" in held:
+        expected, found = int(configs["unet_config"].get("in_channels", 4)), unet_in_channels(state)
+        if found != expected:
+            raise ValueError(f"the file's UNet takes {found} input channels"
+                             f"{' (an inpainting UNet)' if found == 9 else ''}, but the UNet "
+                             f"config has in_channels={expected}.")
+    parts = {part: {} for part in held}
     for key, (part, names, layout) in table.items():
         values = LAYOUTS[layout][0](np.asarray(state[key]), len(names))
         parts[part].update(zip(names, values))
+    for part, names in FAMILIES[family].get("identities", {}).items():
+        if part in parts:
+            width = int(configs[CONFIG_ARGUMENTS[part]]["hidden_size"])
+            dtype = next(iter(parts[part].values())).dtype
+            parts[part].update({name: np.eye(width, dtype=dtype) for name in names})
     return parts
 
 
 NESTED = "text_model."
+# Keys a diffusers folder may hold that repeat another (transformers ties
+# T5's token embedding to `shared`): not written.
+TIED = {"text_encoder_3": ("encoder.embed_tokens.weight",)}
 
 
 def _as_named(state, wanted):
@@ -616,22 +826,43 @@ def _as_named(state, wanted):
     return renamed
 
 
-def to_original(parts, *, family, unet_config, vae_config, text_config=None, text_2_config=None):
+def _without_identities(family, part, state):
+    """`state` less the weights the layout stands for by an identity
+    matrix, each checked to be one (the file could not say otherwise)."""
+    names = FAMILIES[family].get("identities", {}).get(part, ())
+    for name in names:
+        value = np.asarray(state.get(name, np.eye(1)), dtype="float32")
+        if value.ndim != 2 or not np.array_equal(value, np.eye(*value.shape, dtype="float32")):
+            raise ValueError(f"the {part}'s {name} is not the identity, but the "
+                             f"{FAMILIES[family]['name']} layout has no such weight (the "
+                             "original reads the encoder unprojected); it cannot be written.")
+    return {key: value for key, value in state.items()
+            if key not in names and key not in TIED.get(part, ())}
+
+
+def to_original(parts, *, family, **configs):
     """`to_diffusers` undone: diffusers / transformers state dicts, one per
     part of `family` (`{"unet": ..., "vae": ..., "text_encoder": ...,
-    "text_encoder_2": ...}`, those the family has), as one original
-    single-file `{key: array}`, which `safetensors.numpy.save_file` writes
-    and diffusers' `from_single_file` reads. Weights diffusers does not
-    load are not written (SD 2.x's `text_projection` and the last OpenCLIP
-    layer are not in a diffusers folder to begin with)."""
-    table, _ = key_table(family, unet_config=unet_config, vae_config=vae_config,
-                         text_config=text_config, text_2_config=text_2_config)
+    "text_encoder_2": ...}`; for SD 3 `"transformer"` and `"vae"` and any
+    of its text encoders), as one original single-file `{key: array}`,
+    which `safetensors.numpy.save_file` writes and diffusers'
+    `from_single_file` reads. `configs`: those `key_table` reads. Weights
+    diffusers does not load are not written (SD 2.x's `text_projection`
+    and the last OpenCLIP layer are not in a diffusers folder to begin
+    with; SD 3's CLIP-L projection must be the identity it stands for)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown single-file family {family!r}; supported: {sorted(FAMILIES)}.")
+    optional = FAMILIES[family].get("optional", ())
+    held = [part for part in FAMILIES[family]["parts"] if part not in optional or parts.get(part)]
+    table, _ = key_table(family, parts=held, **configs)
     parts = dict(parts)
-    for part in FAMILIES[family]["parts"]:
+    for part in held:
         wanted = {name for owner, names, _ in table.values() if owner == part for name in names}
+        state = _without_identities(family, part, parts.get(part, {}))
         if part in TEXT_PARTS:
-            parts[part] = _as_named(parts.get(part, {}), wanted)
-        weights.check_keys(wanted, parts.get(part, {}), f"diffusers {part}")
+            state = _as_named(state, wanted)
+        weights.check_keys(wanted, state, f"diffusers {part}")
+        parts[part] = state
     return {key: LAYOUTS[layout][1]([np.asarray(parts[part][name]) for name in names])
             for key, (part, names, layout) in table.items()}
 
