@@ -131,3 +131,16 @@ def test_a_saved_sdxl_model_loads_in_a_fresh_process(xl, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "StableDiffusionXL"
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="the page's functions are the same on every "
+                    "backend (test_demo drives the page itself)")
+def test_the_demo_page_serves_an_sdxl_model(xl):
+    from keras_diffusion import demo
+
+    _, model, _ = xl
+    grid, line = demo.generate(model, prompt="a photo of a cat", num=2, guidance=5.0, steps=2)
+    assert grid.dtype == np.uint8 and grid.shape[0] >= 16 and "2 images" in line
+    photo = (np.random.default_rng(5).uniform(0, 1, (16, 16, 3)) * 255).astype(np.uint8)
+    edited, line = demo.img2img(model, photo, strength=0.5, steps=4, prompt="a cat")
+    assert edited.dtype == np.uint8 and line.startswith("strength 0.5, 4 steps")
