@@ -144,3 +144,12 @@ def test_the_demo_page_serves_an_sdxl_model(xl):
     photo = (np.random.default_rng(5).uniform(0, 1, (16, 16, 3)) * 255).astype(np.uint8)
     edited, line = demo.img2img(model, photo, strength=0.5, steps=4, prompt="a cat")
     assert edited.dtype == np.uint8 and line.startswith("strength 0.5, 4 steps")
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="the check is the pipeline's, the same on every "
+                    "backend")
+def test_a_size_the_unet_cannot_divide_is_one_line(xl):
+    _, model, _ = xl
+    with pytest.raises(ValueError, match=r"image_size 18x20 does not divide: both sides must be "
+                                         r"multiples of 4 for this model"):
+        model.generate(1, prompts="a cat", steps=2, image_size=(18, 20))
