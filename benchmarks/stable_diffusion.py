@@ -4,11 +4,12 @@ backend against diffusers (float32, PyTorch eager) in the same run.
     python benchmarks/stable_diffusion.py --write docs/stable_diffusion.md
     python benchmarks/stable_diffusion.py --dtype bfloat16 --write docs/stable_diffusion.md
 
-A random SD 1.5 (or `--model sd21`, or `--model sdxl`: SDXL base 1.0)
-pipeline is built by diffusers from the shipped configuration, saved with
-`save_pretrained`, and loaded by both libraries, so both run the same
-weights, in `--dtype` (diffusers' `torch_dtype`, our `load_model(dtype=...)`;
-float32 by default; SDXL's folder is written in bfloat16, 7 GB). Each library
+A random SD 1.5 (or `--model sd21`, `--model sdxl`: SDXL base 1.0, or
+`--model sd35m`: SD 3.5 medium without T5) pipeline is built by diffusers
+from the shipped configuration, saved with `save_pretrained`, and loaded by
+both libraries, so both run the same weights, in `--dtype` (diffusers'
+`torch_dtype`, our `load_model(dtype=...)`; float32 by default; the SDXL and
+SD 3.5 folders are written in bfloat16, 7 and 5 GB). Each library
 and backend runs in its own subprocess, diffusers first and last. Measured
 per run:
 
@@ -20,9 +21,9 @@ per run:
   (64x64 for SD 1.5), 77-token context; the mean of `--repeats` after one
   that compiles (ours) or warms up (diffusers);
 - image: one `--size` image, `--steps` DPM-Solver++(2M) steps at guidance
-  7.5 from the same prompt (SDXL: Euler, as it ships, at guidance 5), the
-  VAE decode included; ours once compiled (the first call, compile
-  included, is reported too);
+  7.5 from the same prompt (SDXL and SD 3.5: Euler, as they ship, at
+  guidance 5 and 4.5), the VAE decode included; ours once compiled (the
+  first call, compile included, is reported too);
 - peak memory: the process's peak resident set (ru_maxrss).
 
 With `--finetune`, LoRA training instead (rank 8 on the attention
@@ -53,10 +54,13 @@ from throughput import hardware  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "keras_diffusion" / "stable_diffusion" / "configs"
-FAMILIES = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
-# The sampler and guidance of each model's image: SDXL's folder ships Euler.
-IMAGE_SETTINGS = {"sd15": ("dpmpp_2m", 7.5), "sd21": ("dpmpp_2m", 7.5), "sdxl": ("euler", 5.0)}
-DEFAULT_SIZES = {"sd15": (512, 512), "sd21": (768, 768), "sdxl": (1024, 1024)}
+FAMILIES = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl", "sd35m": "sd35_medium"}
+# The sampler and guidance of each model's image: SDXL's and SD 3's folders
+# ship Euler schedulers.
+IMAGE_SETTINGS = {"sd15": ("dpmpp_2m", 7.5), "sd21": ("dpmpp_2m", 7.5), "sdxl": ("euler", 5.0),
+                  "sd35m": ("euler", 4.5)}
+DEFAULT_SIZES = {"sd15": (512, 512), "sd21": (768, 768), "sdxl": (1024, 1024),
+                 "sd35m": (1024, 1024)}
 PROMPT = "jackfruits hang from the branches of a jackfruit tree"
 
 
@@ -93,6 +97,8 @@ def write_random_pipeline(model, folder):
     source = CONFIGS / FAMILIES[model]
     if model == "sdxl":
         return _write_random_xl(source, folder)
+    if model == "sd35m":
+        return _write_random_sd3(source, folder)
     torch.manual_seed(0)
     configs = {part: json.loads((source / part / "config.json").read_text())
                for part in ("unet", "vae", "text_encoder")}
@@ -151,6 +157,49 @@ def _write_random_xl(source, folder):
     return folder
 
 
+def _write_random_sd3(source, folder):
+    """`write_random_pipeline` for SD 3.5 medium without T5 (`text_encoder_3`
+    null, as diffusers saves a pipeline loaded with `text_encoder_3=None`):
+    the transformer, VAE and both CLIP encoders with projections, each built
+    directly in bfloat16, and CLIP's shipped tokenizers."""
+    import torch
+    from diffusers import AutoencoderKL
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import SD3Transformer2DModel
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig
+    from transformers import CLIPTextModelWithProjection
+
+    from keras_diffusion.stable_diffusion.tokenizer import CLIPTokenizer
+
+    torch.manual_seed(0)
+    config = {part: json.loads((source / part / "config.json").read_text())
+              for part in ("transformer", "vae", "text_encoder", "text_encoder_2")}
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bfloat16: no float32 copy
+    try:
+        parts = dict(
+            transformer=SD3Transformer2DModel.from_config(config["transformer"]),
+            vae=AutoencoderKL.from_config(config["vae"]),
+            text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder"])),
+            text_encoder_2=CLIPTextModelWithProjection(
+                CLIPTextConfig(**config["text_encoder_2"])))
+    finally:
+        torch.set_default_dtype(default)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        json.loads((source / "scheduler" / "scheduler_config.json").read_text()))
+    staging = folder.with_name(folder.name + ".partial")
+    StableDiffusion3Pipeline(**parts, scheduler=scheduler, tokenizer=None, tokenizer_2=None,
+                             text_encoder_3=None, tokenizer_3=None).save_pretrained(staging)
+    index = json.loads((staging / "model_index.json").read_text())
+    for name, family in (("tokenizer", "sd1"), ("tokenizer_2", "sd2")):
+        CLIPTokenizer.shipped(family).save_folder(staging / name)
+        index[name] = ["transformers", "CLIPTokenizer"]
+    (staging / "model_index.json").write_text(json.dumps(index))
+    staging.rename(folder)
+    return folder
+
+
 # ------------------------------------------------------------------ workers
 def run_diffusers(args):
     import torch
@@ -179,15 +228,27 @@ def run_diffusers(args):
     factor = pipe.vae_scale_factor
     latents = torch.randn(2, 4, height // factor, width // factor, device=device, dtype=dtype)
     t = torch.tensor([500, 500], device=device)
-    context = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, device=device, dtype=dtype)
-    added = {}
+    if args.model == "sd35m":  # the MMDiT: 16 channels, 77 + 256 tokens, the pooled prompt
+        network = pipe.transformer
+        latents = torch.randn(2, 16, height // factor, width // factor, device=device,
+                              dtype=dtype)
+        context = torch.randn(2, 333, network.config.joint_attention_dim, device=device,
+                              dtype=dtype)
+        added = {"pooled_projections": torch.randn(2, network.config.pooled_projection_dim,
+                                                   device=device, dtype=dtype)}
+        t = t.to(dtype)
+    else:
+        network = pipe.unet
+        context = torch.randn(2, 77, network.config.cross_attention_dim, device=device,
+                              dtype=dtype)
+        added = {}
     if args.model == "sdxl":  # the pooled prompt and the six time ids
         added = {"added_cond_kwargs": {
             "text_embeds": torch.randn(2, pipe.text_encoder_2.config.projection_dim,
                                        device=device, dtype=dtype),
             "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * 2,
                                      device=device, dtype=dtype)}}
-    unet_step = synced(lambda: pipe.unet(latents, t, context, **added))
+    unet_step = synced(lambda: network(latents, t, context, **added))
     step = _timed(unet_step, 1)  # warm-up
     step = _timed(unet_step, args.repeats)
 
@@ -197,7 +258,7 @@ def run_diffusers(args):
 
     seconds = _timed(synced(image), 1)
     counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
-              for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+              for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")
               if getattr(pipe, name, None) is not None}
     return dict(library="diffusers", backend="torch", load_s=load, unet_step_s=step,
                 image_s=seconds, first_image_s=seconds, peak_gb=_peak_gb(),
@@ -219,11 +280,13 @@ def run_ours(args):
     channels = model.sample_shape[-1]
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((2, height // factor, width // factor, channels))
-    t = np.full((2,), 500, "int32")
-    context = rng.standard_normal((2, 77, model.network.context_dim))
+    sd3 = args.model == "sd35m"
+    t = np.full((2,), 500, "float32" if sd3 else "int32")
+    context = rng.standard_normal((2, 333 if sd3 else 77, model.network.context_dim))
     inputs = [latents.astype("float32"), t, context.astype("float32")]
-    if hasattr(model, "added_conditions"):  # SDXL: the pooled prompt and the time ids
-        pooled = rng.standard_normal((2, model.text_encoder.second.projection_dim))
+    if hasattr(model, "added_conditions"):  # the pooled prompt (and SDXL's time ids)
+        pooled = rng.standard_normal((2, model.network.pooled_dim if sd3
+                                      else model.text_encoder.second.projection_dim))
         inputs += model.added_conditions(latents, pooled.astype("float32"))
     step_fn = pipeline.compiled_network(model)
     inputs = [keras.ops.convert_to_tensor(v) for v in inputs]
@@ -242,11 +305,12 @@ def run_ours(args):
 
     # The checkpoint's weights (the VAE's scaling factor, a weight here, is not one).
     encoders = {"text_encoder": model.text_encoder}
-    if hasattr(model.text_encoder, "second"):  # SDXL's pair
+    if hasattr(model.text_encoder, "second"):  # SDXL's pair, SD 3's CLIP pair
         encoders = {"text_encoder": model.text_encoder.first,
                     "text_encoder_2": model.text_encoder.second}
+    network = "transformer" if args.model == "sd35m" else "unet"
     counts = {name: int(sum(np.prod(v.shape) for v, _ in sd_weights.checkpoint_table(part).values()))
-              for name, part in (("unet", model.network), ("vae", model.autoencoder),
+              for name, part in ((network, model.network), ("vae", model.autoencoder),
                                  *encoders.items())}
     return dict(library="keras_diffusion", backend=keras.backend.backend(), load_s=load,
                 unet_step_s=step, unet_compile_s=compile_s, image_s=seconds,
