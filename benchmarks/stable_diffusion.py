@@ -318,37 +318,61 @@ def run_ours(args):
 
 
 # -------------------------------------------------------------- fine-tuning
-def finetune_diffusers(args):
-    """One LoRA training step as diffusers' train_text_to_image_lora.py takes
-    it: VAE encode, text encode (both frozen), noise, UNet with peft LoRA
-    (rank 8 on the attention projections), MSE, backward, AdamW."""
+def _encode_for_training(pipe, ids, xl, side):
+    """The UNet's conditioning in a training step: SD's text features, or
+    SDXL's two penultimate feature sets, pooled prompt and time ids (as
+    diffusers' SDXL training scripts compute them)."""
     import torch
-    from diffusers import StableDiffusionPipeline
+
+    if not xl:
+        return pipe.text_encoder(ids[0])[0], {}
+    first = pipe.text_encoder(ids[0], output_hidden_states=True)
+    second = pipe.text_encoder_2(ids[1], output_hidden_states=True)
+    context = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    time_ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=context.dtype)
+    return context, {"added_cond_kwargs": {"text_embeds": second[0], "time_ids": time_ids}}
+
+
+def finetune_diffusers(args):
+    """One LoRA training step as diffusers' train_text_to_image_lora.py (and
+    its SDXL twin) takes it: VAE encode, text encode (both frozen), noise,
+    UNet with peft LoRA (rank 8 on the attention projections), MSE,
+    backward, AdamW. Over half-precision weights the LoRA matrices are
+    float32, as the scripts' `cast_training_params`."""
+    import torch
+    from diffusers import DiffusionPipeline
     from peft import LoraConfig
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.folder, safety_checker=None)
-    for part in (pipe.vae, pipe.text_encoder, pipe.unet):
-        part.requires_grad_(False)
+    pipe = DiffusionPipeline.from_pretrained(args.folder, torch_dtype=getattr(torch, args.dtype))
+    xl = args.model == "sdxl"
+    for part in (pipe.vae, pipe.text_encoder, pipe.unet, getattr(pipe, "text_encoder_2", None)):
+        if part is not None:
+            part.requires_grad_(False)
     pipe.unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for parameter in pipe.unet.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
     if args.checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     pipe.unet.train()
     params = [p for p in pipe.unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    pixels = torch.rand(1, 3, side, side) * 2 - 1
-    ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", max_length=77,
-                         return_tensors="pt").input_ids
+    side = args.size[0]
+    pixels = (torch.rand(1, 3, side, side) * 2 - 1).to(pipe.vae.dtype)
+    ids = [tokenizer(["a photo of sks dog"], padding="max_length", max_length=77,
+                     return_tensors="pt").input_ids
+           for tokenizer in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if tokenizer]
 
     def step():
         with torch.no_grad():
             latents = pipe.vae.encode(pixels).latent_dist.sample() * pipe.vae.config.scaling_factor
-            context = pipe.text_encoder(ids)[0]
+            context, added = _encode_for_training(pipe, ids, xl, side)
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (1,))
         noisy = pipe.scheduler.add_noise(latents, noise, t)
-        loss = torch.nn.functional.mse_loss(pipe.unet(noisy, t, context).sample, noise)
+        prediction = pipe.unet(noisy, t, context, **added).sample.float()
+        loss = torch.nn.functional.mse_loss(prediction, noise.float())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -359,7 +383,7 @@ def finetune_diffusers(args):
     def encode():  # what caching latents and prompt embeddings would save per step
         with torch.no_grad():
             pipe.vae.encode(pixels).latent_dist.sample()
-            pipe.text_encoder(ids)
+            _encode_for_training(pipe, ids, xl, side)
 
     return dict(library="diffusers", backend="torch", checkpointing=args.checkpointing,
                 step_s=seconds, first_step_s=first, encode_s=_timed(encode, 2),
@@ -372,7 +396,7 @@ def finetune_ours(args):
 
     import keras_diffusion as kd
 
-    sd = kd.load_model(args.folder)
+    sd = kd.load_model(args.folder, dtype=args.dtype)  # LoRA matrices float32 either way
     sd.enable_lora(rank=8)
     if args.checkpointing:
         sd.enable_gradient_checkpointing()
@@ -397,8 +421,9 @@ def finetune_ours(args):
     return dict(result, peak_gb=_peak_gb())
 
 
-def finetune_table(runs):
-    rows = ["| run | gradient checkpointing | s per LoRA step (512x512, batch 1) | vs diffusers "
+def finetune_table(runs, size):
+    rows = [f"| run | gradient checkpointing | s per LoRA step ({size[0]}x{size[1]}, batch 1) "
+            "| vs diffusers "
             "| on cached latents s | first step s | peak GB |", "|---|---|---|---|---|---|---|"]
     base = {r["checkpointing"]: r["step_s"] for r in runs
             if r["library"] == "diffusers" and "failed" not in r}
@@ -480,12 +505,13 @@ def main():
     parser.add_argument("--finetune", action="store_true",
                         help="measure LoRA training steps instead (with and without gradient "
                              "checkpointing)")
+    parser.add_argument("--runs", choices=("both", "plain", "checkpointing"), default="both",
+                        help="with --finetune: with and without gradient checkpointing, or one")
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.finetune and args.dtype != "float32":
-        parser.error("--finetune measures float32 weights (a LoRA over half-precision weights "
-                     "is tested in tests/test_sd_half.py, not timed yet)")
+    if args.finetune and args.model == "sd35m":
+        parser.error("--finetune measures the UNet models (sd15, sd21, sdxl)")
     if args.folder is None:
         args.folder = ROOT / "build" / f"sd-{args.model}"
     if args.size is None:
@@ -498,14 +524,17 @@ def main():
     write_random_pipeline(args.model, args.folder)
     if args.finetune:
         runs = []
-        for checkpointing in (False, True):
+        for checkpointing in {"both": (False, True), "plain": (False,),
+                              "checkpointing": (True,)}[args.runs]:
             args.checkpointing = checkpointing
             runs.append(_spawn(args, "diffusers", "torch"))
             runs += [_spawn(args, "keras_diffusion", b) for b in args.backends.split(",")]
-        text = finetune_table(runs)
+        text = finetune_table(runs, args.size)
         print(text)
         if args.write:
-            _write(args, text, runs, f"sd-finetune-{args.model}", "LoRA fine-tuning")
+            suffix = "" if args.dtype == "float32" else f"-{args.dtype}"
+            _write(args, text, runs, f"sd-finetune-{args.model}{suffix}",
+                   f"LoRA fine-tuning, {args.size[0]}x{args.size[1]}, {args.dtype}")
         return
     runs = [_spawn(args, "diffusers", "torch")]
     for backend in args.backends.split(","):
