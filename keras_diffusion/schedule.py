@@ -397,6 +397,12 @@ def check_steps(steps, timesteps):
 TIME_SHIFTS = ("exponential", "linear")
 TIMESTEP_DENSITIES = ("uniform", "logit_normal", "mode")
 FLOW_LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+# diffusers' SD 3 training scripts' one `--weighting_scheme`, as the
+# (density, weighting) pair it means: a density draws the sigmas and weights
+# every example alike; a weighting draws them uniformly and weights the loss.
+WEIGHTING_SCHEMES = {"logit_normal": ("logit_normal", "none"), "mode": ("mode", "none"),
+                     "uniform": ("uniform", "none"), "sigma_sqrt": ("uniform", "sigma_sqrt"),
+                     "cosmap": ("uniform", "cosmap")}
 FLOW_PREDICTION = "flow"
 ALL_PREDICTIONS = PREDICTION_TYPES + (FLOW_PREDICTION,)
 
@@ -434,6 +440,11 @@ class FlowMatchSchedule(keras.layers.Layer):
         weighting: the per-example loss weight, as diffusers'
             `compute_loss_weighting_for_sd3`: `"none"`, `"sigma_sqrt"`
             (1 / sigma^2) or `"cosmap"`.
+        precondition_outputs: train as diffusers' SD 3 scripts'
+            `--precondition_outputs` (Karras 2022, section 5): the output
+            read as x0 = x_t - sigma v and regressed on x0. As x_t - x0 =
+            sigma (noise - x0), that is the velocity loss times sigma^2,
+            which `loss_weight` applies.
 
     Images are `(B, H, W, C)` tensors; `sigma` a `(B,)` float tensor in [0, 1].
     The network predicts the velocity (`prediction="flow"`).
@@ -448,8 +459,8 @@ class FlowMatchSchedule(keras.layers.Layer):
     def __init__(self, timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5,
                  max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
                  time_shift_type="exponential", shift_terminal=None, stochastic_sampling=False,
-                 density="uniform",
-                 logit_mean=0.0, logit_std=1.0, mode_scale=1.29, weighting="none", **kwargs):
+                 density="uniform", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                 weighting="none", precondition_outputs=False, **kwargs):
         kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         check_integer("timesteps", timesteps, low=2)
@@ -464,18 +475,6 @@ class FlowMatchSchedule(keras.layers.Layer):
                              f"{time_shift_type!r}.")
         if shift_terminal is not None and not 0 < shift_terminal < 1:
             raise ValueError(f"shift_terminal must be in (0, 1) or None; got {shift_terminal!r}.")
-        if density not in TIMESTEP_DENSITIES:
-            raise ValueError(f"density must be one of {', '.join(TIMESTEP_DENSITIES)}; got "
-                             f"{density!r}.")
-        if weighting not in FLOW_LOSS_WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {', '.join(FLOW_LOSS_WEIGHTINGS)}; got "
-                             f"{weighting!r}.")
-        for name, value in (("logit_mean", logit_mean), ("logit_std", logit_std),
-                            ("mode_scale", mode_scale)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number; got {value!r}.")
-        if logit_std <= 0:
-            raise ValueError(f"logit_std must be > 0; got {logit_std!r}.")
         self.timesteps = int(timesteps)
         self.shift = float(shift)
         self.use_dynamic_shifting = bool(use_dynamic_shifting)
@@ -485,9 +484,9 @@ class FlowMatchSchedule(keras.layers.Layer):
         self.time_shift_type = time_shift_type
         self.shift_terminal = None if shift_terminal is None else float(shift_terminal)
         self.stochastic_sampling = bool(stochastic_sampling)
-        self.density, self.weighting = density, weighting
-        self.logit_mean, self.logit_std = float(logit_mean), float(logit_std)
-        self.mode_scale = float(mode_scale)
+        self.set_training(density=density, weighting=weighting, logit_mean=logit_mean,
+                          logit_std=logit_std, mode_scale=mode_scale,
+                          precondition_outputs=precondition_outputs)
         # The training sigmas, N down to 1 over N, shifted unless the shift is dynamic.
         sigmas = np.linspace(1, self.timesteps, self.timesteps, dtype=np.float32)[::-1]
         sigmas = sigmas / np.float32(self.timesteps)
@@ -612,6 +611,31 @@ class FlowMatchSchedule(keras.layers.Layer):
     # --------------------------------------------------------------- training
     flow = True
 
+    def set_training(self, density, weighting, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                     precondition_outputs=False):
+        """Set how training draws its sigmas and weights its loss (see the
+        class); all checked before any is set. A train step traced before
+        keeps the old settings: the model's `configure_fine_tuning` retraces."""
+        if density not in TIMESTEP_DENSITIES:
+            raise ValueError(f"density must be one of {', '.join(TIMESTEP_DENSITIES)}; got "
+                             f"{density!r}.")
+        if weighting not in FLOW_LOSS_WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(FLOW_LOSS_WEIGHTINGS)}; got "
+                             f"{weighting!r}.")
+        for name, value in (("logit_mean", logit_mean), ("logit_std", logit_std),
+                            ("mode_scale", mode_scale)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number; got {value!r}.")
+        if logit_std <= 0:
+            raise ValueError(f"logit_std must be > 0; got {logit_std!r}.")
+        if not isinstance(precondition_outputs, (bool, np.bool_)):
+            raise ValueError(f"precondition_outputs must be True or False; got "
+                             f"{precondition_outputs!r}.")
+        self.density, self.weighting = density, weighting
+        self.logit_mean, self.logit_std = float(logit_mean), float(logit_std)
+        self.mode_scale = float(mode_scale)
+        self.precondition_outputs = bool(precondition_outputs)
+
     def draw_levels(self, batch_size, seed=None):
         """`(B,)` training sigmas from the schedule's own `density`."""
         return self.draw_sigmas(batch_size, seed=seed, density=self.density,
@@ -647,10 +671,14 @@ class FlowMatchSchedule(keras.layers.Layer):
         return ops.take(ops.convert_to_tensor(self.training_sigmas), index)
 
     def loss_weight(self, sigma, prediction="flow", min_snr_gamma=None):
-        """Per-example loss weights by the schedule's `weighting` (min-SNR
-        weighting is for DDPM schedules; the model refuses it here)."""
+        """Per-example loss weights by the schedule's `weighting`, times
+        sigma^2 with `precondition_outputs` (min-SNR weighting is for DDPM
+        schedules; the model refuses it here)."""
         check_flow_prediction(prediction)
-        return self.weights_for(sigma, self.weighting)
+        weights = self.weights_for(sigma, self.weighting)
+        if self.precondition_outputs:
+            weights = weights * ops.square(ops.cast(sigma, "float32"))
+        return weights
 
     def weights_for(self, sigma, weighting):
         """Per-example loss weights (diffusers' `compute_loss_weighting_for_sd3`):
@@ -675,8 +703,10 @@ class FlowMatchSchedule(keras.layers.Layer):
                       base_image_seq_len=self.base_image_seq_len,
                       max_image_seq_len=self.max_image_seq_len,
                       time_shift_type=self.time_shift_type, shift_terminal=self.shift_terminal,
-                      stochastic_sampling=self.stochastic_sampling, density=self.density, logit_mean=self.logit_mean, logit_std=self.logit_std,
-                      mode_scale=self.mode_scale, weighting=self.weighting)
+                      stochastic_sampling=self.stochastic_sampling, density=self.density,
+                      logit_mean=self.logit_mean, logit_std=self.logit_std,
+                      mode_scale=self.mode_scale, weighting=self.weighting,
+                      precondition_outputs=self.precondition_outputs)
         return config
 
 

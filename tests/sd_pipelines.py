@@ -315,3 +315,47 @@ def write_single_file(folder, family, path):
     original = single_file.to_original(parts, family=family, **configs)
     safetensors.numpy.save_file(original, path)
     return configs, parts, original
+
+
+# `keras-diffusion finetune`'s options for a DreamBooth run with prior
+# preservation on a tiny pipeline: a rank-2 LoRA, one epoch, two class images.
+DREAMBOOTH_OPTIONS = ("--instance-prompt", "a photo of sks dog", "--class-prompt",
+                      "a photo of a dog", "--num-class-images", "2", "--lora-rank", "2",
+                      "--epochs", "1", "--batch-size", "2", "--learning-rate", "1e-2",
+                      "--sample-steps", "2", "--cache-latents")
+
+
+def write_instance_images(folder, count=2):
+    """DreamBooth's instance images: `count` dark 20x24 PNGs, each with a
+    red square, written to `folder` (made)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        pixels = (rng.uniform(0, 0.3, (20, 24, 3)) * 255).astype("uint8")
+        pixels[6:14, 8:16, 0] = 230
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+    return folder
+
+
+def part_values(part):
+    """A part's variables as NumPy copies, in order."""
+    from keras import ops
+
+    return [ops.convert_to_numpy(v).copy() for v in part.variables]
+
+
+def assert_only_the_network_trained(model, network, frozen):
+    """After `fit` of the whole network: most of its variables moved from
+    `network` (their values before), the text encoder's and the VAE's
+    (`frozen`, in that order) not at all."""
+    import numpy as np
+
+    changed = [not np.array_equal(a, b) for a, b in zip(network, part_values(model.network))]
+    assert sum(changed) > len(changed) // 2
+    for before, after in zip(frozen, part_values(model.text_encoder)
+                             + part_values(model.autoencoder)):
+        np.testing.assert_array_equal(after, before)

@@ -355,7 +355,8 @@ REFUSED = {
     "loha": ({f"lora_unet_{Q.replace('.', '_')}.hada_w1_a": (32, 4)},
              r"the file is a LyCORIS LoHa adapter \(hada_w1_a in lora_unet_mid_block.*\), "
              r"which keras_diffusion does not load; it reads LoRA files of SD 1.x / 2.x and SDXL "
-             r"in the peft, diffusers and kohya layouts\."),
+             r"in the peft, diffusers and kohya layouts, and of SD 3 in the peft and diffusers "
+             r"layouts\."),
     "lokr": ({f"lora_unet_{Q.replace('.', '_')}.lokr_w1": (4, 4)}, r"a LyCORIS LoKr adapter"),
     "dora": ({f"unet.{Q}.lora_A.weight": (4, 32), f"unet.{Q}.lora_B.weight": (32, 4),
               f"unet.{Q}.lora_magnitude_vector": (32,)},

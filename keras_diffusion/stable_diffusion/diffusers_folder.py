@@ -2,7 +2,9 @@
 which `StableDiffusionPipeline.from_pretrained` loads to the same images (an
 SDXL model as a `StableDiffusionXLPipeline`, its refiner as a
 `StableDiffusionXLImg2ImgPipeline`, each text encoder whole, as SDXL's
-pipelines read their penultimate layers themselves).
+pipelines read their penultimate layers themselves). A family with a
+pipeline of its own writes its folder with the helpers here (SD 3:
+`sd3.write_folder`), through the same `save_diffusers`.
 
 The folder is what diffusers' `save_pretrained` writes: `model_index.json`,
 and per component a config and float32 safetensors weights in the reference
@@ -162,7 +164,7 @@ def scheduler_config(model):
 
 
 # ---------------------------------------------------------------- writing
-def _write_json(path, data):
+def write_json(path, data):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -172,6 +174,22 @@ def _write_weights(path, tensors):
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def write_component(folder, part, config, tensors, weight_file=WEIGHT_FILES["unet"]):
+    """A pipeline component's `config.json` and safetensors weights in
+    `folder / part`."""
+    write_json(folder / part / "config.json", config)
+    _write_weights(folder / part / weight_file, tensors)
+
+
+def write_text_encoder(folder, part, encoder, tokenizer, whole):
+    """A text encoder's transformers config and weights (`text_encoder_config`,
+    `text_encoder_state_dict`) in `folder / part`, its tokenizer's files in
+    the matching `tokenizer*/`."""
+    write_component(folder, part, text_encoder_config(encoder, tokenizer, whole),
+                    text_encoder_state_dict(encoder, whole), WEIGHT_FILES["text_encoder"])
+    tokenizer.save_folder(folder / part.replace("text_encoder", "tokenizer"))
 
 
 def model_index(model):
@@ -197,23 +215,18 @@ def model_index(model):
 def write_folder(model, folder):
     """Write the pipeline's files into the existing, empty `folder`."""
     folder = Path(folder)
-    _write_json(folder / "model_index.json", model_index(model))
-    _write_json(folder / "unet" / "config.json", unet_config(model))
-    _write_weights(folder / "unet" / WEIGHT_FILES["unet"], state_dict(model.network))
-    _write_json(folder / "vae" / "config.json", vae_config(model))
-    _write_weights(folder / "vae" / WEIGHT_FILES["vae"], state_dict(model.autoencoder))
-    whole = _is_xl(model)
+    write_json(folder / "model_index.json", model_index(model))
+    write_component(folder, "unet", unet_config(model), state_dict(model.network))
+    write_component(folder, "vae", vae_config(model), state_dict(model.autoencoder))
     for part, (encoder, tokenizer) in _text_encoders(model).items():
-        _write_json(folder / part / "config.json", text_encoder_config(encoder, tokenizer, whole))
-        _write_weights(folder / part / WEIGHT_FILES["text_encoder"],
-                       text_encoder_state_dict(encoder, whole))
-        tokenizer.save_folder(folder / part.replace("text_encoder", "tokenizer"))
-    _write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config(model))
+        write_text_encoder(folder, part, encoder, tokenizer, whole=_is_xl(model))
+    write_json(folder / "scheduler" / "scheduler_config.json", scheduler_config(model))
 
 
-def save_diffusers(model, path, overwrite=False):
+def save_diffusers(model, path, overwrite=False, write=write_folder):
     """Write `model` as a diffusers `StableDiffusionPipeline` folder at
-    `path`, through a temporary folder beside it renamed into place. An
+    `path` (or what `write(model, folder)` writes: a family's own pipeline
+    folder), through a temporary folder beside it renamed into place. An
     existing `path` raises `FileExistsError` unless `overwrite`, which
     replaces it only once the new folder is complete. Returns the path."""
     path = Path(os.fspath(path))
@@ -224,7 +237,7 @@ def save_diffusers(model, path, overwrite=False):
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        write_folder(model, temporary)
+        write(model, temporary)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old",
                                         dir=path.parent))

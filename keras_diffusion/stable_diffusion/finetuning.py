@@ -15,12 +15,16 @@ LoRA or the whole UNet, captions or DreamBooth (Ruiz et al. 2023).
 - for SDXL, each image's original size and crop offsets in its time ids,
   as diffusers' `train_dreambooth_lora_sdxl.py` records them (the class
   images: the model's size, uncropped);
+- for SD 3, the objective and LoRA targets of `train_dreambooth_lora_sd3.py`
+  (`StableDiffusion3.configure_fine_tuning`'s defaults: logit-normal
+  sigmas, preconditioned outputs; LoRA on the joint attention);
 - with `cache_latents`, the images (and class images) encoded once by the
   frozen VAE (`StableDiffusion.encode_latents`), not in every step;
-- a LoRA of `lora_rank` (0: the whole UNet), or the LoRA file `init_lora`
-  (any layout `load_lora_weights` reads) trained on, AdamW, a sample grid of fixed
-  prompts every `sample_every` epochs (`output/samples/`), an atomic backup
-  every epoch (`output/backup/`) that `resume` continues from, then the
+- a LoRA of `lora_rank` (0: the whole UNet, or SD 3's transformer), or the
+  LoRA file `init_lora` (any layout `load_lora_weights` reads) trained on,
+  AdamW, a sample grid of fixed prompts every `sample_every` epochs
+  (`output/samples/`), an atomic backup every epoch (`output/backup/`) that
+  `resume` continues from, then the
   LoRA file (`output/pytorch_lora_weights.safetensors`) or the fine-tuned
   model (`output/model.keras`) and its diffusers folder (`output/diffusers/`).
 """

@@ -24,6 +24,11 @@ it), and the suffixes of A (down), B (up) and alpha:
   weight` and `.alpha`, `lora_te_` (or `lora_te1_`) for the text encoder,
   LoRAs of convolutions (LoCon, 3x3 kernels of their own rank) included.
 
+SD 3's files name its MMDiT `transformer.` (`transformer.transformer_blocks.
+0.attn.to_q.lora_A.weight`) beside `text_encoder.` and `text_encoder_2.`
+(the two CLIP encoders), as diffusers' `StableDiffusion3Pipeline` writes
+and reads them; diffusers reads no kohya layout for SD 3, nor does this.
+
 A file mixes them freely, key by key, as diffusers' converters leave them.
 The alpha of a module is its `.alpha` key, else the one peft's config in
 the file's `lora_adapter_metadata` gives it (`lora_alpha`, `alpha_pattern`,
@@ -61,17 +66,26 @@ from keras_diffusion.stable_diffusion.layers import keras_name
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PICKLED_WEIGHT_NAME = "pytorch_lora_weights.bin"  # what diffusers wrote before safetensors
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# SD 3's MMDiT: the image stream's attention projections, and the joint
+# attention's context projections (diffusers' `train_dreambooth_lora_sd3.py`
+# trains both unless `--lora_layers` says otherwise). `attn.` keeps SD 3.5
+# medium's second image attention (`attn2`) out, as the script's targets do.
+SD3_IMAGE_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
+SD3_TARGETS = SD3_IMAGE_TARGETS + ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                                   "attn.to_add_out")
 FEED_FORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 TEXT_PREFIX = "text_model."  # transformers' CLIPTextModel before version 5
 DEFAULT_ADAPTER = "default"
 
-# The parts a LoRA file may name (the model's `lora_parts()` gives those it has).
-PARTS = ("unet", "text_encoder", "text_encoder_2")
+# The parts a LoRA file may name (the model's `lora_parts()` gives those it
+# has); the first two are denoising networks (a model has one).
+PARTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
-# Each part's key prefixes in a layout; the first is the one written.
-DIFFUSERS_PREFIXES = {"unet": ("unet.",), "text_encoder": ("text_encoder.",),
-                      "text_encoder_2": ("text_encoder_2.",)}
+# Each part's key prefixes in a layout; the first is the one written. A part
+# without kohya prefixes (SD 3's transformer) has no kohya layout.
+DIFFUSERS_PREFIXES = {"unet": ("unet.",), "transformer": ("transformer.",),
+                      "text_encoder": ("text_encoder.",), "text_encoder_2": ("text_encoder_2.",)}
 KOHYA_PREFIXES = {"unet": ("lora_unet_",), "text_encoder": ("lora_te_", "lora_te1_"),
                   "text_encoder_2": ("lora_te2_",)}
 # How kohya's sd-scripts writes a family's files where it differs from the
@@ -111,7 +125,8 @@ LEGACY_NAMES["text_encoder_2"] = LEGACY_NAMES["text_encoder"]
 FAMILY_TELLTALES = (
     ("double_blocks", "Flux"), ("single_blocks", "Flux"),
     ("single_transformer_blocks", "Flux"), ("add_q_proj", "SD 3"), ("joint_blocks", "SD 3"),
-    ("context_embedder", "SD 3"), ("lora_te2_", "SDXL"), ("text_encoder_2.", "SDXL"),
+    ("context_embedder", "SD 3"), ("transformer.transformer_blocks.", "SD 3"),
+    ("lora_te2_", "SDXL"), ("text_encoder_2.", "SDXL"),
     ("add_embedding", "SDXL"), ("label_emb", "SDXL"), ("lora_unet_input_blocks_", "SDXL"),
     ("lora_unet_middle_block_", "SDXL"), ("lora_unet_output_blocks_", "SDXL"),
     ("transformer_blocks.1.attn", "SDXL"), ("transformer_blocks_1_attn", "SDXL"),
@@ -126,7 +141,8 @@ UNSUPPORTED = {"dora_scale": "DoRA (weight-decomposed LoRA)",
                "hada_w1_a": "LyCORIS LoHa", "hada_w2_a": "LyCORIS LoHa",
                "lokr_w1": "LyCORIS LoKr", "lokr_w2": "LyCORIS LoKr",
                "lora_B.bias": "LoRA with biases (peft's lora_bias)"}
-READ = "LoRA files of SD 1.x / 2.x and SDXL in the peft, diffusers and kohya layouts"
+READ = ("LoRA files of SD 1.x / 2.x and SDXL in the peft, diffusers and kohya layouts, and "
+        "of SD 3 in the peft and diffusers layouts")
 
 
 class Adapter:
@@ -184,6 +200,11 @@ def _parts(model):
 
 def _family(model):
     return getattr(model, "lora_family", SD_FAMILY)
+
+
+def _network_part(model):
+    """The name LoRA files give the model's denoising network."""
+    return next(part for part, layer in _parts(model).items() if layer is model.network)
 
 
 def _matching(paths, target):
@@ -250,9 +271,11 @@ def _set_trainable(model):
     state = state_of(model)
     lora = {id(v) for layer in state.layers.values()
             for v in (layer.lora_kernel_a, layer.lora_kernel_b)}
-    if any(part != "unet" for part, _ in state.layers):
+    network = _network_part(model)
+    if any(part != network for part, _ in state.layers):
         model.text_encoder.trainable = True
-    for part in _parts(model).values():
+    # The text encoder whole: an encoder no LoRA file names (SD 3's T5) stays frozen.
+    for part in (*_parts(model).values(), model.text_encoder):
         for variable in part.variables:
             variable.trainable = id(variable) in lora
 
@@ -292,14 +315,15 @@ def enable_lora(model, rank=8, alpha=None, targets=ATTENTION_TARGETS, text_encod
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
                               or alpha <= 0):
         raise ValueError(f"alpha must be a positive number or None (= rank); got {alpha!r}.")
-    chosen = {("unet", path): layer for path, layer in
+    network = _network_part(model)
+    chosen = {(network, path): layer for path, layer in
               _target_layers(model.network, _check_targets(targets, "targets"),
                              "target").items()}
     if text_encoder:
         text_targets = TEXT_TARGETS if text_encoder is True else text_encoder
         text_targets = _check_targets(text_targets, "text_encoder")
         for part, encoder in _parts(model).items():
-            if part != "unet":
+            if part != network:
                 chosen.update({(part, path): layer for path, layer in
                                _target_layers(encoder, text_targets, "text target").items()})
     initializer = _peft_a_initializer(seed)
@@ -373,7 +397,7 @@ def _module_tables(model, lookup):
             spelled[path.replace(".", separator)] = path
             if path.startswith(TEXT_PREFIX):
                 spelled[path[len(TEXT_PREFIX):].replace(".", separator)] = path
-    for path, original in original_unet_names(model).items():
+    for path, original in (original_unet_names(model) if "unet" in tables else {}).items():
         if ("unet", path) in lookup:
             tables["unet"]["_"][keras_name(original)] = path
     return tables
@@ -393,8 +417,9 @@ def _legacy(middle, part):
     """A module path of the attention-processor layout (`attn1.processor.
     to_q_lora`) as the path of the module it is the LoRA of (`attn1.to_q`)."""
     names = [name for name in middle.split(".") if name != "processor"]
-    if names and names[-1] in LEGACY_NAMES[part]:
-        names[-1] = LEGACY_NAMES[part][names[-1]]
+    legacy = LEGACY_NAMES.get(part, {})  # SD 3's files never had that layout
+    if names and names[-1] in legacy:
+        names[-1] = legacy[names[-1]]
     return ".".join(names)
 
 
@@ -482,30 +507,45 @@ def _reference_shape(layer):
     return (kernel_out, kernel_in, kh, kw)
 
 
-def _telltales(model):
-    """The telltales of families other than the model's own."""
-    return [(marker, family) for marker, family in FAMILY_TELLTALES
-            if family != _family(model)]
+def _look(keys, model):
+    """`(marker, family)` of the first telltale (in `FAMILY_TELLTALES`' order)
+    that one of `keys` holds; None where none does or it is the model's
+    own family (an SD 3 key holds SDXL's `transformer_blocks.1.attn` too)."""
+    for marker, family in FAMILY_TELLTALES:
+        if any(marker in key for key in keys):
+            return None if family == _family(model) else (marker, family)
+    return None
+
+
+def _unread_kohya(keys, model):
+    """Whether `keys` are kohya's for a model whose network has no kohya
+    layout (SD 3: diffusers reads none either)."""
+    kohya = tuple(prefix for prefixes in KOHYA_PREFIXES.values() for prefix in prefixes)
+    return _network_part(model) not in KOHYA_PREFIXES and any(k.startswith(kohya) for k in keys)
 
 
 def _misfit(problems, keys, model):
     """The one error for keys that do not fit, naming the first few, the
     model's family and the family the file's keys look like."""
     more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
-    look = next(((marker, family) for marker, family in _telltales(model)
-                 if any(marker in key for key in keys)), None)
-    guess = (f"Its keys look like a LoRA for {look[1]} ({look[0]}); " if look else
-             "It may be a LoRA for another model (SD 2.x weights on an SD 1.x model, or "
-             "another family); ")
+    look = _look(keys, model)
+    if look:
+        guess = f"Its keys look like a LoRA for {look[1]} ({look[0]}); "
+    elif _unread_kohya(keys, model):
+        guess = (f"Its keys are kohya's, a layout neither diffusers nor keras_diffusion reads "
+                 f"for {_family(model)} models; ")
+    else:
+        guess = ("It may be a LoRA for another model (SD 2.x weights on an SD 1.x model, or "
+                 "another family); ")
     return (f"the LoRA does not fit this {_family(model)} model: {'; '.join(problems[:5])}"
             f"{more}. {guess}keras_diffusion reads {READ}.")
 
 
 def _key_problem(key, split, model):
-    family = next((family for marker, family in _telltales(model) if marker in key), None)
+    look = _look([key], model)
     if split is None or split[1] is None:
-        if family:
-            return f"{key} (a key of {family} LoRAs)"
+        if look:
+            return f"{key} (a key of {look[1]} LoRAs)"
         return f"{key} (not a LoRA key)" if split is None else \
             f"{key} (names no module of the {split[0]})"
     return None
@@ -837,6 +877,9 @@ def lora_state_dict(model, format="peft", adapter_name=None):
     and `.alpha`."""
     if format not in ("peft", "kohya"):
         raise ValueError(f"format must be one of peft, kohya; got {format!r}.")
+    if format == "kohya" and _network_part(model) not in KOHYA_PREFIXES:
+        raise ValueError(f"kohya's layout has no {_family(model)} LoRAs (diffusers' "
+                         f"{_family(model)} loader reads none); save with format='peft'.")
     state = state_of(model)
     name = _adapter_to_save(state, adapter_name)
     adapter = state.adapters[name]
