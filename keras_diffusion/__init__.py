@@ -87,6 +87,8 @@ _EXPORTS = {
     "Autoencoder": "keras_diffusion.autoencoder",
     "LatentDiffusionModel": "keras_diffusion.latent",
     "StableDiffusion": "keras_diffusion.stable_diffusion.model",
+    "StableDiffusionXL": "keras_diffusion.stable_diffusion.model",
+    "StableDiffusion3": "keras_diffusion.stable_diffusion.sd3",
     "TextEncoder": "keras_diffusion.text",
     "WordTokenizer": "keras_diffusion.text",
     "class_captions": "keras_diffusion.captions",

@@ -5,7 +5,7 @@ A `.keras` file, a preset, an `hf://` repository of one or an unzipped model
 folder is a `DiffusionModel` (`keras_diffusion.model.load_keras_model`); a
 checkpoint in another library's layout (a diffusers folder, a single
 `.safetensors` / `.ckpt` file) is read by the checkpoint families
-(`keras_diffusion.stable_diffusion.checkpoints`), which name the family they
+(`keras_diffusion.stable_diffusion.loader`), which name the family they
 find or refuse it in one line. The core modules below import no family: the
 dispatch lives here, above both.
 """
@@ -74,7 +74,7 @@ def load_model(source, precision=None, config=None, dtype=None):
         path = hub.download(path)
     if is_checkpoint(path):
         # Not a Keras model: a checkpoint family's, or a clear error.
-        from keras_diffusion.stable_diffusion import checkpoints
+        from keras_diffusion.stable_diffusion import loader
 
         policy = None if precision is None else precisions.resolve(precision, sampling=True)
         if dtype not in (None, "float32") and precision not in (None, "auto", "float32"):
@@ -82,7 +82,7 @@ def load_model(source, precision=None, config=None, dtype=None):
                              f"precision={precision!r} asks for float32 weights with half "
                              "computation: give one of them.")
         with precisions.policy_scope(policy):
-            return checkpoints.load(path, config=config, dtype=dtype)
+            return loader.load(path, config=config, dtype=dtype)
     if dtype is not None:
         raise ValueError(f"dtype is for Stable Diffusion checkpoints; {os.fspath(source)} is a "
                          "Keras model, which keeps the dtype it was saved in (precision= sets "

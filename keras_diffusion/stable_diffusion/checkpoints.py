@@ -265,12 +265,7 @@ def load_pipeline_folder(path, dtype=None):
     its weights in `dtype` (None: float32)."""
     dtype = check_dtype(dtype)
     folder = Path(path)
-    index = read_json(folder / "model_index.json")
-    check_pipeline_class(index, path)
-    if index.get("_class_name") in SD3_PIPELINES:
-        from keras_diffusion.stable_diffusion import sd3
-
-        return sd3.load_folder(folder, dtype=dtype)
+    check_pipeline_class(read_json(folder / "model_index.json"), path)
     configs = _component_configs(folder)
     xl = "text_encoder_2" in configs
     parts = [part for part in ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -309,19 +304,13 @@ def _single_file_tokenizer(family, folder):
     return tokenizers.get("text_encoder"), tokenizers["text_encoder_2"]
 
 
-def load_single_file(path, config=None, dtype=None):
-    """A `LatentDiffusionModel` from one original-layout checkpoint file:
-    Stable Diffusion 1.x / 2.x, SDXL base or its refiner, SD 3 Medium,
-    SD 3.5 Medium or Large (`single_file` tells which).
-
-    `config`: a diffusers folder (no weights needed) whose component
-    configs, scheduler and tokenizers describe the checkpoint; None takes
-    the shipped configuration of the file's family (SD 1.5, SD 2.1, SDXL
-    base 1.0, SDXL refiner 1.0, SD 3 Medium, SD 3.5 Medium or Large). An
-    SD 3 file without its text encoders takes them from the folder's
-    weights (see `sd3.load_single_file`). `dtype`: the weights' dtype
-    (None: float32)."""
-    dtype = check_dtype(dtype)
+def read_single_file(path, config=None):
+    """`(state, family, config)` of one original-layout checkpoint file:
+    its `{key: array}` (dtypes as stored), its family (`single_file`
+    tells which: SD 1.x / 2.x, SDXL base or refiner, SD 3 Medium, SD 3.5
+    Medium or Large) and the diffusers folder that describes it: `config`
+    (no weights needed: its component configs, scheduler and tokenizers),
+    or for None the shipped configuration of the family."""
     state = checkpoint_files.read_weights(path, upcast_bfloat16=False)
     family = single_file.detect_family(state.keys())
     single_file.check_parts(family, state)
@@ -329,10 +318,14 @@ def load_single_file(path, config=None, dtype=None):
         config = _shipped_config(family)
     elif not is_pipeline_folder(config):
         raise FileNotFoundError(f"config {config} is not a diffusers folder (no model_index.json).")
-    if "transformer" in single_file.FAMILIES[family]["parts"]:
-        from keras_diffusion.stable_diffusion import sd3
+    return state, family, config
 
-        return sd3.load_single_file(state, family, config, dtype=dtype)
+
+def load_single_file(state, family, config, dtype=None):
+    """A `LatentDiffusionModel` of SD 1.x / 2.x or SDXL from a file's state
+    and family, as `read_single_file` gives them, its weights in `dtype`
+    (None: float32)."""
+    dtype = check_dtype(dtype)
     configs = _component_configs(config)
     _check_config_family(family, configs, config)
     parts = single_file.to_diffusers(
@@ -370,25 +363,8 @@ def _shipped_config(family):
     return folder
 
 
-def load(source, config=None, dtype=None):
-    """A Stable Diffusion model from a diffusers folder or one file, its
-    weights in `dtype` (None: float32)."""
-    path = os.fspath(source)
-    if is_pipeline_folder(path):
-        return load_pipeline_folder(path, dtype=dtype)
-    if is_single_file(path):
-        return load_single_file(path, config=config, dtype=dtype)
-    if os.path.isdir(path):
-        raise ValueError(
-            f"{path} is a folder without model_index.json: expected a diffusers pipeline folder "
-            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or an "
-            "unzipped Keras model (config.json)."
-        )
-    raise FileNotFoundError(f"checkpoint not found: {path}")
-
-
 def is_checkpoint(path):
-    """Whether `path` names something `load` reads."""
+    """Whether `path` names something `loader.load` reads."""
     path = os.fspath(path)
     return is_pipeline_folder(path) or is_single_file(path)
 

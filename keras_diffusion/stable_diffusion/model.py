@@ -25,6 +25,7 @@ from keras_diffusion.latent import LatentDiffusionModel
 from keras_diffusion.model import check_model_arguments
 from keras_diffusion.stable_diffusion import diffusers_folder
 from keras_diffusion.stable_diffusion import lora
+from keras_diffusion.stable_diffusion import xl  # noqa: F401 (registers SDXL's parts for .keras files)
 
 
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="StableDiffusion")
