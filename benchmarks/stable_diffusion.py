@@ -119,6 +119,21 @@ def write_random_pipeline(model, folder):
     return folder
 
 
+def _with_shipped_tokenizers(staging, folder):
+    """A saved two-encoder pipeline (SDXL, SD 3 without T5) finished: CLIP's
+    shipped tokenizers written in (padded as SD 1.x's and SD 2.x's), named
+    in model_index.json, and the folder moved into place."""
+    from keras_diffusion.stable_diffusion.tokenizer import CLIPTokenizer
+
+    index = json.loads((staging / "model_index.json").read_text())
+    for name, family in (("tokenizer", "sd1"), ("tokenizer_2", "sd2")):
+        CLIPTokenizer.shipped(family).save_folder(staging / name)
+        index[name] = ["transformers", "CLIPTokenizer"]
+    (staging / "model_index.json").write_text(json.dumps(index))
+    staging.rename(folder)
+    return folder
+
+
 def _write_random_xl(source, folder):
     """`write_random_pipeline` for SDXL base: both encoders, the shipped
     tokenizers (CLIP's BPE, padded as SD 1.x's and SD 2.x's), weights in
@@ -133,8 +148,6 @@ def _write_random_xl(source, folder):
     from transformers import CLIPTextModel
     from transformers import CLIPTextModelWithProjection
 
-    from keras_diffusion.stable_diffusion.tokenizer import CLIPTokenizer
-
     torch.manual_seed(0)
     config = {part: json.loads((source / part / "config.json").read_text())
               for part in ("unet", "vae", "text_encoder", "text_encoder_2")}
@@ -148,13 +161,7 @@ def _write_random_xl(source, folder):
             json.loads((source / "scheduler" / "scheduler_config.json").read_text())))
     staging = folder.with_name(folder.name + ".partial")
     StableDiffusionXLPipeline(**parts, tokenizer=None, tokenizer_2=None).save_pretrained(staging)
-    index = json.loads((staging / "model_index.json").read_text())
-    for name, family in (("tokenizer", "sd1"), ("tokenizer_2", "sd2")):
-        CLIPTokenizer.shipped(family).save_folder(staging / name)
-        index[name] = ["transformers", "CLIPTokenizer"]
-    (staging / "model_index.json").write_text(json.dumps(index))
-    staging.rename(folder)
-    return folder
+    return _with_shipped_tokenizers(staging, folder)
 
 
 def _write_random_sd3(source, folder):
@@ -169,8 +176,6 @@ def _write_random_sd3(source, folder):
     from diffusers import StableDiffusion3Pipeline
     from transformers import CLIPTextConfig
     from transformers import CLIPTextModelWithProjection
-
-    from keras_diffusion.stable_diffusion.tokenizer import CLIPTokenizer
 
     torch.manual_seed(0)
     config = {part: json.loads((source / part / "config.json").read_text())
@@ -191,13 +196,7 @@ def _write_random_sd3(source, folder):
     staging = folder.with_name(folder.name + ".partial")
     StableDiffusion3Pipeline(**parts, scheduler=scheduler, tokenizer=None, tokenizer_2=None,
                              text_encoder_3=None, tokenizer_3=None).save_pretrained(staging)
-    index = json.loads((staging / "model_index.json").read_text())
-    for name, family in (("tokenizer", "sd1"), ("tokenizer_2", "sd2")):
-        CLIPTokenizer.shipped(family).save_folder(staging / name)
-        index[name] = ["transformers", "CLIPTokenizer"]
-    (staging / "model_index.json").write_text(json.dumps(index))
-    staging.rename(folder)
-    return folder
+    return _with_shipped_tokenizers(staging, folder)
 
 
 # ------------------------------------------------------------------ workers
