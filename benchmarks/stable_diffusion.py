@@ -64,6 +64,9 @@ DEFAULT_SIZES = {"sd15": (512, 512), "sd21": (768, 768), "sdxl": (1024, 1024),
 PROMPT = "jackfruits hang from the branches of a jackfruit tree"
 
 
+BUFFERS = ("pos_embed.pos_embed",)  # checkpoint entries that torch holds as buffers
+
+
 def _peak_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -218,7 +221,9 @@ def run_diffusers(args):
 
     dtype = getattr(torch, args.dtype)
     start = time.perf_counter()
-    pipe = DiffusionPipeline.from_pretrained(args.folder, torch_dtype=dtype).to(device)
+    # SD 3 without T5: diffusers asks for the missing encoder by name.
+    missing = dict(text_encoder_3=None, tokenizer_3=None) if args.model == "sd35m" else {}
+    pipe = DiffusionPipeline.from_pretrained(args.folder, torch_dtype=dtype, **missing).to(device)
     load = time.perf_counter() - start
     sampler, guidance = IMAGE_SETTINGS[args.model]
     kind = EulerDiscreteScheduler if sampler == "euler" else DPMSolverMultistepScheduler
@@ -247,7 +252,11 @@ def run_diffusers(args):
                                        device=device, dtype=dtype),
             "time_ids": torch.tensor([[height, width, 0, 0, height, width]] * 2,
                                      device=device, dtype=dtype)}}
-    unet_step = synced(lambda: network(latents, t, context, **added))
+    if args.model == "sd35m":  # (hidden_states, encoder_hidden_states, pooled, timestep)
+        unet_step = synced(lambda: network(hidden_states=latents, timestep=t,
+                                           encoder_hidden_states=context, **added))
+    else:
+        unet_step = synced(lambda: network(latents, t, context, **added))
     step = _timed(unet_step, 1)  # warm-up
     step = _timed(unet_step, args.repeats)
 
@@ -302,13 +311,17 @@ def run_ours(args):
     seconds = _timed(image, 1) if args.image_repeats else first
     from keras_diffusion.stable_diffusion import weights as sd_weights
 
-    # The checkpoint's weights (the VAE's scaling factor, a weight here, is not one).
+    # The checkpoint's parameters, as torch's `parameters()` counts them: the VAE's
+    # scaling factor (a weight here) is not one, nor is a buffer such as SD 3's
+    # position table (stored in the checkpoint, never trained).
     encoders = {"text_encoder": model.text_encoder}
     if hasattr(model.text_encoder, "second"):  # SDXL's pair, SD 3's CLIP pair
         encoders = {"text_encoder": model.text_encoder.first,
                     "text_encoder_2": model.text_encoder.second}
     network = "transformer" if args.model == "sd35m" else "unet"
-    counts = {name: int(sum(np.prod(v.shape) for v, _ in sd_weights.checkpoint_table(part).values()))
+    counts = {name: int(sum(np.prod(v.shape)
+                            for key, (v, _) in sd_weights.checkpoint_table(part).items()
+                            if not key.endswith(BUFFERS)))
               for name, part in ((network, model.network), ("vae", model.autoencoder),
                                  *encoders.items())}
     return dict(library="keras_diffusion", backend=keras.backend.backend(), load_s=load,
@@ -497,6 +510,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=2, help="timed UNet steps")
     parser.add_argument("--image-repeats", type=int, default=0,
                         help="1: time a second image after the compiling one")
+    parser.add_argument("--diffusers-runs", type=int, choices=(1, 2), default=2,
+                        help="2: diffusers before and after our backends (to see drift); 1: "
+                             "before only, for models whose image takes a quarter of an hour")
     parser.add_argument("--size", type=_size, default=None, help="HxW (default: the model's)")
     parser.add_argument("--folder", type=Path, default=None,
                         help="where the random pipeline is written (default: build/sd-<model>)")
@@ -538,7 +554,8 @@ def main():
     runs = [_spawn(args, "diffusers", "torch")]
     for backend in args.backends.split(","):
         runs.append(_spawn(args, "keras_diffusion", backend))
-    runs.append(_spawn(args, "diffusers", "torch"))
+    if args.diffusers_runs == 2:
+        runs.append(_spawn(args, "diffusers", "torch"))
     text = table(runs)
     print(text)
     if args.write:
