@@ -413,7 +413,7 @@ def finetune_ours(args):
     if args.checkpointing:
         sd.enable_gradient_checkpointing()
     sd.compile(optimizer=keras.optimizers.AdamW(1e-4))
-    height, width, _ = sd.image_shape
+    height, width = args.size  # fit trains at any size the UNet divides
     images = np.random.default_rng(0).uniform(0, 1, (1 + args.repeats, height, width, 3))
     captions = ["a photo of sks dog"] * len(images)
     first = _timed(lambda: sd.fit(images[:1].astype("float32"), captions[:1], batch_size=1,

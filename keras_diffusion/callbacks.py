@@ -43,6 +43,9 @@ class SampleGrid(keras.callbacks.Callback):
         tensorboard_dir: if set, each grid's images are also logged there
             as a TensorBoard image summary (needs TensorFlow installed; works
             on every backend).
+        image_size: `(H, W)` of the samples, for a model that takes any size
+            it divides (Stable Diffusion trained at another size); None: the
+            model's own.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class SampleGrid(keras.callbacks.Callback):
         loss_curve_dir=None,
         tensorboard_dir=None,
         prompts=None,
+        image_size=None,
     ):
         super().__init__()
         _check_every(every_n_epochs)
@@ -70,6 +74,7 @@ class SampleGrid(keras.callbacks.Callback):
         self.labels = labels
         self.prompts = None if prompts is None else check_texts(prompts)
         self.guidance_scale = guidance_scale
+        self.image_size = None if image_size is None else tuple(image_size)
         self.loss_curve_dir = loss_curve_dir or os.path.dirname(os.path.abspath(self.directory))
         self.tensorboard_dir = None if tensorboard_dir is None else os.fspath(tensorboard_dir)
         self._writer = None
@@ -115,6 +120,7 @@ class SampleGrid(keras.callbacks.Callback):
             labels=labels,
             prompts=prompts,
             guidance_scale=self.guidance_scale if guided else 1.0,
+            **({} if self.image_size is None else {"image_size": self.image_size}),
         )
         path = os.path.join(self.directory, f"epoch_{epoch:04d}.png")
         save_image_grid(images, path, nrow=nrow, title=f"epoch {epoch}")

@@ -138,6 +138,10 @@ def _finetune_arguments(finetune):
     finetune.add_argument("--lora-alpha", type=float, default=None, help="default: the rank")
     finetune.add_argument("--lora", help="continue training this LoRA (any layout sample --lora "
                                          "reads) instead of a new one of --lora-rank")
+    finetune.add_argument("--size", type=_image_size, default=None,
+                          help="HxW the images are cropped and resized to and trained at, any "
+                               "size the model divides (diffusers' scripts' --resolution; "
+                               "default: the model's own)")
     finetune.add_argument("--learning-rate", type=float, default=1e-4)
     finetune.add_argument("--batch-size", type=int, default=1)
     finetune.add_argument("--epochs", type=int, default=10)
@@ -186,7 +190,7 @@ def _finetune_in_scope(args, model, devices):
         sample_every=args.sample_every, sample_steps=args.sample_steps,
         guidance_scale=args.guidance, gradient_checkpointing=args.gradient_checkpointing,
         resume=args.resume, cache_latents=args.cache_latents, seed=args.seed, devices=devices,
-        **_progress_output())
+        image_size=args.size, **_progress_output())
 
 
 def _convert_arguments(convert):

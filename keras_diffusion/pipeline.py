@@ -679,6 +679,26 @@ def flexible_size(model):
     return None in tuple(model.network.inputs[0].shape[1:3])
 
 
+def training_image_shape(model, images):
+    """`(H, W, C)` at which `fit` takes `images` (NHWC): the model's own
+    size, or, where the network takes any size it divides (the Stable
+    Diffusion parts), the images' own size when it divides (what diffusers'
+    training scripts' `--resolution` chooses). A size that does not divide
+    is refused in one line."""
+    if not flexible_size(model) or np.ndim(images) != 4:
+        return tuple(model.image_shape)
+    height, width = images.shape[1:3]
+    multiple = size_multiple(model)
+    if height % multiple or width % multiple:
+        own = f"{model.image_shape[0]}x{model.image_shape[1]}"
+        raise ValueError(
+            f"the training images are {height}x{width}, a size this model cannot divide: both "
+            f"sides must be multiples of {multiple} (its own size is {own}); resize or crop "
+            f"them first, e.g. keras_diffusion.load_image_folder(folder, "
+            f"image_size=({model.image_shape[0]}, {model.image_shape[1]})).")
+    return (None, None, model.image_shape[-1])
+
+
 def sample_shape(model, image_size=None):
     """`(h, w, C)` of one sample the samplers run on, for images of
     `image_size` `(H, W)`; None: the model's own size."""

@@ -99,6 +99,29 @@ def test_finetune_errors_are_one_line(pipeline_folder, instance_folder, tmp_path
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="the command's size handling is backend-"
+                    "independent; test_sd_finetune.py trains at another size on each backend")
+def test_finetune_trains_at_the_size_asked_for(pipeline_folder, instance_folder, tmp_path,
+                                               capsys):
+    """`--size` (diffusers' `--resolution`): the images are cut to it, the
+    class images made at it; a size the UNet cannot divide is refused in
+    one line before anything is written."""
+    from PIL import Image
+
+    output = tmp_path / "run"
+    assert cli_main(*_command(pipeline_folder, instance_folder, output, "--size", "18x16")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "image_size 18x16 does not divide: both sides must be multiples " \
+        "of 4" in err[0]
+    assert not output.exists()
+    assert cli_main(*_command(pipeline_folder, instance_folder, output, "--size", "24x32",
+                              "--epochs", "1")) == 0
+    assert "pytorch_lora_weights.safetensors" in capsys.readouterr().out
+    for path in sorted((output / "class_images").iterdir()):
+        assert Image.open(path).size == (32, 24)  # (width, height)
+    assert (output / "samples" / "epoch_0001.png").is_file()
+
+
 def test_training_images_are_cropped_to_the_aspect_and_resized(instance_folder):
     from keras_diffusion.stable_diffusion.finetuning import read_training_images
 

@@ -196,13 +196,15 @@ def test_save_diffusers_writes_nothing_half_way(trained, tmp_path, monkeypatch):
     assert [p.name for p in trained["folder"].parent.iterdir() if p.name.startswith(".")] == []
 
 
-def test_training_images_of_another_size_are_refused(trained):
+def test_training_images_of_a_size_the_unet_cannot_divide_are_refused(trained):
     model = trained["model"]
-    images = np.zeros((2, 32, 24, 3), "float32")
-    with pytest.raises(ValueError, match=r"the training images are 32x24, but this Stable "
-                                         r"Diffusion model trains at 16x16 \(its image size\); "
-                                         r"resize or crop them to 16x16 first"):
+    images = np.zeros((2, 18, 16, 3), "float32")  # the tiny model's sides: multiples of 4
+    message = (r"the training images are 18x16, a size this model cannot divide: both sides "
+               r"must be multiples of 4 \(its own size is 16x16\); resize or crop them first")
+    with pytest.raises(ValueError, match=message):
         model.fit(images, CAPTIONS)
+    with pytest.raises(ValueError, match=message):
+        model.encode_latents(images)
     with pytest.raises(ValueError, match="captions must be one per image: got 1 captions for 2 "
                                          "images"):
         model.fit(np.zeros((2, 16, 16, 3), "float32"), ["a photo of a cat"])
@@ -218,6 +220,25 @@ def test_fine_tuning_options_are_checked(trained):
         model.configure_fine_tuning(prompt_dropout=1.5)
     assert model.noise_offset == 0.1 and model.min_snr_gamma == 5.0  # unchanged
     assert kd.load_model(trained["folder"]).prompt_dropout == 0.0  # captions kept by default
+
+
+def test_fit_trains_at_another_size_the_unet_divides(trained):
+    """Images of another size the UNet divides train as they are (diffusers'
+    scripts' `--resolution`), and so do their latents: the LoRA moves."""
+    model = kd.load_model(trained["root"] / "pipeline")
+    model.enable_lora(rank=2, seed=0)
+    lora_b = [v for v in model.network.trainable_variables if "lora_kernel_b" in v.path]
+    images = np.random.default_rng(4).uniform(0, 1, (2, 32, 24, 3)).astype("float32")
+    model.compile(optimizer=keras.optimizers.SGD(1.0))
+    loss = model.fit(images, CAPTIONS, batch_size=2, epochs=1, verbose=0).history["loss"][0]
+    assert np.isfinite(loss)
+    moved = _values(lora_b)
+    assert any(np.abs(value).max() > 0 for value in moved)
+    latents = model.encode_latents(images)
+    assert latents.shape == (2, 16, 12, 4) and model.is_latents(latents)
+    loss = model.fit(latents, CAPTIONS, batch_size=2, epochs=1, verbose=0).history["loss"][0]
+    assert np.isfinite(loss)
+    assert any(np.abs(after - before).max() > 0 for after, before in zip(_values(lora_b), moved))
 
 
 def test_latents_encoded_once_train_without_the_vae(trained):

@@ -4,8 +4,9 @@ LoRA or the whole UNet, captions or DreamBooth (Ruiz et al. 2023).
 `finetune` is what `keras-diffusion finetune` runs, as diffusers'
 `train_text_to_image(_lora).py` and `train_dreambooth_lora.py` do:
 
-- the images of `data_dir`, center-cropped to the model's aspect and
-  resized to its size (as those scripts' `Resize` + `CenterCrop`), with the
+- the images of `data_dir`, center-cropped to the aspect of `image_size`
+  and resized to it (as those scripts' `Resize` + `CenterCrop` to their
+  `--resolution`; by default the model's own size), with the
   captions of its `metadata.jsonl`, or, for DreamBooth, all its images with
   one `instance_prompt`;
 - with `class_prompt`, prior preservation: `num_class_images` images of the
@@ -14,7 +15,7 @@ LoRA or the whole UNet, captions or DreamBooth (Ruiz et al. 2023).
   their loss weighted by `prior_loss_weight`;
 - for SDXL, each image's original size and crop offsets in its time ids,
   as diffusers' `train_dreambooth_lora_sdxl.py` records them (the class
-  images: the model's size, uncropped);
+  images: made at `image_size`, uncropped);
 - for SD 3, the objective and LoRA targets of `train_dreambooth_lora_sd3.py`
   (`StableDiffusion3.configure_fine_tuning`'s defaults: logit-normal
   sigmas, preconditioned outputs; LoRA on the joint attention);
@@ -36,6 +37,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from keras_diffusion import pipeline
 from keras_diffusion.callbacks import AtomicBackupAndRestore
 from keras_diffusion.callbacks import AtomicCSVLogger
 from keras_diffusion.callbacks import ProgressLog
@@ -90,9 +92,10 @@ def read_training_images(data_dir, size, instance_prompt=None, geometry=False):
     return np.stack(images), list(captions), np.array(sizes), np.array(crops)
 
 
-def class_images(model, output, class_prompt, num_images, *, steps, guidance_scale, seed):
+def class_images(model, output, class_prompt, num_images, *, steps, guidance_scale, seed,
+                 image_size=None):
     """The prior-preservation images: `num_images` the model makes of
-    `class_prompt`, written one by one to `output/class_images/` (each
+    `class_prompt` at `image_size` (None: its own), written one by one to `output/class_images/` (each
     atomically) so that an interrupted run keeps those it has; returns
     them as float32 `(N, H, W, 3)`."""
     folder = Path(output) / "class_images"
@@ -102,10 +105,11 @@ def class_images(model, output, class_prompt, num_images, *, steps, guidance_sca
         path = folder / f"{index:04d}.png"
         if not path.is_file():
             image = model.generate(1, prompts=class_prompt, steps=steps, sampler="dpmpp_2m",
-                                   guidance_scale=guidance_scale, seed=seed + index)[0]
+                                   guidance_scale=guidance_scale, seed=seed + index,
+                                   image_size=image_size)[0]
             atomic_write(path, lambda temp, image=image: keras.utils.save_img(
                 temp, np.round(image * 255).astype("uint8"), file_format="png"))
-        images.append(read_image(path, model.image_shape[:2]))
+        images.append(read_image(path, image_size or model.image_shape[:2]))
     return np.stack(images)
 
 
@@ -129,12 +133,14 @@ def finetune(model, data_dir, output, *, instance_prompt=None, class_prompt=None
              num_class_images=100, prior_loss_weight=1.0, lora_rank=8, lora_alpha=None,
              init_lora=None, learning_rate=1e-4, batch_size=1, epochs=10, sample_prompts=None, sample_every=1,
              sample_steps=20, guidance_scale=7.5, gradient_checkpointing=False, resume=False,
-             cache_latents=False, seed=0, devices=1, log_every=None, verbose="auto"):
+             cache_latents=False, seed=0, devices=1, image_size=None, log_every=None,
+             verbose="auto"):
     """Fine-tune `model` (a loaded `StableDiffusion`) on `data_dir`; see the
     module's docstring. `devices`: how many devices each batch is split
     over (what `distribution_scope`, inside which the model was loaded,
-    yields); the images are cut to a multiple of it. Returns the paths
-    written."""
+    yields); the images are cut to a multiple of it. `image_size` `(H, W)`:
+    the size to train at, any the model divides (None: its own). Returns
+    the paths written."""
     check_integer("epochs", epochs)
     check_integer("batch_size", batch_size)
     check_integer("lora_rank", lora_rank, low=0)
@@ -147,6 +153,10 @@ def finetune(model, data_dir, output, *, instance_prompt=None, class_prompt=None
     if init_lora is not None and not lora_rank:
         raise ValueError("init_lora (--lora) continues training a LoRA; lora_rank 0 fine-tunes "
                          "the whole UNet instead. Give one or the other.")
+    if image_size is not None:  # refused before anything is written, as a size generate takes
+        pipeline.sample_shape(model, image_size)
+        image_size = tuple(int(side) for side in image_size)
+    size = image_size or tuple(model.image_shape[:2])
     if init_lora is not None:  # refused before anything is written
         lora.parse(*lora.read_file(init_lora), model)
     output = Path(output)
@@ -154,22 +164,24 @@ def finetune(model, data_dir, output, *, instance_prompt=None, class_prompt=None
                     class_prompt=class_prompt, num_class_images=num_class_images if class_prompt
                     else 0, prior_loss_weight=prior_loss_weight, lora_rank=lora_rank,
                     lora_alpha=lora_alpha, batch_size=batch_size, seed=seed)
+    if image_size is not None:  # (absent otherwise: runs saved before it resume as they were)
+        settings["image_size"] = list(image_size)
     # SDXL's time ids take each image's original size and crop (diffusers' SDXL scripts).
     geometry = "original_size" in getattr(model, "image_conditions", ())
-    images, captions, *placed = read_training_images(data_dir, model.image_shape[:2],
-                                                     instance_prompt, geometry=geometry)
+    images, captions, *placed = read_training_images(data_dir, size, instance_prompt,
+                                                     geometry=geometry)
     output.mkdir(parents=True, exist_ok=True)
     _check_settings(output, settings, resume)
     weights = np.ones(len(images), "float32")
     if class_prompt is not None:
         prior = class_images(model, output, class_prompt, check_integer(
             "num_class_images", num_class_images), steps=sample_steps,
-            guidance_scale=guidance_scale, seed=seed)
+            guidance_scale=guidance_scale, seed=seed, image_size=image_size)
         images = np.concatenate([images, prior])
         captions += [class_prompt] * len(prior)
         weights = np.concatenate([weights, np.full(len(prior), prior_loss_weight, "float32")])
-        if geometry:  # made at the model's size, uncropped
-            placed = [np.concatenate([placed[0], np.tile(model.image_shape[:2], (len(prior), 1))]),
+        if geometry:  # made at the training size, uncropped
+            placed = [np.concatenate([placed[0], np.tile(size, (len(prior), 1))]),
                       np.concatenate([placed[1], np.zeros((len(prior), 2), int)])]
     keep = len(images) - len(images) % devices  # each device an equal share of every batch
     if not keep:
@@ -196,7 +208,8 @@ def finetune(model, data_dir, output, *, instance_prompt=None, class_prompt=None
         AtomicCSVLogger(output / "history.csv"),
         SampleGrid(output / "samples", every_n_epochs=sample_every, num_images=len(prompts),
                    steps=sample_steps, sampler="dpmpp_2m", seed=seed,
-                   guidance_scale=guidance_scale, prompts=prompts, loss_curve_dir=output),
+                   guidance_scale=guidance_scale, prompts=prompts, loss_curve_dir=output,
+                   image_size=image_size),
         *([] if log_every is None else [ProgressLog(log_every)]),
         AtomicBackupAndRestore(output / "backup", delete_checkpoint=False),
     ]

@@ -128,10 +128,12 @@ class StableDiffusion(LatentDiffusionModel):
         self.train_function = None
 
     def fit(self, x=None, y=None, *args, **kwargs):
-        """`LatentDiffusionModel.fit`; NumPy images of another size than the
-        model's are refused with one error (they are not resized). `x` may
-        also be the latents `encode_latents` made of the images (shaped as
-        `sample_shape`): the frozen VAE then does not run in each step."""
+        """`LatentDiffusionModel.fit`. The images may be of any size the
+        UNet divides (the model's own, or another, as diffusers' scripts'
+        `--resolution`: SDXL at 512x512 where 1024x1024 does not fit); they
+        are not resized, and a size that does not divide is refused in one
+        line. `x` may also be the latents `encode_latents` made of the
+        images: the frozen VAE then does not run in each step."""
         latents = self.is_latents(x)
         if getattr(self, "_fit_on_latents", latents) != latents:
             # A step traced for images does not take latents, nor the other
@@ -145,33 +147,24 @@ class StableDiffusion(LatentDiffusionModel):
             backend.before_fit(self)
             # DiffusionModel.fit would check them as images in [0, 1].
             return keras.Model.fit(self, x.astype("float32", copy=False), y, *args, **kwargs)
-        if isinstance(x, np.ndarray) and x.ndim == 4 and tuple(x.shape[1:3]) != \
-                tuple(self.image_shape[:2]):
-            height, width = self.image_shape[:2]
-            raise ValueError(
-                f"the training images are {x.shape[1]}x{x.shape[2]}, but this Stable Diffusion "
-                f"model trains at {height}x{width} (its image size); resize or crop them to "
-                f"{height}x{width} first, e.g. keras_diffusion.load_image_folder(folder, "
-                f"image_size=({height}, {width}))."
-            )
         return super().fit(x, y, *args, **kwargs)
 
     def is_latents(self, x):
-        """Whether `x` is a NumPy array of latents (`sample_shape` per
-        example, latent channels where images have others), not images."""
+        """Whether `x` is a NumPy array of latents (NHWC with the latent
+        channels, where images have others), not images: those of
+        `encode_latents`, at the model's size or another."""
         return (isinstance(x, np.ndarray) and x.ndim == 4
-                and tuple(x.shape[1:]) == tuple(self.sample_shape)
-                and self.sample_shape[-1] != self.image_shape[-1])
+                and x.shape[-1] == self.sample_shape[-1] != self.image_shape[-1])
 
     def encode_latents(self, images, batch_size=4):
-        """The latents of `images` (NumPy, in [0, 1], of the model's size),
+        """The latents of `images` (NumPy, in [0, 1], of a size `fit` takes),
         one posterior sample each times the VAE's scaling factor, as the
         train step would draw them: computed once, `fit` then trains on them
         without running the frozen VAE in every step (diffusers' and kohya's
         "cache latents"; at SD 1.5 size the encoding was a third of a LoRA
-        step, docs/stable_diffusion.md). Returns float32 `(N,) +
-        sample_shape`."""
-        images = check_training_images(images, self.image_shape)
+        step, docs/stable_diffusion.md). Returns float32 `(N, H / f, W / f,
+        C)`, `f` the VAE's factor: `sample_shape` at the model's size."""
+        images = check_training_images(images, pipeline.training_image_shape(self, images))
         batch_size = check_integer("batch_size", batch_size)
         latents = []
         for start in range(0, len(images), batch_size):
