@@ -6,6 +6,7 @@ imported after the arguments are read, so `--backend` can set
 """
 
 import argparse
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -125,7 +126,7 @@ def _finetune_arguments(finetune):
     finetune.add_argument("--data-dir", required=True,
                           help="folder of training images: with a metadata.jsonl of captions, or "
                                "any images with --instance-prompt (DreamBooth); cropped to the "
-                               "model's aspect and resized to its size")
+                               "aspect of --size and resized to it")
     finetune.add_argument("--output", required=True, help="folder for the LoRA file (or model), "
                                                           "sample grids, history and backup")
     finetune.add_argument("--instance-prompt", help="DreamBooth: the caption of every image, "
@@ -142,6 +143,28 @@ def _finetune_arguments(finetune):
                           help="HxW the images are cropped and resized to and trained at, any "
                                "size the model divides (diffusers' scripts' --resolution; "
                                "default: the model's own)")
+    finetune.add_argument("--train-text-encoder", action="store_true",
+                          help="LoRA on the text encoders' attention too (both CLIPs of SDXL "
+                               "and SD 3)")
+    options = finetune.add_argument_group(
+        "training options, as diffusers' scripts name them (SD 1.x, 2.x and SDXL: --snr-gamma, "
+        "--noise-offset; SD 3: --weighting-scheme and its settings, --precondition-outputs; "
+        "all: --proportion-empty-prompts)")
+    options.add_argument("--snr-gamma", dest="min_snr_gamma", type=float, default=None,
+                         help="min-SNR loss weighting (5 is usual)")
+    options.add_argument("--noise-offset", dest="noise_offset", type=float, default=None)
+    options.add_argument("--proportion-empty-prompts", dest="prompt_dropout", type=float,
+                         default=None, help="share of captions replaced by the empty prompt")
+    options.add_argument("--weighting-scheme", dest="weighting_scheme", default=None,
+                         choices=("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap"),
+                         help="how the training sigmas are drawn and weighted (default "
+                              "logit_normal)")
+    options.add_argument("--logit-mean", dest="logit_mean", type=float, default=None)
+    options.add_argument("--logit-std", dest="logit_std", type=float, default=None)
+    options.add_argument("--mode-scale", dest="mode_scale", type=float, default=None)
+    options.add_argument("--precondition-outputs", dest="precondition_outputs", type=int,
+                         choices=(0, 1), default=None,
+                         help="1 (the default): regress x0 = x_t - sigma v; 0: the velocity")
     finetune.add_argument("--learning-rate", type=float, default=1e-4)
     finetune.add_argument("--batch-size", type=int, default=1)
     finetune.add_argument("--epochs", type=int, default=10)
@@ -181,6 +204,7 @@ def _finetune_in_scope(args, model, devices):
     if not hasattr(model, "enable_lora"):
         raise CommandError(f"finetune takes a Stable Diffusion checkpoint; {args.model} holds a "
                            f"{type(model).__name__} (train it with keras-diffusion train)")
+    options = _fine_tuning_options(args, model)
     return finetune(
         model, args.data_dir, args.output, instance_prompt=args.instance_prompt,
         class_prompt=args.class_prompt, num_class_images=args.num_class_images,
@@ -190,7 +214,34 @@ def _finetune_in_scope(args, model, devices):
         sample_every=args.sample_every, sample_steps=args.sample_steps,
         guidance_scale=args.guidance, gradient_checkpointing=args.gradient_checkpointing,
         resume=args.resume, cache_latents=args.cache_latents, seed=args.seed, devices=devices,
-        image_size=args.size, **_progress_output())
+        image_size=args.size, train_text_encoder=args.train_text_encoder,
+        fine_tuning=options, **_progress_output())
+
+
+# finetune's training options: `configure_fine_tuning`'s keyword -> the flag.
+FINE_TUNING_FLAGS = {"min_snr_gamma": "--snr-gamma", "noise_offset": "--noise-offset",
+                     "prompt_dropout": "--proportion-empty-prompts",
+                     "weighting_scheme": "--weighting-scheme", "logit_mean": "--logit-mean",
+                     "logit_std": "--logit-std", "mode_scale": "--mode-scale",
+                     "precondition_outputs": "--precondition-outputs"}
+
+
+def _fine_tuning_options(args, model):
+    """The training options given on the command line, as the model's
+    `configure_fine_tuning` keywords; one a family does not have (SD 3's
+    weighting scheme on SD 1.5, min-SNR on SD 3's flow) is refused naming
+    the flags it takes."""
+    given = {key: getattr(args, key) for key in FINE_TUNING_FLAGS
+             if getattr(args, key) is not None}
+    accepted = inspect.signature(model.configure_fine_tuning).parameters
+    refused = [FINE_TUNING_FLAGS[key] for key in given if key not in accepted]
+    if refused:
+        takes = ", ".join(flag for key, flag in FINE_TUNING_FLAGS.items() if key in accepted)
+        raise CommandError(f"{', '.join(refused)} is not a training option of a "
+                           f"{type(model).__name__}; it takes {takes}")
+    if "precondition_outputs" in given:
+        given["precondition_outputs"] = bool(given["precondition_outputs"])
+    return given
 
 
 def _convert_arguments(convert):

@@ -5,6 +5,7 @@ XLA knows how, and leaves a user's own choice alone."""
 import subprocess
 import sys
 
+import keras
 import pytest
 
 import keras_diffusion as kd
@@ -66,19 +67,21 @@ def test_jax_convolutions_run_on_eigen_unless_the_user_chooses(user_flags):
     assert float(error) < 1e-3  # |values| ~ 25: both kernels compute the convolution
 
 
-@pytest.mark.skipif(BACKEND != "jax", reason="JAX's own attention")
+@pytest.mark.skipif(BACKEND not in ("jax", "tensorflow"), reason="JAX's and TensorFlow's own "
+                    "attention (PyTorch's is its fused kernel)")
 @pytest.mark.parametrize("queries, keys", [(1024, 1024), (1000, 1100)],
-                         ids=["in blocks of queries", "whole heads"])
+                         ids=["in blocks of queries", "whole heads or an uneven last block"])
 def test_large_attention_runs_blocked_to_the_same_values_and_gradients(queries, keys):
     """Above `_BLOCKED_PAIRS` query x key pairs, JAX's attention runs one
-    (batch, head) pair and block of queries at a time: the same outputs and
-    gradients as the one-tensor product, computed here in NumPy."""
-    import jax
+    (batch, head) pair and block of queries at a time, TensorFlow's a block
+    of queries at a time: the same outputs and gradients as the one-tensor
+    product, computed here in NumPy."""
     import numpy as np
 
-    from keras_diffusion.backend import jax as jax_backend
+    from keras_diffusion import backend as kd_backend
 
-    assert queries * keys >= jax_backend._BLOCKED_PAIRS
+    module = kd_backend.current()
+    assert queries * keys >= module._BLOCKED_PAIRS
     rng = np.random.default_rng(0)
     q = rng.standard_normal((2, queries, 2, 8)).astype("float32")
     k, v = (rng.standard_normal((2, keys, 2, 8)).astype("float32") for _ in range(2))
@@ -86,7 +89,12 @@ def test_large_attention_runs_blocked_to_the_same_values_and_gradients(queries, 
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
     expected = np.einsum("bhqk,bkhd->bqhd", weights, v)
-    got = jax.jit(jax_backend.attention)(q, k, v)
+    if BACKEND == "tensorflow":
+        _check_tensorflow_attention(module.attention, q, k, v, expected)
+        return
+    import jax
+
+    got = jax.jit(module.attention)(q, k, v)
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5)
 
     def loss(fn, q, k, v):
@@ -96,7 +104,29 @@ def test_large_attention_runs_blocked_to_the_same_values_and_gradients(queries, 
         weights = jax.nn.softmax(jax.numpy.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8), axis=-1)
         return jax.numpy.einsum("bhqk,bkhd->bqhd", weights, v)
 
-    grads = jax.jit(jax.grad(lambda *a: loss(jax_backend.attention, *a), argnums=(0, 1, 2)))(q, k, v)
+    grads = jax.jit(jax.grad(lambda *a: loss(module.attention, *a), argnums=(0, 1, 2)))(q, k, v)
     reference = jax.grad(lambda *a: loss(one_tensor, *a), argnums=(0, 1, 2))(q, k, v)
     for got_grad, want in zip(grads, reference):
         np.testing.assert_allclose(np.asarray(got_grad), np.asarray(want), atol=1e-4)
+
+
+def _check_tensorflow_attention(attention, q, k, v, expected):
+    """TensorFlow's blocked attention in a graph, against `expected`, and its
+    gradients against those of Keras' one-tensor op (a bfloat16 input comes
+    back bfloat16)."""
+    import numpy as np
+    import tensorflow as tf
+
+    got = tf.function(attention)(q, k, v)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+    assert tf.function(attention)(*(tf.cast(x, "bfloat16") for x in (q, k, v))).dtype == \
+        tf.bfloat16
+    tensors = [tf.constant(x) for x in (q, k, v)]
+    grads = []
+    for fn in (attention, lambda q, k, v: keras.ops.dot_product_attention(q, k, v)):
+        with tf.GradientTape() as tape:
+            tape.watch(tensors)
+            loss = tf.reduce_sum(fn(*tensors) ** 2)
+        grads.append(tape.gradient(loss, tensors))
+    for got_grad, want in zip(*grads):
+        np.testing.assert_allclose(got_grad.numpy(), want.numpy(), atol=1e-4)

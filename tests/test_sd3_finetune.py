@@ -229,6 +229,40 @@ def test_save_diffusers_loads_in_diffusers_to_our_images(made, tmp_path, style):
 
 # ---------------------------------------------------------------- the command
 @once
+def test_the_command_sets_the_scripts_training_options(made, tmp_path, capsys, monkeypatch):
+    """`--weighting-scheme` and its settings, `--precondition-outputs` and
+    `--train-text-encoder` reach the model as the script's flags do; SD
+    1.x's `--snr-gamma` is refused in one line naming SD 3's, before
+    anything is written."""
+    from safetensors.numpy import load_file
+
+    from keras_diffusion.stable_diffusion import finetuning
+
+    data = write_instance_images(tmp_path / "instance")
+    output = tmp_path / "run"
+    command = ("finetune", "--model", made["folder"], "--data-dir", data, "--output", output,
+               *DREAMBOOTH_OPTIONS)
+    assert cli_main(*command, "--snr-gamma", "5") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["keras-diffusion finetune: error: --snr-gamma is not a training option of "
+                   "a StableDiffusion3; it takes --proportion-empty-prompts, --weighting-scheme, "
+                   "--logit-mean, --logit-std, --mode-scale, --precondition-outputs"]
+    assert not (output / "class_images").exists()
+    trained = []
+    real = finetuning.finetune
+    monkeypatch.setattr(finetuning, "finetune",
+                        lambda model, *args, **kwargs: trained.append(model) or real(
+                            model, *args, **kwargs))
+    assert cli_main(*command, "--weighting-scheme", "mode", "--mode-scale", "0.5",
+                    "--precondition-outputs", "0", "--train-text-encoder") == 0
+    schedule = trained[0].schedule
+    assert (schedule.density, schedule.mode_scale, schedule.precondition_outputs) == \
+        ("mode", 0.5, False)
+    parts = {key.split(".")[0] for key in load_file(output / "pytorch_lora_weights.safetensors")}
+    assert parts == {"transformer", "text_encoder", "text_encoder_2"}
+
+
+@once
 def test_dreambooth_with_prior_preservation_through_the_command(made, tmp_path, capsys):
     from diffusers import StableDiffusion3Pipeline
 

@@ -101,25 +101,48 @@ def test_finetune_errors_are_one_line(pipeline_folder, instance_folder, tmp_path
 
 @pytest.mark.skipif(BACKEND != "torch", reason="the command's size handling is backend-"
                     "independent; test_sd_finetune.py trains at another size on each backend")
-def test_finetune_trains_at_the_size_asked_for(pipeline_folder, instance_folder, tmp_path,
-                                               capsys):
+def test_finetune_trains_at_the_size_and_with_the_options_asked_for(
+        pipeline_folder, instance_folder, tmp_path, capsys, monkeypatch):
     """`--size` (diffusers' `--resolution`): the images are cut to it, the
-    class images made at it; a size the UNet cannot divide is refused in
-    one line before anything is written."""
+    class images made at it; the training options (`--snr-gamma`,
+    `--noise-offset`) reach the model and `--train-text-encoder` puts LoRA
+    on the text encoder; a size the UNet cannot divide, SD 3's options and
+    a text-encoder LoRA with a whole-UNet run are refused in one line
+    before anything is written."""
     from PIL import Image
+    from safetensors.numpy import load_file
+
+    from keras_diffusion.stable_diffusion import finetuning
 
     output = tmp_path / "run"
-    assert cli_main(*_command(pipeline_folder, instance_folder, output, "--size", "18x16")) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "image_size 18x16 does not divide: both sides must be multiples " \
-        "of 4" in err[0]
-    assert not output.exists()
+    for extra, message in (
+            (("--size", "18x16"), "image_size 18x16 does not divide: both sides must be "
+                                  "multiples of 4"),
+            (("--weighting-scheme", "mode"), "--weighting-scheme is not a training option of a "
+                                             "StableDiffusion; it takes --snr-gamma, "
+                                             "--noise-offset, --proportion-empty-prompts"),
+            (("--train-text-encoder", "--lora-rank", "0"), "train_text_encoder "
+                                                           "(--train-text-encoder) adds a new "
+                                                           "LoRA to the text encoders")):
+        assert cli_main(*_command(pipeline_folder, instance_folder, output, *extra)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not (output / "backup").exists() and not (output / "class_images").exists()
+    trained = []
+    real = finetuning.finetune
+    monkeypatch.setattr(finetuning, "finetune",
+                        lambda model, *args, **kwargs: trained.append(model) or real(
+                            model, *args, **kwargs))
     assert cli_main(*_command(pipeline_folder, instance_folder, output, "--size", "24x32",
-                              "--epochs", "1")) == 0
+                              "--epochs", "1", "--snr-gamma", "5", "--noise-offset", "0.05",
+                              "--train-text-encoder")) == 0
     assert "pytorch_lora_weights.safetensors" in capsys.readouterr().out
     for path in sorted((output / "class_images").iterdir()):
         assert Image.open(path).size == (32, 24)  # (width, height)
     assert (output / "samples" / "epoch_0001.png").is_file()
+    assert (trained[0].min_snr_gamma, trained[0].noise_offset) == (5.0, 0.05)
+    parts = {key.split(".")[0] for key in load_file(output / "pytorch_lora_weights.safetensors")}
+    assert parts == {"unet", "text_encoder"}
 
 
 def test_training_images_are_cropped_to_the_aspect_and_resized(instance_folder):

@@ -133,14 +133,17 @@ def finetune(model, data_dir, output, *, instance_prompt=None, class_prompt=None
              num_class_images=100, prior_loss_weight=1.0, lora_rank=8, lora_alpha=None,
              init_lora=None, learning_rate=1e-4, batch_size=1, epochs=10, sample_prompts=None, sample_every=1,
              sample_steps=20, guidance_scale=7.5, gradient_checkpointing=False, resume=False,
-             cache_latents=False, seed=0, devices=1, image_size=None, log_every=None,
-             verbose="auto"):
+             cache_latents=False, seed=0, devices=1, image_size=None, train_text_encoder=False,
+             fine_tuning=None, log_every=None, verbose="auto"):
     """Fine-tune `model` (a loaded `StableDiffusion`) on `data_dir`; see the
     module's docstring. `devices`: how many devices each batch is split
     over (what `distribution_scope`, inside which the model was loaded,
     yields); the images are cut to a multiple of it. `image_size` `(H, W)`:
-    the size to train at, any the model divides (None: its own). Returns
-    the paths written."""
+    the size to train at, any the model divides (None: its own).
+    `train_text_encoder`: a new LoRA on the text encoders too.
+    `fine_tuning`: keywords of the model's `configure_fine_tuning` (min-SNR
+    and noise offset for SD and SDXL, the weighting scheme for SD 3).
+    Returns the paths written."""
     check_integer("epochs", epochs)
     check_integer("batch_size", batch_size)
     check_integer("lora_rank", lora_rank, low=0)
@@ -150,6 +153,10 @@ def finetune(model, data_dir, output, *, instance_prompt=None, class_prompt=None
     if class_prompt is not None and instance_prompt is None:
         raise ValueError("class_prompt (prior preservation) is DreamBooth's: it needs an "
                          "instance_prompt for the instance images.")
+    if train_text_encoder and (init_lora is not None or not lora_rank):
+        raise ValueError("train_text_encoder (--train-text-encoder) adds a new LoRA to the text "
+                         "encoders: it needs a lora_rank above 0 and no init_lora (a LoRA "
+                         "file trains the parts it holds).")
     if init_lora is not None and not lora_rank:
         raise ValueError("init_lora (--lora) continues training a LoRA; lora_rank 0 fine-tunes "
                          "the whole UNet instead. Give one or the other.")
@@ -164,8 +171,13 @@ def finetune(model, data_dir, output, *, instance_prompt=None, class_prompt=None
                     class_prompt=class_prompt, num_class_images=num_class_images if class_prompt
                     else 0, prior_loss_weight=prior_loss_weight, lora_rank=lora_rank,
                     lora_alpha=lora_alpha, batch_size=batch_size, seed=seed)
-    if image_size is not None:  # (absent otherwise: runs saved before it resume as they were)
-        settings["image_size"] = list(image_size)
+    # Each absent when not given: runs saved before they existed resume as they were.
+    for key, value in (("image_size", image_size and list(image_size)),
+                       ("train_text_encoder", train_text_encoder), ("fine_tuning", fine_tuning)):
+        if value:
+            settings[key] = value
+    if fine_tuning:  # checked (and set) before anything is written
+        model.configure_fine_tuning(**fine_tuning)
     # SDXL's time ids take each image's original size and crop (diffusers' SDXL scripts).
     geometry = "original_size" in getattr(model, "image_conditions", ())
     images, captions, *placed = read_training_images(data_dir, size, instance_prompt,
@@ -198,7 +210,8 @@ def finetune(model, data_dir, output, *, instance_prompt=None, class_prompt=None
             raise ValueError(f"the LoRA {init_lora} has no dense modules to train (its "
                              "convolution LoRAs are added to the frozen kernels).")
     elif lora_rank:
-        model.enable_lora(rank=lora_rank, alpha=lora_alpha, seed=seed)
+        model.enable_lora(rank=lora_rank, alpha=lora_alpha, text_encoder=train_text_encoder,
+                          seed=seed)
     if gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.compile(optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=1e-2))

@@ -7,6 +7,8 @@ A family's own blocks (the VAE's resnets, the UNet's transformers, CLIP's
 encoder layers) live in that family's files and are built of these.
 """
 
+import json
+
 import keras
 from keras import layers
 
@@ -79,6 +81,27 @@ def from_weights_dtype(cls, config):
     config = dict(config)
     with precisions.policy_scope(config.pop("weights_dtype", None)):
         return cls(**config)
+
+
+class ReferenceConfigured:
+    """For a part built from a reference library's config dict (diffusers'
+    `config.json`, kept as JSON in `_reference_config`): `config` is that
+    dict, and the Keras config is it plus the name, `trainable` and the
+    half-precision policy the part was built in. Mixed in before
+    `keras.Model`."""
+
+    @property
+    def config(self):
+        """The reference config dict (a copy)."""
+        return json.loads(self._reference_config)
+
+    def get_config(self):
+        return with_weights_dtype({"name": self.name, "trainable": self.trainable, **self.config},
+                                  self)
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return from_weights_dtype(cls, config)
 
 
 def float32_output(layer_cls, *args, **kwargs):

@@ -37,10 +37,9 @@ from keras_diffusion.stable_diffusion.layers import Dense
 from keras_diffusion.stable_diffusion.layers import _AtModulePath
 from keras_diffusion.stable_diffusion.layers import _Block
 from keras_diffusion.stable_diffusion.layers import float32_output
-from keras_diffusion.stable_diffusion.layers import from_weights_dtype
+from keras_diffusion.stable_diffusion.layers import ReferenceConfigured
 from keras_diffusion.stable_diffusion.layers import half_weights_policy
 from keras_diffusion.stable_diffusion.layers import keras_name
-from keras_diffusion.stable_diffusion.layers import with_weights_dtype
 from keras_diffusion.stable_diffusion.unet import Timesteps
 
 CLASS_NAME = "SD3Transformer2DModel"
@@ -562,7 +561,7 @@ def _forward(parts, inputs, skip=()):
 
 # ------------------------------------------------------------- the transformer
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="SD3Transformer")
-class SD3Transformer(keras.Model):
+class SD3Transformer(ReferenceConfigured, keras.Model):
     """The MMDiT of Stable Diffusion 3 / 3.5: diffusers'
     `SD3Transformer2DModel`, as a functional Keras model.
 
@@ -629,10 +628,6 @@ class SD3Transformer(keras.Model):
         self.downsampling_factor = self.patch_size  # what the pipeline's image sizes divide by
         self.max_patches = config["pos_embed_max_size"]
 
-    @property
-    def config(self):
-        """The reference config dict (a copy)."""
-        return json.loads(self._reference_config)
 
     def _check_latents(self, x_t):
         height, width = x_t.shape[1], x_t.shape[2]
@@ -687,10 +682,3 @@ class SD3Transformer(keras.Model):
         for block in self._parts.blocks:
             block.gradient_checkpointing = bool(enabled)
 
-    def get_config(self):
-        return with_weights_dtype({"name": self.name, "trainable": self.trainable, **self.config},
-                                  self)
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        return from_weights_dtype(cls, config)

@@ -34,9 +34,8 @@ from keras_diffusion.stable_diffusion.layers import Dense
 from keras_diffusion.stable_diffusion.layers import GroupNormalization
 from keras_diffusion.stable_diffusion.layers import _Block
 from keras_diffusion.stable_diffusion.layers import float32_output
-from keras_diffusion.stable_diffusion.layers import from_weights_dtype
+from keras_diffusion.stable_diffusion.layers import ReferenceConfigured
 from keras_diffusion.stable_diffusion.layers import half_weights_policy
-from keras_diffusion.stable_diffusion.layers import with_weights_dtype
 from keras_diffusion.stable_diffusion.layers import keras_name
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -610,7 +609,7 @@ def _check_config(config):
 
 # ------------------------------------------------------------------ the UNet
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="StableDiffusionUNet")
-class StableDiffusionUNet(keras.Model):
+class StableDiffusionUNet(ReferenceConfigured, keras.Model):
     """The UNet of Stable Diffusion 1.x / 2.x: diffusers'
     `UNet2DConditionModel` with `CrossAttnDownBlock2D` / `DownBlock2D` down
     blocks, a `UNetMidBlock2DCrossAttn` and `CrossAttnUpBlock2D` /
@@ -663,10 +662,6 @@ class StableDiffusionUNet(keras.Model):
         self.context_dim = config["cross_attention_dim"]
         self.downsampling_factor = 2 ** (len(config["block_out_channels"]) - 1)
 
-    @property
-    def config(self):
-        """The reference config dict (a copy)."""
-        return json.loads(self._reference_config)
 
     @classmethod
     def from_reference_config(cls, config, **kwargs):
@@ -701,13 +696,6 @@ class StableDiffusionUNet(keras.Model):
             if isinstance(layer, (ResnetBlock2D, Transformer2D)):
                 layer.gradient_checkpointing = bool(enabled)
 
-    def get_config(self):
-        return with_weights_dtype({"name": self.name, "trainable": self.trainable, **self.config},
-                                  self)
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        return from_weights_dtype(cls, config)
 
 
 def _build(config):
