@@ -132,9 +132,11 @@ _QUERY_BLOCK = 512
 
 
 def attention(q, k, v, is_causal=False):
-    """softmax(q k^T / sqrt(d)) v over `(B, N, heads, d)` tensors, logits
-    and softmax in float32. Keras' op makes the whole `(B, heads, N, M)`
-    score tensor and its softmax at once: at SD 3.5's 1024x1024 (4,429
+    """softmax(q k^T / sqrt(d)) v over `(B, N, heads, d)` tensors, as
+    Keras' op computes it: the products in the inputs' dtype (bfloat16 on
+    oneDNN's native kernels), logits and softmax in float32, the weights
+    rounded back to the inputs' dtype. But Keras' op makes the whole
+    `(B, heads, N, M)` score tensor and its softmax at once: at SD 3.5's 1024x1024 (4,429
     tokens, 24 heads, a guided batch of 2) 3.8 GB each, which took the
     process past 24 GB. Above `_BLOCKED_PAIRS` pairs the queries go
     `_QUERY_BLOCK` at a time (0.44 GB of scores there); below, and for
@@ -143,15 +145,13 @@ def attention(q, k, v, is_causal=False):
     if is_causal or queries is None or keys is None or queries * keys < _BLOCKED_PAIRS:
         return keras.ops.dot_product_attention(q, k, v, is_causal=is_causal)
     scale, dtype = 1.0 / math.sqrt(q.shape[-1]), v.dtype
-    q, k, v = (tf.transpose(tf.cast(x, "float32"), (0, 2, 1, 3)) for x in (q, k, v))
-    q = q * scale
+    q, k, v = (tf.transpose(tf.cast(x, dtype), (0, 2, 1, 3)) for x in (q, k, v))
     blocks = []
     for start in range(0, queries, _QUERY_BLOCK):
-        weights = tf.nn.softmax(tf.matmul(q[:, :, start:start + _QUERY_BLOCK], k,
-                                          transpose_b=True), axis=-1)
-        blocks.append(tf.matmul(weights, v))
-    out = tf.transpose(tf.concat(blocks, axis=2), (0, 2, 1, 3))
-    return tf.cast(out, dtype)
+        logits = tf.matmul(q[:, :, start:start + _QUERY_BLOCK], k, transpose_b=True)
+        weights = tf.nn.softmax(tf.cast(logits, "float32") * scale, axis=-1)
+        blocks.append(tf.matmul(tf.cast(weights, dtype), v))
+    return tf.transpose(tf.concat(blocks, axis=2), (0, 2, 1, 3))
 
 
 def compile_function(fn):
