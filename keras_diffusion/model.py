@@ -162,8 +162,7 @@ class DiffusionModel(keras.Model):
         saying what is accepted, not after compiling or deep into an epoch.
 
         Images are NHWC, uint8 or float in [0, 1] (3-D `(N, H, W)` arrays
-        get a channel axis), of the model's size or, for a network that
-        takes any size it divides (Stable Diffusion's), of such a size; `y` is labels or captions, one per image, as
+        get a channel axis; `pipeline.training_image_shape` says the size); `y` is labels or captions, one per image, as
         `keras_diffusion.conditioning.check_fit_condition` takes them.
         Datasets and generators pass unchecked: they yield `(images,
         labels)` or, for a prompted model, `(images, token_ids)` batches.

@@ -675,8 +675,11 @@ def size_multiple(model):
 
 
 def flexible_size(model):
-    """Whether the network takes inputs of any (divisible) height and width."""
-    return None in tuple(model.network.inputs[0].shape[1:3])
+    """Whether the network takes inputs of any (divisible) height and width
+    (a functional network with free height and width: a subclassed one,
+    which declares no inputs, is taken at the model's size)."""
+    inputs = getattr(model.network, "inputs", None)
+    return bool(inputs) and None in tuple(inputs[0].shape[1:3])
 
 
 def training_image_shape(model, images):
