@@ -161,8 +161,8 @@ class DiffusionModel(keras.Model):
         that a wrong shape, range, NaN or label fails at once with a message
         saying what is accepted, not after compiling or deep into an epoch.
 
-        Images are NHWC, uint8 or float in [0, 1] (3-D `(N, H, W)` arrays
-        get a channel axis; `pipeline.training_image_shape` says the size); `y` is labels or captions, one per image, as
+        Images are NHWC, uint8 or float in [0, 1], of a size
+        `pipeline.training_image_shape` takes; `y` is labels or captions, as
         `keras_diffusion.conditioning.check_fit_condition` takes them.
         Datasets and generators pass unchecked: they yield `(images,
         labels)` or, for a prompted model, `(images, token_ids)` batches.

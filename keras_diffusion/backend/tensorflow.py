@@ -136,9 +136,9 @@ def attention(q, k, v, is_causal=False):
     Keras' op computes it: the products in the inputs' dtype (bfloat16 on
     oneDNN's native kernels), logits and softmax in float32, the weights
     rounded back to the inputs' dtype. But Keras' op makes the whole
-    `(B, heads, N, M)` score tensor and its softmax at once: at SD 3.5's 1024x1024 (4,429
-    tokens, 24 heads, a guided batch of 2) 3.8 GB each, which took the
-    process past 24 GB. Above `_BLOCKED_PAIRS` pairs the queries go
+    `(B, heads, N, M)` score tensor and its softmax at once: at SD 3.5's
+    1024x1024 (4,429 tokens, 24 heads, a guided batch of 2) 3.8 GB each,
+    which took the process past 24 GB. Above `_BLOCKED_PAIRS` pairs the queries go
     `_QUERY_BLOCK` at a time (0.44 GB of scores there); below, and for
     causal or unknown lengths (CLIP's short text), Keras' op."""
     queries, keys = q.shape[1], k.shape[1]

@@ -95,9 +95,9 @@ def read_training_images(data_dir, size, instance_prompt=None, geometry=False):
 def class_images(model, output, class_prompt, num_images, *, steps, guidance_scale, seed,
                  image_size=None):
     """The prior-preservation images: `num_images` the model makes of
-    `class_prompt` at `image_size` (None: its own), written one by one to `output/class_images/` (each
-    atomically) so that an interrupted run keeps those it has; returns
-    them as float32 `(N, H, W, 3)`."""
+    `class_prompt` at `image_size` (None: its own), written one by one to
+    `output/class_images/` (each atomically) so that an interrupted run
+    keeps those it has; returns them as float32 `(N, H, W, 3)`."""
     folder = Path(output) / "class_images"
     folder.mkdir(parents=True, exist_ok=True)
     images = []
