@@ -28,6 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT.parent / "shared" / "data"
 BACKEND = keras.backend.backend()
 SMOKE = ROOT / "configs" / "smoke.yaml"
+# What is the same code on every backend (file tables, loaders, checks of
+# arguments, the command line, the sampling loop around the network) runs
+# under PyTorch only, the backend whose tests take least time; each model
+# family keeps its parity tests (numbers against diffusers, a training step)
+# on all three, as those are what each backend computes.
+once = pytest.mark.skipif(BACKEND != "torch", reason="the same code on every backend; run "
+                                                     "under PyTorch")
 # The smallest network that trains: one level, no attention. 32 MNIST images
 # in batches of 8 are 4 steps an epoch. float32, not `auto`: the runs that
 # use it compare numbers, which must not depend on the CPU's bfloat16 support.

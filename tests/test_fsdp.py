@@ -49,6 +49,8 @@ SCRIPT = textwrap.dedent("""
             report["loss"] = history.history["loss"]
             report["weights"] = {v.path: keras.ops.convert_to_numpy(v).ravel()[:64].tolist()
                                  for v in model.network.trainable_variables[:40]}
+            if distribute is None:
+                return report  # what the sharded run is compared with
             model.save(f"{output}/{distribute}.keras")
             again = kd.load_model(f"{output}/{distribute}.keras")
             report["reloaded"] = bool(np.array_equal(

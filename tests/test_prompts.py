@@ -18,6 +18,7 @@ from conftest import BACKEND
 from conftest import DATA_DIR
 from conftest import EAGER
 from conftest import ROOT
+from conftest import once
 from conftest import plumbing_optimizer
 from conftest import squares
 from keras_diffusion import pipeline
@@ -304,6 +305,7 @@ def _cli(cli, *args):
     return code, stdout.getvalue(), stderr.getvalue()
 
 
+@once
 def test_the_command_line_trains_samples_and_scores_prompts(prompted_run, tmp_path, monkeypatch):
     from keras_diffusion import cli
     from keras_diffusion import data
@@ -363,6 +365,7 @@ def _bpe_vocabulary(words):
     return vocabulary, merges
 
 
+@once
 def test_keras_hub_clip_text_encoder_plugs_in():
     keras_hub = pytest.importorskip("keras_hub")
     vocabulary, merges = _bpe_vocabulary(["a", "square", "at", "the", "top", "bottom"])
@@ -398,6 +401,7 @@ def test_keras_hub_clip_text_encoder_plugs_in():
 
 
 # ------------------------------------------------------- latent, configs
+@once
 def test_a_latent_model_takes_prompts(tmp_path):
     from test_latent import small_autoencoder
 
@@ -436,6 +440,7 @@ def test_a_latent_model_takes_prompts(tmp_path):
     (["sampling.prompts=3"], "sampling.prompts must be a string, a non-empty list of strings or "
                              "null; got 3"),
 ])
+@once
 def test_the_text_section_is_checked(overrides, match):
     from keras_diffusion.config import ConfigError
     from keras_diffusion.config import load_config
@@ -444,6 +449,7 @@ def test_the_text_section_is_checked(overrides, match):
         load_config(ROOT / "configs" / "smoke_prompts.yaml", overrides)
 
 
+@once
 def test_a_captioned_folder_is_read_with_its_metadata(tmp_path):
     from PIL import Image
 

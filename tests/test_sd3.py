@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import once
 from sd_pipelines import write_pipeline
 
 PROMPTS = ["a photo of a cat", "jackfruits hang from the tree"]
@@ -60,6 +61,7 @@ def test_prompts_without_t5_encode_as_diffusers(folders):
     np.testing.assert_allclose(output["pooled_output"], pooled.numpy(), atol=1e-4)
 
 
+@once
 def test_the_folder_scheduler_is_a_shifted_flow_schedule(folders):
     import json
 
@@ -118,6 +120,7 @@ def test_guided_images_equal_diffusers(folders, models, style):
     np.testing.assert_allclose(images, expected, atol=2e-3)
 
 
+@once
 def test_it_saves_as_one_keras_file_and_reloads_to_the_same_images(models, tmp_path):
     import keras_diffusion as kd
     from keras_diffusion.stable_diffusion.sd3 import StableDiffusion3
@@ -135,6 +138,7 @@ def test_it_saves_as_one_keras_file_and_reloads_to_the_same_images(models, tmp_p
     np.testing.assert_allclose(after, before, atol=1e-6)
 
 
+@once
 def test_a_folder_missing_an_encoder_names_it(folders, tmp_path):
     import shutil
 
@@ -174,6 +178,7 @@ def test_skip_layer_guidance_equals_diffusers(folders, models):
     np.testing.assert_allclose(images, expected, atol=2e-3)
 
 
+@once
 def test_skip_layer_guidance_needs_a_network_that_skips(folders):
     import keras_diffusion as kd
     from sd_pipelines import write_pipeline as write
@@ -186,6 +191,7 @@ def test_skip_layer_guidance_needs_a_network_that_skips(folders):
                                              skip_guidance_layers=[0])
 
 
+@once
 def test_img2img_equals_diffusers(folders, models):
     """From the same latents and noise, at a strength where SD 3's pipeline
     counts its steps otherwise than SD's (3 of 5 at 0.55, not 2)."""

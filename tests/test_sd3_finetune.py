@@ -161,6 +161,7 @@ def test_the_loss_is_the_scripts_for_the_same_draws(model, made, scheme, precond
 
 
 # ---------------------------------------------------------------------- fit
+@once
 def test_fit_fine_tunes_the_whole_transformer(made):
     model = kd.load_model(made["folder"])
     frozen = part_values(model.text_encoder) + part_values(model.autoencoder)

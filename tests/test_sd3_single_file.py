@@ -259,6 +259,7 @@ def _images(model, seed):
                           guidance_scale=5.0, steps=2, sampler="euler", noise=latents)
 
 
+@once
 @pytest.mark.parametrize("style, which", [("sd35_medium", "file"), ("sd3", "bare")])
 def test_the_file_loads_to_the_folders_images(pipelines, style, which):
     """Every part from the file (T5 included), or the transformer and VAE
@@ -274,6 +275,7 @@ def test_the_file_loads_to_the_folders_images(pipelines, style, which):
     np.testing.assert_allclose(images, expected, atol=1e-5)
 
 
+@once
 def test_without_t5_anywhere_the_model_runs_without_it(pipelines, tmp_path):
     """A file with the CLIP encoders and a folder without T5 weights: one
     warning where the folder describes a T5, none where it has none."""

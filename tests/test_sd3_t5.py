@@ -16,6 +16,7 @@ from transformers import T5EncoderModel
 from transformers import T5TokenizerFast
 from transformers.models.t5.modeling_t5 import T5Attention
 
+from conftest import once
 from keras_diffusion import precision
 from keras_diffusion.stable_diffusion import weights
 from keras_diffusion.stable_diffusion.t5 import T5Encoder
@@ -90,6 +91,7 @@ def test_last_hidden_state_matches_transformers(pair):
                                reference_output(model, ids[:, :7]), atol=TOLERANCE, rtol=0)
 
 
+@once
 @pytest.mark.parametrize("num_buckets, max_distance", [(8, 16), (12, 16), (32, 128), (33, 40)])
 def test_buckets_are_transformers(num_buckets, max_distance):
     """Every distance, the far ones and the bins' edges included."""
@@ -100,6 +102,7 @@ def test_buckets_are_transformers(num_buckets, max_distance):
     np.testing.assert_array_equal(ours, expected.numpy())
 
 
+@once
 def test_state_dict_layouts(pair):
     model, encoder = pair
     reference_weights = reference_state(model)
@@ -118,6 +121,7 @@ def test_state_dict_layouts(pair):
                                   ops.convert_to_numpy(encoder(ids)))
 
 
+@once
 def test_keras_file_round_trip(pair, tmp_path):
     _, encoder = pair
     path = tmp_path / "t5.keras"
@@ -161,6 +165,7 @@ def test_float16_keeps_the_stream_in_float32():
     np.testing.assert_allclose(features, expected, atol=0.05, rtol=0)
 
 
+@once
 def test_real_size_parameter_count():
     """t5-v1_1-xxl's encoder as transformers builds it (on the meta device)
     and as ours lays out its checkpoint, counted from shapes: variables made
@@ -189,6 +194,7 @@ def test_real_size_parameter_count():
      r"relative_attention_max_distance must be above .* \(2, .*got 2"),
     ({"num_heads": 0}, r"num_heads must be a positive integer; got 0"),
 ])
+@once
 def test_refused_configs(change, message):
     config = T5Config(**TINY).to_dict()
     assert T5Encoder.from_reference_config(config).get_config()["d_model"] == 32
@@ -249,6 +255,7 @@ def as_sd3_calls_it(tokenizer, prompts, max_length=256):
                      add_special_tokens=True, return_tensors="np").input_ids
 
 
+@once
 def test_tokenizer_ids_match_transformers(tokenizer_file):
     expected = as_sd3_calls_it(T5TokenizerFast(tokenizer_file=str(tokenizer_file),
                                                extra_ids=len(SENTINELS)), PROMPTS)
@@ -267,6 +274,7 @@ def test_tokenizer_ids_match_transformers(tokenizer_file):
     assert ours.decode(ours(PROMPTS[0]))[0] == PROMPTS[0]
 
 
+@once
 def test_tokenizer_folder_and_config_round_trip(tokenizer_file, tmp_path):
     ours = T5Tokenizer.from_folder(tokenizer_file.parent)
     ours.max_length = 64
@@ -283,6 +291,7 @@ def test_tokenizer_folder_and_config_round_trip(tokenizer_file, tmp_path):
     np.testing.assert_array_equal(again(short), expected)
 
 
+@once
 def test_tokenizer_refusals(tokenizer_file, tmp_path):
     (tmp_path / "spiece.model").write_bytes(b"\x00")
     with pytest.raises(FileNotFoundError, match="holds spiece.model but no tokenizer.json"):
@@ -298,6 +307,7 @@ def test_tokenizer_refusals(tokenizer_file, tmp_path):
         T5Tokenizer(tokenizer_file.read_text(encoding="utf-8"), max_length=0)
 
 
+@once
 def test_tokenizer_without_the_tokenizers_library(tokenizer_file, monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install 'keras-diffusion\[sd\]'"):

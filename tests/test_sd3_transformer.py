@@ -17,6 +17,7 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
+from conftest import once
 from keras_diffusion.precision import policy_scope
 from keras_diffusion.stable_diffusion import weights
 from keras_diffusion.stable_diffusion.mmdit import SD3Transformer
@@ -173,6 +174,7 @@ def test_skipped_blocks_equal_diffusers(pair):
     check_equal(reference, ours, inputs, skip_layers=[0, last])
 
 
+@once
 def test_state_dict_round_trips_to_diffusers_keys_and_values(pair):
     _, reference, ours = pair
     expected, got = reference_state(reference), weights.state_dict(ours)
@@ -184,6 +186,7 @@ def test_state_dict_round_trips_to_diffusers_keys_and_values(pair):
     assert [v.path for v in ours.non_trainable_weights] == ["pos_embed/table"]
 
 
+@once
 def test_interface(pair):
     _, reference, ours = pair
     config = reference.config
@@ -196,6 +199,7 @@ def test_interface(pair):
     assert ours.config["dual_attention_layers"] == list(config.dual_attention_layers)
 
 
+@once
 def test_the_initial_position_table_is_diffusers():
     """Built without a checkpoint, the table holds diffusers' values (its
     scale follows sample_size)."""
@@ -207,6 +211,7 @@ def test_the_initial_position_table_is_diffusers():
     assert position_table(32, 20, 12).shape == (1, 400, 32)
 
 
+@once
 def test_config_round_trips_and_a_keras_file_reloads_the_same_function(medium, tmp_path):
     _, reference, ours = medium
     config = ours.get_config()
@@ -219,6 +224,7 @@ def test_config_round_trips_and_a_keras_file_reloads_the_same_function(medium, t
     np.testing.assert_array_equal(evaluate(loaded, inputs), evaluate(ours, inputs))
 
 
+@once
 def test_built_from_a_checkpoint_every_weight_is_taken_as_it_is_made():
     reference = reference_model(SD35_MEDIUM_TINY, seed=1)
     state = reference_state(reference)
@@ -276,12 +282,14 @@ def test_half_precision_output_is_float32_and_close(policy, weights_dtype):
      r"must be a multiple of 4 .*; got 18"),
     ({"_class_name": "FluxTransformer2DModel"}, "_class_name='FluxTransformer2DModel'"),
 ])
+@once
 def test_bad_configs_are_refused_in_one_line(options, message):
     with pytest.raises(ValueError, match=message) as error:
         SD3Transformer.from_reference_config({**SD3_TINY, **options})
     assert "\n" not in str(error.value)
 
 
+@once
 def test_the_constructor_takes_only_diffusers_options():
     with pytest.raises(ValueError, match=r"unknown options \['_class_name'\]"):
         SD3Transformer(**SD35_MEDIUM_TRANSFORMER)
@@ -293,6 +301,7 @@ def test_the_constructor_takes_only_diffusers_options():
     ((1, 16, 194, 4), None, r"width \(194\) is more than the transformer's 96 patches of 2"),
     ((1, 16, 16, 4), [3], r"skip_layers must list block indices below num_layers \(3\)"),
 ])
+@once
 def test_bad_calls_are_refused(medium, shape, skip, message):
     _, reference, ours = medium
     _, t, context, pooled = example_inputs(reference.config, batch=1)
@@ -318,6 +327,7 @@ def shapes_only():
         global_state.set_global_attribute("uninitialized_variables", before)
 
 
+@once
 @pytest.mark.parametrize("release", list(REAL_SIZES))
 def test_real_size_keys_shapes_and_parameter_count(release):
     """The released transformers (2.0B, 2.2B and 8.1B parameters): the same

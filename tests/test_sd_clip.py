@@ -11,6 +11,7 @@ from keras import ops
 from transformers import CLIPTextConfig
 from transformers import CLIPTextModel
 
+from conftest import once
 from keras_diffusion import text
 from keras_diffusion.stable_diffusion import weights
 from keras_diffusion.stable_diffusion.clip import CLIPTextTransformer
@@ -93,6 +94,7 @@ def test_skip_layers_is_clip_skip(pair):
     assert set(weights.state_dict(encoder)) == set(text_model_state_dict(model.state_dict()))
 
 
+@once
 def test_state_dict_layouts(pair):
     _, model, encoder = pair
     reference_weights = {key: value.numpy() for key, value in model.state_dict().items()}
@@ -121,6 +123,7 @@ def test_text_encoder_slot(pair):
         text.check_prompted_parts(types.SimpleNamespace(context_dim=64), encoder, tokenizer, None)
 
 
+@once
 def test_keras_file_round_trip(pair, tmp_path):
     config, model, _ = pair
     encoder = ported(model, skip_layers=1)
@@ -136,6 +139,7 @@ def test_keras_file_round_trip(pair, tmp_path):
         np.testing.assert_array_equal(weights.state_dict(loaded)[key], value, err_msg=key)
 
 
+@once
 def test_too_long_ids(pair):
     _, _, encoder = pair
     with pytest.raises(ValueError, match="length 78 are longer than .* 77 positions"):
@@ -147,6 +151,7 @@ def test_too_long_ids(pair):
     ({"model_type": "clip"}, r"model_type='clip'; supported: 'clip_text_model'"),
     ({"num_attention_heads": 5}, r"hidden_size=32, num_attention_heads=5"),
 ])
+@once
 def test_refused_configs(change, message):
     config = CLIPTextConfig(**SD1).to_dict()
     assert CLIPTextTransformer.from_reference_config(config).get_config()["hidden_size"] == 32

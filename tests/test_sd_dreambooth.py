@@ -13,6 +13,7 @@ import keras_diffusion as kd
 from conftest import BACKEND
 from conftest import cli_main
 from conftest import kill_after_first_backup
+from conftest import once
 from keras_diffusion.callbacks import read_backup_record
 from sd_pipelines import write_pipeline
 
@@ -84,6 +85,7 @@ def test_dreambooth_runs_end_to_end_and_resumes_after_a_kill(pipeline_folder, in
     assert (tmp_path / "dog.png").is_file()
 
 
+@once
 def test_finetune_errors_are_one_line(pipeline_folder, instance_folder, tmp_path, capsys):
     capsys.readouterr()
     assert cli_main("finetune", "--model", pipeline_folder, "--data-dir", instance_folder,
@@ -145,6 +147,7 @@ def test_finetune_trains_at_the_size_and_with_the_options_asked_for(
     assert parts == {"unet", "text_encoder"}
 
 
+@once
 def test_training_images_are_cropped_to_the_aspect_and_resized(instance_folder):
     from keras_diffusion.stable_diffusion.finetuning import read_training_images
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import keras_diffusion as kd
+from conftest import once
 from keras_diffusion.stable_diffusion import diffusers_folder
 from keras_diffusion.stable_diffusion.unet import ResnetBlock2D
 from keras_diffusion.stable_diffusion.unet import Transformer2D
@@ -109,6 +110,7 @@ def test_a_fine_tuned_model_saves_as_a_diffusers_folder(trained):
                      "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
 
 
+@once
 def test_the_saved_folder_loads_back_as_the_same_model(trained):
     model = kd.load_model(trained["folder"])
     config, expected = model.schedule.get_config(), trained["model"].schedule.get_config()
@@ -149,6 +151,7 @@ def test_the_noise_offset_adds_a_constant_per_image_and_channel(trained):
     np.testing.assert_allclose(means[0.5].var(), 1 / 16 + 0.25, rtol=0.1)
 
 
+@once
 def test_an_sd2_model_with_lora_saves_merged_and_as_a_lora(tmp_path):
     """SD-2 style (v prediction, linear projections, gelu, "!" padding): a
     model with a LoRA on the UNet's linear proj_in and the text encoder (B
@@ -178,6 +181,7 @@ def test_an_sd2_model_with_lora_saves_merged_and_as_a_lora(tmp_path):
 
 
 # ------------------------------------------------------------- bad input
+@once
 def test_save_diffusers_writes_nothing_half_way(trained, tmp_path, monkeypatch):
     model = trained["model"]
     with pytest.raises(FileExistsError, match="exists; pass overwrite=True to replace it"):
@@ -196,6 +200,7 @@ def test_save_diffusers_writes_nothing_half_way(trained, tmp_path, monkeypatch):
     assert [p.name for p in trained["folder"].parent.iterdir() if p.name.startswith(".")] == []
 
 
+@once
 def test_training_images_of_a_size_the_unet_cannot_divide_are_refused(trained):
     model = trained["model"]
     images = np.zeros((2, 18, 16, 3), "float32")  # the tiny model's sides: multiples of 4
@@ -210,6 +215,7 @@ def test_training_images_of_a_size_the_unet_cannot_divide_are_refused(trained):
         model.fit(np.zeros((2, 16, 16, 3), "float32"), ["a photo of a cat"])
 
 
+@once
 def test_fine_tuning_options_are_checked(trained):
     model = trained["model"]
     with pytest.raises(ValueError, match=r"noise_offset must be a number in \[0, 1\); got -0.1"):
@@ -222,6 +228,7 @@ def test_fine_tuning_options_are_checked(trained):
     assert kd.load_model(trained["folder"]).prompt_dropout == 0.0  # captions kept by default
 
 
+@once
 def test_fit_trains_at_another_size_the_unet_divides(trained):
     """Images of another size the UNet divides train as they are (diffusers'
     scripts' `--resolution`), and so do their latents: the LoRA moves."""
@@ -241,6 +248,7 @@ def test_fit_trains_at_another_size_the_unet_divides(trained):
     assert any(np.abs(after - before).max() > 0 for after, before in zip(_values(lora_b), moved))
 
 
+@once
 def test_latents_encoded_once_train_without_the_vae(trained):
     """`encode_latents` runs the frozen VAE once; `fit` on its latents trains
     the LoRA without calling the VAE in the step."""

@@ -12,6 +12,7 @@ import pytest
 import keras_diffusion as kd
 from conftest import BACKEND
 from conftest import cli_main
+from conftest import once
 from sd_pipelines import write_pipeline
 
 PROMPT = "a photo of a cat"
@@ -88,6 +89,7 @@ def test_a_float16_folder_loads_in_half_precision_to_diffusers_image(half, dtype
     assert np.abs(image - exact).max() <= 1.5 * np.abs(reference - exact).max() + 2e-3
 
 
+@once
 def test_half_weights_are_read_as_stored(half):
     from safetensors.numpy import load_file
 
@@ -101,6 +103,7 @@ def test_half_weights_are_read_as_stored(half):
     np.testing.assert_array_equal(kernel, stored[key].T)  # bit for bit
 
 
+@once
 def test_the_dtype_survives_save_and_load(half, tmp_path):
     model = kd.load_model(half["folder"], dtype="bfloat16")
     path = tmp_path / "half.keras"
@@ -143,6 +146,7 @@ def test_a_lora_trains_in_float32_over_frozen_bfloat16_weights(half, tmp_path):
     assert np.abs(ours - image).max() < 5e-2
 
 
+@once
 def test_bad_dtype_requests_are_one_error(half, tmp_path):
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16 or "
                                          "None \\(float32\\); got 'int8'"):

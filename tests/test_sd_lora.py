@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import keras_diffusion as kd
+from conftest import once
 from keras_diffusion.stable_diffusion.lora import module_layers
 from sd_pipelines import write_pipeline
 
@@ -131,6 +132,7 @@ def test_a_peft_lora_loads_to_diffusers_image(setup, loaded):
     assert np.abs(image - setup["base"]).max() > 0.05  # the LoRA matters
 
 
+@once
 def test_the_same_lora_with_kohya_keys_gives_the_same_image(setup, loaded):
     # diffusers reads the test's kohya file to the same image: the file is right.
     pipeline = _fresh_pipeline(setup["folder"])
@@ -142,6 +144,7 @@ def test_the_same_lora_with_kohya_keys_gives_the_same_image(setup, loaded):
     np.testing.assert_allclose(_ours(model, setup["latents"]), setup["expected"], atol=2e-3)
 
 
+@once
 def test_scale_at_load_matches_diffusers_lora_scale(setup):
     model = kd.load_model(setup["folder"])
     model.load_lora_weights(setup["peft"] / "pytorch_lora_weights.safetensors", scale=0.5)
@@ -150,6 +153,7 @@ def test_scale_at_load_matches_diffusers_lora_scale(setup):
     assert np.abs(image - setup["expected"]).max() > 0.02
 
 
+@once
 def test_only_lora_matrices_are_trainable_after_loading(loaded):
     model, _ = loaded
     names = {v.path.rsplit("/", 1)[-1] for v in model.trainable_variables}
@@ -159,6 +163,7 @@ def test_only_lora_matrices_are_trainable_after_loading(loaded):
     assert len(model.trainable_variables) == 2 * (4 * 2 * 4 + 4 * 3)
 
 
+@once
 def test_fuse_and_unfuse(setup, loaded):
     model, image = loaded
     kernel = module_layers(model.network)["mid_block.attentions.0.transformer_blocks.0.attn1.to_q"]
@@ -204,6 +209,7 @@ def test_a_lora_trained_with_fit_loads_into_diffusers(setup):
                                    atol=2e-3, err_msg=format)
 
 
+@once
 def test_the_saved_file_is_peft_format(setup, loaded, tmp_path):
     from safetensors import safe_open
 
@@ -230,6 +236,7 @@ def _write(path, tensors):
     return path
 
 
+@once
 def test_enable_lora_twice_is_one_error(setup):
     model = kd.load_model(setup["folder"])
     model.enable_lora(rank=2)
@@ -238,6 +245,7 @@ def test_enable_lora_twice_is_one_error(setup):
         model.enable_lora(rank=2)
 
 
+@once
 def test_enable_lora_checks_its_arguments(setup):
     model = kd.load_model(setup["folder"])
     with pytest.raises(ValueError, match="rank must be a positive integer; got 0"):
@@ -252,6 +260,7 @@ def test_enable_lora_checks_its_arguments(setup):
                    for layer in module_layers(model.network).values())
 
 
+@once
 def test_a_lora_for_another_architecture_is_one_error(setup, tmp_path):
     model = kd.load_model(setup["folder"])
     sdxl = _write(tmp_path / "sdxl.safetensors", {
@@ -285,6 +294,7 @@ def test_a_lora_for_another_architecture_is_one_error(setup, tmp_path):
     assert not any("lora" in v.path for v in model.network.variables)  # nothing changed
 
 
+@once
 def test_other_bad_lora_files(setup, tmp_path):
     model = kd.load_model(setup["folder"])
     with pytest.raises(FileNotFoundError, match="no LoRA file at"):
@@ -310,6 +320,7 @@ def test_other_bad_lora_files(setup, tmp_path):
         model.fuse_lora()
 
 
+@once
 def test_a_lora_of_another_rank_does_not_fit_enabled_layers(setup):
     model = kd.load_model(setup["folder"])
     model.enable_lora(rank=2)
@@ -318,6 +329,7 @@ def test_a_lora_of_another_rank_does_not_fit_enabled_layers(setup):
         model.load_lora_weights(setup["peft"])
 
 
+@once
 def test_peft_metadata_alpha_patterns(setup, tmp_path):
     """An alpha_pattern entry gives its modules their own alpha; without
     metadata or alpha keys, alpha is the rank (diffusers' reading)."""

@@ -15,8 +15,13 @@ import pytest
 import keras_diffusion as kd
 from conftest import BACKEND
 from conftest import cli_main
+from conftest import once
 from keras_diffusion.stable_diffusion.lora import lora_state_dict
 from sd_pipelines import write_pipeline
+
+# Reading the layouts is the same code on every backend; the LoRA's numbers
+# on each backend are test_sd_lora.py's.
+pytestmark = once
 
 PROMPT = "a photo of a cat"
 STEPS = 3

@@ -10,6 +10,7 @@ import pytest
 import safetensors.numpy
 
 import ml_dtypes
+from conftest import once
 from keras_diffusion.stable_diffusion import single_file
 from keras_diffusion.stable_diffusion.single_file import detect_family
 from keras_diffusion.checkpoint_files import read_safetensors
@@ -20,6 +21,8 @@ from keras_diffusion.stable_diffusion.single_file import unet_in_channels
 from sd_pipelines import assert_same_state_dicts
 from sd_pipelines import write_single_file
 from sd_pipelines import write_tokenizer
+
+pytestmark = once  # tables of arrays: the same on every backend
 
 def _build(style, folder):
     """A tiny pipeline with more structure than SD's smallest test ones: three

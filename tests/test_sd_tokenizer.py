@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 from transformers import CLIPTokenizer as ReferenceTokenizer
 
+from conftest import once
 from keras_diffusion.stable_diffusion.tokenizer import CLIPTokenizer
 from keras_diffusion.stable_diffusion.tokenizer import byte_alphabet
+
+pytestmark = once  # pure Python: the same on every backend
 
 WORDS = ("a photo of an astronaut riding a horse on the moon, lower lowest newer wider "
          "don't it's we're café naïve 2024 hello world jackfruit tree").split()

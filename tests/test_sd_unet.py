@@ -15,6 +15,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from conftest import once
 from keras_diffusion.stable_diffusion import weights
 from keras_diffusion.stable_diffusion.unet import StableDiffusionUNet
 
@@ -186,6 +187,7 @@ def test_every_other_option_equals_diffusers():
     check_one_evaluation("options", reference, ours, (2, 5, 20, 12))
 
 
+@once
 def test_interface(pair):
     _, reference, ours = pair
     assert tuple(ours.inputs[0].shape[1:]) == (None, None, reference.config.in_channels)
@@ -195,6 +197,7 @@ def test_interface(pair):
     assert ours.config["attention_head_dim"] == reference.config.attention_head_dim
 
 
+@once
 def test_state_dict_round_trips_to_diffusers_keys_and_values(pair):
     _, reference, ours = pair
     expected = reference_state(reference)
@@ -205,6 +208,7 @@ def test_state_dict_round_trips_to_diffusers_keys_and_values(pair):
     assert ours.count_params() == sum(v.numel() for v in reference.parameters())
 
 
+@once
 def test_config_round_trips_through_get_config_and_a_keras_file(pair, tmp_path):
     _, _, ours = pair
     config = ours.get_config()
@@ -256,12 +260,14 @@ def test_mixed_precision_output_is_float32_and_close():
     ("only_cross_attention", True),
     ("num_class_embeds", 1000),
 ])
+@once
 def test_from_reference_config_rejects_other_families_options(option, value):
     with pytest.raises(ValueError, match=re.escape(f"does not support {option}={value!r}")) as error:
         StableDiffusionUNet.from_reference_config({**SD15_UNET, option: value})
     assert "SD 1.x / 2.x" in str(error.value)
 
 
+@once
 def test_from_reference_config_rejects_other_blocks_and_classes():
     config = {**SD15_UNET, "down_block_types": ["SimpleCrossAttnDownBlock2D"] * 4}
     with pytest.raises(ValueError, match="block type 'SimpleCrossAttnDownBlock2D' in down_block_types; "
@@ -280,16 +286,19 @@ def test_from_reference_config_rejects_other_blocks_and_classes():
     ({"up_block_types": ["UpBlock2D"]}, "up_block_types must name one block per level"),
     ({"downsample_padding": 2}, "downsample_padding must be 0 or 1"),
 ])
+@once
 def test_bad_options_name_what_is_wrong(options, message):
     with pytest.raises(ValueError, match=message):
         StableDiffusionUNet.from_reference_config({**SD1_TINY, **options})
 
 
+@once
 def test_the_constructor_takes_only_the_options_it_implements():
     with pytest.raises(ValueError, match=r"unknown options \['sample_size'\]"):
         StableDiffusionUNet(**SD1_TINY)
 
 
+@once
 def test_a_state_dict_that_does_not_fit_is_refused_whole(pair):
     _, reference, ours = pair
     before = weights.state_dict(ours)
@@ -327,6 +336,7 @@ def test_real_size_parameter_counts(config, parameters):
     assert got == expected
 
 
+@once
 def test_built_from_a_checkpoint_every_weight_is_taken_as_it_is_made(pair, tmp_path):
     """Inside `building_from`, each weight is created with its checkpoint
     value (no placeholder assigned later), read lazily from the file; the

@@ -10,6 +10,7 @@ import torch
 from diffusers import AutoencoderKL
 from keras import ops
 
+from conftest import once
 from keras_diffusion import backend
 from keras_diffusion import pipeline
 from keras_diffusion.autoencoder import _split_moments
@@ -159,6 +160,7 @@ def test_sampled_latents(pair, images):
     assert np.abs(first - mean).max() > 1e-3
 
 
+@once
 def test_state_dict_round_trip(pair):
     model, vae = pair
     reference_weights = model.state_dict()
@@ -186,6 +188,7 @@ def test_latent_slot_protocol(pair, images):
     assert decoded.shape == images.shape
 
 
+@once
 def test_keras_file_round_trip(pair, tmp_path):
     _, vae = pair
     path = tmp_path / "vae.keras"
@@ -198,6 +201,7 @@ def test_keras_file_round_trip(pair, tmp_path):
     assert float(ops.convert_to_numpy(loaded.scaling_factor)) == pytest.approx(0.13025)
 
 
+@once
 def test_config(pair):
     model, vae = pair
     config = vae.get_config()
@@ -208,6 +212,7 @@ def test_config(pair):
     assert StableDiffusionVAE.from_reference_config({}).get_config()["block_out_channels"] == [64]
 
 
+@once
 def test_bad_images_and_latents(pair):
     _, vae = pair
     with pytest.raises(ValueError, match=r"25x40 pixels .* multiples of 2"):
@@ -226,6 +231,7 @@ def test_bad_images_and_latents(pair):
     ({"norm_num_groups": 24}, r"divisible by norm_num_groups=24"),
     ({"out_channels": 4}, r"in_channels \(3\) and out_channels \(4\) must be equal"),
 ])
+@once
 def test_refused_configs(change, message):
     config = dict(CONFIG, down_block_types=list(CONFIG["down_block_types"]),
                   up_block_types=list(CONFIG["up_block_types"]),

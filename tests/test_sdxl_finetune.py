@@ -12,6 +12,7 @@ from keras import ops
 import keras_diffusion as kd
 from conftest import BACKEND
 from conftest import cli_main
+from conftest import once
 from sd_pipelines import write_pipeline
 
 CAPTIONS = ["a photo of a cat", "a red dog"]
@@ -67,6 +68,7 @@ def _values(part):
     return [ops.convert_to_numpy(v).copy() for v in part.variables]
 
 
+@once
 def test_fit_fine_tunes_the_whole_unet_with_the_options(folder):
     model = kd.load_model(folder)
     frozen = _values(model.text_encoder) + _values(model.autoencoder)
@@ -88,6 +90,7 @@ def test_fit_fine_tunes_the_whole_unet_with_the_options(folder):
         np.testing.assert_array_equal(after, before)
 
 
+@once
 def test_bad_per_image_conditions_are_one_line(model):
     images = _images()
     cases = [({"prompts": CAPTIONS, "original_size": [[16, 16]]}, "original_size"),
@@ -101,6 +104,7 @@ def test_bad_per_image_conditions_are_one_line(model):
         assert "\n" not in str(error.value)
 
 
+@once
 def test_a_dict_of_conditions_is_refused_by_sd1(tmp_path):
     write_pipeline(tmp_path / "sd1", "sd1")
     sd = kd.load_model(tmp_path / "sd1")

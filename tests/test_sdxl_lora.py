@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import keras_diffusion as kd
+from conftest import once
 from keras_diffusion.stable_diffusion import single_file
 from keras_diffusion.stable_diffusion.layers import keras_name
 from sd_pipelines import reference_images
@@ -140,6 +141,7 @@ def _keys(path):
         return list(file.keys())
 
 
+@once
 def test_the_files_are_in_the_layouts_their_tools_write(made):
     script, kohya = _keys(made["files"]["script"]), _keys(made["files"]["kohya"])
     assert any(k.startswith("text_encoder_2.") and ".lora_linear_layer.down" in k for k in script)
@@ -154,6 +156,7 @@ def test_the_files_are_in_the_layouts_their_tools_write(made):
         np.testing.assert_allclose(made["images"][layout], made["direct"][layout], atol=1e-5)
 
 
+@once
 @pytest.mark.parametrize("layout", ["script", "kohya"])
 def test_each_layout_loads_to_diffusers_image(made, layout):
     model = kd.load_model(made["folder"])
@@ -212,6 +215,7 @@ def sd1(tmp_path_factory):
                       for format in ("peft", "kohya")}}
 
 
+@once
 @pytest.mark.parametrize("file, layout", [("SDXL", "script"), ("SDXL", "kohya"),
                                           ("SD 1.x / 2.x", "peft"), ("SD 1.x / 2.x", "kohya")])
 def test_a_lora_of_the_other_family_is_one_error(made, sd1, file, layout):

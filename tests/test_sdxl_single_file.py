@@ -219,6 +219,7 @@ def test_nested_text_keys_accepted(pipelines):
 
 
 # ------------------------------------------------------------ our model
+@once
 def test_the_file_loads_to_the_folders_images(pipelines):
     import keras_diffusion as kd
 
@@ -232,6 +233,7 @@ def test_the_file_loads_to_the_folders_images(pipelines):
     np.testing.assert_allclose(images, expected, atol=1e-5)
 
 
+@once
 def test_the_refiner_file_loads_to_the_folders_refiner(pipelines):
     import keras_diffusion as kd
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from conftest import once
 from keras_diffusion.stable_diffusion import weights
 from keras_diffusion.stable_diffusion.unet import StableDiffusionUNet
 from test_sd_unet import evaluate_with
@@ -80,6 +81,7 @@ def test_one_evaluation_equals_diffusers(config, ids):
     assert np.abs(moved - got).max() > 1e-3
 
 
+@once
 def test_the_config_round_trips_and_bad_options_are_named():
     import keras
 
@@ -124,6 +126,7 @@ SDXL_BASE_UNET = {
 SDXL_BASE_PARAMETERS = 2_567_463_684
 
 
+@once
 def test_the_shipped_sdxl_config_at_small_widths_equals_diffusers():
     """Every key of SDXL base's config as the Hub serves it (nulls
     included), with the widths shrunk: ten-deep transformers at the last
