@@ -199,8 +199,8 @@ def _screenshot(browser, name):
         Image.open(path).crop((0, 0, page.shape[1], rows[-1] + 24)).save(path)
 
 
-@pytest.mark.skipif(BACKEND != "jax", reason="the page is the same on every backend (its "
-                                              "functions are tested on each); run under JAX")
+@pytest.mark.skipif(BACKEND != "torch", reason="the page is the same on every backend (its "
+                                                "functions are tested on each); run under PyTorch")
 def test_the_page_works_in_a_browser(data_dir):
     selenium = pytest.importorskip("selenium", reason="selenium is in the dev extra")
     from selenium.webdriver import ActionChains

@@ -149,7 +149,8 @@ def _script_loss(pipeline, x0, sigma, noise, scheme, precondition):
     return float(per_example.mean())
 
 
-@pytest.mark.parametrize("scheme, precondition", [("logit_normal", True), ("cosmap", False)])
+@pytest.mark.parametrize("scheme, precondition", [("logit_normal", True),
+                                                  pytest.param("cosmap", False, marks=once)])
 def test_the_loss_is_the_scripts_for_the_same_draws(model, made, scheme, precondition):
     model.configure_fine_tuning(weighting_scheme=scheme, precondition_outputs=precondition)
     x0 = _latents(2, seed=3)

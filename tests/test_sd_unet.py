@@ -299,6 +299,28 @@ def test_the_constructor_takes_only_the_options_it_implements():
 
 
 @once
+@pytest.mark.parametrize("layout, shape", [("dense", (300, 130)), ("conv", (300, 20, 3, 3)),
+                                           ("conv", (4, 300, 1, 1)), ("conv_as_dense", (300, 7, 1, 1)),
+                                           ("conv_as_dense", (7, 300)), ("same", (5, 3))])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_the_banded_copies_are_the_layout_changes(layout, shape, dtype):
+    """What loading and saving copy (in bands of rows, for speed) is exactly
+    the layout change: the transposed view, cast, C-contiguous."""
+    value = np.random.default_rng(0).standard_normal(shape).astype("float32")
+    numpy_dtype = weights.numpy_dtype(dtype)
+    made = weights.keras_array(value, layout, numpy_dtype)
+    expected = weights.to_keras(value, layout).astype(numpy_dtype)
+    assert made.flags.c_contiguous and made.dtype == numpy_dtype
+    assert made.shape == weights.keras_shape(shape, layout)
+    np.testing.assert_array_equal(made, expected)
+    back = weights.reference_array(made, layout)
+    assert back.flags.c_contiguous and back.dtype == np.float32
+    np.testing.assert_array_equal(back, weights.to_reference(expected, layout).astype("float32"))
+    if layout != "conv_as_dense" or len(shape) == 4:
+        assert back.shape == shape
+
+
+@once
 def test_a_state_dict_that_does_not_fit_is_refused_whole(pair):
     _, reference, ours = pair
     before = weights.state_dict(ours)

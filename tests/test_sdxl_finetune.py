@@ -43,6 +43,7 @@ def _loss(model, labels, images):
     return loss
 
 
+@once
 def test_the_time_ids_are_each_images_and_reach_the_unet(model):
     ids = model.tokenize_captions(CAPTIONS)
     x0 = ops.zeros((2, 8, 8, 4))

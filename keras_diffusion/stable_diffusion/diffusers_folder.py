@@ -24,7 +24,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 from keras import ops
 
 from keras_diffusion.stable_diffusion import checkpoints
@@ -54,8 +53,7 @@ _PREDICTIONS = {ours: theirs for theirs, ours in checkpoints._PREDICTIONS.items(
 def state_dict(part):
     """A part's weights as the reference state dict (float32), LoRA layers
     merged: their `kernel` is Keras' sum of the base kernel and the LoRA."""
-    return {key: np.ascontiguousarray(weights.to_reference(
-                np.asarray(ops.convert_to_numpy(value), "float32"), layout))
+    return {key: weights.reference_array(ops.convert_to_numpy(value), layout)
             for key, (value, layout) in weights.checkpoint_table(part).items()}
 
 
