@@ -226,7 +226,9 @@ def test_denoise_says_why_not(latent_model):
         model.denoise(IMAGES[:1], sigma=0.1)
 
 
-@pytest.mark.skipif(BACKEND == "torch", reason="PyTorch exports through TensorFlow (test_export.py)")
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="PyTorch exports through TensorFlow "
+                    "(test_export.py); under JAX, decoding inside the exported generate is "
+                    "test_stable_diffusion's export test")
 def test_export_decodes_inside_generate(latent_model, tmp_path):
     import tensorflow as tf
 

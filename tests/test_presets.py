@@ -15,6 +15,7 @@ import pytest
 import keras_diffusion as kd
 from conftest import BACKEND
 from conftest import cli_main
+from conftest import once
 from conftest import one_level_model
 from conftest import squares
 from keras_diffusion import hub
@@ -187,6 +188,7 @@ def test_the_first_command_draws_recognisable_digits(tmp_path):
     assert kd.metrics.label_accuracy(images, np.arange(10), "mnist") >= 0.9
 
 
+@once
 def test_the_prompted_preset_draws_the_digit_a_held_out_prompt_names(tmp_path):
     """A prompt from a template never seen in training, for each digit."""
     words = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
