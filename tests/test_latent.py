@@ -24,6 +24,7 @@ from conftest import BACKEND
 from conftest import DATA_DIR
 from conftest import ROOT
 from conftest import blobs
+from conftest import once
 from conftest import one_level_unet
 from conftest import plumbing_optimizer
 from keras_diffusion import cli
@@ -250,7 +251,6 @@ def test_export_decodes_inside_generate(latent_model, tmp_path):
 SMOKE_LATENT = ROOT / "configs" / "smoke_latent.yaml"
 needs_mnist = pytest.mark.skipif(not (DATA_DIR / "mnist.npz").exists(),
                                  reason="needs the shared MNIST file")
-once = pytest.mark.skipif(BACKEND != "torch", reason="backend-independent; run under PyTorch")
 
 
 def _cli(*argv):

@@ -16,8 +16,8 @@ import pytest
 from keras import ops
 
 import keras_diffusion as kd
-from conftest import BACKEND
 from conftest import cli_main
+from conftest import once
 from sd_pipelines import DREAMBOOTH_OPTIONS
 from sd_pipelines import assert_only_the_network_trained
 from sd_pipelines import part_values
@@ -25,8 +25,6 @@ from sd_pipelines import write_instance_images
 from sd_pipelines import write_pipeline
 
 CAPTIONS = ["a photo of a cat", "a red dog"]
-once = pytest.mark.skipif(BACKEND != "torch", reason="backend-independent (tables, files and "
-                          "the command); the loss, fit and LoRA parity run on every backend")
 
 
 @pytest.fixture(scope="module")

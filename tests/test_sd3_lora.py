@@ -13,14 +13,13 @@ import pytest
 
 import keras_diffusion as kd
 from conftest import BACKEND
+from conftest import once
 from keras_diffusion.stable_diffusion import lora
 from sd_pipelines import write_pipeline
 
 PROMPT = "a photo of a cat"
 NEGATIVE = "blurry"
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-once = pytest.mark.skipif(BACKEND != "torch", reason="reading and refusing files is the same on "
-                          "every backend; a LoRA trained with fit is checked on each")
 
 
 def _latents():

@@ -20,12 +20,10 @@ from keras_diffusion.stable_diffusion import single_file
 from keras_diffusion.stable_diffusion.single_file import detect_family
 from keras_diffusion.stable_diffusion.single_file import to_diffusers
 from keras_diffusion.stable_diffusion.single_file import to_original
-from conftest import BACKEND
+from conftest import once
 from sd_pipelines import assert_same_state_dicts
 from sd_pipelines import build_sd3_pipeline
 
-once = pytest.mark.skipif(BACKEND != "torch", reason="backend-independent (tables and files); "
-                          "run under PyTorch")
 
 # Each style's transformer options and whether it has T5.
 STYLES = {"sd3": ({}, True),

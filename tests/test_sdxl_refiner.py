@@ -8,14 +8,12 @@ import numpy as np
 import pytest
 
 import keras_diffusion as kd
-from conftest import BACKEND
+from conftest import once
 from sd_pipelines import write_pipeline
 
 # The refiner's parts are the base's and the hand-over is the samplers' own
 # code: its img2img and the hand-over run on each backend with Euler (the
 # sampler SDXL ships), the rest once.
-once = pytest.mark.skipif(BACKEND != "torch", reason="the same code on every backend (Euler "
-                          "runs on each); run under PyTorch")
 PROMPTS = ["a photo of a cat", "jackfruits hang from the tree"]
 NEGATIVE = ["blurry", "a red dog"]
 

@@ -16,7 +16,7 @@ from keras_diffusion.stable_diffusion import single_file
 from keras_diffusion.stable_diffusion.single_file import detect_family
 from keras_diffusion.stable_diffusion.single_file import to_diffusers
 from keras_diffusion.stable_diffusion.single_file import to_original
-from conftest import BACKEND
+from conftest import once
 from sd_pipelines import assert_same_state_dicts
 from sd_pipelines import SAVED_PARTS
 from sd_pipelines import build_xl_pipeline
@@ -28,8 +28,6 @@ WIDTH_2 = 48
 
 # Key tables and files are numpy and diffusers' own loader: the same on every
 # backend. The two image tests run on each.
-once = pytest.mark.skipif(BACKEND != "torch", reason="backend-independent (tables and files); "
-                          "run under PyTorch")
 
 
 def _build(family, root):
