@@ -1,13 +1,16 @@
-"""Load time of a Stable Diffusion folder on each backend: the banded layout
-copies `load_model` makes against NumPy's one-call transposed copies they
-replaced, side by side, each load in a fresh process.
+"""Load time of a Stable Diffusion folder, from the folder to a model ready
+to sample: diffusers' `from_pretrained` and our `load_model` on each
+backend, side by side, each load in a fresh process.
 
     python benchmarks/sd_load.py                      # SD 1.5, float32
     python benchmarks/sd_load.py --model sdxl --repeats 1
+    python benchmarks/sd_load.py --backends jax --numpy-copies
 
 The random pipeline is `stable_diffusion.py`'s (`build/sd-<model>`, written
-there first if missing). Each line: backend, copies, seconds from the folder
-to a model ready to sample.
+there first if missing). Each line: who loaded, seconds, and the process's
+peak resident memory (`VmHWM`). `--numpy-copies` adds, for each backend, a
+load whose layout copies are NumPy's one-call transposed copies on one
+thread (what loading did before its banded, split copies).
 """
 
 import argparse
@@ -18,7 +21,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-WORKER = """
+PEAK = """
+def peak_gb():
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 2**20
+"""
+
+OURS = PEAK + """
 import sys, time
 import numpy as np
 import keras_diffusion as kd
@@ -31,17 +41,30 @@ if copies == "numpy":
 
     weights.keras_array = keras_array
 start = time.perf_counter()
-kd.load_model(folder, dtype=None if dtype == "float32" else dtype)
-print(f"{time.perf_counter() - start:.2f}")
+kd.load_model(folder, dtype=dtype)
+print(f"{time.perf_counter() - start:.2f} {peak_gb():.2f}")
+"""
+
+DIFFUSERS = PEAK + """
+import sys, time
+import torch
+from diffusers import DiffusionPipeline
+
+folder, _, dtype = sys.argv[1:]
+start = time.perf_counter()
+DiffusionPipeline.from_pretrained(folder, torch_dtype=getattr(torch, dtype))
+print(f"{time.perf_counter() - start:.2f} {peak_gb():.2f}")
 """
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="sd15", choices=("sd15", "sd21", "sdxl", "sd35m"))
+    parser.add_argument("--model", default="sd15", choices=("sd15", "sd21", "sdxl"))
     parser.add_argument("--backends", default="torch,tensorflow,jax")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--repeats", type=int, default=2, help="loads of each kind")
+    parser.add_argument("--numpy-copies", action="store_true",
+                        help="also load with NumPy's one-call layout copies")
     args = parser.parse_args()
     folder = ROOT / "build" / f"sd-{args.model}"
     if not (folder / "model_index.json").is_file():
@@ -49,16 +72,23 @@ def main():
         from stable_diffusion import write_random_pipeline
 
         write_random_pipeline(args.model, folder)
+    runs = [("diffusers", "torch", DIFFUSERS, "-")]
     for backend in args.backends.split(","):
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        for _ in range(args.repeats):
-            for copies in ("numpy", "banded"):
-                done = subprocess.run([sys.executable, "-c", WORKER, str(folder), copies,
-                                       args.dtype], env=env, capture_output=True, text=True)
-                if done.returncode:
-                    sys.exit(f"{backend} ({copies}) failed:\n{done.stderr[-2000:]}")
-                print(f"{backend:10s} {copies:6s} {float(done.stdout.split()[-1]):6.2f} s",
-                      flush=True)
+        runs.append(("ours", backend, OURS, "banded"))
+        if args.numpy_copies:
+            runs.append(("ours", backend, OURS, "numpy"))
+    for _ in range(args.repeats):
+        for who, backend, worker, copies in runs:
+            env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+            done = subprocess.run([sys.executable, "-c", worker, str(folder), copies, args.dtype],
+                                  env=env, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"{who} on {backend} failed:\n{done.stderr[-2000:]}")
+            seconds, peak = done.stdout.split()[-2:]
+            name = who if who == "diffusers" else f"ours, {backend}"
+            if copies == "numpy":
+                name += " (one-call copies)"
+            print(f"{name:36s} {float(seconds):6.2f} s  peak {float(peak):5.2f} GB", flush=True)
 
 
 if __name__ == "__main__":

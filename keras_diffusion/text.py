@@ -145,6 +145,10 @@ def check_prompted_parts(network, text_encoder, tokenizer, num_classes):
             "tokenizer=..., a callable mapping texts to (N, length) integer ids."
         )
     ids = tokenize(tokenizer, [""])
+    # Called on a symbolic tensor (building it if it is not), not run: at SD
+    # size running it here compiled dozens of eager ops under JAX (a second
+    # of loading).
+    ids = keras.KerasTensor(ops.shape(ids), dtype=keras.backend.standardize_dtype(ids.dtype))
     features = encoder_features(text_encoder(encoder_inputs(text_encoder, ids)))
     if ops.shape(features)[-1] != context_dim:
         raise ValueError(

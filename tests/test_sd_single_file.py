@@ -373,3 +373,27 @@ def test_pickle_with_torch(tmp_path):
     assert len(str(error.value).splitlines()) == 1
     assert RAN == []
 
+
+
+def test_a_lazy_read_maps_each_tensor_alone(tmp_path):
+    """`lazy=True` (how folders load) gives each tensor as a read-only view
+    of its own bytes: the values of a plain read, at any offset in the file
+    (tensors not aligned to pages), empty tensors included, every dtype."""
+    rng = np.random.default_rng(0)
+    values = {"odd": rng.normal(size=(3, 7)).astype(np.float32),
+              "big": rng.normal(size=(300, 1000)).astype(np.float16),
+              "bf16": rng.normal(size=(5, 9)).astype(ml_dtypes.bfloat16),
+              "empty": np.zeros((0, 4), np.float32), "ints": np.arange(11, dtype=np.int64)}
+    path = tmp_path / "mixed.safetensors"
+    safetensors.numpy.save_file(values, path)
+    lazy = read_safetensors(path, lazy=True, upcast_bfloat16=False)
+    plain = read_safetensors(path, upcast_bfloat16=False)
+    assert set(lazy) == set(values) and lazy.shape("big") == (300, 1000)
+    for key, value in values.items():
+        mapped = lazy[key]
+        assert mapped.dtype == value.dtype and mapped.shape == value.shape
+        np.testing.assert_array_equal(mapped, value)
+        np.testing.assert_array_equal(plain[key], value)
+        if value.size:
+            assert not mapped.flags.writeable and plain[key].flags.writeable
+    assert read_safetensors(path, lazy=True)["bf16"].dtype == np.float32

@@ -321,6 +321,29 @@ def test_the_banded_copies_are_the_layout_changes(layout, shape, dtype):
 
 
 @once
+@pytest.mark.parametrize("layout, shape", [("dense", (1100, 1000)), ("conv", (200, 640, 3, 3)),
+                                           ("same", (1200, 1000))])
+def test_large_copies_split_over_the_cores_from_a_read_only_file(tmp_path, layout, shape):
+    """Weights of 4 MB and more are copied in parts side by side, into
+    memory of their own (huge pages): the same layout change, from a
+    read-only mapped file into a new, writable, 64-byte-aligned array (what
+    JAX takes without a copy), never the file's view itself."""
+    import safetensors.numpy
+
+    from keras_diffusion.checkpoint_files import read_safetensors
+
+    value = np.random.default_rng(0).standard_normal(shape).astype("float32")
+    safetensors.numpy.save_file({"w": value}, tmp_path / "w.safetensors")
+    mapped = read_safetensors(tmp_path / "w.safetensors", lazy=True)["w"]
+    assert not mapped.flags.writeable
+    made = weights.keras_array(mapped, layout)
+    assert made.flags.writeable and made.flags.c_contiguous and made.ctypes.data % 64 == 0
+    assert not np.shares_memory(made, mapped)
+    np.testing.assert_array_equal(made, weights.to_keras(value, layout))
+    np.testing.assert_array_equal(weights.reference_array(made, layout), value)
+
+
+@once
 def test_a_state_dict_that_does_not_fit_is_refused_whole(pair):
     _, reference, ours = pair
     before = weights.state_dict(ours)

@@ -21,7 +21,8 @@ provide faster kernels for the network's layers:
 
 and what export, distribution and the choice of precision need to know:
 `endpoint_options`, `TRACES_SAVED_MODELS`, `onnx_export_context`,
-`data_parallel`, `accelerator` and `CPU_BFLOAT16_PAYS`.
+`data_parallel`, `accelerator` and `CPU_BFLOAT16_PAYS`; and how a checkpoint's
+array becomes a variable's value without a copy (`initial_value`).
 
 The functions here pick the current backend's version or fall back to the
 generic `keras.ops` one. No other module branches on the backend.
@@ -114,6 +115,17 @@ def onnx_export_context():
     expected tracing warnings)."""
     context = getattr(current(), "onnx_export_context", None)
     return contextlib.nullcontext() if context is None else context()
+
+
+def initial_value(array):
+    """A new variable's value from a host array (a checkpoint's weight,
+    freshly copied into Keras' layout), as the backend's tensor where that
+    spares Keras a copy: JAX on the CPU takes a 64-byte-aligned array as is
+    (Keras would copy it through a compiled identity, one per shape), and a
+    PyTorch tensor can share a NumPy array's memory. The array must not be
+    written afterwards."""
+    make = getattr(current(), "initial_value", None)
+    return array if make is None else make(array)
 
 
 def data_parallel():

@@ -67,6 +67,13 @@ def test_step(model, state, data):
     return logs, (trainable, non_trainable, metrics_state)
 
 
+def initial_value(array):
+    """A host array as a JAX array: on the CPU the same memory when it is
+    64-byte aligned (`weights.keras_array`'s are), elsewhere a transfer.
+    `jnp.asarray`, Keras' way in, would stage it through a compiled copy."""
+    return jax.device_put(array)
+
+
 def compile_function(fn):
     return jax.jit(fn)
 

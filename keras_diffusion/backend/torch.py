@@ -5,6 +5,7 @@ import contextlib
 import functools
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -113,6 +114,14 @@ def _torch_kernel(layer, dtype):
             2, 3, 1, 0)
         oihw = kernel.permute(3, 2, 0, 1)
     return oihw
+
+
+def initial_value(array):
+    """A host array as a tensor on the same memory (Keras' own conversion
+    copies it first, and takes bfloat16 through float32 and back)."""
+    if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16, torch's bits
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def accelerator():

@@ -169,6 +169,33 @@ class Embedding(_AtModulePath, layers.Embedding):
         self._set_module_path(module_path)
 
 
+class LayerChain(keras.Model):
+    """A functional model of one input and one output whose layers form a
+    single chain (each takes the one before's output), run a layer at a time.
+
+    Keras' graph runner keeps every layer's output until the model returns.
+    Under PyTorch, which runs eagerly, a 512x512 SD VAE decode then held 0.9
+    GB more than diffusers' (every full-size map of its last level); run as
+    a chain, each map is freed once the next layer has it. Compiled
+    backends free them anyway. Symbolic calls take Keras' own path."""
+
+    def __init__(self, inputs, outputs, **kwargs):
+        super().__init__(inputs, outputs, **kwargs)
+        for before, layer in zip(self.layers, self.layers[1:]):
+            if layer.input is not before.output:
+                raise ValueError(f"{layer.name} does not take {before.name}'s output: the "
+                                 f"layers of {self.name} are not one chain.")
+        self._chain = self.layers[1:]
+
+    def _run_through_graph(self, inputs, operation_fn=lambda op: op, call_fn=None):
+        if call_fn is not None:
+            return super()._run_through_graph(inputs, operation_fn, call_fn)
+        (x,) = keras.tree.flatten(inputs)
+        for layer in self._chain:
+            x = operation_fn(layer)(x)
+        return keras.tree.pack_sequence_as(self._outputs_struct, [x])
+
+
 class _Block(layers.Layer):
     """A layer of several reference modules, at `module_path`; its
     sublayers sit at paths below it."""

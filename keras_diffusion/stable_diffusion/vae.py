@@ -33,6 +33,7 @@ from keras_diffusion.data import check_images
 from keras_diffusion.stable_diffusion.layers import Conv2D
 from keras_diffusion.stable_diffusion.layers import Dense
 from keras_diffusion.stable_diffusion.layers import GroupNormalization
+from keras_diffusion.stable_diffusion.layers import LayerChain
 from keras_diffusion.stable_diffusion.layers import _Block
 from keras_diffusion.stable_diffusion.layers import float32_output
 from keras_diffusion.stable_diffusion.layers import from_weights_dtype
@@ -292,7 +293,7 @@ class StableDiffusionVAE(keras.Model):
         moments = self._head(h, 2 * self.latent_channels, "encoder")
         if self.use_quant_conv:
             moments = float32_output(Conv2D, 2 * self.latent_channels, 1, "quant_conv")(moments)
-        return keras.Model(images, moments, name="encoder")
+        return LayerChain(images, moments, name="encoder")
 
     def _build_decoder(self):
         latents = keras.Input((None, None, self.latent_channels), name="latents")
@@ -311,7 +312,7 @@ class StableDiffusionVAE(keras.Model):
                                         name=keras_name(f"{prefix}.upsamplers.0.upsample"))(h)
                 h = Conv2D(channels, 3, f"{prefix}.upsamplers.0.conv")(h)
         images = self._head(h, self.out_channels, "decoder")
-        return keras.Model(latents, images, name="decoder")
+        return LayerChain(latents, images, name="decoder")
 
     def call(self, images, training=False):
         """Images in [-1, 1] -> their reconstruction from the posterior mean."""
