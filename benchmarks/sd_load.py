@@ -37,7 +37,7 @@ from keras_diffusion.stable_diffusion import weights
 folder, copies, dtype = sys.argv[1:]
 if copies == "numpy":
     def keras_array(value, layout, dtype="float32"):
-        return np.ascontiguousarray(weights.to_keras(np.asarray(value), layout), dtype=dtype)
+        return np.array(weights.to_keras(np.asarray(value), layout), dtype=dtype, order="C")
 
     weights.keras_array = keras_array
 start = time.perf_counter()

@@ -123,9 +123,11 @@ def initial_value(array):
     spares Keras a copy: JAX on the CPU takes a 64-byte-aligned array as is
     (Keras would copy it through a compiled identity, one per shape), and a
     PyTorch tensor can share a NumPy array's memory. The array must not be
-    written afterwards."""
+    written afterwards; a read-only or strided one is left to Keras' copy."""
     make = getattr(current(), "initial_value", None)
-    return array if make is None else make(array)
+    if make is None or not (array.flags.writeable and array.flags.c_contiguous):
+        return array
+    return make(array)
 
 
 def data_parallel():
