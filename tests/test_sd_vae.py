@@ -240,3 +240,23 @@ def test_refused_configs(change, message):
     StableDiffusionVAE.from_reference_config(config)  # accepted as it is
     with pytest.raises(ValueError, match=message):
         StableDiffusionVAE.from_reference_config(dict(config, **change))
+
+
+def test_a_layer_chain_computes_its_graph_and_frees_as_it_goes():
+    """`LayerChain` (the VAE's encoder and decoder) gives what Keras' graph
+    runner gives, eagerly and symbolically, and refuses layers that are not
+    one chain."""
+    from keras_diffusion.stable_diffusion.layers import LayerChain
+
+    inputs = keras.Input((None, None, 3))
+    hidden = keras.layers.Conv2D(4, 3, padding="same", name="first")(inputs)
+    outputs = keras.layers.Conv2D(2, 1, name="second")(keras.layers.Activation("silu")(hidden))
+    chain = LayerChain(inputs, outputs, name="chain")
+    graph = keras.Model(inputs, outputs)
+    x = np.random.default_rng(0).standard_normal((2, 5, 6, 3)).astype("float32")
+    np.testing.assert_allclose(ops.convert_to_numpy(chain(x)), ops.convert_to_numpy(graph(x)),
+                               atol=1e-6)
+    assert chain(keras.KerasTensor((None, 5, 6, 3))).shape == (None, 5, 6, 2)
+    branch = keras.layers.Add()([hidden, keras.layers.Conv2D(4, 1, name="side")(hidden)])
+    with pytest.raises(ValueError, match="the layers of fork are not one chain"):
+        LayerChain(inputs, branch, name="fork")

@@ -161,6 +161,35 @@ def compile_function(fn):
     return tf.function(fn, reduce_retracing=True, autograph=False)
 
 
+def group_normalization(layer, x):
+    """Keras' `GroupNormalization` over the last axis in float32, its
+    reductions laid out for TensorFlow's CPU kernels: each channel's sum over
+    the positions (vectorised over the channels), then each group's over its
+    channels; two passes, mean then variance about it. Keras' reduction over
+    the grouped (positions, channels of the group) axes took 3.7x as long on
+    a 512x512x128 map (SD's VAE decode has thirteen such: 550 against 150
+    ms each) and rounded further from float64 (3.5e-3 against 7e-5)."""
+    channels = x.shape[-1]
+    if (layer.axis not in (-1, len(x.shape) - 1) or not (layer.scale and layer.center)
+            or channels is None):
+        return NotImplemented
+    groups, size = layer.groups, channels // layer.groups
+    shape = tf.shape(x)
+    flat = tf.reshape(tf.cast(x, tf.float32), (shape[0], -1, channels))
+    count = tf.cast(tf.shape(flat)[1] * size, tf.float32)
+
+    def group_means(sums):  # (N, C) -> (N, 1, C): each channel its group's sum / count
+        totals = tf.reduce_sum(tf.reshape(sums, (-1, groups, 1, size)), axis=3, keepdims=True)
+        return tf.reshape(tf.broadcast_to(totals, (shape[0], groups, 1, size)),
+                          (-1, 1, channels)) / count
+
+    mean = group_means(tf.reduce_sum(flat, axis=1))
+    variance = group_means(tf.reduce_sum(tf.math.squared_difference(flat, mean), axis=1))
+    scale = tf.math.rsqrt(variance + layer.epsilon) * tf.cast(layer.gamma.value, tf.float32)
+    shift = tf.cast(layer.beta.value, tf.float32) - mean * scale
+    return tf.cast(tf.reshape(flat * scale + shift, shape), layer.compute_dtype)
+
+
 def initial_value(array):
     """A host array as a tensor on the same memory, through DLPack
     (bfloat16, which DLPack does not carry from NumPy, as its bits). From
