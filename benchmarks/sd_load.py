@@ -21,15 +21,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PEAK = """
-def peak_gb():
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) / 2**20
-"""
-
-OURS = PEAK + """
+# Each worker runs with this folder on its path (for `_memory`).
+OURS = """
 import sys, time
+from _memory import resident_gb
 import numpy as np
 import keras_diffusion as kd
 from keras_diffusion.stable_diffusion import weights
@@ -42,18 +37,19 @@ if copies == "numpy":
     weights.keras_array = keras_array
 start = time.perf_counter()
 kd.load_model(folder, dtype=dtype)
-print(f"{time.perf_counter() - start:.2f} {peak_gb():.2f}")
+print(f"{time.perf_counter() - start:.2f} {resident_gb()[1]:.2f}")
 """
 
-DIFFUSERS = PEAK + """
+DIFFUSERS = """
 import sys, time
+from _memory import resident_gb
 import torch
 from diffusers import DiffusionPipeline
 
 folder, _, dtype = sys.argv[1:]
 start = time.perf_counter()
 DiffusionPipeline.from_pretrained(folder, torch_dtype=getattr(torch, dtype))
-print(f"{time.perf_counter() - start:.2f} {peak_gb():.2f}")
+print(f"{time.perf_counter() - start:.2f} {resident_gb()[1]:.2f}")
 """
 
 
@@ -79,7 +75,9 @@ def main():
             runs.append(("ours", backend, OURS, "numpy"))
     for _ in range(args.repeats):
         for who, backend, worker, copies in runs:
-            env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+            env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3",
+                       PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "benchmarks"),
+                                                                os.environ.get("PYTHONPATH")])))
             done = subprocess.run([sys.executable, "-c", worker, str(folder), copies, args.dtype],
                                   env=env, capture_output=True, text=True)
             if done.returncode:

@@ -30,23 +30,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _markdown import write_between_markers  # noqa: E402
+from _memory import resident_gb  # noqa: E402
 from stable_diffusion import PROMPT  # noqa: E402
 from stable_diffusion import ROOT  # noqa: E402
 from stable_diffusion import write_random_pipeline  # noqa: E402
 from throughput import hardware  # noqa: E402
 
 PHASES = ("start", "load", "step", "image")
-
-
-def _status():
-    """`(VmRSS, VmHWM)` of this process, in GB."""
-    fields = {}
-    with open("/proc/self/status") as file:
-        for line in file:
-            name, _, value = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                fields[name] = int(value.split()[0]) / 2**20
-    return round(fields["VmRSS"], 2), round(fields["VmHWM"], 2)
 
 
 def run_diffusers(args):
@@ -56,18 +46,18 @@ def run_diffusers(args):
 
     torch.set_grad_enabled(False)
     dtype = getattr(torch, args.dtype)
-    phases = {"start": _status()}
+    phases = {"start": resident_gb()}
     pipe = StableDiffusionPipeline.from_pretrained(args.folder, safety_checker=None,
                                                    torch_dtype=dtype)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    phases["load"] = _status()
+    phases["load"] = resident_gb()
     latents = torch.randn(2, 4, 64, 64, dtype=dtype)
     context = torch.randn(2, 77, pipe.text_encoder.config.hidden_size, dtype=dtype)
     pipe.unet(latents, torch.tensor([500, 500]), context)
-    phases["step"] = _status()
+    phases["step"] = resident_gb()
     pipe(PROMPT, height=512, width=512, num_inference_steps=args.steps, guidance_scale=7.5,
          output_type="np")
-    phases["image"] = _status()
+    phases["image"] = resident_gb()
     return {"library": "diffusers", "backend": "torch", "phases": phases}
 
 
@@ -78,18 +68,18 @@ def run_ours(args):
     import keras_diffusion as kd
     from keras_diffusion import pipeline
 
-    phases = {"start": _status()}
+    phases = {"start": resident_gb()}
     model = kd.load_model(args.folder, dtype=args.dtype)
-    phases["load"] = _status()
+    phases["load"] = resident_gb()
     rng = np.random.default_rng(0)
     inputs = [keras.ops.convert_to_tensor(value) for value in (
         rng.standard_normal((2, 64, 64, 4)).astype("float32"), np.full((2,), 500, "int32"),
         rng.standard_normal((2, 77, model.network.context_dim)).astype("float32"))]
     keras.ops.convert_to_numpy(pipeline.compiled_network(model)(*inputs))
-    phases["step"] = _status()
+    phases["step"] = resident_gb()
     model.generate(1, prompts=PROMPT, guidance_scale=7.5, steps=args.steps, sampler="dpmpp_2m",
                    image_size=(512, 512), seed=0)
-    phases["image"] = _status()
+    phases["image"] = resident_gb()
     return {"library": "keras_diffusion", "backend": keras.backend.backend(), "phases": phases}
 
 
