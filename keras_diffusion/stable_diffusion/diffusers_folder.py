@@ -24,8 +24,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from keras import ops
-
 from keras_diffusion.stable_diffusion import checkpoints
 from keras_diffusion.stable_diffusion import weights
 from keras_diffusion.stable_diffusion.clip import PREFIX as TEXT_PREFIX
@@ -50,11 +48,8 @@ _BETA_SCHEDULES = {ours: theirs for theirs, ours in checkpoints._BETA_SCHEDULES.
 _PREDICTIONS = {ours: theirs for theirs, ours in checkpoints._PREDICTIONS.items()}
 
 
-def state_dict(part):
-    """A part's weights as the reference state dict (float32), LoRA layers
-    merged: their `kernel` is Keras' sum of the base kernel and the LoRA."""
-    return {key: weights.reference_array(ops.convert_to_numpy(value), layout)
-            for key, (value, layout) in weights.checkpoint_table(part).items()}
+# A part's weights as the reference state dict (float32), LoRA layers merged.
+state_dict = weights.state_dict
 
 
 # ---------------------------------------------------------------- configs

@@ -357,9 +357,11 @@ def _shape(state_dict, key):
 
 
 def state_dict(model):
-    """`model`'s weights as a reference-layout `{key: float32 numpy array}`."""
-    return {key: reference_array(variable.numpy(), layout)
-            for key, (variable, layout) in checkpoint_table(model).items()}
+    """`model`'s weights as a reference-layout `{key: float32 numpy array}`,
+    LoRA layers merged: their `kernel` is Keras' sum of the base kernel and
+    the LoRA product."""
+    return {key: reference_array(keras.ops.convert_to_numpy(value), layout)
+            for key, (value, layout) in checkpoint_table(model).items()}
 
 
 @keras.saving.register_keras_serializable(package="keras_diffusion", name="Placeholder")
