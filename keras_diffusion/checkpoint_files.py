@@ -36,9 +36,10 @@ def read_safetensors(path, *, upcast_bfloat16=True, lazy=False):
     one, given a list of paths), no torch needed. With `lazy=True` a
     read-only mapping that reads each tensor from the file only when asked
     (and gives shapes from the header, `shape(key)`), so loading holds one
-    tensor at a time: each value is then a read-only view of its bytes in
-    the file (a memory map of that tensor alone, unmapped when the value is
-    freed), to be copied, not kept, and valid while the file is unchanged.
+    tensor at a time: each value is then a view of its bytes in the file (a
+    private memory map of that tensor alone, unmapped when the value is
+    freed; writing to it copies the pages written, never the file), valid
+    while the file is not rewritten in place (replacing it is safe).
 
     NumPy has no bfloat16 of its own: `ml_dtypes` (a Keras dependency)
     gives it one, and `upcast_bfloat16` (the default) turns those tensors
@@ -72,7 +73,8 @@ class SafetensorsFiles(Mapping):
     beside 4.3 GB of weights). A tensor's own map is gone with its value,
     and a load that copies each value into a variable reads the file once,
     where a read into new memory and the copy would write every byte
-    twice."""
+    twice; a backend whose variables can be such a view (PyTorch's)
+    keeps it, and its pages are the weights."""
 
     def __init__(self, paths, upcast_bfloat16=True, mapped=False):
         import ml_dtypes
@@ -135,7 +137,7 @@ class SafetensorsFiles(Mapping):
         if self.mapped and count:
             start = begin - begin % mmap.ALLOCATIONGRANULARITY
             with open(path, "rb") as file:
-                view = mmap.mmap(file.fileno(), end - start, access=mmap.ACCESS_READ,
+                view = mmap.mmap(file.fileno(), end - start, access=mmap.ACCESS_COPY,
                                  offset=start)
             value = np.frombuffer(view, dtype.newbyteorder("<"), count, begin - start)
         else:

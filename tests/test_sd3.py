@@ -135,7 +135,9 @@ def test_it_saves_as_one_keras_file_and_reloads_to_the_same_images(models, tmp_p
     np.testing.assert_array_equal(again.tokenizer(PROMPTS), model.tokenizer(PROMPTS))
     after = again.generate(1, prompts="a red dog", steps=2, guidance_scale=5.0, noise=latents,
                            sampler="euler")
-    np.testing.assert_allclose(after, before, atol=1e-6)
+    # Reloaded, PyTorch's kernels are in Keras' layout rather than views of
+    # the folder's: its products may round in another order (1e-6 seen).
+    np.testing.assert_allclose(after, before, atol=1e-5)
 
 
 @once

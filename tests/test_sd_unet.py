@@ -323,11 +323,11 @@ def test_the_banded_copies_are_the_layout_changes(layout, shape, dtype):
 @once
 @pytest.mark.parametrize("layout, shape", [("dense", (1100, 1000)), ("conv", (200, 640, 3, 3)),
                                            ("same", (1200, 1000))])
-def test_large_copies_split_over_the_cores_from_a_read_only_file(tmp_path, layout, shape):
+def test_large_copies_split_over_the_cores_from_a_mapped_file(tmp_path, layout, shape):
     """Weights of 4 MB and more are copied in parts side by side, into
     memory of their own (huge pages): the same layout change, from a
-    read-only mapped file into a new, writable, 64-byte-aligned array (what
-    JAX takes without a copy), never the file's view itself."""
+    mapped file into a new, writable, 64-byte-aligned array (what JAX takes
+    without a copy), never the file's view itself."""
     import safetensors.numpy
 
     from keras_diffusion.checkpoint_files import read_safetensors
@@ -335,12 +335,47 @@ def test_large_copies_split_over_the_cores_from_a_read_only_file(tmp_path, layou
     value = np.random.default_rng(0).standard_normal(shape).astype("float32")
     safetensors.numpy.save_file({"w": value}, tmp_path / "w.safetensors")
     mapped = read_safetensors(tmp_path / "w.safetensors", lazy=True)["w"]
-    assert not mapped.flags.writeable
     made = weights.keras_array(mapped, layout)
     assert made.flags.writeable and made.flags.c_contiguous and made.ctypes.data % 64 == 0
     assert not np.shares_memory(made, mapped)
     np.testing.assert_array_equal(made, weights.to_keras(value, layout))
     np.testing.assert_array_equal(weights.reference_array(made, layout), value)
+
+
+@once
+@pytest.mark.parametrize("layout, shape", [("dense", (300, 200)), ("conv", (64, 48, 3, 3)),
+                                           ("conv_as_dense", (64, 48, 1, 1)), ("same", (300,))])
+def test_views_keep_a_mapped_tensor_and_make_convolutions_channels_last(tmp_path, layout, shape):
+    """For PyTorch, whose variables may be strided, `keras_view` is
+    `to_keras` without a transposing copy: a tensor mapped for itself alone,
+    of the variable's dtype, is taken as it is (writing the view then
+    leaves the file as it was); a 3x3 convolution is copied to PyTorch's
+    channels-last `(out, kh, kw, in)`; a cast, or an array others may hold,
+    is copied in its own layout."""
+    import safetensors.numpy
+
+    from keras_diffusion.checkpoint_files import read_safetensors
+
+    value = np.random.default_rng(0).standard_normal(shape).astype("float32")
+    path = tmp_path / "w.safetensors"
+    safetensors.numpy.save_file({"w": value}, path)
+    expected = weights.to_keras(value, layout)
+    mapped = read_safetensors(path, lazy=True)["w"]
+    view = weights.keras_view(mapped, layout)
+    np.testing.assert_array_equal(view, expected)
+    if layout == "conv":
+        assert not np.shares_memory(view, mapped)
+        assert view.transpose(3, 0, 1, 2).flags.c_contiguous  # (out, kh, kw, in) in memory
+    else:
+        assert np.shares_memory(view, mapped)
+        view[...] = 0
+        np.testing.assert_array_equal(read_safetensors(path)["w"], value)
+    for other in (weights.keras_view(value, layout), weights.keras_view(mapped, layout, "float16")):
+        assert not np.shares_memory(other, value) and not np.shares_memory(other, mapped)
+    np.testing.assert_array_equal(weights.keras_view(value, layout), expected)
+    cast = weights.keras_view(read_safetensors(path, lazy=True)["w"], layout, "float16")
+    assert cast.dtype == np.float16
+    np.testing.assert_array_equal(cast, expected.astype("float16"))
 
 
 @once

@@ -8,6 +8,7 @@ with `save_pretrained`; the same starting latents go to both libraries.
 import json
 import shutil
 
+import keras
 import numpy as np
 import pytest
 
@@ -53,6 +54,17 @@ def test_a_diffusers_folder_loads_as_a_latent_model(sd):
                                pipeline.scheduler.alphas_cumprod.numpy(), atol=1e-6)
     assert model.image_shape == (16, 16, 3)  # sample_size 8 times the VAE's factor 2
     assert model.ema_decay is None and not model.train_text_encoder
+    if BACKEND == "torch":  # kernels are views of the folder's layouts (weights.keras_view)
+        import torch
+
+        unet = model.network
+        dense = next(layer for layer in unet._flatten_layers()
+                     if isinstance(layer, keras.layers.Dense))
+        conv = next(layer for layer in unet._flatten_layers()
+                    if isinstance(layer, keras.layers.Conv2D) and layer.kernel.shape[0] == 3)
+        assert dense.kernel.value.t().is_contiguous() and not dense.kernel.value.is_contiguous()
+        assert conv.kernel.value.permute(3, 2, 0, 1).is_contiguous(
+            memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", pytest.param("dpmpp_2m", marks=once)])

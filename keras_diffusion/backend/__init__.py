@@ -22,7 +22,8 @@ provide faster kernels for the network's layers:
 and what export, distribution and the choice of precision need to know:
 `endpoint_options`, `TRACES_SAVED_MODELS`, `onnx_export_context`,
 `data_parallel`, `accelerator` and `CPU_BFLOAT16_PAYS`; and how a checkpoint's
-array becomes a variable's value without a copy (`initial_value`).
+array becomes a variable's value without a copy (`initial_value`, and
+`STRIDED_VARIABLES` where that value may be a transposed view).
 
 The functions here pick the current backend's version or fall back to the
 generic `keras.ops` one. No other module branches on the backend.
@@ -122,12 +123,23 @@ def initial_value(array):
     freshly copied into Keras' layout), as the backend's tensor where that
     spares Keras a copy: JAX on the CPU takes a 64-byte-aligned array as is
     (Keras would copy it through a compiled identity, one per shape), and a
-    PyTorch tensor can share a NumPy array's memory. The array must not be
-    written afterwards; a read-only or strided one is left to Keras' copy."""
+    PyTorch tensor can share a NumPy array's memory, strided or not
+    (`strided_variables`). The array must not be written afterwards; a
+    read-only one, or a strided one elsewhere, is left to Keras' copy."""
     make = getattr(current(), "initial_value", None)
-    if make is None or not (array.flags.writeable and array.flags.c_contiguous):
+    if make is None or not array.flags.writeable:
+        return array
+    if not (array.flags.c_contiguous or strided_variables()):
         return array
     return make(array)
+
+
+def strided_variables():
+    """Whether a variable's value may be a strided view of host memory
+    (a transposed checkpoint weight, `weights.keras_view`): PyTorch's may,
+    and its kernels take such views as they are; JAX's and TensorFlow's
+    arrays are dense."""
+    return getattr(current(), "STRIDED_VARIABLES", False)
 
 
 def data_parallel():

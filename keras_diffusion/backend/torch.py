@@ -12,6 +12,10 @@ import torch.nn.functional as F
 # ExportArchive cannot trace PyTorch into a SavedModel; export.py then
 # re-exports under TensorFlow in a subprocess.
 TRACES_SAVED_MODELS = False
+# A variable may be a transposed view of a checkpoint's memory: products
+# take a transposed weight as they are (`F.linear` does), and convolutions
+# a channels-last kernel (`weights.keras_view`).
+STRIDED_VARIABLES = True
 
 
 

@@ -149,18 +149,27 @@ def _banded_transpose(value, axes, dtype, over, band):
 
 
 def _fresh_copy(value, dtype):
-    """`value` as a new C-contiguous array of `dtype`, never `value`
-    itself (which may be a read-only view of a file)."""
+    """`value` (any strides) as a new C-contiguous array of `dtype`, never
+    `value` itself (which may be a view of a file), copied in parts along
+    its first axis."""
     out = _empty(value.shape, dtype)
-    if out.size:
-        target = out.reshape(out.shape[0] if out.ndim else 1, -1)
-        source = value.reshape(target.shape)
-
+    if out.size and out.ndim:
         def copy(first, last):
-            target[first:last] = source[first:last]
+            out[first:last] = value[first:last]
 
-        _split(copy, len(target), out.nbytes)
+        _split(copy, len(out), out.nbytes)
+    elif out.size:
+        out[()] = value
     return out
+
+
+def _own_map(value):
+    """Whether `value` is a view of a memory map made for it alone (a lazily
+    read file's tensor, `SafetensorsFiles(mapped=True)`), which no other
+    array shares."""
+    while isinstance(value, np.ndarray):
+        value = value.base
+    return isinstance(value, memoryview) and isinstance(value.obj, mmap.mmap)
 
 
 def keras_array(value, layout, dtype="float32"):
@@ -173,6 +182,27 @@ def keras_array(value, layout, dtype="float32"):
     if layout == "conv" and value.ndim == 4:
         return _banded_transpose(value, (2, 3, 1, 0), dtype, over=3, band=_CONV_BAND)
     return _fresh_copy(to_keras(value, layout), dtype)
+
+
+def keras_view(value, layout, dtype="float32"):
+    """`to_keras(value, layout)` of `dtype` for a backend whose variables
+    may be strided views of host memory (PyTorch's): the reference layout's
+    own memory seen through Keras' axes, no transposing copy. A tensor of
+    `dtype` mapped from a file for itself alone is taken as it is (its map
+    is private: a variable written later copies only the pages it writes);
+    another is copied in its own layout (a straight copy, several times as
+    fast as a transposing one). A 3x3 convolution is copied filter by
+    filter to `(out, kh, kw, in)`, viewed as `(kh, kw, in, out)`: PyTorch's
+    channels-last layout, which Keras' convolution would otherwise make
+    from the kernel on every call."""
+    value, dtype = np.asarray(value), np.dtype(dtype)
+    if layout == "conv" and value.ndim == 4:
+        return _fresh_copy(value.transpose(0, 2, 3, 1), dtype).transpose(1, 2, 3, 0)
+    if layout == "conv_as_dense":
+        value, layout = value.reshape(value.shape[0], value.shape[1]), "dense"
+    if not (value.dtype == dtype and value.flags.writeable and _own_map(value)):
+        value = _fresh_copy(value, dtype)
+    return to_keras(value, layout)
 
 
 def reference_array(value, layout, dtype="float32"):
@@ -277,7 +307,8 @@ def from_checkpoint(key, layout, initializer):
         if keras_shape(value.shape, layout) != tuple(int(d) for d in shape):
             return fallback(shape, dtype)  # load_state_dict names the mismatch
         taken.add(key)
-        return backend.initial_value(keras_array(value, layout, numpy_dtype(dtype or "float32")))
+        make = keras_view if backend.strided_variables() else keras_array
+        return backend.initial_value(make(value, layout, numpy_dtype(dtype or "float32")))
 
     return initialize
 
