@@ -96,6 +96,29 @@ def test_the_model_saves_as_one_keras_file(sd, tmp_path):
 
 
 @once
+def test_a_model_saves_over_the_folder_it_was_loaded_from(sd, tmp_path):
+    """Under PyTorch the loaded weights are views of the folder's files
+    (`weights.keras_view`): saving over that folder replaces the files, and
+    the model still holds its own weights, fine-tuned ones included."""
+    folder, _, _ = sd
+    shutil.copytree(folder, tmp_path / "copy")
+    model = kd.load_model(tmp_path / "copy")
+    kwargs = dict(prompts="a photo of a dog", guidance_scale=3.0, steps=2,
+                  noise=_latents(1, (1, 8, 8, 4)))
+    before = model.generate(1, **kwargs)
+    bias = next(v for v in model.network.weights if v.path.endswith("bias"))
+    bias.assign(bias.numpy() + 1.0)  # written to the model's memory, never to the file
+    changed = model.generate(1, **kwargs)
+    assert np.abs(changed - before).max() > 1e-3
+    np.testing.assert_allclose(kd.load_model(tmp_path / "copy").generate(1, **kwargs), before,
+                               atol=1e-6)
+    model.save_diffusers(tmp_path / "copy", overwrite=True)
+    np.testing.assert_allclose(model.generate(1, **kwargs), changed, atol=1e-6)
+    np.testing.assert_allclose(kd.load_model(tmp_path / "copy").generate(1, **kwargs), changed,
+                               atol=1e-5)
+
+
+@once
 def test_the_vocab_and_merges_layout_tokenizes_as_tokenizer_json(sd, tmp_path):
     folder, _, model = sd
     copy = tmp_path / "vocab_layout"
