@@ -72,10 +72,10 @@ def test_jax_convolutions_run_on_eigen_unless_the_user_chooses(user_flags):
 @pytest.mark.parametrize("queries, keys", [(1024, 1024), (1000, 1100)],
                          ids=["in blocks of queries", "whole heads or an uneven last block"])
 def test_large_attention_runs_blocked_to_the_same_values_and_gradients(queries, keys):
-    """Above `_BLOCKED_PAIRS` query x key pairs, JAX's attention runs one
-    (batch, head) pair and block of queries at a time, TensorFlow's a block
-    of queries at a time: the same outputs and gradients as the one-tensor
-    product, computed here in NumPy."""
+    """Above `_BLOCKED_PAIRS` query x key pairs, JAX's and TensorFlow's
+    attention run one (batch, head) pair and block of queries at a time:
+    the same outputs and gradients as the one-tensor product, computed here
+    in NumPy (on TensorFlow in a graph of unknown batch size too)."""
     import numpy as np
 
     from keras_diffusion import backend as kd_backend
@@ -118,6 +118,9 @@ def _check_tensorflow_attention(attention, q, k, v, expected):
     import tensorflow as tf
 
     got = tf.function(attention)(q, k, v)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+    specs = [tf.TensorSpec((None,) + x.shape[1:], tf.float32) for x in (q, k, v)]
+    got = tf.function(attention, input_signature=specs)(q, k, v)
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
     assert tf.function(attention)(*(tf.cast(x, "bfloat16") for x in (q, k, v))).dtype == \
         tf.bfloat16
