@@ -69,7 +69,7 @@ def test_jax_convolutions_run_on_eigen_unless_the_user_chooses(user_flags):
 
 @pytest.mark.skipif(BACKEND not in ("jax", "tensorflow"), reason="JAX's and TensorFlow's own "
                     "attention (PyTorch's is its fused kernel)")
-@pytest.mark.parametrize("queries, keys", [(1024, 1024), (1000, 1100)],
+@pytest.mark.parametrize("queries, keys", [(3072, 400), (1000, 1100)],
                          ids=["in blocks of queries", "whole heads or an uneven last block"])
 def test_large_attention_runs_blocked_to_the_same_values_and_gradients(queries, keys):
     """Above `_BLOCKED_PAIRS` query x key pairs, JAX's and TensorFlow's

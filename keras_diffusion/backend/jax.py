@@ -79,9 +79,11 @@ def compile_function(fn):
 
 
 # Attention with at least this many query x key pairs runs one (batch, head)
-# pair and one block of queries at a time (`_blocked_attention`).
+# pair and one block of queries at a time (`_blocked_attention`): at SD
+# 1.5's 64x64 latents blocks of 1,024 queries took 0.33 s an attention,
+# 512 0.35, 256 0.39, 128 0.43 (2-core Xeon).
 _BLOCKED_PAIRS = 1024 * 1024
-_QUERY_BLOCK = 256
+_QUERY_BLOCK = 1024
 
 
 def dense(layer, x):
