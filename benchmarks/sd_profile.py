@@ -178,7 +178,10 @@ def run_ours(folder):
     elif name == "jax":
         import jax
 
-        fusions = _hlo_kinds(step.lower(*inputs).compile().as_text())
+        # The same program as `step`'s, compiled again for its fusions' names.
+        weights, state = pipeline.sampling_state(model)
+        program = jax.jit(lambda w, s, *x: pipeline.network_function(model, w, s)(list(x)))
+        fusions = _hlo_kinds(program.lower(weights, state, *inputs).compile().as_text())
         measured = _xspace_profile(run, jax.profiler.start_trace, jax.profiler.stop_trace,
                                    fusions)
     else:
