@@ -4,8 +4,11 @@ loader). The readers know nothing of any model: every checkpoint family, the
 diffusers folders and the LoRA files read their tensors here.
 """
 
+import ctypes
+import functools
 import mmap
 import os
+import weakref
 from collections.abc import Mapping
 
 import numpy as np
@@ -136,9 +139,7 @@ class SafetensorsFiles(Mapping):
                              f"{shape}.")
         if self.mapped and count:
             start = begin - begin % mmap.ALLOCATIONGRANULARITY
-            with open(path, "rb") as file:
-                view = mmap.mmap(file.fileno(), end - start, access=mmap.ACCESS_COPY,
-                                 offset=start)
+            view = private_map(path, start, end - start)
             value = np.frombuffer(view, dtype.newbyteorder("<"), count, begin - start)
         else:
             value = np.fromfile(path, dtype=dtype.newbyteorder("<"), count=count, offset=begin)
@@ -159,6 +160,63 @@ class SafetensorsFiles(Mapping):
 
     def shape(self, key):
         return self._files[key][1][1]
+
+
+def private_map(path, offset, length):
+    """`length` bytes of the file at `path` from `offset` (a multiple of
+    `mmap.ALLOCATIONGRANULARITY`) as a private, writable memory map (a
+    write copies the page written, never the file), unmapped when nothing
+    refers to it any more.
+
+    Where the C library's `mmap` is at hand (Linux, macOS) the map holds no
+    file descriptor: Python's `mmap.mmap` keeps a duplicate of one per map
+    (before 3.13's `trackfd=False`), and a model whose weights stay views
+    of their maps (PyTorch's, `weights.keras_view`) held one per tensor,
+    past the common limit of 1,024 open files with SDXL's 2,600."""
+    with open(path, "rb") as file:
+        libc = _libc()
+        if libc is None:
+            return _FileMap(file.fileno(), length, access=mmap.ACCESS_COPY, offset=offset)
+        address = libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE,
+                            file.fileno(), offset)
+    if address is None or address == ctypes.c_void_p(-1).value:  # MAP_FAILED
+        error = ctypes.get_errno()
+        raise OSError(error, f"cannot map {length} bytes of {path}: {os.strerror(error)}")
+    pages = (ctypes.c_char * length).from_address(address)
+    pages.private_map = True
+    weakref.finalize(pages, libc.munmap, address, length)
+    return pages
+
+
+def is_private_map(buffer):
+    """Whether `buffer`, the object under an array's views, is a map made
+    by `private_map` (each tensor of a lazily read file has its own)."""
+    if isinstance(buffer, memoryview):
+        buffer = buffer.obj
+    return getattr(buffer, "private_map", False) is True
+
+
+class _FileMap(mmap.mmap):
+    """Python's map of a file, marked as `private_map`'s (an anonymous map
+    of new memory is not one)."""
+
+    private_map = True
+
+
+@functools.cache
+def _libc():
+    """The C library's `mmap` and `munmap` through ctypes, or None."""
+    if os.name != "posix":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_int64]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def _checkpoint_path(path):

@@ -3,6 +3,7 @@ diffusers pipelines written in that layout with `to_original` load in
 diffusers' own `from_single_file` to the same weights, and `to_diffusers`
 reads them back exactly; bad files give one clear error each."""
 
+import os
 import sys
 
 import numpy as np
@@ -12,6 +13,7 @@ import safetensors.numpy
 import ml_dtypes
 from conftest import once
 from keras_diffusion.stable_diffusion import single_file
+from keras_diffusion.stable_diffusion import weights
 from keras_diffusion.stable_diffusion.single_file import detect_family
 from keras_diffusion.checkpoint_files import read_safetensors
 from keras_diffusion.checkpoint_files import read_weights
@@ -402,3 +404,31 @@ def test_a_lazy_read_maps_each_tensor_alone(tmp_path):
             np.testing.assert_array_equal(lazy[key], value)
     np.testing.assert_array_equal(read_safetensors(path)["big"], values["big"])
     assert read_safetensors(path, lazy=True)["bf16"].dtype == np.float32
+
+
+@once
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
+@pytest.mark.parametrize("through", ["libc", "python"])
+def test_mapped_tensors_hold_no_file_descriptor(tmp_path, monkeypatch, through):
+    """PyTorch's weights stay views of their tensors' maps: 300 tensors
+    held open no descriptor each (SDXL's 2,600 passed the usual limit of
+    1,024 open files). Without the C library's `mmap`, Python's maps
+    (which keep one) still read and write as private maps."""
+    from keras_diffusion import checkpoint_files
+
+    values = {f"w{i}": np.full((3, 5), i, np.float32) for i in range(300)}
+    path = tmp_path / "many.safetensors"
+    safetensors.numpy.save_file(values, path)
+    if through == "python":
+        monkeypatch.setattr(checkpoint_files, "_libc", lambda: None)
+    before = len(os.listdir("/proc/self/fd"))
+    lazy = read_safetensors(path, lazy=True)
+    held = [lazy[key] for key in values]
+    opened = len(os.listdir("/proc/self/fd")) - before
+    assert opened < 10 if through == "libc" else opened >= 300
+    for key, value in zip(values, held):
+        np.testing.assert_array_equal(value, values[key])
+        assert weights._own_map(value.T) and not weights._own_map(np.array(value))
+    held[0][...] = -1
+    np.testing.assert_array_equal(read_safetensors(path)["w0"], values["w0"])
+    del held

@@ -32,6 +32,7 @@ import numpy as np
 from keras import layers
 
 from keras_diffusion import backend
+from keras_diffusion.checkpoint_files import is_private_map
 
 LAYOUTS = ("same", "dense", "conv", "conv_as_dense")
 
@@ -169,7 +170,7 @@ def _own_map(value):
     array shares."""
     while isinstance(value, np.ndarray):
         value = value.base
-    return isinstance(value, memoryview) and isinstance(value.obj, mmap.mmap)
+    return is_private_map(value)
 
 
 def keras_array(value, layout, dtype="float32"):
