@@ -184,7 +184,9 @@ def private_map(path, offset, length):
         raise OSError(error, f"cannot map {length} bytes of {path}: {os.strerror(error)}")
     pages = (ctypes.c_char * length).from_address(address)
     pages.private_map = True
-    weakref.finalize(pages, libc.munmap, address, length)
+    # Not at exit: code running then (an atexit hook saving a model) may
+    # still read the weights; the process's end unmaps them anyway.
+    weakref.finalize(pages, libc.munmap, address, length).atexit = False
     return pages
 
 
