@@ -154,7 +154,8 @@ def attention(q, k, v, is_causal=False):
     batch, heads, depth = tf.shape(q)[0], q.shape[2], v.shape[-1]
 
     def heads_first(x):  # (B, N, heads, d) -> (B * heads, N, d)
-        return tf.reshape(tf.transpose(tf.cast(x, dtype), (0, 2, 1, 3)), (-1, x.shape[1], x.shape[3]))
+        x = tf.transpose(tf.cast(x, dtype), (0, 2, 1, 3))
+        return tf.reshape(x, (-1, x.shape[2], x.shape[3]))
 
     def one_head(args):
         q, k, v = args

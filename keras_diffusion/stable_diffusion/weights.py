@@ -194,8 +194,8 @@ def keras_view(value, layout, dtype="float32"):
     another is copied in its own layout (a straight copy, several times as
     fast as a transposing one). A 3x3 convolution is copied filter by
     filter to `(out, kh, kw, in)`, viewed as `(kh, kw, in, out)`: PyTorch's
-    channels-last layout, which Keras' convolution would otherwise make
-    from the kernel on every call."""
+    channels-last layout, which the backend's convolution would otherwise
+    lay the kernel out in on its first call (`backend/torch.py`)."""
     value, dtype = np.asarray(value), np.dtype(dtype)
     if layout == "conv" and value.ndim == 4:
         return _fresh_copy(value.transpose(0, 2, 3, 1), dtype).transpose(1, 2, 3, 0)
