@@ -325,7 +325,7 @@ def test_the_banded_copies_are_the_layout_changes(layout, shape, dtype):
                                            ("same", (1200, 1000))])
 def test_large_copies_split_over_the_cores_from_a_mapped_file(tmp_path, layout, shape):
     """Weights of 4 MB and more are copied in parts side by side, into
-    memory of their own (huge pages): the same layout change, from a
+    memory of their own (populated at mapping): the same layout change, from a
     mapped file into a new, writable, 64-byte-aligned array (what JAX takes
     without a copy), never the file's view itself."""
     import safetensors.numpy
@@ -414,6 +414,102 @@ def test_real_size_parameter_counts(config, parameters):
     got = {key: weights.to_reference(np.empty(tuple(variable.shape), "float32"), layout).shape
            for key, (variable, layout) in weights.checkpoint_table(unet).items()}
     assert got == expected
+
+
+@once
+def test_weights_made_ahead_are_handed_over_once_in_the_layout_asked_for():
+    """`_Ahead` makes the large weights on a thread of its own, in the
+    layout their keys foretell; each is handed over as made, and one asked
+    for in another layout or dtype (a 2-D `.weight` kept as it is, as an
+    embedding's) is made again as asked. A weight too small to make ahead
+    is made when asked."""
+    rng = np.random.default_rng(0)
+    state = {"proj.weight": rng.standard_normal((600, 500)).astype("float32"),
+             "conv.weight": rng.standard_normal((128, 256, 3, 3)).astype("float32"),
+             "table.weight": rng.standard_normal((700, 400)).astype("float32"),
+             "norm.weight": rng.standard_normal((500,)).astype("float32")}
+    float32 = np.dtype("float32")
+    ahead = weights._Ahead(state, float32)
+    ahead._thread.join()
+    made = {key: future.result() for key, future in ahead._claimed.items()}
+    assert {key: layout for key, (_, layout) in made.items()} == {
+        "proj.weight": "dense", "conv.weight": "conv", "table.weight": "dense"}
+    for key, layout in (("proj.weight", "dense"), ("conv.weight", "conv")):
+        value = ahead.take(key, layout, float32)
+        assert value is made[key][0]
+        np.testing.assert_array_equal(value, weights.to_keras(state[key], layout))
+    table = ahead.take("table.weight", "same", float32)
+    assert table is not made["table.weight"][0]
+    np.testing.assert_array_equal(table, state["table.weight"])
+    norm = ahead.take("norm.weight", "same", np.dtype("float16"))
+    assert norm.dtype == np.float16
+    np.testing.assert_array_equal(norm, state["norm.weight"].astype("float16"))
+    ahead.close()
+    assert not ahead._thread.is_alive() and not ahead._claimed
+
+
+@once
+def test_a_weight_that_fails_ahead_raises_when_asked_for():
+    """A weight the ahead thread could not read is read again by the
+    caller, whose error is the one raised."""
+
+    class Unreadable(dict):
+        def shape(self, key):
+            return (600, 500)
+
+        def __getitem__(self, key):
+            raise OSError(f"cannot read {key}")
+
+    ahead = weights._Ahead(Unreadable({"proj.weight": None}), np.dtype("float32"))
+    ahead._thread.join()
+    assert isinstance(ahead._claimed["proj.weight"].exception(), OSError)
+    with pytest.raises(OSError, match="cannot read proj.weight"):
+        ahead.take("proj.weight", "dense", np.dtype("float32"))
+    ahead.close()
+
+
+@once
+def test_loading_pauses_the_cycle_collector_and_restores_it():
+    """Python's cycle collector is off while a checkpoint is built and back
+    as it was after, whether the build ends or raises."""
+    import gc
+
+    from keras_diffusion.stable_diffusion import loader
+
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            with pytest.raises(KeyError):
+                with loader._collector_paused():
+                    assert not gc.isenabled()
+                    raise KeyError("stop")
+            assert gc.isenabled() == enabled
+    finally:
+        gc.enable()
+
+
+def test_variables_made_after_the_block_hold_their_values():
+    """`backend.variables_made_after`: the variables created in the block
+    exist with their initial values once it ends (TensorFlow's made then,
+    outside their layers' name scopes); a block that raises leaves none
+    waiting to be made."""
+    from keras_diffusion import backend
+
+    with backend.variables_made_after():
+        layer = keras.layers.Dense(3, kernel_initializer="ones", bias_initializer="zeros")
+        layer.build((None, 2))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer.kernel), np.ones((2, 3)))
+    output = keras.ops.convert_to_numpy(layer(np.ones((1, 2), "float32")))
+    np.testing.assert_array_equal(output, [[2.0, 2.0, 2.0]])
+    if keras.backend.backend() == "tensorflow":
+        assert layer.kernel.value.name.split(":")[0] == "kernel"
+    from keras.src.backend.common import global_state
+
+    with pytest.raises(RuntimeError, match="stop"):
+        with backend.variables_made_after():
+            keras.layers.Dense(3).build((None, 2))
+            raise RuntimeError("stop")
+    assert not global_state.get_global_attribute("uninitialized_variables", [])
 
 
 @once

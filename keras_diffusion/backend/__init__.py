@@ -134,6 +134,14 @@ def initial_value(array):
     return make(array)
 
 
+def variables_made_after():
+    """A context manager in which the variables created are made when it
+    ends, where the backend makes them faster so (TensorFlow's, outside
+    their layers' name scopes); elsewhere it changes nothing."""
+    context = getattr(current(), "variables_made_after", None)
+    return contextlib.nullcontext() if context is None else context()
+
+
 def strided_variables():
     """Whether a variable's value may be a strided view of host memory
     (a transposed checkpoint weight, `weights.keras_view`): PyTorch's may,

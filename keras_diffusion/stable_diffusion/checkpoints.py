@@ -25,6 +25,7 @@ from pathlib import Path
 import keras
 
 from keras_diffusion import precision as precisions
+from keras_diffusion import backend
 from keras_diffusion import checkpoint_files
 from keras_diffusion.schedule import DiffusionSchedule
 from keras_diffusion.stable_diffusion import single_file
@@ -226,9 +227,10 @@ def _build(parts_config, states, tokenizer, name, dtype="float32"):
 def build_part(name, cls, what, state, config, dtype, **options):
     """One part, built with its weights (`weights.building_from`), then
     checked, and what was not taken assigned."""
-    with weights.building_from(state) as taken, precisions.policy_scope(
-            _part_dtype(name, dtype, config)):
-        part = cls.from_reference_config(config, **options)
+    dtype = _part_dtype(name, dtype, config)
+    with weights.building_from(state, dtype) as taken, precisions.policy_scope(dtype):
+        with backend.variables_made_after():
+            part = cls.from_reference_config(config, **options)
     weights.load_state_dict(part, state, what, taken=taken)
     return part
 

@@ -7,6 +7,8 @@ import the shared readers in `checkpoints`; nothing below this module
 imports it, so the arrows run one way.
 """
 
+import contextlib
+import gc
 import os
 from pathlib import Path
 
@@ -46,9 +48,11 @@ def load(source, config=None, dtype=None):
     weights in `dtype` (None: float32)."""
     path = os.fspath(source)
     if checkpoints.is_pipeline_folder(path):
-        return load_pipeline_folder(path, dtype=dtype)
+        with _collector_paused():
+            return load_pipeline_folder(path, dtype=dtype)
     if checkpoints.is_single_file(path):
-        return load_single_file(path, config=config, dtype=dtype)
+        with _collector_paused():
+            return load_single_file(path, config=config, dtype=dtype)
     if os.path.isdir(path):
         raise ValueError(
             f"{path} is a folder without model_index.json: expected a diffusers pipeline folder "
@@ -56,3 +60,18 @@ def load(source, config=None, dtype=None):
             "unzipped Keras model (config.json)."
         )
     raise FileNotFoundError(f"checkpoint not found: {path}")
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """Python's cycle collector paused while a model is built. Its layers
+    make some 10^5 objects, which set off hundreds of collections that
+    free nothing (the objects are all kept), each also running the
+    backend's hooks (JAX's): 0.2-0.3 s of SD 1.5's 4 s load."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

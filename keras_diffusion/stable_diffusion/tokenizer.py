@@ -184,7 +184,8 @@ class CLIPTokenizer:
     def __init__(self, vocabulary, merges, max_length=DEFAULT_MAX_LENGTH, bos_token=START,
                  eos_token=END, unk_token=END, pad_token=END, added_tokens=None):
         self.vocabulary = self._check_vocabulary(vocabulary)
-        self.merges = [" ".join(pair) for pair in _parse_merges(merges)]
+        pairs = _parse_merges(merges)
+        self.merges = [" ".join(pair) for pair in pairs]
         self.max_length = check_integer("max_length", max_length, low=2,
                                         note=" (the start and end tokens)")
         self._ids = {token: index for index, token in enumerate(self.vocabulary)}
@@ -205,7 +206,7 @@ class CLIPTokenizer:
         self._raw = {t["content"]: t["id"] for t in self.added_tokens if not t["normalized"]}
         self._normalized = {normalize(t["content"]): t["id"] for t in self.added_tokens
                             if t["normalized"]}
-        self._ranks = {pair: rank for rank, pair in enumerate(_parse_merges(self.merges))}
+        self._ranks = {pair: rank for rank, pair in enumerate(pairs)}
         self._cache = {}
 
     @staticmethod

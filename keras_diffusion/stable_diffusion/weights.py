@@ -24,8 +24,9 @@ import contextvars
 import functools
 import mmap
 import os
+import threading
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import keras
 import numpy as np
@@ -78,27 +79,31 @@ _DENSE_BAND, _CONV_BAND = 64, 32
 # 16-byte one.
 _ALIGN = 64
 # A copy of at least this many bytes is split over the cores, and its
-# array is memory of its own in huge pages where the system has them.
+# array is memory of its own, mapped with its pages already in place.
 _SPLIT_BYTES = 4 << 20
-_HUGE_PAGE = 2 << 20
 
 
 def _empty(shape, dtype):
-    """`np.empty(shape, dtype)` starting on a `_ALIGN`-byte boundary. A
-    large array gets a mapping of its own, asked for in huge pages (Linux'
-    transparent huge pages, `madvise` mode included): most of a load's time
-    is the first write to each new page, and a 2 MB page is one fault where
-    4 KB pages are 512 (new weights filled 1.5-3 GB/s against 4.5-5 on a
-    Xeon VM)."""
+    """`np.empty(shape, dtype)` starting on a `_ALIGN`-byte boundary.
+
+    A large array gets a mapping of its own whose pages the kernel puts in
+    place as it maps them (Linux' `MAP_POPULATE`): most of a load's time
+    was the first write to each new page, one fault per page. On a Xeon VM
+    new memory came 4.3-4.8 GB/s populated against 2.1-2.3 by first writes,
+    huge pages included; a populated page then takes a copy at 10-12."""
     size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if size >= _SPLIT_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
-        pages = mmap.mmap(-1, size + _HUGE_PAGE)
-        skip = -np.frombuffer(pages, np.uint8, 1).ctypes.data % _HUGE_PAGE
-        pages.madvise(mmap.MADV_HUGEPAGE)
-        return np.frombuffer(pages, np.uint8, size, skip).view(dtype).reshape(shape)
+    if size >= _SPLIT_BYTES:
+        return np.frombuffer(_mapping(size), np.uint8, size).view(dtype).reshape(shape)
     buffer = np.empty(size + _ALIGN, np.uint8)
     skip = -buffer.ctypes.data % _ALIGN
     return buffer[skip:skip + size].view(dtype).reshape(shape)
+
+
+def _mapping(size):
+    """`size` bytes of new memory, page-aligned, populated where the
+    system can."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(-1, size, flags=flags)
 
 
 @functools.cache
@@ -119,7 +124,7 @@ def _split(copy, count, nbytes):
     helper threads the others (NumPy releases the GIL in its copy loops,
     so the parts run side by side)."""
     parts = min(_cores(), count, max(1, nbytes // _SPLIT_BYTES))
-    if parts <= 1:
+    if parts <= 1 or getattr(_THREAD, "ahead", False):  # `_Ahead`'s thread copies alone
         copy(0, count)
         return
     bounds = [count * part // parts for part in range(parts + 1)]
@@ -146,6 +151,27 @@ def _banded_transpose(value, axes, dtype, over, band):
             out[tuple(target)] = value[tuple(source)].transpose(axes)
 
     _split(copy, -(-out.shape[over] // band), out.nbytes)
+    return out
+
+
+def _conv_to_keras(value, dtype):
+    """A `(out, in, kh, kw)` convolution kernel as a new C-contiguous
+    `(kh, kw, in, out)` array of `dtype`, `_CONV_BAND` filters at a time,
+    each band in two straight steps: its `(out, in * taps)` matrix
+    transposed, then the taps moved ahead of the input channels. On a
+    Xeon core that moved SD's kernels at 1.8 GB/s, one transposing copy of
+    the band (`_banded_transpose`) at 1.4."""
+    filters, inputs, height, width = value.shape
+    out = _empty((height, width, inputs, filters), dtype)
+    taps_first = out.reshape(height * width, inputs, filters)
+
+    def copy(first, last):
+        for start in range(first * _CONV_BAND, min(last * _CONV_BAND, filters), _CONV_BAND):
+            stop = min(start + _CONV_BAND, filters)
+            band = np.ascontiguousarray(value[start:stop].reshape(stop - start, -1).T)
+            taps_first[:, :, start:stop] = band.reshape(inputs, height * width, -1).transpose(1, 0, 2)
+
+    _split(copy, -(-filters // _CONV_BAND), out.nbytes)
     return out
 
 
@@ -181,7 +207,7 @@ def keras_array(value, layout, dtype="float32"):
         matrix = value.reshape(value.shape[0], value.shape[1])
         return _banded_transpose(matrix, (1, 0), dtype, over=1, band=_DENSE_BAND)
     if layout == "conv" and value.ndim == 4:
-        return _banded_transpose(value, (2, 3, 1, 0), dtype, over=3, band=_CONV_BAND)
+        return _conv_to_keras(value, dtype)
     return _fresh_copy(to_keras(value, layout), dtype)
 
 
@@ -274,18 +300,105 @@ _BUILDING = contextvars.ContextVar("keras_diffusion_sd_building", default=None)
 
 
 @contextlib.contextmanager
-def building_from(state_dict):
+def building_from(state_dict, dtype=None):
     """Within it, the Stable Diffusion layers created take their weights
     from the reference-layout `state_dict` as they build them. Yields the
     set of keys so taken; `load_state_dict(..., taken=)` then checks the
     keys and assigns what is left (weights of other layers, values whose
-    shape did not fit, which it names)."""
+    shape did not fit, which it names).
+
+    With `dtype` (the variables' dtype) and more than one core, the large
+    weights are put in Keras' layout ahead, on another thread, while this
+    one builds the layers (`_Ahead`)."""
     taken = set()
-    token = _BUILDING.set((state_dict, taken))
+    ahead = None
+    if dtype is not None and _cores() > 1 and keras.distribution.distribution() is None:
+        ahead = _Ahead(state_dict, numpy_dtype(dtype))
+    token = _BUILDING.set((state_dict, taken, ahead))
     try:
         yield taken
     finally:
         _BUILDING.reset(token)
+        if ahead is not None:
+            ahead.close()
+
+
+_THREAD = threading.local()
+# `_Ahead` makes the weights of at least this many bytes.
+_AHEAD_BYTES = 1 << 20
+
+
+def _foreseen_layout(key, shape):
+    """The layout a weight most likely takes, from its key and shape
+    alone: a kernel of several taps is a convolution's, a 2-D `.weight` not
+    of an embedding a `Linear`'s; None where that is not clear."""
+    if len(shape) == 4 and shape[2] * shape[3] > 1:
+        return "conv"
+    if (len(shape) == 2 and key.endswith(".weight")
+            and not any(word in key for word in ("embed", "shared", "relative_attention"))):
+        return "dense"
+    return None
+
+
+class _Ahead:
+    """The large weights of a state dict in Keras' layout, made on a
+    thread of their own, in the file's order, while the caller's thread
+    builds the layers: building is Python work that holds one core, and on
+    the others the layout copies (most of a load's time) run beside it.
+    Each weight is made once, by whichever thread comes to it first; the
+    caller's thread waits only for one being made. The layout is foreseen
+    from the key (`_foreseen_layout`): a weight whose layer asks for
+    another layout or dtype is made again as asked."""
+
+    def __init__(self, state_dict, dtype):
+        self._state, self._dtype = state_dict, dtype
+        self._make = keras_view if backend.strided_variables() else keras_array
+        self._lock = threading.Lock()
+        self._claimed = {}  # key -> Future of (array, layout); None once taken
+        self._closed = False
+        plan = []
+        for key in state_dict:
+            shape = _shape(state_dict, key)
+            layout = _foreseen_layout(key, shape)
+            if layout and int(np.prod(shape, dtype=np.int64)) * dtype.itemsize >= _AHEAD_BYTES:
+                plan.append((key, layout))
+        self._thread = threading.Thread(target=self._run, args=(plan,), daemon=True,
+                                        name="keras_diffusion-weights-ahead")
+        self._thread.start()
+
+    def _run(self, plan):
+        _THREAD.ahead = True
+        for key, layout in plan:
+            with self._lock:
+                if self._closed:
+                    return
+                if key in self._claimed:
+                    continue
+                future = self._claimed[key] = Future()
+            try:
+                future.set_result((self._make(self._state[key], layout, self._dtype), layout))
+            except BaseException as error:  # the caller's thread makes it again, and raises
+                future.set_exception(error)
+
+    def take(self, key, layout, dtype):
+        """The weight at `key` in `layout` and `dtype`: the one made ahead,
+        else made now."""
+        with self._lock:
+            future = self._claimed.get(key)
+            self._claimed[key] = None
+        if future is not None and future.exception() is None:
+            value, made_layout = future.result()
+            if made_layout == layout and value.dtype == dtype:
+                return value
+        return self._make(self._state[key], layout, dtype)
+
+    def close(self):
+        """Stop making weights (the one being made is finished) and drop
+        those not taken."""
+        with self._lock:
+            self._closed = True
+        self._thread.join()
+        self._claimed.clear()
 
 
 def from_checkpoint(key, layout, initializer):
@@ -300,16 +413,18 @@ def from_checkpoint(key, layout, initializer):
         # large one's initializer for its layout); `load_state_dict` then
         # assigns each value, which Keras puts on the devices as its layout says.
         return keras.initializers.Zeros()
-    state_dict, taken = building
+    state_dict, taken, ahead = building
     fallback = keras.initializers.get(initializer)
 
     def initialize(shape, dtype=None):
-        value = np.asarray(state_dict[key])
-        if keras_shape(value.shape, layout) != tuple(int(d) for d in shape):
+        if keras_shape(_shape(state_dict, key), layout) != tuple(int(d) for d in shape):
             return fallback(shape, dtype)  # load_state_dict names the mismatch
         taken.add(key)
+        dtype = numpy_dtype(dtype or "float32")
+        if ahead is not None:
+            return backend.initial_value(ahead.take(key, layout, dtype))
         make = keras_view if backend.strided_variables() else keras_array
-        return backend.initial_value(make(value, layout, numpy_dtype(dtype or "float32")))
+        return backend.initial_value(make(state_dict[key], layout, dtype))
 
     return initialize
 
