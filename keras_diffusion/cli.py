@@ -825,6 +825,24 @@ def _xla_flags_with_a_device_per_core(flags, cores):
     return _with_xla_flag(flags, "xla_force_host_platform_device_count", 1 << (cores.bit_length() - 1))
 
 
+def _jax_compilation_cache(environ):
+    """Point JAX's persistent compilation cache at the user's cache folder
+    (`$XDG_CACHE_HOME`, else `~/.cache`, then `keras_diffusion/jax`), so that
+    a program one run compiled (a sampling loop: seconds to minutes) is
+    read back by the next. `JAX_COMPILATION_CACHE_DIR` (JAX's own variable)
+    set, even empty (no cache), is left as it is; so is a folder that
+    cannot be made (nothing is cached then)."""
+    if "JAX_COMPILATION_CACHE_DIR" in environ:
+        return
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(base, "keras_diffusion", "jax")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return
+    environ["JAX_COMPILATION_CACHE_DIR"] = folder
+
+
 def main(argv=None):
     args = _build_parser().parse_args(argv)
     if args.backend:
@@ -842,6 +860,7 @@ def main(argv=None):
     # Read by XLA when it starts (JAX's CPU devices; TensorFlow ignores it).
     os.environ["XLA_FLAGS"] = _xla_flags_with_a_device_per_core(
         os.environ.get("XLA_FLAGS", ""), _usable_cores())
+    _jax_compilation_cache(os.environ)
     try:
         with quiet_stderr():
             import keras_diffusion

@@ -4,6 +4,7 @@ what the console script calls, and a few in subprocesses, as a shell runs them."
 
 import csv
 import io
+import os
 import re
 
 import numpy as np
@@ -15,6 +16,7 @@ import keras_diffusion as kd
 from conftest import BACKEND
 from conftest import ROOT
 from conftest import cli_main
+from conftest import once
 from conftest import one_level_model
 from conftest import squares
 from conftest import run_cli
@@ -144,6 +146,34 @@ def test_xla_gets_a_cpu_device_per_core(flags, cores, expected):
     from keras_diffusion.cli import _xla_flags_with_a_device_per_core
 
     assert _xla_flags_with_a_device_per_core(flags, cores) == expected
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({"XDG_CACHE_HOME": "{tmp}"}, "{tmp}/keras_diffusion/jax"),
+    ({"HOME": "{tmp}"}, "{tmp}/.cache/keras_diffusion/jax"),
+    ({"XDG_CACHE_HOME": "{tmp}", "JAX_COMPILATION_CACHE_DIR": ""}, ""),
+    ({"XDG_CACHE_HOME": "{tmp}", "JAX_COMPILATION_CACHE_DIR": "{tmp}/mine"}, "{tmp}/mine"),
+    ({"XDG_CACHE_HOME": "{tmp}/file"}, None),
+])
+@once
+def test_the_command_keeps_jax_programs_in_the_users_cache(tmp_path, monkeypatch, environ,
+                                                            expected):
+    """JAX's persistent compilation cache goes to the user's cache folder
+    unless `JAX_COMPILATION_CACHE_DIR` says otherwise (empty: none); a
+    folder that cannot be made leaves it unset."""
+    from keras_diffusion.cli import _jax_compilation_cache
+
+    (tmp_path / "file").write_text("not a folder")
+    environ = {key: value.format(tmp=tmp_path) for key, value in environ.items()}
+    if "HOME" in environ:
+        monkeypatch.setenv("HOME", environ.pop("HOME"))
+    _jax_compilation_cache(environ)
+    if expected is None:
+        assert "JAX_COMPILATION_CACHE_DIR" not in environ
+    else:
+        expected = expected.format(tmp=tmp_path)
+        assert environ["JAX_COMPILATION_CACHE_DIR"] == expected
+        assert os.path.isdir(expected) == expected.endswith("keras_diffusion/jax")
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="how many CPU devices JAX sees; runs under JAX")
