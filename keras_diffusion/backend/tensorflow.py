@@ -212,8 +212,8 @@ def variables_made_after():
     their layers' name scopes. The op that makes a variable's handle takes
     the variable's scoped name as an attribute, and TensorFlow builds and
     caches a kernel for each new set of attributes: under the layers'
-    scopes every name is new, at 0.5 ms a kernel (0.6 s of SD 1.5's 1,134
-    variables, 2-core Xeon); outside them the names repeat (`kernel`,
+    scopes every name is new, at 0.5-0.6 ms a kernel (0.7 s of SD 1.5's
+    1,134 variables, 2-core Xeon); outside them the names repeat (`kernel`,
     `bias`) and so do the kernels. Keras defers a variable created in a
     `StatelessScope` and makes it as the scope closes, in the order they
     were created; if the block raises, its variables are dropped unmade."""
