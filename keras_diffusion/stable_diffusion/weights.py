@@ -328,6 +328,13 @@ _THREAD = threading.local()
 _AHEAD_BYTES = 1 << 20
 
 
+def _layout_maker():
+    """How a new variable's value is made from a checkpoint's: a view
+    where the backend's variables may be strided (`keras_view`), else a
+    dense copy (`keras_array`)."""
+    return keras_view if backend.strided_variables() else keras_array
+
+
 def _foreseen_layout(key, shape):
     """The layout a weight most likely takes, from its key and shape
     alone: a kernel of several taps is a convolution's, a 2-D `.weight` not
@@ -352,7 +359,7 @@ class _Ahead:
 
     def __init__(self, state_dict, dtype):
         self._state, self._dtype = state_dict, dtype
-        self._make = keras_view if backend.strided_variables() else keras_array
+        self._make = _layout_maker()
         self._lock = threading.Lock()
         self._claimed = {}  # key -> Future of (array, layout); None once taken
         self._closed = False
@@ -423,8 +430,7 @@ def from_checkpoint(key, layout, initializer):
         dtype = numpy_dtype(dtype or "float32")
         if ahead is not None:
             return backend.initial_value(ahead.take(key, layout, dtype))
-        make = keras_view if backend.strided_variables() else keras_array
-        return backend.initial_value(make(state_dict[key], layout, dtype))
+        return backend.initial_value(_layout_maker()(state_dict[key], layout, dtype))
 
     return initialize
 
