@@ -517,6 +517,9 @@ def main():
     parser.add_argument("--folder", type=Path, default=None,
                         help="where the random pipeline is written (default: build/sd-<model>)")
     parser.add_argument("--write", help="put the table into this Markdown file")
+    parser.add_argument("--section", type=_section, default=None,
+                        help="with --write: a table of its own, beside the others of this model "
+                             "and dtype, named by this word (another CPU's, e.g. 'zen5')")
     parser.add_argument("--finetune", action="store_true",
                         help="measure LoRA training steps instead (with and without gradient "
                              "checkpointing)")
@@ -564,13 +567,24 @@ def main():
                f"{args.size[0]}x{args.size[1]}, {args.steps} steps, {args.dtype}")
 
 
+def _section(word):
+    if not word.isidentifier():
+        raise argparse.ArgumentTypeError(f"a section is one word of letters, digits and "
+                                         f"underscores, e.g. zen5; got {word!r}")
+    return word
+
+
 def _write(args, text, runs, key, what):
+    """The table into `args.write` under the marker `key`; with
+    `--section`, under `key-section`, placed first after `key`'s own."""
     command = "python benchmarks/stable_diffusion.py " + " ".join(sys.argv[1:])
     block = "\n".join([
         f"#### {hardware()}, {args.model}, {what}", "",
         f"Measured with `{command}`, {time.strftime('%Y-%m-%d %H:%M')}.", "", text, "",
         "```", *[json.dumps(r) for r in runs], "```"])
-    write_between_markers(Path(args.write), key, block, "Stable Diffusion checkpoints")
+    section = getattr(args, "section", None)
+    write_between_markers(Path(args.write), f"{key}-{section}" if section else key, block,
+                          "Stable Diffusion checkpoints", after=f"{key}:" if section else None)
 
 
 if __name__ == "__main__":

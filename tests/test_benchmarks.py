@@ -113,3 +113,47 @@ def test_the_op_profile_sorts_ops_into_kinds(monkeypatch):
     finally:
         for name in ("sd_profile", "stable_diffusion", "throughput", "_markdown"):
             sys.modules.pop(name, None)
+
+
+def test_a_section_is_a_table_of_its_own_after_the_main_one(tmp_path, monkeypatch):
+    """benchmarks/stable_diffusion.py --section: another CPU's table goes
+    right after the main table of its model and dtype (not after the
+    bfloat16 one, whose key starts the same), and a new run of that section
+    replaces it alone."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import stable_diffusion
+
+    doc = tmp_path / "sd.md"
+    doc.write_text("# SD\n\n<!-- sd-inference-sd15:start -->\nXeon\n<!-- sd-inference-sd15:end -->\n"
+                   "\nprose\n\n<!-- sd-inference-sd15-bfloat16:start -->\nbf16\n"
+                   "<!-- sd-inference-sd15-bfloat16:end -->\n")
+    monkeypatch.setattr(stable_diffusion, "hardware", lambda: "AMD EPYC (AVX2), 2 cores")
+    monkeypatch.setattr(sys, "argv", ["stable_diffusion.py", "--section", "zen5"])
+
+    def write(step):
+        args = type("Args", (), dict(write=str(doc), section="zen5", model="sd15"))()
+        stable_diffusion._write(args, f"| step {step} |", [{"unet_step_s": step}],
+                                "sd-inference-sd15", "512x512, 20 steps, float32")
+
+    try:
+        write(5.5)
+        text = doc.read_text()
+        assert text.index("<!-- sd-inference-sd15:end -->") \
+            < text.index("<!-- sd-inference-sd15-zen5:start -->") < text.index("prose")
+        assert "#### AMD EPYC (AVX2), 2 cores, sd15, 512x512, 20 steps, float32" in text
+        assert "`python benchmarks/stable_diffusion.py --section zen5`" in text
+        write(6.5)
+        again = doc.read_text()
+        assert "| step 6.5 |" in again and "| step 5.5 |" not in again
+        assert again.count("sd-inference-sd15-zen5:start") == 1
+        def outside(page):  # the document less the section's block
+            head, rest = page.split("<!-- sd-inference-sd15-zen5:start -->")
+            return head, rest.split("<!-- sd-inference-sd15-zen5:end -->")[1]
+
+        assert outside(again) == outside(text)
+        with pytest.raises(Exception, match="one word of letters, digits and underscores"):
+            stable_diffusion._section("zen 5")
+        assert stable_diffusion._section("zen5") == "zen5"
+    finally:
+        for name in ("stable_diffusion", "throughput", "_markdown"):
+            sys.modules.pop(name, None)
