@@ -178,3 +178,47 @@ def test_group_normalization_is_the_closed_form(shape):
     generic = gradients(lambda inputs: keras.layers.GroupNormalization.call(layer, inputs))
     for got, want in zip(ours, generic):
         np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-4)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX's own bfloat16 convolution on CPU")
+def test_a_bfloat16_convolution_on_jax_is_nine_products_rounded_once(monkeypatch):
+    """A bfloat16 3x3 convolution ("same", stride 1) on a small map runs as
+    one product per tap, summed in float32 with the bias and rounded once:
+    it equals the float32 convolution of the same bfloat16 values, rounded
+    to bfloat16; float32, a stride, another size of kernel or a larger map
+    than the limit take Keras' own convolution."""
+    import jax.numpy as jnp
+    import ml_dtypes
+    import numpy as np
+
+    from keras_diffusion.backend import jax as jax_backend
+    from keras_diffusion.network import _Conv2D
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 6, 5, 16)).astype(ml_dtypes.bfloat16)
+    layer = _Conv2D(8, 3, padding="same", dtype="bfloat16")
+    layer.build(x.shape)
+    layer.bias.assign(rng.standard_normal(8))
+    y = jax_backend.conv2d(layer, jnp.asarray(x))
+    assert y is not NotImplemented and y.dtype == jnp.bfloat16 and y.shape == (2, 6, 5, 8)
+    kernel = np.asarray(layer.kernel.value, "float32")
+    padded = np.pad(np.asarray(x, "float32"), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    expected = sum(padded[:, i:i + 6, j:j + 5] @ kernel[i, j] for i in range(3) for j in range(3))
+    expected = (expected + np.asarray(layer.bias.value, "float32")).astype(ml_dtypes.bfloat16)
+    got = np.asarray(y, "float32")
+    # One rounding of float32 sums taken in another order: at most one
+    # bfloat16 step (2^-8 of the value) apart, most exactly equal.
+    assert np.all(np.abs(got - expected.astype("float32")) <= np.abs(got) * 2.0 ** -8 + 1e-6)
+    assert np.mean(got == expected.astype("float32")) > 0.9
+    # The layer runs it too, through keras_diffusion.backend.conv2d.
+    np.testing.assert_array_equal(np.asarray(layer(jnp.asarray(x)), "float32"), got)
+
+    assert jax_backend.conv2d(layer, jnp.asarray(x, jnp.float32)) is NotImplemented
+    strided = _Conv2D(8, 3, strides=2, padding="same", dtype="bfloat16")
+    strided.build(x.shape)
+    assert jax_backend.conv2d(strided, jnp.asarray(x)) is NotImplemented
+    pointwise = _Conv2D(8, 1, dtype="bfloat16")
+    pointwise.build(x.shape)
+    assert jax_backend.conv2d(pointwise, jnp.asarray(x)) is NotImplemented
+    monkeypatch.setattr(jax_backend, "_TAP_PRODUCT_POSITIONS", 6 * 5 - 1)
+    assert jax_backend.conv2d(layer, jnp.asarray(x)) is NotImplemented
