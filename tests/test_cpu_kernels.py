@@ -183,10 +183,10 @@ def test_group_normalization_is_the_closed_form(shape):
 @pytest.mark.skipif(BACKEND != "jax", reason="JAX's own bfloat16 convolution on CPU")
 def test_a_bfloat16_convolution_on_jax_is_nine_products_rounded_once(monkeypatch):
     """A bfloat16 3x3 convolution ("same", stride 1) on a small map runs as
-    one product per tap, summed in float32 with the bias and rounded once:
-    it equals the float32 convolution of the same bfloat16 values, rounded
-    to bfloat16; float32, a stride, another size of kernel or a larger map
-    than the limit take Keras' own convolution."""
+    one product per tap (a 1x1 as one product), summed in float32 with the
+    bias and rounded once: it equals the float32 convolution of the same
+    bfloat16 values, rounded to bfloat16; float32, a stride, another size
+    of kernel or a larger map than the limit take Keras' own convolution."""
     import jax.numpy as jnp
     import ml_dtypes
     import numpy as np
@@ -208,8 +208,12 @@ def test_a_bfloat16_convolution_on_jax_is_nine_products_rounded_once(monkeypatch
     got = np.asarray(y, "float32")
     # One rounding of float32 sums taken in another order: at most one
     # bfloat16 step (2^-8 of the value) apart, most exactly equal.
-    assert np.all(np.abs(got - expected.astype("float32")) <= np.abs(got) * 2.0 ** -8 + 1e-6)
-    assert np.mean(got == expected.astype("float32")) > 0.9
+    def rounded_once(got, expected):
+        got, expected = np.asarray(got, "float32"), expected.astype("float32")
+        return (np.all(np.abs(got - expected) <= np.abs(got) * 2.0 ** -8 + 1e-6)
+                and np.mean(got == expected) > 0.9)
+
+    assert rounded_once(got, expected)
     # The layer runs it too, through keras_diffusion.backend.conv2d.
     np.testing.assert_array_equal(np.asarray(layer(jnp.asarray(x)), "float32"), got)
 
@@ -217,8 +221,14 @@ def test_a_bfloat16_convolution_on_jax_is_nine_products_rounded_once(monkeypatch
     strided = _Conv2D(8, 3, strides=2, padding="same", dtype="bfloat16")
     strided.build(x.shape)
     assert jax_backend.conv2d(strided, jnp.asarray(x)) is NotImplemented
+    wide = _Conv2D(8, 5, padding="same", dtype="bfloat16")
+    wide.build(x.shape)
+    assert jax_backend.conv2d(wide, jnp.asarray(x)) is NotImplemented
     pointwise = _Conv2D(8, 1, dtype="bfloat16")
     pointwise.build(x.shape)
-    assert jax_backend.conv2d(pointwise, jnp.asarray(x)) is NotImplemented
+    pointwise.bias.assign(rng.standard_normal(8))
+    expected = (np.asarray(x, "float32") @ np.asarray(pointwise.kernel.value, "float32")[0, 0]
+                + np.asarray(pointwise.bias.value, "float32")).astype(ml_dtypes.bfloat16)
+    assert rounded_once(jax_backend.conv2d(pointwise, jnp.asarray(x)), expected)
     monkeypatch.setattr(jax_backend, "_TAP_PRODUCT_POSITIONS", 6 * 5 - 1)
     assert jax_backend.conv2d(layer, jnp.asarray(x)) is NotImplemented

@@ -262,29 +262,32 @@ _TAP_PRODUCT_POSITIONS = 64 * 64
 
 def conv2d(layer, x):
     """A bfloat16 3x3 convolution (stride 1, "same") on CPU as nine
-    products, one per tap, accumulated in float32 with the bias added
-    before the one rounding (PyTorch's order). XLA's CPU convolution
-    converts bfloat16 to float32 and back around its product: alone, at
-    16x16 with 1,280 channels, it took 70 ms against 41 in float32 and 43
-    for the nine products (2-core AMD EPYC Zen 5). A guided SD 1.5 UNet
-    step in bfloat16 took 8.3 s with XLA's convolutions, 5.6 with the
-    products up to 64x64 maps, 6.5 in float32, measured in turn in one
-    process. The VAE's larger maps (256x256 and up, where the convolution
-    is quicker) keep it."""
+    products, one per tap, and a 1x1 one as one product, summed in float32
+    with the bias before the one rounding (PyTorch's order). XLA's CPU
+    convolution converts bfloat16 to float32 and back around its product:
+    alone, at 16x16 with 1,280 channels, it took 70 ms against 41 in
+    float32 and 43 for the nine products (2-core AMD EPYC Zen 5). A guided
+    SD 1.5 UNet step in bfloat16 took 7.2 s with XLA's convolutions, 4.5
+    with the products up to 64x64 maps, 5.4 in float32, measured in turn in
+    one process. The VAE's larger maps (256x256 and up, where the
+    convolution is quicker) keep it."""
     import jax.numpy as jnp
 
+    size = tuple(layer.kernel_size)
     if (x.dtype != jnp.bfloat16 or jax.default_backend() != "cpu" or layer.lora_enabled
-            or tuple(layer.kernel_size) != (3, 3) or tuple(layer.strides) != (1, 1)
-            or layer.padding != "same" or max(layer.dilation_rate) != 1 or layer.groups != 1
+            or size not in ((3, 3), (1, 1)) or tuple(layer.strides) != (1, 1)
+            or (layer.padding != "same" and size != (1, 1))
+            or max(layer.dilation_rate) != 1 or layer.groups != 1
             or layer.data_format != "channels_last" or getattr(layer, "quantization_mode", None)
             or None in x.shape[1:3] or x.shape[1] * x.shape[2] > _TAP_PRODUCT_POSITIONS):
         return NotImplemented
     kernel = layer.kernel.value.astype(x.dtype)
     height, width = x.shape[1:3]
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    edge = size[0] // 2
+    padded = jnp.pad(x, ((0, 0), (edge, edge), (edge, edge), (0, 0)))
     y = None
-    for row in range(3):
-        for column in range(3):
+    for row in range(size[0]):
+        for column in range(size[1]):
             tap = jnp.matmul(padded[:, row:row + height, column:column + width], kernel[row, column],
                              preferred_element_type=jnp.float32)
             y = tap if y is None else y + tap
