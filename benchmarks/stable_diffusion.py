@@ -582,7 +582,7 @@ def _write(args, text, runs, key, what):
         f"#### {hardware()}, {args.model}, {what}", "",
         f"Measured with `{command}`, {time.strftime('%Y-%m-%d %H:%M')}.", "", text, "",
         "```", *[json.dumps(r) for r in runs], "```"])
-    section = getattr(args, "section", None)
+    section = args.section
     write_between_markers(Path(args.write), f"{key}-{section}" if section else key, block,
                           "Stable Diffusion checkpoints", after=f"{key}:" if section else None)
 

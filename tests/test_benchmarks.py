@@ -146,6 +146,7 @@ def test_a_section_is_a_table_of_its_own_after_the_main_one(tmp_path, monkeypatc
         again = doc.read_text()
         assert "| step 6.5 |" in again and "| step 5.5 |" not in again
         assert again.count("sd-inference-sd15-zen5:start") == 1
+
         def outside(page):  # the document less the section's block
             head, rest = page.split("<!-- sd-inference-sd15-zen5:start -->")
             return head, rest.split("<!-- sd-inference-sd15-zen5:end -->")[1]

@@ -102,9 +102,15 @@ def dense(layer, x):
         y = jnp.matmul(x.astype("float32"), kernel.astype("float32"))
     else:
         y = jnp.matmul(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+    return _rounded_once(layer, y, x.dtype)
+
+
+def _rounded_once(layer, y, dtype):
+    """A layer's float32 product `y` with its bias added, then rounded to
+    the half-precision `dtype` once, then its activation."""
     if layer.use_bias:
         y = y + layer.bias.value.astype("float32")
-    y = y.astype(x.dtype)
+    y = y.astype(dtype)
     return layer.activation(y) if layer.activation is not None else y
 
 
@@ -255,8 +261,8 @@ def fully_sharded():
     return _distributed(FullyShardedDataParallel)
 
 
-# A bfloat16 3x3 convolution over at most this many positions (SD 1.5's
-# 64x64 latents) runs as nine products, one per tap (`conv2d`).
+# A bfloat16 3x3 or 1x1 convolution over at most this many positions (SD
+# 1.5's 64x64 latents) runs as one product per tap (`conv2d`).
 _TAP_PRODUCT_POSITIONS = 64 * 64
 
 
@@ -291,7 +297,4 @@ def conv2d(layer, x):
             tap = jnp.matmul(padded[:, row:row + height, column:column + width], kernel[row, column],
                              preferred_element_type=jnp.float32)
             y = tap if y is None else y + tap
-    if layer.use_bias:
-        y = y + layer.bias.value.astype(jnp.float32)
-    y = y.astype(x.dtype)
-    return layer.activation(y) if layer.activation is not None else y
+    return _rounded_once(layer, y, x.dtype)
